@@ -1,0 +1,71 @@
+"""Checkpoints: table rows and their optimiser state, plus where the run stands.
+
+``checkpoint.pt`` is the latest resumable state; ``best.pt`` the state with the best validation MRR.
+Both are written atomically. Shuffling, negatives and noise are derived from (seed, epoch), so a run
+resumed at an epoch boundary continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import RunConfig, to_dict
+from trainer.io import atomic_torch_save
+from trainer.model import KGModel
+
+LATEST = "checkpoint.pt"
+BEST = "best.pt"
+# Sections that must match for a checkpoint to be continued; train.epochs etc. may change on resume.
+FROZEN_SECTIONS = ("data", "model", "objective")
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    best_mrr: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def save(path: Path, model: KGModel, state: RunState, config: RunConfig | None = None) -> None:
+    atomic_torch_save(
+        path,
+        {
+            "entities": model.entities.state_dict(),
+            "relations": model.relations.state_dict(),
+            "state": dataclasses.asdict(state),
+            "config": None if config is None else to_dict(config),
+        },
+    )
+
+
+def load_into(path: Path, model: KGModel) -> RunState:
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable nvkg checkpoint ({err})") from None
+    model.entities.load_state_dict(payload["entities"])
+    model.relations.load_state_dict(payload["relations"])
+    return RunState(**payload["state"])
+
+
+def resume(out_dir: Path, config: RunConfig, model: KGModel) -> RunState:
+    """Load ``out_dir``'s latest checkpoint if there is one, after checking it belongs to this config."""
+    path = Path(out_dir) / LATEST
+    if not path.exists():
+        return RunState()
+    payload = torch.load(path, weights_only=True)
+    saved = payload.get("config")
+    if saved is not None:
+        current = to_dict(config)
+        for section in FROZEN_SECTIONS:
+            if saved[section] != current[section]:
+                raise ValueError(
+                    f"{path}: checkpoint was trained with a different '{section}' section "
+                    f"({saved[section]} vs {current[section]}); use another --out directory"
+                )
+    return load_into(path, model)

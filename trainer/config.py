@@ -1,0 +1,223 @@
+"""Typed run configuration: one dataclass per component, loaded from YAML, overridden with --set."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.io import atomic_write_text
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "umls"
+    """Bundled dataset name (nations, umls, kinships, wn18rr) or a directory with train/valid/test.txt."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    scorer: str = "complex"
+    """Scoring layer on top of the embeddings: distmult or complex (see trainer/scorers.py)."""
+    latent: str = "lim"
+    """lim: separate Gaussian latents for entities and relations, KL over all of them;
+    lfm: one latent set, KL over the embeddings of each batch's facts; point: non-variational."""
+    dim: int = 128
+    """Real numbers per embedding mean (ComplEx uses dim/2 complex dimensions)."""
+    init_logvar: float | None = None
+    """Initial log-variance of every posterior; None means log(1/dim), as the authors' code did."""
+    init_std: float | None = None
+    """Std of the normal init of the means; None means Xavier/Glorot, sqrt(2/(rows+dim))."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    likelihood: str = "softmax"
+    """bernoulli: the paper's sigmoid likelihood with sampled negatives (Propositions 2/4);
+    softmax: 1-vs-all multinomial over all entities with reciprocal relations."""
+    num_negatives: int = 32
+    """Bernoulli only: k corruptions per positive, k/2 heads and k/2 tails (k must be even)."""
+    negative_chunk: int = 256
+    """Bernoulli only: positives sharing one draw of negatives, so scoring is one matrix product."""
+    negative_weight: float | None = None
+    """Weight 1/b- of each negative; None means |D-|/|D+| per sample = 2(Ne-1)/k (Prop. 2/4)."""
+    kl_estimator: str = "full"
+    """LIM only. full: KL of the whole entity table each batch, weighted by the schedule;
+    per_occurrence: each positive's entities carry KL/frequency, so an epoch sums to the full KL
+    and an update touches only the batch's rows (what scales)."""
+    kl_schedule: str = "uniform"
+    """Share of the epoch's KL taken by batch i of M: uniform (1/M) or compression (2^(M-i)/(2^M-1),
+    Blundell et al.)."""
+    kl_warmup: float = 0.0
+    """Fraction of the epochs trained with KL off (the authors used 0.1)."""
+    kl_weight: float = 1.0
+    """Multiplier of the KL term; 1 is the ELBO."""
+    reg: str = "none"
+    """Extra regulariser on the batch's mean embeddings: none, or n3 (nuclear 3-norm, for point baselines)."""
+    reg_weight: float = 0.0
+    """Weight of reg."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    optimizer: str = "adam"
+    """adam (lazy/row-wise Adam on entity rows, equal to Adam when all rows are in the batch) or
+    rowwise_adagrad (one accumulator per row, as PyTorch-BigGraph)."""
+    lr: float = 0.01
+    """Learning rate for entities and relations."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None disables."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 100
+    """Passes over the training facts."""
+    batch_size: int = 1024
+    """Positive facts per step."""
+    seed: int = 0
+    """Seeds init, shuffling, negatives and reparameterisation noise; saved with the run."""
+    eval_every: int = 20
+    """Evaluate on valid every this many epochs (0: only at the end); the best checkpoint is kept."""
+    checkpoint_every: int = 10
+    """Write the resumable checkpoint every this many epochs (and always at the end)."""
+    num_threads: int | None = None
+    """torch intra-op threads; None keeps torch's default."""
+    progress: bool = True
+    """Show a tqdm progress bar with ELBO / KL / NLL."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = 512
+    """Queries scored per step."""
+    num_samples: int = 0
+    """0 scores with the posterior means; S > 0 averages the predictive probability over S samples."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Reject values no component accepts, naming the key."""
+        choices = {
+            "model.scorer": (self.model.scorer, ("distmult", "complex")),
+            "model.latent": (self.model.latent, ("lim", "lfm", "point")),
+            "objective.likelihood": (self.objective.likelihood, ("bernoulli", "softmax")),
+            "objective.kl_estimator": (self.objective.kl_estimator, ("full", "per_occurrence")),
+            "objective.kl_schedule": (self.objective.kl_schedule, ("uniform", "compression")),
+            "objective.reg": (self.objective.reg, ("none", "n3")),
+            "optim.optimizer": (self.optim.optimizer, ("adam", "rowwise_adagrad")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+        positive = {
+            "model.dim": self.model.dim,
+            "objective.num_negatives": self.objective.num_negatives,
+            "objective.negative_chunk": self.objective.negative_chunk,
+            "train.epochs": self.train.epochs,
+            "train.batch_size": self.train.batch_size,
+            "eval.batch_size": self.eval.batch_size,
+            "optim.lr": self.optim.lr,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{key}={value}: must be positive")
+        if self.model.scorer == "complex" and self.model.dim % 2:
+            raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
+        if self.objective.num_negatives % 2:
+            raise ValueError("objective.num_negatives must be even: k/2 heads and k/2 tails are corrupted")
+        if not 0.0 <= self.objective.kl_warmup < 1.0:
+            raise ValueError("objective.kl_warmup is a fraction of the epochs in [0, 1)")
+        if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
+            raise ValueError("objective.kl_estimator=per_occurrence spreads the KL itself; use kl_schedule=uniform")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a dataclass field's type (int widens to float)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) plus ``key=value`` overrides, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        config = _build(RunConfig, tree, "")
+    except ValueError as err:
+        raise ValueError(f"{path or 'config'}: {err}") from None
+    config.validate()
+    return config
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,105 @@
+"""The negative ELBO of one batch, as pure functions of the rows it is given (no collectives).
+
+Per epoch the batch losses sum to  -ELBO = -sum_facts E_q[log p(x | H)] + KL[q || p]:
+  * the data term is a sum over the batch's positives (each seen once per epoch, weight 1/b+ = 1)
+    and, for the Bernoulli likelihood, sampled negatives weighted 1/b- (Propositions 2 and 4);
+  * the KL is split across the epoch's batches by a schedule whose shares sum to one.
+Expectations over q use one reparameterised sample per row per batch (a row shared by several facts
+of the batch uses the same draw: still unbiased per fact, and one draw of noise per row, not per fact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from trainer.gaussian import Gaussian
+from trainer.scorers import Scorer
+
+
+def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
+    """1/b- = |D-|/|D+| per sampled negative: each positive has 2(Ne-1) corruptions, k are drawn."""
+    return 2.0 * (num_entities - 1) / num_negatives
+
+
+def kl_share(batch_index: int, num_batches: int, schedule: str) -> float:
+    """Share of the epoch's KL assigned to batch ``batch_index`` (0-based) of ``num_batches``; shares sum to 1.
+
+    compression: pi_i = 2^(M-i) / (2^M - 1) for i = 1..M (Blundell et al., 2015), computed as
+    2^-i / (1 - 2^-M) so that large M does not overflow.
+    """
+    if schedule == "uniform":
+        return 1.0 / num_batches
+    if schedule == "compression":
+        i = batch_index + 1
+        return math.pow(2.0, -i) / -math.expm1(-num_batches * math.log(2.0))
+    raise ValueError(f"unknown KL schedule {schedule!r}")
+
+
+def chunk_negatives(
+    num_positives: int, chunk: int, num_negatives: int, num_entities: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Entity ids [num_chunks, k]: each chunk of positives shares k uniform draws, the first k/2
+    replace heads and the last k/2 replace tails, so every positive gets exactly k corruptions."""
+    num_chunks = -(-num_positives // chunk)
+    return torch.randint(num_entities, (num_chunks, num_negatives), generator=generator)
+
+
+def bernoulli_nll(
+    scorer: Scorer,
+    s_BD: torch.Tensor,
+    r_BD: torch.Tensor,
+    o_BD: torch.Tensor,
+    neg_CKD: torch.Tensor,
+    chunk: int,
+    negative_weight: float,
+) -> torch.Tensor:
+    """-sum log sigmoid(x_pos) - w * sum log sigmoid(-x_neg) for a batch of B positives.
+
+    ``neg_CKD`` holds the sampled negative embeddings of the C = ceil(B/chunk) chunks; positives are
+    padded to C*chunk so each chunk's scoring is one batched matrix product, and padding is masked.
+    """
+    num_pos, dim = s_BD.shape
+    num_chunks, num_neg, _ = neg_CKD.shape
+    pad = num_chunks * chunk - num_pos
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, pad)).view(num_chunks, chunk, dim)
+
+    s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
+    half = num_neg // 2
+    head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])  # [C, chunk, k/2]
+    tail_scores = scorer.score_tails(s, r, neg_CKD[:, half:])  # [C, chunk, k/2]
+    valid = (torch.arange(num_chunks * chunk) < num_pos).view(num_chunks, chunk, 1)
+    neg_nll = (F.softplus(head_scores).sum(-1, keepdim=True) + F.softplus(tail_scores).sum(-1, keepdim=True))
+    pos_nll = F.softplus(-scorer.score(s_BD, r_BD, o_BD)).sum()
+    return pos_nll + negative_weight * (neg_nll * valid).sum()
+
+
+def softmax_nll(
+    scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, targets_B: torch.Tensor, entities_ND: torch.Tensor
+) -> torch.Tensor:
+    """-sum log softmax over all N entities of the true tail, for queries (s, r, ?)."""
+    logits = scorer.score_tails(s_BD, r_BD, entities_ND)
+    return F.cross_entropy(logits, targets_B, reduction="sum")
+
+
+def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:
+    """Nuclear 3-norm (Lacroix et al., 2018): sum of |x|^3 over components (complex modulus for ComplEx)."""
+    total = embeddings[0].new_zeros(())
+    for x in embeddings:
+        if complex_valued:
+            re, im = x.chunk(2, dim=-1)
+            total = total + (re.square() + im.square()).pow(1.5).sum()
+        else:
+            total = total + x.abs().pow(3).sum()
+    return total
+
+
+def per_occurrence_kl(rows: Gaussian, occurrences_U: torch.Tensor, frequency_U: torch.Tensor) -> torch.Tensor:
+    """sum_u KL_u * c_u / f_u: an entity seen f times per epoch carries 1/f of its KL each time,
+    so an epoch sums to the full KL of the training entities."""
+    weights = occurrences_U.to(rows.mean.dtype) / frequency_U.clamp_min(1).to(rows.mean.dtype)
+    return (rows.kl_to_unit() * weights).sum()

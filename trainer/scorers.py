@@ -1,0 +1,82 @@
+"""Scoring layers on top of the embedding (encoding) layer.
+
+A scorer maps embeddings (E_s, R_r, E_o) to a real score. ``score`` takes broadcastable [..., D]
+tensors; ``score_tails``/``score_heads`` score a batch against candidate entities and default to
+broadcasting ``score``, so a new scorer (TransE, RotatE) needs only ``score``. Bilinear scorers
+override them with one matrix product, which is what makes shared negatives and 1-vs-all cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Scorer:
+    name = ""
+
+    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Scores of facts: s, r, o broadcastable [..., D] -> [...]."""
+        raise NotImplementedError
+
+    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        """Score (s, r, c) for every candidate tail c: [..., B, D] x [..., N, D] -> [..., B, N]."""
+        return self.score(s_BD.unsqueeze(-2), r_BD.unsqueeze(-2), cand_ND.unsqueeze(-3))
+
+    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        """Score (c, r, o) for every candidate head c: [..., B, D] x [..., N, D] -> [..., B, N]."""
+        return self.score(cand_ND.unsqueeze(-3), r_BD.unsqueeze(-2), o_BD.unsqueeze(-2))
+
+
+class DistMult(Scorer):
+    """<R_r, E_s, E_o> = sum_i r_i s_i o_i (Yang et al., 2015)."""
+
+    name = "distmult"
+
+    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return (s * r * o).sum(-1)
+
+    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        return (s_BD * r_BD) @ cand_ND.transpose(-1, -2)
+
+    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        return (r_BD * o_BD) @ cand_ND.transpose(-1, -2)
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+class ComplEx(Scorer):
+    """Re(<R_r, E_s, conj(E_o)>) (Trouillon et al., 2016); a D-vector holds D/2 real then D/2 imaginary parts."""
+
+    name = "complex"
+
+    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        s_re, s_im = _halves(s)
+        r_re, r_im = _halves(r)
+        o_re, o_im = _halves(o)
+        return (r_re * s_re * o_re + r_re * s_im * o_im + r_im * s_re * o_im - r_im * s_im * o_re).sum(-1)
+
+    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        # Re(q . conj(c)) with q = s * r is the real dot product of [q_re, q_im] and [c_re, c_im].
+        s_re, s_im = _halves(s_BD)
+        r_re, r_im = _halves(r_BD)
+        query = torch.cat([s_re * r_re - s_im * r_im, s_re * r_im + s_im * r_re], dim=-1)
+        return query @ cand_ND.transpose(-1, -2)
+
+    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        # Re(c . q) with q = r * conj(o) is the real dot product of [c_re, c_im] and [q_re, -q_im].
+        r_re, r_im = _halves(r_BD)
+        o_re, o_im = _halves(o_BD)
+        query = torch.cat([r_re * o_re + r_im * o_im, -(r_im * o_re - r_re * o_im)], dim=-1)
+        return query @ cand_ND.transpose(-1, -2)
+
+
+SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (DistMult, ComplEx)}
+
+
+def build_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"model.scorer={name!r}: expected one of {', '.join(SCORERS)}")
+    return SCORERS[name]()
