@@ -53,6 +53,7 @@ class LocalTable:
 
     def gather(self, ids: torch.Tensor | None) -> Gaussian:
         """Rows ``ids`` (all rows when None) as fresh leaves that require grad."""
+
         def leaf(t: torch.Tensor) -> torch.Tensor:
             rows = t.detach().clone() if ids is None else t[ids]
             return rows.requires_grad_(True)

@@ -43,11 +43,15 @@ def save(path: Path, model: KGModel, state: RunState, config: RunConfig | None =
     )
 
 
-def load_into(path: Path, model: KGModel) -> RunState:
+def _read(path: Path) -> dict:
     try:
-        payload = torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ValueError(f"{path}: not a readable nvkg checkpoint ({err})") from None
+
+
+def load_into(path: Path, model: KGModel) -> RunState:
+    payload = _read(path)
     model.entities.load_state_dict(payload["entities"])
     model.relations.load_state_dict(payload["relations"])
     return RunState(**payload["state"])
@@ -58,8 +62,7 @@ def resume(out_dir: Path, config: RunConfig, model: KGModel) -> RunState:
     path = Path(out_dir) / LATEST
     if not path.exists():
         return RunState()
-    payload = torch.load(path, weights_only=True)
-    saved = payload.get("config")
+    saved = _read(path).get("config")
     if saved is not None:
         current = to_dict(config)
         for section in FROZEN_SECTIONS:

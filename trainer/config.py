@@ -130,11 +130,12 @@ class RunConfig:
             "train.epochs": self.train.epochs,
             "train.batch_size": self.train.batch_size,
             "eval.batch_size": self.eval.batch_size,
-            "optim.lr": self.optim.lr,
         }
         for key, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{key}={value}: must be positive")
+        if self.optim.lr < 0:
+            raise ValueError(f"optim.lr={self.optim.lr}: must be non-negative")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
         if self.objective.num_negatives % 2:

@@ -96,7 +96,10 @@ def evaluate(
     num_entities = model.entities.num_rows
     for batch in facts.split(batch_size):
         s, r, o = batch.unbind(-1)
-        for direction, true, key in (("tail", o, s * model.num_relations + r), ("head", s, o * model.num_relations + r)):
+        for direction, true, key in (
+            ("tail", o, s * model.num_relations + r),
+            ("head", s, o * model.num_relations + r),
+        ):
             scores = predictive_scores(model, batch, direction, num_samples, generator)
             rows, known = filters[direction].known(key)
             exclude = torch.zeros(len(batch), num_entities, dtype=torch.bool)

@@ -28,7 +28,9 @@ class RunLogger:
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["epoch"] <= done_epochs]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if self.progress:
-            self.bar = tqdm(total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(
+                total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
+            )
 
     def step(self, nll: float, kl: float, num_positives: int) -> None:
         if self.bar is not None:

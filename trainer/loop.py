@@ -61,7 +61,9 @@ class Step:
         # The full LIM KL and the softmax touch every entity row; otherwise only the batch's rows move.
         self.gather_all = obj.likelihood == "softmax" or (model.latent == "lim" and obj.kl_estimator == "full")
 
-    def __call__(self, pos_B3: torch.Tensor, share: float, kl_multiplier: float, generator: torch.Generator) -> StepTerms:
+    def __call__(
+        self, pos_B3: torch.Tensor, share: float, kl_multiplier: float, generator: torch.Generator
+    ) -> StepTerms:
         obj, model = self.config.objective, self.model
         num_entities = model.entities.num_rows
         negatives = None

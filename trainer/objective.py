@@ -73,7 +73,7 @@ def bernoulli_nll(
     head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])  # [C, chunk, k/2]
     tail_scores = scorer.score_tails(s, r, neg_CKD[:, half:])  # [C, chunk, k/2]
     valid = (torch.arange(num_chunks * chunk) < num_pos).view(num_chunks, chunk, 1)
-    neg_nll = (F.softplus(head_scores).sum(-1, keepdim=True) + F.softplus(tail_scores).sum(-1, keepdim=True))
+    neg_nll = F.softplus(head_scores).sum(-1, keepdim=True) + F.softplus(tail_scores).sum(-1, keepdim=True)
     pos_nll = F.softplus(-scorer.score(s_BD, r_BD, o_BD)).sum()
     return pos_nll + negative_weight * (neg_nll * valid).sum()
 

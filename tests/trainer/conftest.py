@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from storage.triples import KGDataset
+from trainer.config import RunConfig, load_config
+
+
+@pytest.fixture
+def tiny_dataset() -> KGDataset:
+    """6 entities, 2 relations; entity 5 never occurs in train."""
+    train = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 1, 3], [3, 1, 4], [0, 1, 4], [4, 0, 0], [1, 1, 3]])
+    return KGDataset(
+        name="tiny",
+        entity_names=[f"e{i}" for i in range(6)],
+        relation_names=["r0", "r1"],
+        train=train,
+        valid=torch.tensor([[0, 0, 2], [2, 1, 4]]),
+        test=torch.tensor([[1, 0, 3], [4, 1, 2]]),
+        dropped={"valid": 0, "test": 0},
+    )
+
+
+def make_config(*overrides: str) -> RunConfig:
+    base = ["model.dim=4", "train.progress=false", "train.eval_every=0", "train.batch_size=3"]
+    return load_config(None, base + list(overrides))

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from tests.trainer.conftest import make_config
+from trainer.loop import Step, entity_frequency
+from trainer.model import build_model
+from trainer.objective import chunk_negatives
+
+
+def _step(config, dataset):
+    model = build_model(config, dataset.num_entities, dataset.num_relations)
+    return model, Step(config, model, entity_frequency(dataset.train, dataset.num_entities))
+
+
+def test_lim_full_kl_covers_every_entity_and_relation(tiny_dataset):
+    config = make_config("model.latent=lim", "objective.likelihood=bernoulli", "optim.lr=0.0")
+    model, step = _step(config, tiny_dataset)
+    entities, relations = model.posterior()
+    expected = 0.25 * (entities.kl_to_unit().sum() + relations.kl_to_unit().sum())  # includes unseen entity 5
+    terms = step(tiny_dataset.train[:2], 0.25, 1.0, torch.Generator().manual_seed(0))
+    assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_lfm_kl_covers_only_the_batch_facts(tiny_dataset):
+    config = make_config(
+        "model.latent=lfm", "objective.likelihood=bernoulli", "objective.num_negatives=2", "optim.lr=0.0"
+    )
+    model, step = _step(config, tiny_dataset)
+    entities, relations = model.posterior()
+    ent_kl, rel_kl = entities.kl_to_unit(), relations.kl_to_unit()
+    batch = tiny_dataset.train[:2]  # facts (0, r0, 1) and (1, r0, 2)
+    generator = torch.Generator().manual_seed(3)
+    negatives = chunk_negatives(
+        2, config.objective.negative_chunk, 2, 6, torch.Generator().set_state(generator.get_state())
+    )
+    expected = (
+        ent_kl[[0, 1]].sum()
+        + ent_kl[[1, 2]].sum()
+        + 2 * rel_kl[0]  # each positive fact's s, r, o
+        + ent_kl[torch.unique(negatives)].sum()  # distinct corrupted entities, once
+    )
+    terms = step(batch, 0.5, 1.0, generator)  # the share does not apply: each fact is in one batch per epoch
+    assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
+    config = make_config(
+        "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "optim.lr=0.0"
+    )
+    model, step = _step(config, tiny_dataset)
+    entities, relations = model.posterior()
+    seen = torch.tensor([0, 1, 2, 3, 4])  # entity 5 is not in train
+    expected = entities.kl_to_unit()[seen].sum() + relations.kl_to_unit().sum()
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randperm(len(tiny_dataset.train), generator=generator).split(3)
+    total = sum(step(tiny_dataset.train[b], 1 / len(batches), 1.0, generator).kl for b in batches)
+    assert total == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
+    config = make_config("model.latent=point")
+    model, step = _step(config, tiny_dataset)
+    assert model.entities.logvar is None
+    assert step(tiny_dataset.train, 1.0, 1.0, torch.Generator().manual_seed(0)).kl == 0.0

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from trainer.objective import (
+    bernoulli_negative_weight,
+    bernoulli_nll,
+    chunk_negatives,
+    kl_share,
+    softmax_nll,
+)
+from trainer.scorers import DistMult
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_bernoulli_weights_on_a_hand_computed_case():
+    # One-dimensional DistMult: score = s * r * o.  Three positives, chunks of 2 (the last chunk is
+    # half padding), k = 2 negatives per positive: one corrupts the head, one the tail.
+    s = torch.tensor([[1.0], [2.0], [-1.0]])
+    r = torch.tensor([[0.5], [1.0], [2.0]])
+    o = torch.tensor([[2.0], [-1.0], [1.0]])
+    neg = torch.tensor([[[3.0], [0.5]], [[-2.0], [1.5]]])  # [chunks=2, k=2, D=1]: [head, tail] per chunk
+    w = 7.0
+    got = bernoulli_nll(DistMult(), s, r, o, neg, chunk=2, negative_weight=w).item()
+
+    positives = softplus(-1.0) + softplus(2.0) + softplus(2.0)  # -log sigmoid(x) = softplus(-x), x = 1, -2, -2
+    negatives = (
+        softplus(3.0 * 0.5 * 2.0)
+        + softplus(1.0 * 0.5 * 0.5)  # positive 0, chunk 0
+        + softplus(3.0 * 1.0 * -1.0)
+        + softplus(2.0 * 1.0 * 0.5)  # positive 1, chunk 0
+        + softplus(-2.0 * 2.0 * 1.0)
+        + softplus(-1.0 * 2.0 * 1.5)  # positive 2, chunk 1 (padding ignored)
+    )
+    assert got == pytest.approx(positives + w * negatives, rel=1e-6)
+
+
+def test_negative_weight_is_the_inverse_sampling_rate():
+    # 2 (Ne - 1) corruptions per positive, k drawn: 1/b- = |D-| / |D+| per sample
+    assert bernoulli_negative_weight(num_entities=11, num_negatives=4) == pytest.approx(5.0)
+    assert bernoulli_negative_weight(num_entities=2, num_negatives=2) == pytest.approx(1.0)
+
+
+def test_every_positive_gets_exactly_k_real_corruptions():
+    negatives = chunk_negatives(1000, 256, 8, 50, torch.Generator().manual_seed(0))
+    assert negatives.shape == (4, 8)  # ceil(1000/256) chunks, all k slots drawn, no (0,0,0) fillers
+    assert negatives.min() >= 0 and negatives.max() < 50
+
+
+@pytest.mark.parametrize("num_batches", [1, 3, 10, 2000])
+@pytest.mark.parametrize("schedule", ["uniform", "compression"])
+def test_kl_shares_sum_to_one_per_epoch(schedule, num_batches):
+    shares = [kl_share(i, num_batches, schedule) for i in range(num_batches)]
+    assert sum(shares) == pytest.approx(1.0)
+    assert all(s >= 0 for s in shares)
+
+
+def test_compression_cost_values():
+    assert [kl_share(i, 3, "compression") for i in range(3)] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+def test_softmax_nll_is_cross_entropy_over_all_entities():
+    entities = torch.tensor([[1.0], [2.0], [-1.0]])
+    s, r = entities[[0]], torch.tensor([[1.0]])
+    logits = [1.0, 2.0, -1.0]
+    expected = -(logits[1] - math.log(sum(math.exp(x) for x in logits)))
+    got = softmax_nll(DistMult(), s, r, torch.tensor([1]), entities).item()
+    assert got == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from tests.trainer.conftest import make_config
+from trainer import checkpoint
+from trainer.loop import train
+from trainer.model import build_model
+
+
+def _log(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _final_tables(out_dir, config, dataset):
+    model = build_model(config, dataset.num_entities, dataset.num_relations)
+    checkpoint.load_into(out_dir / checkpoint.LATEST, model)
+    return model.entities.state_dict(), model.relations.state_dict()
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "softmax"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_dataset, likelihood):
+    settings = [f"objective.likelihood={likelihood}", "train.eval_every=2", "train.checkpoint_every=1"]
+    full = make_config("train.epochs=6", *settings)
+    train(full, tmp_path / "full", tiny_dataset)
+
+    # Stop after 3 epochs, then start again in the same directory with the full budget.
+    train(make_config("train.epochs=3", *settings), tmp_path / "resumed", tiny_dataset)
+    train(full, tmp_path / "resumed", tiny_dataset)
+
+    uninterrupted, resumed = _log(tmp_path / "full"), _log(tmp_path / "resumed")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert (a["elbo"], a["kl"], a["nll"]) == (b["elbo"], b["kl"], b["nll"])
+    a_ent, a_rel = _final_tables(tmp_path / "full", full, tiny_dataset)
+    b_ent, b_rel = _final_tables(tmp_path / "resumed", full, tiny_dataset)
+    for name in a_ent["params"]:
+        assert torch.equal(a_ent["params"][name], b_ent["params"][name])
+        assert torch.equal(a_rel["params"][name], b_rel["params"][name])
+    assert a_ent["optim"]["mean"]["num_steps"] == b_ent["optim"]["mean"]["num_steps"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dataset):
+    train(make_config("train.epochs=1"), tmp_path, tiny_dataset)
+    with pytest.raises(ValueError, match="different 'model' section"):
+        train(make_config("train.epochs=2", "model.dim=6"), tmp_path, tiny_dataset)
+
+
+def test_truncated_checkpoint_fails_with_its_name(tmp_path, tiny_dataset):
+    config = make_config("train.epochs=1")
+    train(config, tmp_path, tiny_dataset)
+    path = tmp_path / checkpoint.LATEST
+    path.write_bytes(path.read_bytes()[:100])
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt"):
+        checkpoint.load_into(path, model)
