@@ -1,9 +1,11 @@
-"""Gaussian embedding tables: rows of (mean, logvar) plus the optimiser state of those rows.
+"""Gaussian embedding tables: rows of [mean | logvar] plus the optimiser state of those rows.
 
-The training loop talks to a table only through ``gather`` (rows for some ids, as leaf tensors the
-loss can differentiate) and ``apply_gradients`` (hand those rows' gradients back to the owner, which
-updates them). ``LocalTable`` owns every row: it is world size 1. A sharded table implements the same
-two calls with an all-to-all exchange, so the loop reads the same at any world size.
+A row keeps its mean and log-variance side by side in one vector, so gathering, updating (and later
+sending) a row is one operation, not two. The training loop talks to a table only through ``gather``
+(rows for some ids, as one leaf tensor the loss can differentiate) and ``apply_gradients`` (hand those
+rows' gradients back to the owner, which updates them). ``LocalTable`` owns every row: it is world
+size 1. A sharded table implements the same two calls with an all-to-all exchange, so the loop reads
+the same at any world size.
 """
 
 from __future__ import annotations
@@ -16,10 +18,29 @@ from sharding.row_optim import build_row_optimizer
 from trainer.gaussian import Gaussian
 
 
-def init_means(num_rows: int, dim: int, std: float | None, generator: torch.Generator) -> torch.Tensor:
-    """Normal init; std None means Xavier/Glorot normal, sqrt(2 / (rows + dim))."""
-    std = math.sqrt(2.0 / (num_rows + dim)) if std is None else std
-    return torch.randn(num_rows, dim, generator=generator) * std
+def init_rows(
+    num_rows: int,
+    dim: int,
+    *,
+    variational: bool,
+    init_std: float | None,
+    init_logvar: float | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Means ~ N(0, std^2) with std None meaning Xavier/Glorot, sqrt(2 / (rows + dim)); logvar log(1/dim)."""
+    std = math.sqrt(2.0 / (num_rows + dim)) if init_std is None else init_std
+    mean = torch.randn(num_rows, dim, generator=generator) * std
+    if not variational:
+        return mean
+    logvar = torch.full((num_rows, dim), math.log(1.0 / dim) if init_logvar is None else init_logvar)
+    return torch.cat([mean, logvar], dim=1)
+
+
+def as_gaussian(rows: torch.Tensor, dim: int) -> Gaussian:
+    """View [U, D] (point) or [U, 2D] (variational) rows as a Gaussian; gradients flow to ``rows``."""
+    if rows.shape[-1] == dim:
+        return Gaussian(rows, None)
+    return Gaussian(rows[..., :dim], rows[..., dim:])
 
 
 class LocalTable:
@@ -38,48 +59,33 @@ class LocalTable:
         init_logvar: float | None = None,
     ):
         self.num_rows, self.dim = num_rows, dim
-        self.mean = init_means(num_rows, dim, init_std, generator)
-        self.logvar: torch.Tensor | None = None
-        if variational:
-            logvar0 = math.log(1.0 / dim) if init_logvar is None else init_logvar
-            self.logvar = torch.full((num_rows, dim), logvar0)
-        self._optimizers = {name: build_row_optimizer(optimizer, t, lr) for name, t in self._params().items()}
+        self.weight = init_rows(
+            num_rows, dim, variational=variational, init_std=init_std, init_logvar=init_logvar, generator=generator
+        )
+        # Row-wise Adagrad keeps one accumulator per row *part*: means and log-variances differ in scale.
+        self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.weight.shape[1] // dim)
 
-    def _params(self) -> dict[str, torch.Tensor]:
-        params = {"mean": self.mean}
-        if self.logvar is not None:
-            params["logvar"] = self.logvar
-        return params
+    def gather(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows ``ids`` (all rows when None) as a fresh leaf that requires grad."""
+        rows = self.weight.clone() if ids is None else self.weight.index_select(0, ids)
+        return rows.requires_grad_(True)
 
-    def gather(self, ids: torch.Tensor | None) -> Gaussian:
-        """Rows ``ids`` (all rows when None) as fresh leaves that require grad."""
-
-        def leaf(t: torch.Tensor) -> torch.Tensor:
-            rows = t.detach().clone() if ids is None else t[ids]
-            return rows.requires_grad_(True)
-
-        return Gaussian(leaf(self.mean), None if self.logvar is None else leaf(self.logvar))
-
-    def apply_gradients(self, ids: torch.Tensor | None, rows: Gaussian) -> None:
-        """Let the row optimiser apply the gradients accumulated on rows returned by ``gather``."""
-        for name, param in self._params().items():
-            grad = getattr(rows, name).grad
-            if grad is not None:
-                self._optimizers[name].step(param, ids, grad)
+    def apply_gradients(self, ids: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+        """Let the row optimiser apply the gradient of rows returned by ``gather``."""
+        if grad is not None:
+            self.optimizer.step(self.weight, ids, grad)
 
     def full(self) -> Gaussian:
         """All rows, without gradients (evaluation, export)."""
-        return Gaussian(self.mean, self.logvar)
+        return as_gaussian(self.weight, self.dim)
 
     def state_dict(self) -> dict:
-        return {
-            "params": {k: v.clone() for k, v in self._params().items()},
-            "optim": {k: o.state_dict() for k, o in self._optimizers.items()},
-        }
+        return {"weight": self.weight.clone(), "optim": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, param in self._params().items():
-            if name not in state["params"] or state["params"][name].shape != param.shape:
-                raise ValueError(f"checkpoint table does not match: parameter {name!r} missing or mis-shaped")
-            param.copy_(state["params"][name])
-            self._optimizers[name].load_state_dict(state["optim"][name])
+        if state["weight"].shape != self.weight.shape:
+            raise ValueError(
+                f"checkpoint table has shape {tuple(state['weight'].shape)}, expected {tuple(self.weight.shape)}"
+            )
+        self.weight.copy_(state["weight"])
+        self.optimizer.load_state_dict(state["optim"])

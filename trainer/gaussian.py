@@ -33,3 +33,48 @@ class Gaussian(NamedTuple):
         if self.logvar is None:
             return self.mean.new_zeros(self.mean.shape[:-1])
         return 0.5 * (self.mean.square() + self.logvar.exp() - self.logvar - 1.0).sum(-1)
+
+
+class _SampleAndKL(torch.autograd.Function):
+    """Reparameterised sample and per-row KL of [mean | logvar] rows in one pass each way.
+
+    The analytic backward (d sample/d mean = 1, d sample/d logvar = eps * sigma / 2,
+    d KL/d mean = mean, d KL/d logvar = (sigma^2 - 1) / 2) replaces a dozen autograd nodes over the
+    batch's rows; it was measured at ~25% of a V-ComplEx step on 2 CPU cores.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = eps.shape[-1]
+        mean, logvar = rows[:, :dim], rows[:, dim:]
+        std = torch.exp(0.5 * logvar)
+        sample = torch.addcmul(mean, std, eps)
+        kl = 0.5 * (mean.square() + std.square() - logvar - 1.0).sum(-1)
+        ctx.save_for_backward(mean, std, eps)
+        return sample, kl
+
+    @staticmethod
+    def backward(ctx, grad_sample: torch.Tensor | None, grad_kl: torch.Tensor | None):
+        mean, std, eps = ctx.saved_tensors
+        dim = mean.shape[-1]
+        grad = mean.new_zeros(mean.shape[0], 2 * dim)
+        grad_mean, grad_logvar = grad[:, :dim], grad[:, dim:]
+        if grad_sample is not None:
+            grad_mean.copy_(grad_sample)
+            torch.mul(grad_sample, eps, out=grad_logvar).mul_(std).mul_(0.5)
+        if grad_kl is not None:
+            weight = grad_kl.unsqueeze(-1)
+            grad_mean.addcmul_(weight, mean)
+            grad_logvar.addcmul_(weight, std.square().sub_(1.0), value=0.5)
+        return grad, None
+
+
+def sample_and_kl(rows: torch.Tensor, dim: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reparameterised draw [U, dim] and KL to N(0, I) per row [U] of table rows [U, 2*dim] = [mean | logvar].
+
+    Point-estimate rows ([U, dim]) are returned as they are, with zero KL.
+    """
+    if rows.shape[-1] == dim:
+        return rows, rows.new_zeros(rows.shape[0])
+    eps = torch.randn(rows.shape[0], dim, generator=generator, dtype=rows.dtype, device=rows.device)
+    return _SampleAndKL.apply(rows, eps)

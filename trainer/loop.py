@@ -13,7 +13,7 @@ from storage.triples import KGDataset, load_dataset
 from trainer import checkpoint
 from trainer.config import RunConfig, save_config, to_dict
 from trainer.evaluate import build_filters, evaluate
-from trainer.gaussian import Gaussian
+from trainer.gaussian import sample_and_kl
 from trainer.io import atomic_write_json
 from trainer.logger import RunLogger
 from trainer.model import KGModel, build_model
@@ -70,32 +70,30 @@ class Step:
         if obj.likelihood == "bernoulli":
             negatives = chunk_negatives(len(pos_B3), obj.negative_chunk, obj.num_negatives, num_entities, generator)
         ids, local = self._rows_needed(pos_B3, negatives)
-        ent_rows = model.entities.gather(ids)
-        rel_rows = model.relations.gather(None)
-        ent, rel = ent_rows.sample(generator), rel_rows.sample(generator)
+        ent_leaf, rel_leaf = model.entities.gather(ids), model.relations.gather(None)
+        ent, ent_kl = sample_and_kl(ent_leaf, model.entities.dim, generator)
+        rel, rel_kl = sample_and_kl(rel_leaf, model.relations.dim, generator)
         s, r, o = local["s"], pos_B3[:, 1], local["o"]
+        s_emb, r_emb, o_emb = ent.index_select(0, s), rel.index_select(0, r), ent.index_select(0, o)
 
         if obj.likelihood == "bernoulli":
-            nll = bernoulli_nll(
-                model.scorer, ent[s], rel[r], ent[o], ent[local["neg"]], obj.negative_chunk, self.negative_weight
-            )
+            neg = ent.index_select(0, local["neg"].reshape(-1)).view(*local["neg"].shape, -1)
+            nll = bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
         else:
-            queries = torch.cat([ent[s], ent[o]])
-            query_rel = torch.cat([rel[r], rel[r + model.num_relations]])
+            queries = torch.cat([s_emb, o_emb])
+            query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])
             nll = softmax_nll(model.scorer, queries, query_rel, torch.cat([o, s]), ent)
 
-        kl = self._kl(ent_rows, rel_rows, local, pos_B3, ids, share)
+        kl = self._kl(ent_kl, rel_kl, local, pos_B3, ids, share)
         loss = nll + kl_multiplier * kl
         if obj.reg == "n3" and obj.reg_weight > 0:
-            rel_means = rel_rows.mean[r]
-            penalty = n3_penalty(
-                ent_rows.mean[s], rel_means, ent_rows.mean[o], complex_valued=model.scorer.name == "complex"
-            )
-            loss = loss + obj.reg_weight * penalty
+            ent_mean, rel_mean = ent_leaf[:, : model.entities.dim], rel_leaf[:, : model.relations.dim]
+            means = (ent_mean.index_select(0, s), rel_mean.index_select(0, r), ent_mean.index_select(0, o))
+            loss = loss + obj.reg_weight * n3_penalty(*means, complex_valued=model.scorer.name == "complex")
         loss.backward()
-        self._clip(ent_rows, rel_rows)
-        model.entities.apply_gradients(ids, ent_rows)
-        model.relations.apply_gradients(None, rel_rows)
+        self._clip(ent_leaf.grad, rel_leaf.grad)
+        model.entities.apply_gradients(ids, ent_leaf.grad)
+        model.relations.apply_gradients(None, rel_leaf.grad)
         return StepTerms(nll=nll.item(), kl=kl.item(), loss=loss.item())
 
     def _rows_needed(
@@ -117,8 +115,8 @@ class Step:
 
     def _kl(
         self,
-        ent_rows: Gaussian,
-        rel_rows: Gaussian,
+        ent_kl: torch.Tensor,
+        rel_kl: torch.Tensor,
         local: dict[str, torch.Tensor],
         pos_B3: torch.Tensor,
         ids: torch.Tensor | None,
@@ -126,8 +124,7 @@ class Step:
     ) -> torch.Tensor:
         model = self.model
         if not model.variational:
-            return ent_rows.mean.new_zeros(())
-        ent_kl, rel_kl = ent_rows.kl_to_unit(), rel_rows.kl_to_unit()
+            return ent_kl.new_zeros(())
         if model.latent == "lfm":
             # One latent set per fact: the KL of the embeddings of the batch's facts, each positive fact
             # once per epoch, plus every distinct corrupted entity of the batch once.
@@ -143,13 +140,12 @@ class Step:
         size = model.entities.num_rows if ids is None else len(ids)
         occurrences = torch.bincount(torch.cat([local["s"], local["o"]]), minlength=size)
         frequency = self.frequency if ids is None else self.frequency[ids]
-        return per_occurrence_kl(ent_rows, occurrences, frequency) + share * rel_kl.sum()
+        return per_occurrence_kl(ent_kl, occurrences, frequency) + share * rel_kl.sum()
 
-    def _clip(self, *rows: Gaussian) -> None:
+    def _clip(self, *grads: torch.Tensor) -> None:
         max_norm = self.config.optim.grad_clip
         if max_norm is None:
             return
-        grads = [t.grad for g in rows for t in g if t is not None and t.grad is not None]
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if total > max_norm:
             for g in grads:

@@ -15,8 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.gaussian import Gaussian
-from trainer.scorers import Scorer
+from trainer.scorers import BilinearScorer, Scorer
 
 
 def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
@@ -68,14 +67,20 @@ def bernoulli_nll(
     def chunked(x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (0, 0, 0, pad)).view(num_chunks, chunk, dim)
 
-    s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
     half = num_neg // 2
-    head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])  # [C, chunk, k/2]
-    tail_scores = scorer.score_tails(s, r, neg_CKD[:, half:])  # [C, chunk, k/2]
+    if isinstance(scorer, BilinearScorer):
+        # One tail query serves the positive and the tail corruptions.
+        tail_query = scorer.tail_query(s_BD, r_BD)
+        pos_scores = (tail_query * o_BD).sum(-1)
+        tail_scores = chunked(tail_query) @ neg_CKD[:, half:].transpose(-1, -2)  # [C, chunk, k/2]
+        head_scores = chunked(scorer.head_query(r_BD, o_BD)) @ neg_CKD[:, :half].transpose(-1, -2)
+    else:
+        pos_scores = scorer.score(s_BD, r_BD, o_BD)
+        tail_scores = scorer.score_tails(chunked(s_BD), chunked(r_BD), neg_CKD[:, half:])
+        head_scores = scorer.score_heads(chunked(r_BD), chunked(o_BD), neg_CKD[:, :half])
     valid = (torch.arange(num_chunks * chunk) < num_pos).view(num_chunks, chunk, 1)
     neg_nll = F.softplus(head_scores).sum(-1, keepdim=True) + F.softplus(tail_scores).sum(-1, keepdim=True)
-    pos_nll = F.softplus(-scorer.score(s_BD, r_BD, o_BD)).sum()
-    return pos_nll + negative_weight * (neg_nll * valid).sum()
+    return F.softplus(-pos_scores).sum() + negative_weight * (neg_nll * valid).sum()
 
 
 def softmax_nll(
@@ -98,8 +103,8 @@ def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:
     return total
 
 
-def per_occurrence_kl(rows: Gaussian, occurrences_U: torch.Tensor, frequency_U: torch.Tensor) -> torch.Tensor:
+def per_occurrence_kl(kl_U: torch.Tensor, occurrences_U: torch.Tensor, frequency_U: torch.Tensor) -> torch.Tensor:
     """sum_u KL_u * c_u / f_u: an entity seen f times per epoch carries 1/f of its KL each time,
     so an epoch sums to the full KL of the training entities."""
-    weights = occurrences_U.to(rows.mean.dtype) / frequency_U.clamp_min(1).to(rows.mean.dtype)
-    return (rows.kl_to_unit() * weights).sum()
+    weights = occurrences_U.to(kl_U.dtype) / frequency_U.clamp_min(1).to(kl_U.dtype)
+    return (kl_U * weights).sum()

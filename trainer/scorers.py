@@ -27,19 +27,36 @@ class Scorer:
         return self.score(cand_ND.unsqueeze(-3), r_BD.unsqueeze(-2), o_BD.unsqueeze(-2))
 
 
-class DistMult(Scorer):
+class BilinearScorer(Scorer):
+    """A scorer linear in the candidate: score(s, r, c) = tail_query(s, r) . c and
+    score(c, r, o) = head_query(r, o) . c, so scoring N candidates is one matrix product."""
+
+    def tail_query(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_query(self, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return (self.tail_query(s, r) * o).sum(-1)
+
+    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        return self.tail_query(s_BD, r_BD) @ cand_ND.transpose(-1, -2)
+
+    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+        return self.head_query(r_BD, o_BD) @ cand_ND.transpose(-1, -2)
+
+
+class DistMult(BilinearScorer):
     """<R_r, E_s, E_o> = sum_i r_i s_i o_i (Yang et al., 2015)."""
 
     name = "distmult"
 
-    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        return (s * r * o).sum(-1)
+    def tail_query(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return s * r
 
-    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
-        return (s_BD * r_BD) @ cand_ND.transpose(-1, -2)
-
-    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
-        return (r_BD * o_BD) @ cand_ND.transpose(-1, -2)
+    def head_query(self, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return r * o
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,30 +64,22 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :half], x[..., half:]
 
 
-class ComplEx(Scorer):
+class ComplEx(BilinearScorer):
     """Re(<R_r, E_s, conj(E_o)>) (Trouillon et al., 2016); a D-vector holds D/2 real then D/2 imaginary parts."""
 
     name = "complex"
 
-    def score(self, s: torch.Tensor, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    def tail_query(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        # Re(q . conj(c)) with q = s * r is the real dot product of [q_re, q_im] and [c_re, c_im].
         s_re, s_im = _halves(s)
         r_re, r_im = _halves(r)
-        o_re, o_im = _halves(o)
-        return (r_re * s_re * o_re + r_re * s_im * o_im + r_im * s_re * o_im - r_im * s_im * o_re).sum(-1)
+        return torch.cat([s_re * r_re - s_im * r_im, s_re * r_im + s_im * r_re], dim=-1)
 
-    def score_tails(self, s_BD: torch.Tensor, r_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
-        # Re(q . conj(c)) with q = s * r is the real dot product of [q_re, q_im] and [c_re, c_im].
-        s_re, s_im = _halves(s_BD)
-        r_re, r_im = _halves(r_BD)
-        query = torch.cat([s_re * r_re - s_im * r_im, s_re * r_im + s_im * r_re], dim=-1)
-        return query @ cand_ND.transpose(-1, -2)
-
-    def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
+    def head_query(self, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         # Re(c . q) with q = r * conj(o) is the real dot product of [c_re, c_im] and [q_re, -q_im].
-        r_re, r_im = _halves(r_BD)
-        o_re, o_im = _halves(o_BD)
-        query = torch.cat([r_re * o_re + r_im * o_im, -(r_im * o_re - r_re * o_im)], dim=-1)
-        return query @ cand_ND.transpose(-1, -2)
+        r_re, r_im = _halves(r)
+        o_re, o_im = _halves(o)
+        return torch.cat([r_re * o_re + r_im * o_im, r_re * o_im - r_im * o_re], dim=-1)
 
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (DistMult, ComplEx)}

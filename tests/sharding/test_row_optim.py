@@ -33,8 +33,16 @@ def test_row_adagrad_keeps_one_accumulator_per_row():
     opt = RowAdagrad(param, lr=1.0)
     grad = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
     opt.step(param, torch.tensor([0, 2]), grad)
-    assert opt.sum_sq.shape == (3,)
-    torch.testing.assert_close(opt.sum_sq, torch.tensor([1.0, 0.0, 1.0]))
+    assert opt.sum_sq.shape == (3, 1)
+    torch.testing.assert_close(opt.sum_sq[:, 0], torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(param[0], -torch.ones(4))
     torch.testing.assert_close(param[2], torch.tensor([-2.0, 0.0, 0.0, 0.0]))
     assert torch.equal(param[1], torch.zeros(4))
+
+
+def test_row_adagrad_scales_each_row_part_separately():
+    param = torch.zeros(1, 4)
+    opt = RowAdagrad(param, lr=1.0, parts=2)  # [mean | logvar] halves
+    opt.step(param, None, torch.tensor([[3.0, 3.0, 0.5, 0.5]]))
+    torch.testing.assert_close(opt.sum_sq, torch.tensor([[9.0, 0.25]]))
+    torch.testing.assert_close(param, -torch.ones(1, 4))

@@ -12,7 +12,7 @@ def _fact(s, r, o, direction, candidate):
 
 def brute_force_ranks(model, facts, known, filtered):
     """Rank every fact's tail and head by scoring each candidate on its own, with Python loops."""
-    ent, rel = model.entities.mean, model.relations.mean
+    ent, rel = model.entities.full().mean, model.relations.full().mean
     known_set = {tuple(f) for f in known.tolist()}
     ranks = []
     for s, r, o in facts.tolist():
@@ -36,8 +36,8 @@ def test_filtered_and_raw_ranks_match_brute_force_with_ties(tiny_dataset, scorer
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
     # Small integer embeddings make many candidates tie exactly.
     g = torch.Generator().manual_seed(0)
-    model.entities.mean.copy_(torch.randint(-1, 2, model.entities.mean.shape, generator=g).float())
-    model.relations.mean.copy_(torch.randint(-1, 2, model.relations.mean.shape, generator=g).float())
+    model.entities.full().mean.copy_(torch.randint(-1, 2, model.entities.full().mean.shape, generator=g).float())
+    model.relations.full().mean.copy_(torch.randint(-1, 2, model.relations.full().mean.shape, generator=g).float())
     known = tiny_dataset.all_known()
     facts = torch.cat([tiny_dataset.test, tiny_dataset.valid])
     got = evaluate(model, facts, build_filters(known, tiny_dataset.num_relations), batch_size=3)
@@ -52,7 +52,7 @@ def test_filtered_and_raw_ranks_match_brute_force_with_ties(tiny_dataset, scorer
 def test_constant_scores_get_the_middle_rank_not_rank_one(tiny_dataset):
     config = make_config("model.scorer=distmult", "objective.likelihood=bernoulli")
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
-    model.entities.mean.zero_()  # every score is 0
+    model.entities.full().mean.zero_()  # every score is 0
     facts = tiny_dataset.test
     got = evaluate(model, facts, build_filters(facts, tiny_dataset.num_relations))
     num_entities = tiny_dataset.num_entities
@@ -87,8 +87,8 @@ def test_sampled_evaluation_averages_probabilities(tiny_dataset):
     a = evaluate(model, tiny_dataset.test, filters, num_samples=4, seed=1)
     b = evaluate(model, tiny_dataset.test, filters, num_samples=4, seed=1)
     assert a == b  # seeded
-    model.entities.logvar.fill_(-30.0)  # vanishing variance: samples collapse onto the means
-    model.relations.logvar.fill_(-30.0)
+    model.entities.full().logvar.fill_(-30.0)  # vanishing variance: samples collapse onto the means
+    model.relations.full().logvar.fill_(-30.0)
     sampled = evaluate(model, tiny_dataset.test, filters, num_samples=2)
     means = evaluate(model, tiny_dataset.test, filters, num_samples=0)
     assert sampled["filtered"]["mr"] == pytest.approx(means["filtered"]["mr"])
@@ -98,7 +98,7 @@ def test_reciprocal_head_queries_use_the_inverse_relation(tiny_dataset):
     config = make_config("objective.likelihood=softmax", "model.scorer=distmult")
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
     assert model.relations.num_rows == 2 * tiny_dataset.num_relations
-    ent, rel = model.entities.mean, model.relations.mean
+    ent, rel = model.entities.full().mean, model.relations.full().mean
     q = torch.tensor([[1, 0, 3]])
     scores = model.candidate_scores(ent, rel, q, "head")
     expected = torch.stack([model.scorer.score(ent[3], rel[0 + 2], ent[c]) for c in range(6)])

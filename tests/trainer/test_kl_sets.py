@@ -60,5 +60,5 @@ def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
 def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
     config = make_config("model.latent=point")
     model, step = _step(config, tiny_dataset)
-    assert model.entities.logvar is None
+    assert model.entities.full().logvar is None
     assert step(tiny_dataset.train, 1.0, 1.0, torch.Generator().manual_seed(0)).kl == 0.0

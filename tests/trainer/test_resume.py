@@ -35,10 +35,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_datas
         assert (a["elbo"], a["kl"], a["nll"]) == (b["elbo"], b["kl"], b["nll"])
     a_ent, a_rel = _final_tables(tmp_path / "full", full, tiny_dataset)
     b_ent, b_rel = _final_tables(tmp_path / "resumed", full, tiny_dataset)
-    for name in a_ent["params"]:
-        assert torch.equal(a_ent["params"][name], b_ent["params"][name])
-        assert torch.equal(a_rel["params"][name], b_rel["params"][name])
-    assert a_ent["optim"]["mean"]["num_steps"] == b_ent["optim"]["mean"]["num_steps"]
+    assert torch.equal(a_ent["weight"], b_ent["weight"]) and torch.equal(a_rel["weight"], b_rel["weight"])
+    assert a_ent["optim"]["num_steps"] == b_ent["optim"]["num_steps"] > 0
+    assert torch.equal(a_ent["optim"]["exp_avg_sq"], b_ent["optim"]["exp_avg_sq"])
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dataset):

@@ -1,0 +1,128 @@
+"""Training throughput against PyKEEN, in one run on the same machine.
+
+ComplEx with 64 complex dimensions, 32 uniform negatives per positive, batch 1024, on kinships and
+wn18rr: positives/s of PyKEEN's sLCWA loop, our point ComplEx and our V-ComplEx (LIM). Ours runs the
+real training function; its time comes from the per-epoch log (evaluation excluded, as PyKEEN's loop
+has none). PyKEEN lives in its own environment (bench/.venv-pykeen); if it cannot be installed, its
+rows say so and the rest still runs.
+
+    make bench-throughput            # or: python -m bench.throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import machine, markdown_table, write_results
+from storage.triples import BUNDLED_DIR, load_dataset
+from trainer.config import load_config
+from trainer.loop import train
+
+PYKEEN_VENV = Path(__file__).parent / ".venv-pykeen"
+COMPLEX_DIM, NEGATIVES, BATCH = 64, 32, 1024
+# Epochs per system and dataset: enough for several seconds of steady-state training each.
+EPOCHS = {"kinships": {"ours": 40, "pykeen": 3}, "wn18rr": {"ours": 6, "pykeen": 1}}
+
+
+def ensure_pykeen() -> str | None:
+    """Create the PyKEEN environment if needed; return an error message if it cannot be had."""
+    python = PYKEEN_VENV / "bin" / "python"
+    try:
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(PYKEEN_VENV)], check=True)
+        probe = subprocess.run([str(python), "-c", "import pykeen"], capture_output=True)
+        if probe.returncode != 0:
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0", "pykeen"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+    except subprocess.CalledProcessError as err:
+        return f"PyKEEN could not be installed: {(err.stderr or '').strip()[-300:]}"
+    return None
+
+
+def run_pykeen(dataset: str, epochs: int, threads: int) -> dict:
+    train_path = BUNDLED_DIR / dataset / "train.txt"
+    args = [str(train_path), str(COMPLEX_DIM), str(NEGATIVES), str(BATCH), str(epochs), str(threads)]
+    result = subprocess.run(
+        [str(PYKEEN_VENV / "bin" / "python"), str(Path(__file__).parent / "pykeen_peer.py"), *args],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        return {"error": result.stderr.strip()[-300:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_ours(dataset: str, latent: str, epochs: int, threads: int) -> dict:
+    config = load_config(
+        None,
+        [
+            f"data.dataset={dataset}",
+            "model.scorer=complex",
+            f"model.dim={2 * COMPLEX_DIM}",
+            f"model.latent={latent}",
+            "objective.likelihood=bernoulli",
+            f"objective.num_negatives={NEGATIVES}",
+            "objective.kl_estimator=per_occurrence",
+            f"train.batch_size={BATCH}",
+            f"train.epochs={epochs}",
+            "train.eval_every=0",
+            f"train.checkpoint_every={epochs}",
+            f"train.num_threads={threads}",
+            "train.progress=false",
+        ],
+    )
+    data = load_dataset(dataset)
+    with tempfile.TemporaryDirectory() as out:
+        train(config, Path(out), data)
+        records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    steady = records[1:] or records  # the first epoch carries one-off allocation costs
+    seconds = sum(r["seconds"] for r in steady)
+    return {"positives_per_s": len(steady) * len(data.train) / seconds, "seconds": seconds, "epochs": len(steady)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--datasets", nargs="+", default=list(EPOCHS))
+    args = parser.parse_args()
+    pykeen_error = ensure_pykeen()
+    if pykeen_error:
+        print(f"skipping PyKEEN: {pykeen_error}", file=sys.stderr)
+    rows = []
+    for dataset in args.datasets:
+        epochs = EPOCHS[dataset]
+        peer = {"error": pykeen_error} if pykeen_error else run_pykeen(dataset, epochs["pykeen"], args.threads)
+        systems = {
+            "PyKEEN sLCWA ComplEx": peer,
+            "nvkg ComplEx (point)": run_ours(dataset, "point", epochs["ours"], args.threads),
+            "nvkg V-ComplEx (LIM)": run_ours(dataset, "lim", epochs["ours"], args.threads),
+        }
+        base = peer.get("positives_per_s")
+        for system, result in systems.items():
+            row = {"dataset": dataset, "system": system, **result}
+            if base and "positives_per_s" in result:
+                row["speedup_vs_pykeen"] = result["positives_per_s"] / base
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    settings = {"complex_dim": COMPLEX_DIM, "negatives_per_positive": NEGATIVES, "batch_size": BATCH}
+    header = (
+        f"# Training throughput (ComplEx {COMPLEX_DIM} complex dims, {NEGATIVES} negatives/positive, "
+        f"batch {BATCH}, {args.threads} threads)\n\n"
+    )
+    table = markdown_table(rows, ["dataset", "system", "positives_per_s", "speedup_vs_pykeen", "epochs", "seconds"])
+    write_results("throughput", {"machine": machine(), "settings": settings, "rows": rows}, header + table)
+
+
+if __name__ == "__main__":
+    main()
