@@ -86,6 +86,8 @@ class TrainConfig:
     """Evaluate on valid every this many epochs (0: only at the end); the best checkpoint is kept."""
     checkpoint_every: int = 10
     """Write the resumable checkpoint every this many epochs (and always at the end)."""
+    time_budget_s: float | None = None
+    """Stop before an epoch that would end past this many seconds of training (None: run all epochs)."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""
     progress: bool = True

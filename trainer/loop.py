@@ -74,15 +74,18 @@ class Step:
         ent, ent_kl = sample_and_kl(ent_leaf, model.entities.dim, generator)
         rel, rel_kl = sample_and_kl(rel_leaf, model.relations.dim, generator)
         s, r, o = local["s"], pos_B3[:, 1], local["o"]
-        s_emb, r_emb, o_emb = ent.index_select(0, s), rel.index_select(0, r), ent.index_select(0, o)
+        # One lookup for heads, tails and negatives: one gather forward, one scatter backward.
+        lookup = torch.cat([s, o] if negatives is None else [s, o, local["neg"].reshape(-1)])
+        emb = ent.index_select(0, lookup)
+        s_emb, o_emb, r_emb = emb[: len(s)], emb[len(s) : 2 * len(s)], rel.index_select(0, r)
 
         if obj.likelihood == "bernoulli":
-            neg = ent.index_select(0, local["neg"].reshape(-1)).view(*local["neg"].shape, -1)
+            neg = emb[2 * len(s) :].view(*local["neg"].shape, -1)
             nll = bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
         else:
             queries = torch.cat([s_emb, o_emb])
             query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])
-            nll = softmax_nll(model.scorer, queries, query_rel, torch.cat([o, s]), ent)
+            nll = softmax_nll(model.scorer, queries, query_rel, torch.cat([o_emb, s_emb]), ent)
 
         kl = self._kl(ent_kl, rel_kl, local, pos_B3, ids, share)
         loss = nll + kl_multiplier * kl
@@ -193,7 +196,10 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
         }
         state.train_seconds += record["seconds"]
         state.epoch = epoch + 1
-        last = state.epoch == train_cfg.epochs
+        budget = train_cfg.time_budget_s
+        # Stop when another epoch of the same length would end past the budget.
+        out_of_time = budget is not None and state.train_seconds + record["seconds"] > budget
+        last = state.epoch == train_cfg.epochs or out_of_time
         if train_cfg.eval_every and (state.epoch % train_cfg.eval_every == 0 or last):
             valid = evaluate(model, dataset.valid, filters, batch_size=config.eval.batch_size)
             record["valid_mrr"] = valid["filtered"]["mrr"]
@@ -203,6 +209,9 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
         logger.epoch(record)
         if state.epoch % train_cfg.checkpoint_every == 0 or last:
             checkpoint.save(out_dir / checkpoint.LATEST, model, state, config)
+        if out_of_time:
+            print(f"time budget {budget:.0f}s: stopping after epoch {state.epoch}", flush=True)
+            break
     logger.close()
 
     if (out_dir / checkpoint.BEST).exists():

@@ -11,6 +11,7 @@ of the batch uses the same draw: still unbiased per fact, and one draw of noise 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def bernoulli_nll(
     pad = num_chunks * chunk - num_pos
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, 0, 0, pad)).view(num_chunks, chunk, dim)
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(num_chunks, chunk, dim)
 
     half = num_neg // 2
     if isinstance(scorer, BilinearScorer):
@@ -78,17 +79,33 @@ def bernoulli_nll(
         pos_scores = scorer.score(s_BD, r_BD, o_BD)
         tail_scores = scorer.score_tails(chunked(s_BD), chunked(r_BD), neg_CKD[:, half:])
         head_scores = scorer.score_heads(chunked(r_BD), chunked(o_BD), neg_CKD[:, :half])
-    valid = (torch.arange(num_chunks * chunk) < num_pos).view(num_chunks, chunk, 1)
-    neg_nll = F.softplus(head_scores).sum(-1, keepdim=True) + F.softplus(tail_scores).sum(-1, keepdim=True)
-    return F.softplus(-pos_scores).sum() + negative_weight * (neg_nll * valid).sum()
+    neg_nll = F.softplus(head_scores).sum(-1) + F.softplus(tail_scores).sum(-1)  # [C, chunk]
+    if pad:
+        neg_nll = neg_nll.view(-1)[:num_pos]
+    return F.softplus(-pos_scores).sum() + negative_weight * neg_nll.sum()
+
+
+def local_log_partition(logits_BN: torch.Tensor) -> torch.Tensor:
+    """log sum_c exp(logit_c) over the candidates this process holds (all of them at world size 1)."""
+    return torch.logsumexp(logits_BN, dim=-1)
 
 
 def softmax_nll(
-    scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, targets_B: torch.Tensor, entities_ND: torch.Tensor
+    scorer: Scorer,
+    s_BD: torch.Tensor,
+    r_BD: torch.Tensor,
+    target_BD: torch.Tensor,
+    candidates_ND: torch.Tensor,
+    log_partition: Callable[[torch.Tensor], torch.Tensor] = local_log_partition,
 ) -> torch.Tensor:
-    """-sum log softmax over all N entities of the true tail, for queries (s, r, ?)."""
-    logits = scorer.score_tails(s_BD, r_BD, entities_ND)
-    return F.cross_entropy(logits, targets_B, reduction="sum")
+    """-sum log softmax of the true tail over all entities, for queries (s, r, ?).
+
+    Written as log Z - score(s, r, target) so the candidates can be split across workers: each scores
+    its shard and ``log_partition`` assembles log Z (a sharded table passes one that all-reduces the max
+    and the sum of exponentials, as vocabulary-parallel cross-entropy does).
+    """
+    logits = scorer.score_tails(s_BD, r_BD, candidates_ND)
+    return (log_partition(logits) - scorer.score(s_BD, r_BD, target_BD)).sum()
 
 
 def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import torch
 
-from trainer.gaussian import Gaussian
+from trainer.gaussian import Gaussian, _SampleAndKL, sample_and_kl
 
 
 def test_kl_closed_form_matches_monte_carlo():
@@ -26,3 +26,30 @@ def test_sample_is_reparameterised():
     logvar = torch.zeros(4, 3, requires_grad=True)
     Gaussian(mean, logvar).sample(torch.Generator().manual_seed(1)).sum().backward()
     assert mean.grad is not None and logvar.grad is not None and logvar.grad.abs().sum() > 0
+
+
+def test_fused_sample_and_kl_matches_autograd_of_the_composition():
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(5, 6, dtype=torch.float64, generator=g)  # [mean | logvar], dim 3
+    weights_sample = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    weights_kl = torch.randn(5, dtype=torch.float64, generator=g)
+
+    fused_rows = rows.clone().requires_grad_(True)
+    sample, kl = sample_and_kl(fused_rows, 3, torch.Generator().manual_seed(7))
+    ((sample * weights_sample).sum() + (kl * weights_kl).sum()).backward()
+
+    plain_rows = rows.clone().requires_grad_(True)
+    q = Gaussian(plain_rows[:, :3], plain_rows[:, 3:])
+    eps = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    plain_sample = q.mean + torch.exp(0.5 * q.logvar) * eps
+    ((plain_sample * weights_sample).sum() + (q.kl_to_unit() * weights_kl).sum()).backward()
+
+    torch.testing.assert_close(sample, plain_sample)
+    torch.testing.assert_close(kl, q.kl_to_unit())
+    torch.testing.assert_close(fused_rows.grad, plain_rows.grad)
+
+
+def test_fused_sample_and_kl_passes_gradcheck():
+    rows = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: _SampleAndKL.apply(x, eps), (rows,))

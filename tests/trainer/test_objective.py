@@ -68,5 +68,23 @@ def test_softmax_nll_is_cross_entropy_over_all_entities():
     s, r = entities[[0]], torch.tensor([[1.0]])
     logits = [1.0, 2.0, -1.0]
     expected = -(logits[1] - math.log(sum(math.exp(x) for x in logits)))
-    got = softmax_nll(DistMult(), s, r, torch.tensor([1]), entities).item()
+    got = softmax_nll(DistMult(), s, r, entities[[1]], entities).item()
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_softmax_nll_splits_over_candidate_shards():
+    """Two shards of candidates, log Z assembled from per-shard max and sum of exponentials."""
+    g = torch.Generator().manual_seed(0)
+    entities = torch.randn(7, 4, generator=g)
+    s, r = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    targets = entities[[0, 4, 6]]
+    whole = softmax_nll(DistMult(), s, r, targets, entities)
+    shards = (entities[:3], entities[3:])
+
+    def two_shard_log_partition(_local_logits):
+        logits = [DistMult().score_tails(s, r, shard) for shard in shards]
+        top = torch.stack([x.max(-1).values for x in logits]).max(0).values
+        return top + torch.log(sum((x - top.unsqueeze(-1)).exp().sum(-1) for x in logits))
+
+    sharded = softmax_nll(DistMult(), s, r, targets, shards[0], log_partition=two_shard_log_partition)
+    torch.testing.assert_close(sharded, whole)

@@ -54,3 +54,11 @@ def test_truncated_checkpoint_fails_with_its_name(tmp_path, tiny_dataset):
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
     with pytest.raises(ValueError, match=r"checkpoint\.pt"):
         checkpoint.load_into(path, model)
+
+
+def test_time_budget_stops_after_the_epoch_that_exhausts_it(tmp_path, tiny_dataset):
+    config = make_config("train.epochs=50", "train.time_budget_s=0.0", "train.eval_every=10")
+    metrics = train(config, tmp_path, tiny_dataset)
+    assert [r["epoch"] for r in _log(tmp_path)] == [1]
+    assert (tmp_path / checkpoint.LATEST).exists() and (tmp_path / checkpoint.BEST).exists()
+    assert metrics["best_epoch"] == 1 and "filtered" in metrics["test"]
