@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint format bench bench-quality bench-throughput clean
+.PHONY: install train test lint format bench bench-quality bench-throughput docker clean
 
 install: $(STAMP)
 
@@ -40,3 +40,6 @@ bench-throughput: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+docker:
+	docker build -t nvkg:latest .
