@@ -8,6 +8,7 @@ from trainer.objective import (
     bernoulli_nll,
     chunk_negatives,
     kl_share,
+    local_log_partition,
     softmax_nll,
 )
 from trainer.scorers import DistMult
@@ -88,3 +89,9 @@ def test_softmax_nll_splits_over_candidate_shards():
 
     sharded = softmax_nll(DistMult(), s, r, targets, shards[0], log_partition=two_shard_log_partition)
     torch.testing.assert_close(sharded, whole)
+
+
+def test_local_log_partition_matches_logsumexp_and_its_gradient():
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(local_log_partition(logits), torch.logsumexp(logits, -1))
+    assert torch.autograd.gradcheck(local_log_partition, (logits,))
