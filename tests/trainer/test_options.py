@@ -1,0 +1,41 @@
+import json
+
+import pytest
+import torch
+
+from tests.trainer.conftest import make_config
+from trainer.loop import Step, entity_frequency, train
+from trainer.model import build_model
+from trainer.objective import n3_penalty
+
+
+def test_grad_clip_scales_the_global_norm(tiny_dataset):
+    config = make_config("optim.grad_clip=1.0")
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
+    step = Step(config, model, entity_frequency(tiny_dataset.train, tiny_dataset.num_entities))
+    a, b = torch.full((2, 2), 3.0), torch.full((1, 2), 4.0)  # global norm sqrt(4*9 + 2*16) = sqrt(68)
+    step._clip(a, b)
+    total = torch.sqrt(a.square().sum() + b.square().sum())
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+    assert (a / b[0, 0]).flatten().tolist() == pytest.approx([0.75] * 4)  # direction kept
+
+
+def test_kl_warmup_switches_the_kl_off_for_the_first_epochs(tmp_path, tiny_dataset):
+    train(make_config("train.epochs=10", "objective.kl_warmup=0.3", "objective.kl_weight=0.5"), tmp_path, tiny_dataset)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["kl_multiplier"] for r in records] == [0.0] * 3 + [0.5] * 7
+    assert all(r["kl"] > 0 for r in records)  # reported KL is the ELBO's, whatever the multiplier
+
+
+def test_n3_penalty_hand_values():
+    x = torch.tensor([[3.0, 4.0]])  # one complex number 3 + 4i: |z|^3 = 125
+    assert n3_penalty(x, complex_valued=True).item() == pytest.approx(125.0)
+    assert n3_penalty(x, complex_valued=False).item() == pytest.approx(27.0 + 64.0)
+
+
+def test_init_std_and_init_logvar_are_applied(tiny_dataset):
+    config = make_config("model.init_std=0.0", "model.init_logvar=-3.0")
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
+    entities = model.entities.full()
+    assert entities.mean.abs().max() == 0
+    assert torch.all(entities.logvar == -3.0)
