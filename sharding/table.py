@@ -36,13 +36,6 @@ def init_rows(
     return torch.cat([mean, logvar], dim=1)
 
 
-def as_gaussian(rows: torch.Tensor, dim: int) -> Gaussian:
-    """View [U, D] (point) or [U, 2D] (variational) rows as a Gaussian; gradients flow to ``rows``."""
-    if rows.shape[-1] == dim:
-        return Gaussian(rows, None)
-    return Gaussian(rows[..., :dim], rows[..., dim:])
-
-
 class LocalTable:
     """All rows of one table in this process."""
 
@@ -76,8 +69,10 @@ class LocalTable:
             self.optimizer.step(self.weight, ids, grad)
 
     def full(self) -> Gaussian:
-        """All rows, without gradients (evaluation, export)."""
-        return as_gaussian(self.weight, self.dim)
+        """All rows as a Gaussian of views, without gradients (evaluation, export)."""
+        if self.weight.shape[1] == self.dim:
+            return Gaussian(self.weight, None)
+        return Gaussian(self.weight[:, : self.dim], self.weight[:, self.dim :])
 
     def state_dict(self) -> dict:
         return {"weight": self.weight.clone(), "optim": self.optimizer.state_dict()}

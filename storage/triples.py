@@ -41,11 +41,6 @@ class KGDataset:
     def num_relations(self) -> int:
         return len(self.relation_names)
 
-    def split(self, name: str) -> torch.Tensor:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return getattr(self, name)
-
     def all_known(self) -> torch.Tensor:
         """Every known true fact (train+valid+test), used to filter rankings."""
         return torch.cat([self.train, self.valid, self.test])

@@ -31,14 +31,14 @@ class RunState:
     train_seconds: float = 0.0
 
 
-def save(path: Path, model: KGModel, state: RunState, config: RunConfig | None = None) -> None:
+def save(path: Path, model: KGModel, state: RunState, config: RunConfig) -> None:
     atomic_torch_save(
         path,
         {
             "entities": model.entities.state_dict(),
             "relations": model.relations.state_dict(),
             "state": dataclasses.asdict(state),
-            "config": None if config is None else to_dict(config),
+            "config": to_dict(config),
         },
     )
 
@@ -62,13 +62,11 @@ def resume(out_dir: Path, config: RunConfig, model: KGModel) -> RunState:
     path = Path(out_dir) / LATEST
     if not path.exists():
         return RunState()
-    saved = _read(path).get("config")
-    if saved is not None:
-        current = to_dict(config)
-        for section in FROZEN_SECTIONS:
-            if saved[section] != current[section]:
-                raise ValueError(
-                    f"{path}: checkpoint was trained with a different '{section}' section "
-                    f"({saved[section]} vs {current[section]}); use another --out directory"
-                )
+    saved, current = _read(path)["config"], to_dict(config)
+    for section in FROZEN_SECTIONS:
+        if saved[section] != current[section]:
+            raise ValueError(
+                f"{path}: checkpoint was trained with a different '{section}' section "
+                f"({saved[section]} vs {current[section]}); use another --out directory"
+            )
     return load_into(path, model)

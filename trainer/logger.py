@@ -32,7 +32,7 @@ class RunLogger:
                 total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
             )
 
-    def step(self, nll: float, kl: float, num_positives: int) -> None:
+    def step(self, nll: float, kl: float) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(nll=f"{nll:.4g}", kl=f"{kl:.4g}", refresh=False)

@@ -185,7 +185,7 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
             terms = step(dataset.train[batch_ids], kl_share(i, num_batches, obj.kl_schedule), kl_multiplier, generator)
             nll_sum += terms.nll
             kl_sum += terms.kl
-            logger.step(terms.nll, terms.kl, len(batch_ids))
+            logger.step(terms.nll, terms.kl)
         record = {
             "epoch": epoch + 1,
             "elbo": -(nll_sum + kl_sum),

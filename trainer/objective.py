@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.scorers import BilinearScorer, Scorer
+from trainer.scorers import Scorer
 
 
 def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
@@ -68,21 +68,13 @@ def bernoulli_nll(
     def chunked(x: torch.Tensor) -> torch.Tensor:
         return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(num_chunks, chunk, dim)
 
+    s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
     half = num_neg // 2
-    if isinstance(scorer, BilinearScorer):
-        # One tail query serves the positive and the tail corruptions.
-        tail_query = scorer.tail_query(s_BD, r_BD)
-        pos_scores = (tail_query * o_BD).sum(-1)
-        tail_scores = chunked(tail_query) @ neg_CKD[:, half:].transpose(-1, -2)  # [C, chunk, k/2]
-        head_scores = chunked(scorer.head_query(r_BD, o_BD)) @ neg_CKD[:, :half].transpose(-1, -2)
-    else:
-        pos_scores = scorer.score(s_BD, r_BD, o_BD)
-        tail_scores = scorer.score_tails(chunked(s_BD), chunked(r_BD), neg_CKD[:, half:])
-        head_scores = scorer.score_heads(chunked(r_BD), chunked(o_BD), neg_CKD[:, :half])
-    neg_nll = F.softplus(head_scores).sum(-1) + F.softplus(tail_scores).sum(-1)  # [C, chunk]
-    if pad:
-        neg_nll = neg_nll.view(-1)[:num_pos]
-    return F.softplus(-pos_scores).sum() + negative_weight * neg_nll.sum()
+    pos_scores, tail_scores = scorer.score_and_tails(s, r, o, neg_CKD[:, half:])  # [C, chunk], [C, chunk, k/2]
+    head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])
+    neg_nll = F.softplus(head_scores).sum(-1) + F.softplus(tail_scores).sum(-1)
+    nll = F.softplus(-pos_scores) + negative_weight * neg_nll  # [C, chunk]
+    return (nll.view(-1)[:num_pos] if pad else nll).sum()
 
 
 class _LogPartition(torch.autograd.Function):

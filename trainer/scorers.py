@@ -26,6 +26,12 @@ class Scorer:
         """Score (c, r, o) for every candidate head c: [..., B, D] x [..., N, D] -> [..., B, N]."""
         return self.score(cand_ND.unsqueeze(-3), r_BD.unsqueeze(-2), o_BD.unsqueeze(-2))
 
+    def score_and_tails(
+        self, s_BD: torch.Tensor, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the facts (s, r, o) [..., B] and of (s, r, c) for every candidate tail c [..., B, N]."""
+        return self.score(s_BD, r_BD, o_BD), self.score_tails(s_BD, r_BD, cand_ND)
+
 
 class BilinearScorer(Scorer):
     """A scorer linear in the candidate: score(s, r, c) = tail_query(s, r) . c and
@@ -45,6 +51,13 @@ class BilinearScorer(Scorer):
 
     def score_heads(self, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor) -> torch.Tensor:
         return self.head_query(r_BD, o_BD) @ cand_ND.transpose(-1, -2)
+
+    def score_and_tails(
+        self, s_BD: torch.Tensor, r_BD: torch.Tensor, o_BD: torch.Tensor, cand_ND: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One tail query serves the facts and their tail corruptions.
+        query = self.tail_query(s_BD, r_BD)
+        return (query * o_BD).sum(-1), query @ cand_ND.transpose(-1, -2)
 
 
 class DistMult(BilinearScorer):

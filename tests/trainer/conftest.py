@@ -3,6 +3,7 @@ import torch
 
 from storage.triples import KGDataset
 from trainer.config import RunConfig, load_config
+from trainer.gaussian import Gaussian
 
 
 @pytest.fixture
@@ -18,6 +19,11 @@ def tiny_dataset() -> KGDataset:
         test=torch.tensor([[1, 0, 3], [4, 1, 2]]),
         dropped={"valid": 0, "test": 0},
     )
+
+
+def unit_kl(q: Gaussian) -> torch.Tensor:
+    """Reference KL[N(mean, diag(var)) || N(0, I)] per row: 0.5 * sum(mean^2 + var - logvar - 1)."""
+    return 0.5 * (q.mean.square() + q.logvar.exp() - q.logvar - 1.0).sum(-1)
 
 
 def make_config(*overrides: str) -> RunConfig:
