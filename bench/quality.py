@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import RESULTS, machine, markdown_table, write_results
-from storage.triples import load_dataset
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.loop import load_data, train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -90,11 +89,11 @@ EXPERIMENTS = [
 
 
 def run(experiment: Experiment, extra: list[str]) -> dict:
-    dataset = load_dataset(experiment.dataset)
     runs = []
     for seed in experiment.seeds:
         overrides = [f"data.dataset={experiment.dataset}", f"train.seed={seed}", "train.progress=false"]
         config = load_config(CONFIGS / experiment.config, overrides + experiment.overrides + extra)
+        dataset = load_data(config)
         out_dir = RESULTS / "runs" / f"{experiment.name}-seed{seed}"
         runs.append(train(config, out_dir, dataset))
     test = [r["test"]["filtered"] for r in runs]

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, markdown_table, write_results
-from storage.triples import BUNDLED_DIR, load_dataset
+from storage.dataset import BUNDLED_DIR
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.loop import load_data, train
 
 PYKEEN_VENV = Path(__file__).parent / ".venv-pykeen"
 COMPLEX_DIM, NEGATIVES, BATCH = 64, 32, 1024
@@ -84,7 +84,7 @@ def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: in
             "train.progress=false",
         ],
     )
-    data = load_dataset(dataset)
+    data = load_data(config)
     with tempfile.TemporaryDirectory() as out:
         train(config, Path(out), data)
         records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]

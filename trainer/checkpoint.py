@@ -19,8 +19,8 @@ from trainer.model import KGModel
 
 LATEST = "checkpoint.pt"
 BEST = "best.pt"
-# Sections that must match for a checkpoint to be continued; train.epochs etc. may change on resume.
-FROZEN_SECTIONS = ("data", "model", "objective")
+# Settings that must match for a checkpoint to be continued; train.epochs, data.prefetch etc. may change.
+FROZEN_KEYS = ("data.dataset", "model", "objective")
 
 
 @dataclass
@@ -63,10 +63,16 @@ def resume(out_dir: Path, config: RunConfig, model: KGModel) -> RunState:
     if not path.exists():
         return RunState()
     saved, current = _read(path)["config"], to_dict(config)
-    for section in FROZEN_SECTIONS:
-        if saved[section] != current[section]:
+    for key in FROZEN_KEYS:
+        if _lookup(saved, key) != _lookup(current, key):
             raise ValueError(
-                f"{path}: checkpoint was trained with a different '{section}' section "
-                f"({saved[section]} vs {current[section]}); use another --out directory"
+                f"{path}: checkpoint was trained with a different '{key}' "
+                f"({_lookup(saved, key)} vs {_lookup(current, key)}); use another --out directory"
             )
     return load_into(path, model)
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree

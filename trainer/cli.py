@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from storage.triples import load_dataset
 from trainer import checkpoint
 from trainer.config import load_config
 from trainer.evaluate import build_filters
-from trainer.loop import evaluate_run, train
+from trainer.loop import evaluate_run, load_data, train
 from trainer.model import build_model
 
 RUNS_DIR = Path("runs")
@@ -66,7 +65,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     path = best if best.exists() else run_dir / checkpoint.LATEST
     if not path.exists():
         raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST} or {checkpoint.LATEST}) to evaluate")
-    dataset = load_dataset(config.data.dataset)
+    dataset = load_data(config)
     model = build_model(config, dataset.num_entities, dataset.num_relations)
     checkpoint.load_into(path, model)
     metrics = evaluate_run(config, model, dataset, build_filters(dataset.all_known(), dataset.num_relations))

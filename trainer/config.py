@@ -17,7 +17,16 @@ from trainer.io import atomic_write_text
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "umls"
-    """Bundled dataset name (nations, umls, kinships, wn18rr) or a directory with train/valid/test.txt."""
+    """Bundled dataset name (nations, umls, kinships, wn18, wn18rr), a directory with
+    train/valid/test.txt (converted once into cache_dir), or a converted dataset directory."""
+    cache_dir: str = "~/.cache/nvkg/datasets"
+    """Where triple files are converted to Parquet the first time they are used."""
+    engine: str = "pyarrow"
+    """Parquet reader: pyarrow or fastparquet."""
+    verify_checksums: bool = True
+    """Check every file's sha256 against the manifest when the dataset is opened."""
+    prefetch: int = 2
+    """Row groups a worker reads ahead in a background thread (0: read inline)."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +130,7 @@ class RunConfig:
             "objective.kl_schedule": (self.objective.kl_schedule, ("uniform", "compression")),
             "objective.reg": (self.objective.reg, ("none", "n3")),
             "optim.optimizer": (self.optim.optimizer, ("adam", "rowwise_adagrad")),
+            "data.engine": (self.data.engine, ("pyarrow", "fastparquet")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

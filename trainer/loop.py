@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from storage.triples import KGDataset, load_dataset
+from storage.dataset import KGDataset, open_dataset
 from trainer import checkpoint
 from trainer.config import RunConfig, save_config, to_dict
 from trainer.evaluate import build_filters, evaluate
@@ -42,8 +42,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def entity_frequency(train: torch.Tensor, num_entities: int) -> torch.Tensor:
-    return torch.bincount(torch.cat([train[:, 0], train[:, 2]]), minlength=num_entities)
+def load_data(config: RunConfig) -> KGDataset:
+    data = config.data
+    return open_dataset(data.dataset, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
 
 
 class Step:
@@ -161,28 +162,29 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    dataset = dataset or load_dataset(config.data.dataset)
+    dataset = dataset or load_data(config)
     save_config(config, out_dir / "config.yaml")
     model = build_model(config, dataset.num_entities, dataset.num_relations)
     filters = build_filters(dataset.all_known(), dataset.num_relations)
     state = checkpoint.resume(out_dir, config, model)
 
     train_cfg, obj = config.train, config.objective
-    num_facts = len(dataset.train)
-    num_batches = -(-num_facts // train_cfg.batch_size)
+    num_batches = dataset.num_batches(train_cfg.batch_size)
     warmup_epochs = round(obj.kl_warmup * train_cfg.epochs)
-    step = Step(config, model, entity_frequency(dataset.train, dataset.num_entities))
+    step = Step(config, model, dataset.entity_frequency)
     logger = RunLogger(out_dir, total_steps=train_cfg.epochs * num_batches, progress=train_cfg.progress)
     logger.start(state.epoch * num_batches, state.epoch)
 
     for epoch in range(state.epoch, train_cfg.epochs):
         started = time.perf_counter()
         generator = epoch_generator(train_cfg.seed, epoch)
-        order = torch.randperm(num_facts, generator=generator)
+        batches = dataset.batches(
+            batch_size=train_cfg.batch_size, epoch=epoch, seed=train_cfg.seed, prefetch=config.data.prefetch
+        )
         kl_multiplier = obj.kl_weight if epoch >= warmup_epochs else 0.0
         nll_sum = kl_sum = 0.0
-        for i, batch_ids in enumerate(order.split(train_cfg.batch_size)):
-            terms = step(dataset.train[batch_ids], kl_share(i, num_batches, obj.kl_schedule), kl_multiplier, generator)
+        for i, batch in enumerate(batches):
+            terms = step(batch, kl_share(i, num_batches, obj.kl_schedule), kl_multiplier, generator)
             nll_sum += terms.nll
             kl_sum += terms.kl
             logger.step(terms.nll, terms.kl)

@@ -1,24 +1,26 @@
 import pytest
 import torch
 
-from storage.triples import KGDataset
+from storage.convert import write_id_dataset
+from storage.dataset import KGDataset, open_dataset
 from trainer.config import RunConfig, load_config
 from trainer.gaussian import Gaussian
 
+# 6 entities, 2 relations; entity 5 never occurs in train.
+TINY_TRAIN = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 1, 3], [3, 1, 4], [0, 1, 4], [4, 0, 0], [1, 1, 3]])
+
 
 @pytest.fixture
-def tiny_dataset() -> KGDataset:
-    """6 entities, 2 relations; entity 5 never occurs in train."""
-    train = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 1, 3], [3, 1, 4], [0, 1, 4], [4, 0, 0], [1, 1, 3]])
-    return KGDataset(
-        name="tiny",
+def tiny_dataset(tmp_path_factory) -> KGDataset:
+    """TINY_TRAIN, written and read back through the storage layer like any dataset."""
+    root = tmp_path_factory.mktemp("tiny") / "tiny"
+    write_id_dataset(
+        root,
         entity_names=[f"e{i}" for i in range(6)],
         relation_names=["r0", "r1"],
-        train=train,
-        valid=torch.tensor([[0, 0, 2], [2, 1, 4]]),
-        test=torch.tensor([[1, 0, 3], [4, 1, 2]]),
-        dropped={"valid": 0, "test": 0},
+        splits={"train": TINY_TRAIN.numpy(), "valid": [[0, 0, 2], [2, 1, 4]], "test": [[1, 0, 3], [4, 1, 2]]},
     )
+    return open_dataset(root, cache_dir=root.parent)
 
 
 def unit_kl(q: Gaussian) -> torch.Tensor:

@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from tests.trainer.conftest import make_config, unit_kl
-from trainer.loop import Step, entity_frequency
+from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
+from trainer.loop import Step
 from trainer.model import build_model
 from trainer.objective import chunk_negatives
 
 
 def _step(config, dataset):
     model = build_model(config, dataset.num_entities, dataset.num_relations)
-    return model, Step(config, model, entity_frequency(dataset.train, dataset.num_entities))
+    return model, Step(config, model, dataset.entity_frequency)
 
 
 def test_lim_full_kl_covers_every_entity_and_relation(tiny_dataset):
@@ -17,7 +17,7 @@ def test_lim_full_kl_covers_every_entity_and_relation(tiny_dataset):
     model, step = _step(config, tiny_dataset)
     entities, relations = model.posterior()
     expected = 0.25 * (unit_kl(entities).sum() + unit_kl(relations).sum())  # includes unseen entity 5
-    terms = step(tiny_dataset.train[:2], 0.25, 1.0, torch.Generator().manual_seed(0))
+    terms = step(TINY_TRAIN[:2], 0.25, 1.0, torch.Generator().manual_seed(0))
     assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -28,7 +28,7 @@ def test_lfm_kl_covers_only_the_batch_facts(tiny_dataset):
     model, step = _step(config, tiny_dataset)
     entities, relations = model.posterior()
     ent_kl, rel_kl = unit_kl(entities), unit_kl(relations)
-    batch = tiny_dataset.train[:2]  # facts (0, r0, 1) and (1, r0, 2)
+    batch = TINY_TRAIN[:2]  # facts (0, r0, 1) and (1, r0, 2)
     generator = torch.Generator().manual_seed(3)
     negatives = chunk_negatives(
         2, config.objective.negative_chunk, 2, 6, torch.Generator().set_state(generator.get_state())
@@ -52,8 +52,8 @@ def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
     seen = torch.tensor([0, 1, 2, 3, 4])  # entity 5 is not in train
     expected = unit_kl(entities)[seen].sum() + unit_kl(relations).sum()
     generator = torch.Generator().manual_seed(0)
-    batches = torch.randperm(len(tiny_dataset.train), generator=generator).split(3)
-    total = sum(step(tiny_dataset.train[b], 1 / len(batches), 1.0, generator).kl for b in batches)
+    batches = torch.randperm(len(TINY_TRAIN), generator=generator).split(3)
+    total = sum(step(TINY_TRAIN[b], 1 / len(batches), 1.0, generator).kl for b in batches)
     assert total == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -61,4 +61,4 @@ def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
     config = make_config("model.latent=point")
     model, step = _step(config, tiny_dataset)
     assert model.entities.full().logvar is None
-    assert step(tiny_dataset.train, 1.0, 1.0, torch.Generator().manual_seed(0)).kl == 0.0
+    assert step(TINY_TRAIN, 1.0, 1.0, torch.Generator().manual_seed(0)).kl == 0.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import make_config
-from trainer.loop import Step, entity_frequency, train
+from trainer.loop import Step, train
 from trainer.model import build_model
 from trainer.objective import n3_penalty
 
@@ -12,7 +12,7 @@ from trainer.objective import n3_penalty
 def test_grad_clip_scales_the_global_norm(tiny_dataset):
     config = make_config("optim.grad_clip=1.0")
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
-    step = Step(config, model, entity_frequency(tiny_dataset.train, tiny_dataset.num_entities))
+    step = Step(config, model, tiny_dataset.entity_frequency)
     a, b = torch.full((2, 2), 3.0), torch.full((1, 2), 4.0)  # global norm sqrt(4*9 + 2*16) = sqrt(68)
     step._clip(a, b)
     total = torch.sqrt(a.square().sum() + b.square().sum())

@@ -42,7 +42,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_datas
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dataset):
     train(make_config("train.epochs=1"), tmp_path, tiny_dataset)
-    with pytest.raises(ValueError, match="different 'model' section"):
+    with pytest.raises(ValueError, match="different 'model'"):
         train(make_config("train.epochs=2", "model.dim=6"), tmp_path, tiny_dataset)
 
 

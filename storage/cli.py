@@ -1,0 +1,129 @@
+"""``python -m storage convert|download|info``: make and inspect dataset directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from storage.convert import ConvertOptions, convert
+from storage.download import REGISTRY, download
+from storage.layout import Manifest
+from storage.reader import TripleStore
+from storage.sources import DglKeSource, NTriplesSource, TsvSource
+
+
+def _add_convert_options(parser: argparse.ArgumentParser) -> None:
+    defaults = ConvertOptions()
+    parser.add_argument("--partition-rows", type=int, default=defaults.partition_rows)
+    parser.add_argument("--row-group-rows", type=int, default=defaults.row_group_rows)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--name", help="dataset name in the manifest (default: the output directory's name)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m storage", description="nvkg dataset storage")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    conv = commands.add_parser("convert", help="convert raw triples into a Parquet dataset directory")
+    conv.add_argument("--format", required=True, choices=("tsv", "ntriples", "dglke"))
+    conv.add_argument("input", type=Path, help="tsv/dglke: a directory; ntriples: the train file (.nt or .nt.gz)")
+    conv.add_argument("out", type=Path)
+    conv.add_argument("--valid", type=Path, help="ntriples: validation file")
+    conv.add_argument("--test", type=Path, help="ntriples: test file")
+    conv.add_argument(
+        "--relations", type=Path, help="ntriples: keep only predicates listed in this file (one IRI a line)"
+    )
+    conv.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of failing")
+    _add_convert_options(conv)
+
+    down = commands.add_parser("download", help="download, extract and convert a public dataset")
+    down.add_argument("name", choices=sorted(REGISTRY))
+    down.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    down.add_argument("--downloads", type=Path, default=Path("data/downloads"), help="where archives are kept")
+    down.add_argument("--url", help="mirror of the archive (default: the registry's URL)")
+    down.add_argument("--sha256", help="expected sha256 of the archive")
+    down.add_argument("--archive", type=Path, help="an archive already on disk: skip the download")
+    _add_convert_options(down)
+
+    info = commands.add_parser("info", help="verify a dataset directory and print its manifest counts")
+    info.add_argument("root", type=Path)
+    info.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
+    return ConvertOptions(partition_rows=args.partition_rows, row_group_rows=args.row_group_rows, seed=args.seed)
+
+
+def _read_relations(path: Path | None) -> set[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"--relations {path}: no such file")
+    return {line.strip().strip("<>") for line in path.read_text().splitlines() if line.strip()}
+
+
+def _summary(manifest: Manifest, seconds: float | None = None) -> str:
+    lines = [
+        f"{manifest.name}: {manifest.num_entities:,} entities ({manifest.num_train_entities:,} in train), "
+        f"{manifest.num_relations:,} relations ({manifest.num_train_relations:,} in train)"
+    ]
+    for split, counts in manifest.splits.items():
+        fields = ", ".join(f"{k} {v:,}" for k, v in asdict(counts).items() if v)
+        lines.append(f"  {split}: {fields or 'absent'}")
+    if seconds is not None:
+        total = sum(c.lines for c in manifest.splits.values())
+        lines.append(f"converted in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} lines/s)")
+    return "\n".join(lines)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    if args.format == "tsv":
+        source = TsvSource(args.input, skip_bad_lines=args.skip_bad_lines)
+    elif args.format == "dglke":
+        source = DglKeSource(args.input)
+    else:
+        source = NTriplesSource(
+            {"train": args.input, "valid": args.valid, "test": args.test},
+            relations=_read_relations(args.relations),
+            skip_bad_lines=args.skip_bad_lines,
+        )
+    started = time.perf_counter()
+    manifest = convert(source, args.out, name=args.name, options=_options(args), overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    print(_summary(manifest, time.perf_counter() - started))
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    manifest = download(
+        args.name,
+        args.out,
+        downloads=args.downloads,
+        url=args.url,
+        sha256=args.sha256,
+        archive=args.archive,
+        options=_options(args),
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}")
+    print(_summary(manifest))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    store = TripleStore(args.root, verify=not args.no_checksums)
+    print(_summary(store.manifest))
+    print(f"  files verified: {len(store.manifest.files)} ({'sizes' if args.no_checksums else 'sizes and sha256'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"convert": cmd_convert, "download": cmd_download, "info": cmd_info}[args.command](args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

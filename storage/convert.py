@@ -1,0 +1,378 @@
+"""Raw triples -> the Parquet dataset of storage/layout.py, streaming, with memory bounded by the vocabulary.
+
+Named inputs (TSV, N-Triples) take two passes over the files:
+  1. vocabulary: the distinct entity and relation names of train (sorted: the same files always give
+     the same ids), then those only valid/test use, appended after them;
+  2. encoding: each chunk's names become int32 ids (one hash lookup per column, pyarrow's ``index_in``)
+     and its rows are appended to per-partition spill files by a seeded hash of the triple.
+Id inputs (DGL-KE) skip pass 1. Finally each spill file (one partition, ``partition_rows`` triples on
+average) is loaded alone, de-duplicated, shuffled and written as Parquet row groups. Peak memory is the
+vocabulary plus one chunk plus one partition, whatever the number of triples.
+
+Everything is written under a temporary directory beside the output and renamed into place at the end,
+so an interrupted conversion leaves nothing that loads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.layout import (
+    COLUMNS,
+    ENTITIES,
+    MANIFEST,
+    RELATIONS,
+    SPLITS,
+    Manifest,
+    SplitCounts,
+    describe_file,
+    partition_name,
+)
+from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line
+
+# pyarrow rebuilds the lookup table of ``index_in`` for every chunk; chunks at least this many bytes
+# per vocabulary entry keep that rebuild a small share of the work on large vocabularies.
+BYTES_PER_NAME = 64
+MAX_BLOCK_BYTES = 1 << 30
+
+
+@dataclass(kw_only=True)
+class ConvertOptions:
+    partition_rows: int = 4_000_000
+    """Target triples per partition file (the unit of de-duplication and of memory while finishing)."""
+    row_group_rows: int = 262_144
+    """Rows per Parquet row group: the unit a streaming reader fetches."""
+    seed: int = 0
+    """Seeds the partition hash and the shuffle inside partitions."""
+
+    def validate(self) -> None:
+        if self.partition_rows <= 0 or self.row_group_rows <= 0:
+            raise ValueError("partition_rows and row_group_rows must be positive")
+
+
+class Source(Protocol):
+    kind: str
+    files: dict[str, Path]
+    block_bytes: int
+
+    def chunks(self, split: str, counts: SplitCounts | None = None): ...
+
+
+@dataclass
+class Vocabulary:
+    """Names in id order; ids below ``num_train_*`` occur in train."""
+
+    entities: pa.Array
+    relations: pa.Array
+    num_train_entities: int
+    num_train_relations: int
+    named: bool
+    """True: chunks hold names to look up; False: chunks hold ids to range-check."""
+
+    def encode(self, table: pa.Table, path: Path) -> np.ndarray:
+        """[n, 3] int32 (head, relation, tail) ids of a chunk."""
+        if self.named:
+            columns = [
+                pc.index_in(table[name], value_set=vocab).to_numpy()
+                for name, vocab in zip(COLUMNS, (self.entities, self.relations, self.entities), strict=True)
+            ]
+            return np.stack(columns, axis=1).astype(np.int32)
+        ids = np.stack([table[name].to_numpy() for name in COLUMNS], axis=1)
+        bounds = np.array([len(self.entities), len(self.relations), len(self.entities)])
+        if ((ids < 0) | (ids >= bounds)).any():
+            number, text = first_bad_line(path, _out_of_range(bounds))
+            raise ValueError(
+                f"{path}:{number}: id out of range ({len(self.entities)} entities, "
+                f"{len(self.relations)} relations): {text!r}"
+            )
+        return ids.astype(np.int32)
+
+
+def _out_of_range(bounds: np.ndarray):
+    def is_bad(line: bytes) -> bool:
+        head, tail, relation = (int(f) for f in line.split(b"\t"))  # DGL-KE order
+        return not all(0 <= v < b for v, b in zip((head, relation, tail), bounds, strict=True))
+
+    return is_bad
+
+
+def _distinct(arrays: list[pa.Array]) -> pa.Array:
+    return pc.unique(pa.chunked_array(arrays, pa.string())) if arrays else pa.array([], pa.string())
+
+
+def _collect_names(source: Source, splits: tuple[str, ...], rows: dict[str, int]) -> tuple[pa.Array, pa.Array]:
+    """Distinct entity and relation names over ``splits``; adds the triples read per split to ``rows``."""
+    entities: list[pa.Array] = []
+    relations: list[pa.Array] = []
+    merged_size = 0
+    for split in splits:
+        rows[split] = 0
+        for table in source.chunks(split):
+            rows[split] += table.num_rows
+            entities += [pc.unique(table["head"]), pc.unique(table["tail"])]
+            relations.append(pc.unique(table["relation"]))
+            # Merge the per-chunk sets once they outgrow the merged set: memory stays O(vocabulary).
+            if sum(len(a) for a in entities) > 4 * merged_size + 1_000_000:
+                entities, relations = [_distinct(entities)], [_distinct(relations)]
+                merged_size = len(entities[0])
+    return _distinct(entities), _distinct(relations)
+
+
+def _sorted(names: pa.Array) -> pa.Array:
+    return pc.take(names, pc.sort_indices(names))
+
+
+def _append_unseen(train: pa.Array, other: pa.Array) -> pa.Array:
+    unseen = pc.filter(other, pc.invert(pc.is_in(other, value_set=train)))
+    return pa.concat_arrays([_sorted(train), _sorted(unseen)])
+
+
+def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:
+    """The vocabulary of a source, and the triples per split (to size the partitions)."""
+    if isinstance(source, DglKeSource):
+        entities, relations = source.vocabularies()
+        rows = {split: sum(t.num_rows for t in source.chunks(split)) for split in source.files}
+        return Vocabulary(entities.names, relations.names, len(entities.names), len(relations.names), False), rows
+    rows: dict[str, int] = {}
+    train_entities, train_relations = _collect_names(source, ("train",), rows)
+    if rows["train"] == 0:
+        raise ValueError(f"{source.files['train']}: split is empty")
+    eval_splits = tuple(s for s in ("valid", "test") if s in source.files)
+    eval_entities, eval_relations = _collect_names(source, eval_splits, rows)
+    vocab = Vocabulary(
+        entities=_append_unseen(train_entities, eval_entities),
+        relations=_append_unseen(train_relations, eval_relations),
+        num_train_entities=len(train_entities),
+        num_train_relations=len(train_relations),
+        named=True,
+    )
+    return vocab, rows
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a uniform 64-bit hash of each element."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def partition_of(ids: np.ndarray, num_partitions: int, seed: int) -> np.ndarray:
+    """Partition of each (head, relation, tail) row: splitmix64 chained over seed, head, relation, tail."""
+    h, r, t = (ids[:, i].astype(np.uint64) for i in range(3))
+    key = _mix(_mix(_mix(np.uint64(seed) ^ h) ^ r) ^ t)
+    return (key % np.uint64(num_partitions)).astype(np.int64)
+
+
+class _Spill:
+    """Appends each chunk's rows to one raw int32 file per partition."""
+
+    def __init__(self, directory: Path, num_partitions: int, seed: int):
+        self.directory, self.num_partitions, self.seed = directory, num_partitions, seed
+        directory.mkdir(parents=True)
+        # One handle per partition stays open across all chunks; close() (in a finally) closes them.
+        self.handles = [open(self.path(i), "wb") for i in range(num_partitions)]  # noqa: SIM115
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"{index:05d}.bin"
+
+    def add(self, ids: np.ndarray) -> None:
+        part = partition_of(ids, self.num_partitions, self.seed)
+        order = np.argsort(part, kind="stable")
+        bounds = np.cumsum(np.bincount(part, minlength=self.num_partitions))
+        start = 0
+        for index, stop in enumerate(bounds):
+            if stop > start:
+                self.handles[index].write(ids[order[start:stop]].tobytes())
+            start = stop
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+
+
+def _finish_partition(spill: Path, out: Path, counts: SplitCounts, rng: np.random.Generator, row_group_rows: int):
+    ids = np.fromfile(spill, dtype=np.int32).reshape(-1, 3)
+    spill.unlink()
+    rows = ids.view(np.dtype((np.void, 12))).ravel()
+    _, first = np.unique(rows, return_index=True)
+    counts.duplicates += len(ids) - len(first)
+    ids = ids[first[rng.permutation(len(first))]]
+    counts.triples += len(ids)
+    table = pa.table({name: ids[:, i] for i, name in enumerate(COLUMNS)})
+    pq.write_table(table, out, row_group_size=row_group_rows, compression="none")
+    return ids
+
+
+def _write_split(source: Source, vocab: Vocabulary, split: str, num_rows: int, tmp: Path, options: ConvertOptions):
+    counts = SplitCounts()
+    path = source.files.get(split)
+    if path is None:
+        return counts, None, None
+    counts.partitions = max(1, math.ceil(num_rows / options.partition_rows))
+    spill = _Spill(tmp / "_spill" / split, counts.partitions, options.seed)
+    try:
+        for table in source.chunks(split, counts):
+            spill.add(vocab.encode(table, path))
+    finally:
+        spill.close()
+    entity_freq = np.zeros(len(vocab.entities), np.int64)
+    relation_freq = np.zeros(len(vocab.relations), np.int64)
+    (tmp / split).mkdir()
+    for index in range(counts.partitions):
+        rng = np.random.default_rng([options.seed, SPLITS.index(split), index])
+        ids = _finish_partition(
+            spill.path(index), tmp / partition_name(split, index), counts, rng, options.row_group_rows
+        )
+        if split == "train":
+            entity_freq += np.bincount(ids[:, 0], minlength=len(entity_freq))
+            entity_freq += np.bincount(ids[:, 2], minlength=len(entity_freq))
+            relation_freq += np.bincount(ids[:, 1], minlength=len(relation_freq))
+        else:
+            unseen = (ids[:, 0] >= vocab.num_train_entities) | (ids[:, 2] >= vocab.num_train_entities)
+            counts.unseen_facts += int((unseen | (ids[:, 1] >= vocab.num_train_relations)).sum())
+    if counts.triples == 0:
+        raise ValueError(f"{path}: split is empty")
+    return counts, entity_freq, relation_freq
+
+
+def _write_names(path: Path, names: pa.Array, frequency: np.ndarray) -> None:
+    table = pa.table(
+        {"id": pa.array(np.arange(len(names), dtype=np.int32)), "name": names, "frequency": pa.array(frequency)}
+    )
+    pq.write_table(table, path)
+
+
+def convert(
+    source: Source,
+    out: Path,
+    *,
+    name: str | None = None,
+    options: ConvertOptions | None = None,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+) -> Manifest:
+    """Convert ``source`` into the dataset directory ``out`` (atomically) and return its manifest;
+    ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``."""
+    _check_out(Path(out), overwrite)
+    vocab, rows = build_vocabulary(source)
+    name = name or Path(out).name
+    return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def _write_dataset(
+    source: Source,
+    vocab: Vocabulary,
+    rows: dict[str, int],
+    out: Path,
+    name: str,
+    options: ConvertOptions,
+    provenance: dict,
+) -> Manifest:
+    options.validate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        source.block_bytes = min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, BYTES_PER_NAME * len(vocab.entities)))
+        splits: dict[str, SplitCounts] = {}
+        splits["train"], entity_freq, relation_freq = _write_split(source, vocab, "train", rows["train"], tmp, options)
+        for split in ("valid", "test"):
+            splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
+        shutil.rmtree(tmp / "_spill", ignore_errors=True)
+        _write_names(tmp / ENTITIES, vocab.entities, entity_freq)
+        _write_names(tmp / RELATIONS, vocab.relations, relation_freq)
+        manifest = Manifest(
+            name=name,
+            source={"kind": source.kind, "files": {s: str(p) for s, p in source.files.items()}, **provenance},
+            num_entities=len(vocab.entities),
+            num_train_entities=vocab.num_train_entities,
+            num_relations=len(vocab.relations),
+            num_train_relations=vocab.num_train_relations,
+            row_group_rows=options.row_group_rows,
+            partitioning={
+                "method": "hash",
+                "hash": "splitmix64(splitmix64(splitmix64(seed ^ head) ^ relation) ^ tail) % partitions",
+                "seed": options.seed,
+                "partition_rows": options.partition_rows,
+                "shuffled_within_partition": True,
+            },
+            splits=splits,
+        )
+        files = [ENTITIES, RELATIONS] + [p for split in SPLITS for p in manifest.partitions(split)]
+        manifest.files = {relative: describe_file(tmp, relative) for relative in files}
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        _replace_dir(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_id_dataset(
+    out: Path,
+    *,
+    entity_names: list[str],
+    relation_names: list[str],
+    splits: dict[str, np.ndarray],
+    name: str | None = None,
+    options: ConvertOptions | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Write in-memory id triples ([N, 3] head, relation, tail) as a dataset: every entity and relation
+    given is a train symbol, as in an id-mapped (DGL-KE) input."""
+    source = _ArraySource(splits)
+    vocab = Vocabulary(
+        entities=pa.array(entity_names, pa.string()),
+        relations=pa.array(relation_names, pa.string()),
+        num_train_entities=len(entity_names),
+        num_train_relations=len(relation_names),
+        named=False,
+    )
+    _check_out(Path(out), overwrite)
+    rows = {split: len(ids) for split, ids in source.splits.items()}
+    return _write_dataset(source, vocab, rows, Path(out), name or Path(out).name, options or ConvertOptions(), {})
+
+
+class _ArraySource:
+    kind = "arrays"
+    block_bytes = BLOCK_BYTES
+
+    def __init__(self, splits: dict[str, np.ndarray]):
+        self.splits = {k: np.asarray(v, dtype=np.int64).reshape(-1, 3) for k, v in splits.items()}
+        self.files = {split: Path(f"<{split} array>") for split in self.splits}
+
+    def chunks(self, split: str, counts: SplitCounts | None = None):
+        ids = self.splits[split]
+        if counts is not None:
+            counts.lines += len(ids)
+        yield pa.table({name: ids[:, i] for i, name in enumerate(COLUMNS)})

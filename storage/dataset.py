@@ -1,0 +1,138 @@
+"""A dataset as the trainer sees it: ids, frequencies, evaluation facts, and streamed training batches.
+
+``open_dataset`` takes a converted dataset directory (``manifest.json``), or a bundled name or a
+directory of ``train.txt``/``valid.txt``/``test.txt``, which it converts once into a cache directory
+keyed by the files' sha256, so there is one read path: Parquet through storage/reader.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from storage.convert import convert
+from storage.layout import FORMAT_VERSION, MANIFEST
+from storage.reader import TripleStore
+from storage.sources import TsvSource
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+@dataclass(frozen=True)
+class KGDataset:
+    """The scorable part of a dataset: entities and relations that occur in train.
+
+    ``valid``/``test`` are int64 [N, 3] (head, relation, tail) facts whose symbols all occur in train;
+    ``dropped`` counts, per split, the facts left out because one does not.
+    """
+
+    name: str
+    store: TripleStore
+    valid: torch.Tensor
+    test: torch.Tensor
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_entities(self) -> int:
+        return self.store.manifest.num_train_entities
+
+    @property
+    def num_relations(self) -> int:
+        return self.store.manifest.num_train_relations
+
+    @cached_property
+    def train(self) -> torch.Tensor:
+        """Every training fact [N, 3], in stored order (filters and small-graph tools; training streams)."""
+        return self.store.read_split("train")
+
+    @cached_property
+    def entity_frequency(self) -> torch.Tensor:
+        """Occurrences of each entity in train (as head or tail), [num_entities]."""
+        return torch.from_numpy(self.store.names("entities")["frequency"].to_numpy()[: self.num_entities].copy())
+
+    @cached_property
+    def entity_names(self) -> list[str]:
+        return self.store.names("entities")["name"].to_pylist()[: self.num_entities]
+
+    @cached_property
+    def relation_names(self) -> list[str]:
+        return self.store.names("relations")["name"].to_pylist()[: self.num_relations]
+
+    def all_known(self) -> torch.Tensor:
+        """Every known true fact (train + valid + test), used to filter rankings."""
+        return torch.cat([self.train, self.valid, self.test])
+
+    def num_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+        return self.store.num_batches("train", batch_size, rank, world_size)
+
+    def batches(
+        self, *, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 2
+    ) -> Iterator[torch.Tensor]:
+        return self.store.batches(
+            "train", batch_size=batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size, prefetch=prefetch
+        )
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "train.txt").is_file())
+
+
+def _source_dir(name_or_dir: str | Path) -> Path:
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if (BUNDLED_DIR / str(name_or_dir)).is_dir():
+        return BUNDLED_DIR / str(name_or_dir)
+    raise ValueError(
+        f"dataset {str(name_or_dir)!r} is neither a directory nor a bundled dataset "
+        f"(bundled: {', '.join(bundled_names())})"
+    )
+
+
+def _cache_key(source: TsvSource) -> str:
+    digest = hashlib.sha256(f"nvkg-format-{FORMAT_VERSION}".encode())
+    for split, path in sorted(source.files.items()):
+        digest.update(split.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_store(name_or_dir: str | Path, cache_dir: str | Path) -> Path:
+    """A dataset directory for ``name_or_dir``, converting triple files into ``cache_dir`` the first time."""
+    directory = _source_dir(name_or_dir)
+    if (directory / MANIFEST).is_file():
+        return directory
+    source = TsvSource(directory)
+    target = Path(cache_dir).expanduser() / f"{directory.name}-{_cache_key(source)}"
+    if not (target / MANIFEST).is_file():
+        try:
+            convert(source, target, name=directory.name)
+        except ValueError:
+            if not (target / MANIFEST).is_file():  # not another process winning the same conversion
+                raise
+    return target
+
+
+def scorable(facts: torch.Tensor, num_entities: int, num_relations: int) -> torch.Tensor:
+    keep = (facts[:, 0] < num_entities) & (facts[:, 2] < num_entities) & (facts[:, 1] < num_relations)
+    return facts[keep]
+
+
+def open_dataset(
+    name_or_dir: str | Path, *, cache_dir: str | Path, engine: str = "pyarrow", verify: bool = True
+) -> KGDataset:
+    store = TripleStore(resolve_store(name_or_dir, cache_dir), engine=engine, verify=verify)
+    manifest = store.manifest
+    evaluation, dropped = {}, {}
+    for split in ("valid", "test"):
+        facts = store.read_split(split)
+        evaluation[split] = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
+        dropped[split] = len(facts) - len(evaluation[split])
+        if len(evaluation[split]) == 0:
+            raise ValueError(f"{store.root}: the {split} split has no fact whose symbols all occur in train")
+    return KGDataset(name=manifest.name, store=store, dropped=dropped, **evaluation)

@@ -1,0 +1,200 @@
+"""Reading a dataset directory: whole splits for evaluation, and each worker's share of train, streamed.
+
+An epoch's order is a seeded permutation of the split's row groups; the rows of that order are cut into
+``world_size`` contiguous ranges of equal size (to one row), so every triple goes to exactly one worker
+whatever the number of partitions, and a range may start or end inside a row group. A worker reads its
+row groups in a background thread (``prefetch`` ahead) and shuffles the rows of each one, so the trainer
+never waits on disk and batches are uniform samples (partitions already are).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from storage.layout import COLUMNS, ENTITIES, RELATIONS, Manifest, verify_files
+
+ENGINES = ("pyarrow", "fastparquet")
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of a row group."""
+
+    group: RowGroup
+    start: int
+    stop: int
+
+
+def worker_share(groups: list[RowGroup], rank: int, world_size: int, epoch: int, seed: int) -> list[Piece]:
+    """The pieces of row groups worker ``rank`` reads in ``epoch``: a pure function of its arguments."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+    total = sum(g.num_rows for g in groups)
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    pieces, offset = [], 0
+    for index in order:
+        group = groups[index]
+        start, stop = max(lo, offset), min(hi, offset + group.num_rows)
+        if start < stop:
+            pieces.append(Piece(group, start - offset, stop - offset))
+        offset += group.num_rows
+    return pieces
+
+
+def share_rows(groups: list[RowGroup], rank: int, world_size: int) -> int:
+    total = sum(g.num_rows for g in groups)
+    return total * (rank + 1) // world_size - total * rank // world_size
+
+
+class TripleStore:
+    """An opened dataset directory: manifest checked, files verified, row groups indexed."""
+
+    def __init__(self, root: Path, *, engine: str = "pyarrow", verify: bool = True):
+        if engine not in ENGINES:
+            raise ValueError(f"data.engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        self.root, self.engine = Path(root), engine
+        self.manifest = Manifest.read(self.root)
+        verify_files(self.root, self.manifest, checksums=verify)
+        self._groups = {split: self._index(split) for split in self.manifest.splits}
+
+    def _index(self, split: str) -> list[RowGroup]:
+        groups = []
+        for relative in self.manifest.partitions(split):
+            metadata = self._parquet(relative).metadata
+            groups += [RowGroup(relative, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+        return groups
+
+    def _parquet(self, relative: str) -> pq.ParquetFile:
+        path = self.root / relative
+        try:
+            return pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{path}: unreadable Parquet file ({err})") from None
+
+    def row_groups(self, split: str) -> list[RowGroup]:
+        return self._groups[split]
+
+    def num_triples(self, split: str) -> int:
+        return sum(g.num_rows for g in self._groups[split])
+
+    def read_group(self, group: RowGroup) -> np.ndarray:
+        """[rows, 3] int64 (head, relation, tail) of one row group."""
+        path = self.root / group.file
+        try:
+            if self.engine == "fastparquet":
+                import fastparquet
+
+                handle = fastparquet.ParquetFile(str(path))
+                frame = handle.read_row_group_file(handle.row_groups[group.index], list(COLUMNS), {})
+                return frame[list(COLUMNS)].to_numpy(dtype=np.int64)
+            table = self._parquet(group.file).read_row_group(group.index, columns=list(COLUMNS))
+        except (pa.ArrowInvalid, OSError, ValueError, IndexError) as err:
+            raise ValueError(f"{path}: cannot read row group {group.index} ({err})") from None
+        return np.stack([table[name].to_numpy() for name in COLUMNS], axis=1).astype(np.int64)
+
+    def read_split(self, split: str) -> torch.Tensor:
+        """The whole split as an int64 tensor [N, 3], in stored order."""
+        groups = self._groups.get(split, [])
+        if not groups:
+            return torch.empty(0, 3, dtype=torch.int64)
+        return torch.from_numpy(np.concatenate([self.read_group(g) for g in groups]))
+
+    def names(self, which: str) -> pa.Table:
+        """``entities`` or ``relations``: id, name, frequency."""
+        relative = {"entities": ENTITIES, "relations": RELATIONS}[which]
+        try:
+            return pq.read_table(self.root / relative)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"{self.root / relative}: unreadable Parquet file ({err})") from None
+
+    def num_batches(self, split: str, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+        return math.ceil(share_rows(self._groups[split], rank, world_size) / batch_size)
+
+    def batches(
+        self,
+        split: str,
+        *,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+    ) -> Iterator[torch.Tensor]:
+        """Worker ``rank``'s batches ([<=batch_size, 3] int64) of ``epoch``; only the last may be short."""
+        pieces = worker_share(self._groups[split], rank, world_size, epoch, seed)
+        rng = np.random.default_rng([seed, epoch, rank, world_size])
+        carry = np.empty((0, 3), np.int64)
+        for rows in _prefetched(self._read_pieces(pieces, rng), prefetch):
+            rows = np.concatenate([carry, rows]) if len(carry) else rows
+            whole = len(rows) - len(rows) % batch_size
+            for start in range(0, whole, batch_size):
+                yield torch.from_numpy(rows[start : start + batch_size])
+            carry = rows[whole:]
+        if len(carry):
+            yield torch.from_numpy(carry)
+
+    def _read_pieces(self, pieces: list[Piece], rng: np.random.Generator) -> Iterator[np.ndarray]:
+        for piece in pieces:
+            rows = self.read_group(piece.group)[piece.start : piece.stop]
+            yield rows[rng.permutation(len(rows))]
+
+
+_DONE = object()
+
+
+def _prefetched(items: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
+    """Run ``items`` in a background thread, ``depth`` ahead; errors surface in the consumer."""
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        """Put unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            offer(err)
+
+    thread = threading.Thread(target=produce, name="nvkg-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,342 @@
+"""Input formats, read in bounded chunks of Arrow columns (never the whole file at once).
+
+* ``TsvSource``: a directory of ``train.txt``, ``valid.txt``, ``test.txt``, one
+  ``head<TAB>relation<TAB>tail`` per line (plain or gzipped), names as strings.
+* ``NTriplesSource``: N-Triples files (``<s> <p> <o> .``), plain or gzipped, as in the Freebase RDF
+  dump. Triples with a literal object are skipped and counted; an optional predicate allow-list.
+* ``DglKeSource``: the DGL-KE / OpenKE layout of Freebase86m: ``entity2id.txt`` and
+  ``relation2id.txt`` (first line a count, then ``name<TAB>id``) and integer triples in
+  **head, tail, relation** order.
+
+Parsing is vectorised (pyarrow's CSV reader, RE2 regexes over whole blocks). When a chunk holds a
+malformed line, the file is scanned once more line by line to name the exact line number: the slow
+path runs only on the way to an error.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from storage.layout import SPLITS, SplitCounts
+
+BLOCK_BYTES = 1 << 24
+
+
+def open_text(path: Path):
+    """A binary stream of a plain or gzipped file."""
+    return gzip.open(path, "rb") if Path(path).suffix == ".gz" else open(path, "rb")
+
+
+def first_bad_line(path: Path, is_bad: Callable[[bytes], bool]) -> tuple[int, str]:
+    """Line number (1-based) and text of the first line ``is_bad`` rejects."""
+    with open_text(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.rstrip(b"\n").rstrip(b"\r")
+            if is_bad(line):
+                return number, line[:120].decode("utf-8", errors="replace")
+    raise AssertionError(f"{path}: a chunk was rejected but no line is")
+
+
+def _find_split_file(directory: Path, split: str, suffixes: tuple[str, ...]) -> Path | None:
+    for suffix in suffixes:
+        if (directory / f"{split}{suffix}").is_file():
+            return directory / f"{split}{suffix}"
+    return None
+
+
+class TsvSource:
+    """Tab-separated names; every line must have three non-empty fields."""
+
+    kind = "tsv"
+
+    def __init__(self, directory: Path, *, skip_bad_lines: bool = False, block_bytes: int = BLOCK_BYTES):
+        self.directory, self.skip_bad_lines, self.block_bytes = Path(directory), skip_bad_lines, block_bytes
+        if not self.directory.is_dir():
+            raise ValueError(f"{directory}: not a directory")
+        self.files: dict[str, Path] = {}
+        for split in SPLITS:
+            path = _find_split_file(self.directory, split, (".txt", ".tsv", ".txt.gz", ".tsv.gz"))
+            if path is None:
+                raise ValueError(f"missing file: {self.directory / (split + '.txt')}")
+            self.files[split] = path
+
+    @staticmethod
+    def _is_bad(line: bytes) -> bool:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        fields = line.split(b"\t")
+        return bool(line) and (len(fields) != 3 or not all(f.strip() for f in fields))
+
+    def _fail(self, path: Path) -> None:
+        number, text = first_bad_line(path, self._is_bad)
+        raise ValueError(
+            f"{path}:{number}: expected 3 non-empty tab-separated fields (head, relation, tail): {text!r} "
+            "(use --skip-bad-lines to skip such lines)"
+        )
+
+    def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
+        """Tables with string columns head, relation, tail. ``counts`` (when given) gets lines and bad lines."""
+        path = self.files[split]
+        skipped = [0]
+
+        def on_invalid(row: pcsv.InvalidRow) -> str:
+            if not self.skip_bad_lines:
+                return "error"
+            skipped[0] += 1
+            return "skip"
+
+        columns = ["head", "relation", "tail"]
+        try:
+            reader = pcsv.open_csv(
+                pa.input_stream(str(path), compression="detect"),
+                read_options=pcsv.ReadOptions(column_names=columns, block_size=self.block_bytes),
+                parse_options=pcsv.ParseOptions(
+                    delimiter="\t", quote_char=False, escape_char=False, invalid_row_handler=on_invalid
+                ),
+                convert_options=pcsv.ConvertOptions(
+                    column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=False
+                ),
+            )
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                empty = pc.or_(pc.or_(_blank(table["head"]), _blank(table["relation"])), _blank(table["tail"]))
+                num_empty = pc.sum(empty).as_py() or 0
+                if num_empty:
+                    if not self.skip_bad_lines:
+                        self._fail(path)
+                    skipped[0] += num_empty
+                    table = table.filter(pc.invert(empty))
+                if counts is not None:
+                    counts.lines += table.num_rows
+                yield table
+        except pa.ArrowInvalid:
+            self._fail(path)
+        if counts is not None:
+            counts.lines += skipped[0]
+            counts.bad_lines += skipped[0]
+
+
+def _blank(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+
+
+# N-Triples terms (W3C RDF 1.1 N-Triples), written for RE2. Escapes: UCHAR in IRIs, ECHAR and UCHAR in literals.
+_UCHAR = r"\\u[0-9A-Fa-f]{4}|\\U[0-9A-Fa-f]{8}"
+_IRI = rf"<(?:[^<>\"{{}}|^`\\\x00-\x20]|{_UCHAR})*>"
+_BNODE = r"_:[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_\-])?"
+_SUBJECT = rf"(?:{_IRI}|{_BNODE})"
+_LITERAL = rf"\"(?:[^\"\\\n\r]|\\[tbnrf\"'\\]|{_UCHAR})*\"(?:@[A-Za-z]+(?:-[A-Za-z0-9]+)*|\^\^{_IRI})?"
+_END = r"[ \t]*\.[ \t]*(?:#.*)?$"
+NT_TRIPLE = rf"^[ \t]*(?P<head>{_SUBJECT})[ \t]+(?P<relation>{_IRI})[ \t]+(?P<tail>{_SUBJECT}){_END}"
+NT_LITERAL = rf"^[ \t]*{_SUBJECT}[ \t]+{_IRI}[ \t]+{_LITERAL}{_END}"
+NT_BLANK = r"^[ \t]*(?:#.*)?$"
+
+
+class NTriplesSource:
+    """N-Triples per split (``--valid``/``--test`` optional: a dump has only one file). Entities are
+    IRIs (stored without the angle brackets, escapes kept as written) and blank nodes (``_:name``)."""
+
+    kind = "ntriples"
+
+    def __init__(
+        self,
+        files: dict[str, Path],
+        *,
+        relations: set[str] | None = None,
+        skip_bad_lines: bool = False,
+        block_bytes: int = BLOCK_BYTES,
+    ):
+        self.files = {split: Path(path) for split, path in files.items() if path is not None}
+        if "train" not in self.files:
+            raise ValueError("N-Triples conversion needs a train file")
+        for path in self.files.values():
+            if not path.is_file():
+                raise ValueError(f"missing file: {path}")
+        self.relations = None if relations is None else pa.array(sorted(relations), pa.string())
+        self.skip_bad_lines, self.block_bytes = skip_bad_lines, block_bytes
+
+    def _lines(self, path: Path) -> Iterator[pa.Array]:
+        """Blocks of whole lines as string arrays; a block never splits a line."""
+        rest = b""
+        with open_text(path) as handle:
+            while True:
+                block = handle.read(self.block_bytes)
+                if not block:
+                    break
+                block = rest + block
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    rest = block
+                    continue
+                rest = block[cut + 1 :]
+                yield self._split_lines(path, block[:cut])
+        if rest:
+            yield self._split_lines(path, rest)
+
+    def _split_lines(self, path: Path, block: bytes) -> pa.Array:
+        lines = pc.list_flatten(pc.split_pattern(pa.array([block], pa.binary()), b"\n"))
+        try:
+            return pc.cast(pc.replace_substring_regex(lines, rb"\r$", b""), pa.string())
+        except pa.ArrowInvalid:
+            number, text = first_bad_line(path, _not_utf8)
+            raise ValueError(f"{path}:{number}: not valid UTF-8: {text!r}") from None
+
+    def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
+        path = self.files.get(split)
+        if path is None:
+            return
+        for lines in self._lines(path):
+            parsed = pc.extract_regex(lines, NT_TRIPLE)
+            is_triple = pc.is_valid(parsed)
+            is_blank = pc.match_substring_regex(lines, NT_BLANK)
+            rest = pc.invert(pc.or_(is_triple, is_blank))
+            is_literal = pc.and_(rest, pc.match_substring_regex(lines, NT_LITERAL))
+            is_bad = pc.and_(rest, pc.invert(is_literal))
+            num_bad = pc.sum(is_bad).as_py() or 0
+            if num_bad and not self.skip_bad_lines:
+                number, text = first_bad_line(path, _nt_bad)
+                raise ValueError(
+                    f"{path}:{number}: not an N-Triples statement (<s> <p> <o> . ; check escapes): {text!r} "
+                    "(use --skip-bad-lines to skip such lines)"
+                )
+            triples = pc.filter(parsed, is_triple)
+            table = pa.table({name: _unbracket(triples.field(name)) for name in ("head", "relation", "tail")})
+            num_filtered = 0
+            if self.relations is not None:
+                keep = pc.is_in(table["relation"], value_set=self.relations)
+                num_filtered = table.num_rows - (pc.sum(keep).as_py() or 0)
+                table = table.filter(keep)
+            if counts is not None:
+                counts.lines += len(lines) - (pc.sum(is_blank).as_py() or 0)
+                counts.bad_lines += num_bad
+                counts.literals += pc.sum(is_literal).as_py() or 0
+                counts.filtered += num_filtered
+            yield table
+
+
+def _unbracket(terms: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(terms, r"^<(.*)>$", r"\1")
+
+
+def _not_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+_NT_OK = [re.compile(p.encode()) for p in (NT_TRIPLE, NT_LITERAL, NT_BLANK)]
+
+
+def _nt_bad(line: bytes) -> bool:
+    return not any(p.search(line) for p in _NT_OK)
+
+
+@dataclass
+class IdVocabulary:
+    """Names in id order, read from a DGL-KE ``*2id.txt`` file."""
+
+    names: pa.Array
+
+    @classmethod
+    def read(cls, path: Path) -> IdVocabulary:
+        if not path.is_file():
+            raise ValueError(f"missing file: {path}")
+        with open(path, "rb") as handle:
+            header = handle.readline().strip()
+        if not header.isdigit():
+            raise ValueError(f"{path}:1: expected the number of entries, got {header[:80]!r}")
+        table = _read_tsv_columns(path, ["name", "id"], [pa.string(), pa.int64()], skip_rows=1)
+        count = int(header)
+        if table.num_rows != count:
+            raise ValueError(f"{path}: first line says {count} entries, the file has {table.num_rows}")
+        ids = table["id"].to_numpy()
+        if not np.array_equal(np.sort(ids), np.arange(count)):
+            raise ValueError(f"{path}: ids are not exactly 0..{count - 1}")
+        order = np.argsort(ids)
+        return cls(names=pc.take(table["name"], pa.array(order)).combine_chunks())
+
+
+def _read_tsv_columns(path: Path, names: list[str], types: list[pa.DataType], skip_rows: int = 0) -> pa.Table:
+    try:
+        return pcsv.read_csv(
+            str(path),
+            read_options=pcsv.ReadOptions(column_names=names, skip_rows=skip_rows),
+            parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False),
+            convert_options=pcsv.ConvertOptions(column_types=dict(zip(names, types, strict=True))),
+        )
+    except pa.ArrowInvalid:
+        number, text = first_bad_line(path, _column_checker(len(names), types, skip_rows))
+        raise ValueError(f"{path}:{number}: expected {len(names)} tab-separated fields {names}: {text!r}") from None
+
+
+def _column_checker(width: int, types: list[pa.DataType], skip_rows: int) -> Callable[[bytes], bool]:
+    seen = 0
+
+    def is_bad(line: bytes) -> bool:
+        nonlocal seen
+        seen += 1
+        if seen <= skip_rows or not line:
+            return False
+        fields = line.split(b"\t")
+        if len(fields) != width:
+            return True
+        return any(t == pa.int64() and not f.strip().lstrip(b"-").isdigit() for f, t in zip(fields, types, strict=True))
+
+    return is_bad
+
+
+class DglKeSource:
+    """DGL-KE's Freebase86m layout: integer triples (head, tail, relation) and two id maps."""
+
+    kind = "dglke"
+
+    def __init__(self, directory: Path, *, block_bytes: int = BLOCK_BYTES):
+        self.directory, self.block_bytes = Path(directory), block_bytes
+        if not self.directory.is_dir():
+            raise ValueError(f"{directory}: not a directory")
+        self.files = {}
+        for split in SPLITS:
+            path = _find_split_file(self.directory, split, (".txt", ".tsv"))
+            if path is None:
+                raise ValueError(f"missing file: {self.directory / (split + '.txt')}")
+            self.files[split] = path
+
+    def vocabularies(self) -> tuple[IdVocabulary, IdVocabulary]:
+        return (
+            IdVocabulary.read(self.directory / "entity2id.txt"),
+            IdVocabulary.read(self.directory / "relation2id.txt"),
+        )
+
+    def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
+        """Tables with int64 columns head, relation, tail (reordered from the file's head, tail, relation)."""
+        path = self.files[split]
+        names = ["head", "tail", "relation"]
+        try:
+            reader = pcsv.open_csv(
+                str(path),
+                read_options=pcsv.ReadOptions(column_names=names, block_size=self.block_bytes),
+                parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False),
+                convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.int64())),
+            )
+            for batch in reader:
+                if counts is not None:
+                    counts.lines += batch.num_rows
+                yield pa.Table.from_batches([batch]).select(["head", "relation", "tail"])
+        except pa.ArrowInvalid:
+            number, text = first_bad_line(path, _column_checker(3, [pa.int64()] * 3, 0))
+            raise ValueError(
+                f"{path}:{number}: expected 3 tab-separated integers (head, tail, relation): {text!r}"
+            ) from None

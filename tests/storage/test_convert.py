@@ -1,0 +1,234 @@
+import gzip
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage.convert import ConvertOptions, convert, partition_of, write_id_dataset
+from storage.layout import MANIFEST, Manifest
+from storage.reader import TripleStore
+from storage.sources import DglKeSource, NTriplesSource, TsvSource
+
+
+def _names(root, which):
+    return pq.read_table(root / f"{which}.parquet")["name"].to_pylist()
+
+
+def _facts(store, split):
+    """The split as a sorted list of (head, relation, tail) names."""
+    entities, relations = _names(store.root, "entities"), _names(store.root, "relations")
+    return sorted((entities[h], relations[r], entities[t]) for h, r, t in store.read_split(split).tolist())
+
+
+def _tsv_dir(tmp_path, train, valid="a\tr\tb\n", test="a\tr\tb\n"):
+    directory = tmp_path / "tsv"
+    directory.mkdir()
+    (directory / "train.txt").write_text(train)
+    (directory / "valid.txt").write_text(valid)
+    (directory / "test.txt").write_text(test)
+    return directory
+
+
+def _random_graph(num_triples, num_entities=200, num_relations=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (f"e{rng.integers(num_entities)}", f"r{rng.integers(num_relations)}", f"e{rng.integers(num_entities)}")
+        for _ in range(num_triples)
+    ]
+
+
+def test_tsv_round_trip_with_partitions_duplicates_and_row_groups(tmp_path):
+    facts = _random_graph(3000)
+    train = "".join("\t".join(f) + "\n" for f in facts)
+    options = ConvertOptions(partition_rows=700, row_group_rows=128, seed=3)
+    manifest = convert(TsvSource(_tsv_dir(tmp_path, train)), tmp_path / "ds", options=options)
+    store = TripleStore(tmp_path / "ds")
+    distinct = sorted(set(facts))
+    assert _facts(store, "train") == distinct
+    counts = manifest.splits["train"]
+    assert (counts.lines, counts.triples, counts.duplicates) == (3000, len(distinct), 3000 - len(distinct))
+    assert counts.partitions == 5 and len(store.row_groups("train")) > counts.partitions
+    # ids: train entities sorted by name; frequency counts head and tail occurrences of distinct facts
+    names = _names(tmp_path / "ds", "entities")
+    train_names = names[: manifest.num_train_entities]
+    assert train_names == sorted(train_names) and names[manifest.num_train_entities :] == ["a", "b"]  # valid/test only
+    frequency = pq.read_table(tmp_path / "ds" / "entities.parquet")["frequency"].to_pylist()
+    expected = {n: sum((h == n) + (t == n) for h, _, t in distinct) for n in names}
+    assert dict(zip(names, frequency, strict=True)) == expected
+
+
+def test_partition_hash_is_uniform_and_seeded():
+    ids = np.random.default_rng(0).integers(0, 1000, size=(200_000, 3)).astype(np.int32)
+    counts = np.bincount(partition_of(ids, 8, seed=0), minlength=8)
+    assert counts.min() > 0.95 * 25_000 and counts.max() < 1.05 * 25_000
+    assert not np.array_equal(partition_of(ids, 8, seed=0), partition_of(ids, 8, seed=1))
+
+
+def test_both_engines_read_identical_triples(tmp_path):
+    train = "".join("\t".join(f) + "\n" for f in _random_graph(2000))
+    convert(TsvSource(_tsv_dir(tmp_path, train)), tmp_path / "ds", options=ConvertOptions(row_group_rows=300))
+    a = TripleStore(tmp_path / "ds", engine="pyarrow")
+    b = TripleStore(tmp_path / "ds", engine="fastparquet")
+    for split in ("train", "valid", "test"):
+        assert a.read_split(split).tolist() == b.read_split(split).tolist()
+    assert len(a.read_split("train")) > 0
+
+
+def test_gzipped_tsv_and_skip_bad_lines(tmp_path):
+    directory = _tsv_dir(tmp_path, "")
+    with gzip.open(directory / "train.txt.gz", "wt") as handle:
+        handle.write("a\tr\tb\nbroken line\nb\tr\tc\nc\t\ta\nx\ty\tz\tw\n")
+    (directory / "train.txt").unlink()
+    with pytest.raises(ValueError, match=r"train\.txt\.gz:2: expected 3"):
+        convert(TsvSource(directory), tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+    manifest = convert(TsvSource(directory, skip_bad_lines=True), tmp_path / "ds")
+    assert manifest.splits["train"].bad_lines == 3 and manifest.splits["train"].triples == 2
+    assert _facts(TripleStore(tmp_path / "ds"), "train") == [("a", "r", "b"), ("b", "r", "c")]
+
+
+NT = """# a comment
+<http://x/a> <http://x/knows> <http://x/b> .
+<http://x/a> <http://x/name> "Alice \\"A\\""@en .
+<http://x/b>\t<http://x/knows>\t<http://x/c\\u00E9> .
+_:n1 <http://x/likes> <http://x/a> .
+<http://x/b> <http://x/age> "3"^^<http://www.w3.org/2001/XMLSchema#integer> .
+
+<http://x/a> <http://x/knows> <http://x/b> .
+"""
+
+
+def test_ntriples_skips_literals_counts_duplicates_and_filters_relations(tmp_path):
+    path = tmp_path / "dump.nt.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(NT)
+    manifest = convert(NTriplesSource({"train": path}), tmp_path / "all")
+    counts = manifest.splits["train"]
+    assert (counts.lines, counts.literals, counts.duplicates, counts.triples) == (6, 2, 1, 3)
+    assert _facts(TripleStore(tmp_path / "all"), "train") == [
+        ("_:n1", "http://x/likes", "http://x/a"),
+        ("http://x/a", "http://x/knows", "http://x/b"),
+        ("http://x/b", "http://x/knows", "http://x/c\\u00E9"),
+    ]
+    assert manifest.splits["valid"].partitions == 0  # a dump has no validation split
+    kept = convert(NTriplesSource({"train": path}, relations={"http://x/likes"}), tmp_path / "likes")
+    assert kept.splits["train"].triples == 1 and kept.splits["train"].filtered == 3  # the duplicate included
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "<http://x/a> <http://x/p> <http://x/b\\q> .",  # bad escape in an IRI
+        '<http://x/a> <http://x/p> "bad \\x escape" .',  # bad escape in a literal
+        "<http://x/a> <http://x/p> <http://x/b>",  # no final dot
+        "<http://x/a> <http://x/p> .",  # two terms
+    ],
+)
+def test_ntriples_malformed_line_is_named(tmp_path, line):
+    path = tmp_path / "bad.nt"
+    path.write_text(f"<http://x/a> <http://x/p> <http://x/b> .\n{line}\n")
+    with pytest.raises(ValueError, match=r"bad\.nt:2: not an N-Triples statement"):
+        convert(NTriplesSource({"train": path}), tmp_path / "ds")
+    manifest = convert(NTriplesSource({"train": path}, skip_bad_lines=True), tmp_path / "ok")
+    assert manifest.splits["train"].bad_lines == 1 and manifest.splits["train"].triples == 1
+
+
+def _dglke_dir(tmp_path, train="0\t1\t0\n1\t2\t1\n", entity_count="3"):
+    directory = tmp_path / "Freebase"
+    directory.mkdir()
+    (directory / "entity2id.txt").write_text(f"{entity_count}\n/m/a\t0\n/m/b\t1\n/m/c\t2\n")
+    (directory / "relation2id.txt").write_text("2\n/r/x\t0\n/r/y\t1\n")
+    (directory / "train.txt").write_text(train)
+    (directory / "valid.txt").write_text("2\t0\t1\n")
+    (directory / "test.txt").write_text("0\t2\t1\n")
+    return directory
+
+
+def test_dglke_layout_is_head_tail_relation(tmp_path):
+    manifest = convert(DglKeSource(_dglke_dir(tmp_path)), tmp_path / "ds")
+    store = TripleStore(tmp_path / "ds")
+    assert _facts(store, "train") == [("/m/a", "/r/x", "/m/b"), ("/m/b", "/r/y", "/m/c")]
+    assert _facts(store, "valid") == [("/m/c", "/r/y", "/m/a")]
+    assert manifest.num_entities == manifest.num_train_entities == 3
+
+
+def test_dglke_errors_name_file_and_line(tmp_path):
+    with pytest.raises(ValueError, match=r"train\.txt:2: id out of range"):
+        convert(DglKeSource(_dglke_dir(tmp_path, train="0\t1\t0\n1\t9\t1\n")), tmp_path / "ds")
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(ValueError, match=r"train\.txt:1: expected 3 tab-separated integers"):
+        convert(DglKeSource(_dglke_dir(other, train="0\tx\t0\n")), other / "ds")
+    third = tmp_path / "third"
+    third.mkdir()
+    with pytest.raises(ValueError, match=r"entity2id\.txt: first line says 4 entries, the file has 3"):
+        convert(DglKeSource(_dglke_dir(third, entity_count="4")), third / "ds")
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path):
+    source = TsvSource(_tsv_dir(tmp_path, "a\tr\tb\nb\tr\tc\n"))
+    chunks = source.chunks
+
+    def failing(split, counts=None):
+        if counts is not None:  # the encoding pass
+            raise _Interrupted
+        yield from chunks(split, counts)
+
+    source.chunks = failing
+    with pytest.raises(_Interrupted):
+        convert(source, tmp_path / "out" / "ds")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    source = TsvSource(_tsv_dir(tmp_path, "a\tr\tb\n"))
+    convert(source, tmp_path / "ds")
+    with pytest.raises(ValueError, match="already exists"):
+        convert(source, tmp_path / "ds")
+    convert(source, tmp_path / "ds", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "tsv"]
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    write_id_dataset(
+        tmp_path / "ds",
+        entity_names=["a", "b", "c"],
+        relation_names=["r"],
+        splits={"train": [[0, 0, 1], [1, 0, 2]], "valid": [[0, 0, 2]], "test": [[2, 0, 0]]},
+    )
+    return tmp_path / "ds"
+
+
+def test_newer_manifest_version_is_refused(small_store):
+    path = small_store / MANIFEST
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="format_version 99 is newer"):
+        Manifest.read(small_store)
+
+
+def test_truncated_partition_fails_with_its_name(small_store):
+    part = small_store / "train" / "part-00000.parquet"
+    data = part.read_bytes()
+    part.write_bytes(data[:50])
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: .*bytes, manifest says"):
+        TripleStore(small_store)
+    part.write_bytes(data[:-8] + b"\0" * 8)  # same size, footer destroyed, checksums not checked
+    with pytest.raises(ValueError, match=r"part-00000\.parquet: unreadable Parquet"):
+        TripleStore(small_store, verify=False)
+
+
+def test_checksum_mismatch_fails_with_the_file_name(small_store):
+    names = small_store / "entities.parquet"
+    data = bytearray(names.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    names.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"entities\.parquet: sha256 mismatch"):
+        TripleStore(small_store)

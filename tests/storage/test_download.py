@@ -1,0 +1,163 @@
+"""Downloads against a real HTTP server on 127.0.0.1 that honours (or ignores) Range and can cut a body short."""
+
+import hashlib
+import io
+import subprocess
+import sys
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from storage.download import DownloadError, fetch
+from storage.reader import TripleStore
+
+ROOT = Path(__file__).parents[2]
+
+
+class _Server:
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.honour_range, self.cut_after, self.ranges = files, True, None, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                header = self.headers.get("Range")
+                server.ranges.append(header)
+                if header and server.honour_range:
+                    start = int(header.removeprefix("bytes=").split("-")[0])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                payload = body[start:]
+                if server.cut_after is not None:
+                    payload, server.cut_after = payload[: server.cut_after], None
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server({"/blob.bin": bytes(range(256)) * 4000})
+    yield s
+    s.close()
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
+    body = server.files["/blob.bin"]
+    server.cut_after = 300_000
+    with pytest.raises(DownloadError, match="run again to resume"):
+        fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+    assert (tmp_path / "blob.bin.part").stat().st_size == 300_000 and not (tmp_path / "blob.bin").exists()
+    digest = hashlib.sha256(body).hexdigest()
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", sha256=digest)
+    assert server.ranges[-1] == "bytes=300000-"
+    assert (tmp_path / "blob.bin").read_bytes() == body and not (tmp_path / "blob.bin.part").exists()
+
+
+def test_server_ignoring_ranges_restarts_from_zero(server, tmp_path):
+    server.honour_range = False
+    (tmp_path / "blob.bin.part").write_bytes(b"stale bytes")
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+    assert (tmp_path / "blob.bin").read_bytes() == server.files["/blob.bin"]
+
+
+def test_checksum_mismatch_deletes_the_download(server, tmp_path):
+    with pytest.raises(DownloadError, match="does not match the expected"):
+        fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", sha256="0" * 64)
+    assert not (tmp_path / "blob.bin").exists() and not (tmp_path / "blob.bin.part").exists()
+
+
+def test_unreachable_host_says_offline(tmp_path):
+    with pytest.raises(DownloadError, match=r"cannot reach .*Offline\? .*--archive"):
+        fetch("http://127.0.0.1:9/nothing.zip", tmp_path / "nothing.zip", timeout=5)
+
+
+def _freebase_like_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("Freebase/entity2id.txt", "4\n/m/a\t0\n/m/b\t1\n/m/c\t2\n/m/d\t3\n")
+        archive.writestr("Freebase/relation2id.txt", "2\n/r/x\t0\n/r/y\t1\n")
+        archive.writestr("Freebase/train.txt", "0\t1\t0\n1\t2\t1\n2\t3\t0\n3\t0\t1\n")
+        archive.writestr("Freebase/valid.txt", "0\t2\t1\n")
+        archive.writestr("Freebase/test.txt", "1\t3\t0\n")
+    return buffer.getvalue()
+
+
+def test_download_command_fetches_extracts_and_converts(server, tmp_path):
+    body = _freebase_like_zip()
+    server.files["/Freebase.zip"] = body
+    args = ["--url", f"{server.url}/Freebase.zip", "--downloads", str(tmp_path / "dl"), "--out", str(tmp_path / "fb")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "storage",
+            "download",
+            "freebase86m",
+            *args,
+            "--sha256",
+            hashlib.sha256(body).hexdigest(),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    store = TripleStore(tmp_path / "fb")
+    assert store.manifest.num_entities == 4 and store.num_triples("train") == 4
+    assert store.manifest.source["archive"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert sorted(store.read_split("train").tolist()) == [[0, 0, 1], [1, 1, 2], [2, 0, 3], [3, 1, 0]]
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["Freebase.zip"]  # extraction cleaned up
+
+
+def test_archive_escaping_the_directory_is_refused(server, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("../evil/train.txt", "a\tr\tb\n")
+    (tmp_path / "evil.zip").write_bytes(buffer.getvalue())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "storage",
+            "download",
+            "wn18rr",
+            "--archive",
+            str(tmp_path / "evil.zip"),
+            "--downloads",
+            str(tmp_path / "dl"),
+            "--out",
+            str(tmp_path / "ds"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "escapes the extraction directory" in result.stderr
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "ds").exists()
