@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint format bench bench-quality bench-throughput docker clean
+.PHONY: install train test lint format bench bench-quality bench-throughput bench-storage docker clean
 
 install: $(STAMP)
 
@@ -30,13 +30,16 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-quality bench-throughput
+bench: bench-quality bench-throughput bench-storage
 
 bench-quality: install
 	$(PY) -m bench.quality $(ARGS)
 
 bench-throughput: install
 	$(PY) -m bench.throughput $(ARGS)
+
+bench-storage: install
+	$(PY) -m bench.storage $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

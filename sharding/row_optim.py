@@ -44,9 +44,10 @@ class RowAdam:
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "num_steps": self.num_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+    def load_rows(self, state: dict, source: slice, target: slice) -> None:
+        """Take rows ``source`` of a saved state into rows ``target`` (re-sharding)."""
+        self.exp_avg[target] = state["exp_avg"][source]
+        self.exp_avg_sq[target] = state["exp_avg_sq"][source]
         self.num_steps = int(state["num_steps"])
 
 
@@ -73,8 +74,8 @@ class RowAdagrad:
     def state_dict(self) -> dict:
         return {"sum_sq": self.sum_sq}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sum_sq.copy_(state["sum_sq"])
+    def load_rows(self, state: dict, source: slice, target: slice) -> None:
+        self.sum_sq[target] = state["sum_sq"][source]
 
 
 def build_row_optimizer(name: str, param: torch.Tensor, lr: float, parts: int = 1) -> RowAdam | RowAdagrad:

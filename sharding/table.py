@@ -1,86 +1,250 @@
 """Gaussian embedding tables: rows of [mean | logvar] plus the optimiser state of those rows.
 
-A row keeps its mean and log-variance side by side in one vector, so gathering, updating (and later
-sending) a row is one operation, not two. The training loop talks to a table only through ``gather``
-(rows for some ids, as one leaf tensor the loss can differentiate) and ``apply_gradients`` (hand those
-rows' gradients back to the owner, which updates them). ``LocalTable`` owns every row: it is world
-size 1. A sharded table implements the same two calls with an all-to-all exchange, so the loop reads
-the same at any world size.
+A row keeps its mean and log-variance side by side in one vector, so gathering, updating and sending a
+row is one operation, not two. ``ShardedTable`` holds the rows of one rank's range (all rows at world
+size 1) and the row optimiser state for them:
+
+  * ``gather(ids)``: rows for any global ids, as a leaf the loss can differentiate. Ids are bucketed by
+    owner, exchanged with an all-to-all, looked up by the owners and sent back (TorchRec's row-wise
+    input-dist -> lookup -> output-dist).
+  * ``local()``: this rank's own rows, for what touches every row (the 1-vs-all candidates, the LIM KL).
+  * ``collect(...)``: the gradients of those leaves travel back the same routes; the owner sums what it
+    got per row. ``step(...)`` then lets the row optimiser update only those rows.
+
+``ReplicatedTable`` (relations: small) keeps every row on every rank and all-reduces its gradient.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from sharding.exchange import Exchange, LocalExchange
+from sharding.plan import RowPlan
 from sharding.row_optim import build_row_optimizer
 from trainer.gaussian import Gaussian
 
 
 def init_rows(
-    num_rows: int,
+    global_rows: int,
     dim: int,
+    row_range: tuple[int, int],
     *,
     variational: bool,
     init_std: float | None,
     init_logvar: float | None,
-    generator: torch.Generator,
+    seed: int,
+    block_rows: int,
 ) -> torch.Tensor:
-    """Means ~ N(0, std^2) with std None meaning Xavier/Glorot, sqrt(2 / (rows + dim)); logvar log(1/dim)."""
-    std = math.sqrt(2.0 / (num_rows + dim)) if init_std is None else init_std
-    mean = torch.randn(num_rows, dim, generator=generator) * std
+    """Means ~ N(0, std^2), std None meaning Xavier/Glorot sqrt(2 / (rows + dim)); logvar log(1/dim).
+
+    Drawn per block of rows from a generator seeded by (seed, block), so a row's initial value does not
+    depend on how the table is sharded.
+    """
+    std = math.sqrt(2.0 / (global_rows + dim)) if init_std is None else init_std
+    mean = block_normal(row_range, dim, (seed, 0x1A17), block_rows) * std
     if not variational:
         return mean
-    logvar = torch.full((num_rows, dim), math.log(1.0 / dim) if init_logvar is None else init_logvar)
+    logvar = torch.full_like(mean, math.log(1.0 / dim) if init_logvar is None else init_logvar)
     return torch.cat([mean, logvar], dim=1)
 
 
-class LocalTable:
-    """All rows of one table in this process."""
+def block_normal(row_range: tuple[int, int], dim: int, key: tuple[int, ...], block_rows: int) -> torch.Tensor:
+    """Standard normal [hi - lo, dim] for rows [lo, hi), from one generator per block of ``block_rows``
+    seeded by (key, block): the same numbers for a row whatever range it is drawn in."""
+    lo, hi = row_range
+    parts = []
+    for block in range(lo // block_rows, -(-hi // block_rows)):
+        generator = torch.Generator().manual_seed(seed_of(*key, block))
+        values = torch.randn(block_rows, dim, generator=generator)
+        start = block * block_rows
+        parts.append(values[max(lo, start) - start : min(hi, start + block_rows) - start])
+    return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed mixing several integers (splitmix64 steps)."""
+    state = 0
+    for part in parts:
+        state = (state ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class Gathered:
+    """Rows fetched for ``ids`` and the route they came by (the gradient goes back the same way)."""
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    extra: torch.Tensor | None
+    send_counts: list[int]
+    recv_counts: list[int]
+    recv_local: torch.Tensor
+    """Local row indices this rank served, in the order it served them."""
+
+
+class ShardedTable:
+    """The rows [lo, hi) of a table of ``num_rows`` that this rank owns under ``plan``."""
 
     def __init__(
         self,
         num_rows: int,
         dim: int,
+        exchange: Exchange,
         *,
         variational: bool,
         optimizer: str,
         lr: float,
-        generator: torch.Generator,
+        seed: int,
         init_std: float | None = None,
         init_logvar: float | None = None,
+        block_rows: int,
     ):
-        self.num_rows, self.dim = num_rows, dim
+        self.num_rows, self.dim, self.exchange = num_rows, dim, exchange
+        self.plan = RowPlan(num_rows, exchange.world_size, block_rows)
+        self.lo, self.hi = self.plan.range(exchange.rank)
         self.weight = init_rows(
-            num_rows, dim, variational=variational, init_std=init_std, init_logvar=init_logvar, generator=generator
+            num_rows,
+            dim,
+            (self.lo, self.hi),
+            variational=variational,
+            init_std=init_std,
+            init_logvar=init_logvar,
+            seed=seed,
+            block_rows=block_rows,
         )
         # Row-wise Adagrad keeps one accumulator per row *part*: means and log-variances differ in scale.
-        self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.weight.shape[1] // dim)
+        self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.width // dim)
 
-    def gather(self, ids: torch.Tensor | None) -> torch.Tensor:
-        """Rows ``ids`` (all rows when None) as a fresh leaf that requires grad."""
-        rows = self.weight.clone() if ids is None else self.weight.index_select(0, ids)
-        return rows.requires_grad_(True)
+    @property
+    def width(self) -> int:
+        return self.weight.shape[1]
 
-    def apply_gradients(self, ids: torch.Tensor | None, grad: torch.Tensor | None) -> None:
-        """Let the row optimiser apply the gradient of rows returned by ``gather``."""
-        if grad is not None:
+    @property
+    def variational(self) -> bool:
+        return self.width != self.dim
+
+    def local(self) -> torch.Tensor:
+        """This rank's rows as a fresh leaf that requires grad."""
+        return self.weight.clone().requires_grad_(True)
+
+    def gather(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> Gathered:
+        """Rows of the ascending unique global ``ids`` as a leaf that requires grad.
+
+        ``extra`` ([local rows, k], optional) is sent along with each row, e.g. the owner's noise for it.
+        """
+        send_counts = self.plan.counts_by_owner(ids).tolist()
+        recv_ids, recv_counts = self.exchange.all_to_all(ids, send_counts)
+        recv_local = recv_ids - self.lo
+        served = self.weight.index_select(0, recv_local)
+        if extra is not None:
+            served = torch.cat([served, extra.index_select(0, recv_local)], dim=1)
+        rows = self.exchange.all_to_all_back(served, recv_counts, send_counts)
+        extra_rows = None
+        if extra is not None:
+            rows, extra_rows = rows[:, : self.width], rows[:, self.width :]
+        return Gathered(ids, rows.requires_grad_(True), extra_rows, send_counts, recv_counts, recv_local)
+
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of any global ids (repeats allowed), without gradients (evaluation)."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.gather(unique).rows.detach()[inverse]
+
+    def collect(
+        self, gathered: list[Gathered], local_leaf: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Send gathered rows' gradients to their owners; return (local row ids or None for all, summed grad)."""
+        parts_ids, parts_grad = [], []
+        for item in gathered:
+            grad = item.rows.grad if item.rows.grad is not None else torch.zeros_like(item.rows)
+            back = self.exchange.all_to_all_back(grad, item.send_counts, item.recv_counts)
+            parts_ids.append(item.recv_local)
+            parts_grad.append(back)
+        if local_leaf is not None:
+            total = local_leaf.grad if local_leaf.grad is not None else torch.zeros_like(self.weight)
+            for ids, grad in zip(parts_ids, parts_grad, strict=True):
+                total.index_add_(0, ids, grad)
+            return None, total
+        if not parts_ids:
+            return torch.empty(0, dtype=torch.int64), self.weight.new_empty(0, self.width)
+        ids = torch.cat(parts_ids)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        total = self.weight.new_zeros(len(unique), self.width).index_add_(0, inverse, torch.cat(parts_grad))
+        return unique, total
+
+    def step(self, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """Row optimiser update of local rows ``ids`` (all when None)."""
+        if ids is None or len(ids):
             self.optimizer.step(self.weight, ids, grad)
 
+    def dense_noise(self, key: tuple[int, ...]) -> torch.Tensor:
+        """Noise for every local row, the same per row whatever the sharding (see ``block_normal``)."""
+        return block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows)
+
     def full(self) -> Gaussian:
-        """All rows as a Gaussian of views, without gradients (evaluation, export)."""
-        if self.weight.shape[1] == self.dim:
+        """This rank's rows as a Gaussian of views, without gradients (evaluation, export)."""
+        if not self.variational:
             return Gaussian(self.weight, None)
         return Gaussian(self.weight[:, : self.dim], self.weight[:, self.dim :])
 
     def state_dict(self) -> dict:
-        return {"weight": self.weight.clone(), "optim": self.optimizer.state_dict()}
+        return {"rows": [self.lo, self.hi], "weight": self.weight.clone(), "optim": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["weight"].shape != self.weight.shape:
-            raise ValueError(
-                f"checkpoint table has shape {tuple(state['weight'].shape)}, expected {tuple(self.weight.shape)}"
+    def load_ranges(self, parts: list[dict]) -> None:
+        """Fill this rank's rows from saved shards (each {"rows": [lo, hi], "weight", "optim"}) of any plan."""
+        filled = 0
+        for part in parts:
+            lo, hi = part["rows"]
+            start, stop = max(lo, self.lo), min(hi, self.hi)
+            if start >= stop:
+                continue
+            if part["weight"].shape[1] != self.width:
+                raise ValueError(f"checkpoint rows have width {part['weight'].shape[1]}, expected {self.width}")
+            self.weight[start - self.lo : stop - self.lo] = part["weight"][start - lo : stop - lo]
+            self.optimizer.load_rows(
+                part["optim"], slice(start - lo, stop - lo), slice(start - self.lo, stop - self.lo)
             )
-        self.weight.copy_(state["weight"])
-        self.optimizer.load_state_dict(state["optim"])
+            filled += stop - start
+        if filled != self.hi - self.lo:
+            raise ValueError(f"checkpoint covers {filled} of rows [{self.lo}, {self.hi}); shards are missing")
+
+
+class ReplicatedTable:
+    """Every row on every rank (relations); gradients are all-reduced so the replicas stay equal."""
+
+    def __init__(self, num_rows: int, dim: int, exchange: Exchange, **table_args):
+        self.table = ShardedTable(num_rows, dim, LocalExchange(), **table_args)
+        self.exchange = exchange
+
+    @property
+    def dim(self) -> int:
+        return self.table.dim
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def local(self) -> torch.Tensor:
+        return self.table.local()
+
+    def collect(self, leaf: torch.Tensor) -> torch.Tensor:
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(self.table.weight)
+        return self.exchange.all_reduce(grad)
+
+    def step(self, grad: torch.Tensor) -> None:
+        self.table.step(None, grad)
+
+    def full(self) -> Gaussian:
+        return self.table.full()
+
+    def state_dict(self) -> dict:
+        return self.table.state_dict()
+
+    def load_ranges(self, parts: list[dict]) -> None:
+        self.table.load_ranges(parts)

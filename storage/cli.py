@@ -77,7 +77,7 @@ def _summary(manifest: Manifest, seconds: float | None = None) -> str:
         lines.append(f"  {split}: {fields or 'absent'}")
     if seconds is not None:
         total = sum(c.lines for c in manifest.splits.values())
-        lines.append(f"converted in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} lines/s)")
+        lines.append(f"converted in {seconds:.2f}s ({total / max(seconds, 1e-9):,.0f} lines/s)")
     return "\n".join(lines)
 
 

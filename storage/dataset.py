@@ -48,7 +48,7 @@ class KGDataset:
     @cached_property
     def train(self) -> torch.Tensor:
         """Every training fact [N, 3], in stored order (filters and small-graph tools; training streams)."""
-        return self.store.read_split("train")
+        return torch.from_numpy(self.store.read_split("train"))
 
     @cached_property
     def entity_frequency(self) -> torch.Tensor:
@@ -73,9 +73,10 @@ class KGDataset:
     def batches(
         self, *, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 2
     ) -> Iterator[torch.Tensor]:
-        return self.store.batches(
+        batches = self.store.batches(
             "train", batch_size=batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size, prefetch=prefetch
         )
+        return (torch.from_numpy(batch) for batch in batches)
 
 
 def bundled_names() -> list[str]:
@@ -130,7 +131,7 @@ def open_dataset(
     manifest = store.manifest
     evaluation, dropped = {}, {}
     for split in ("valid", "test"):
-        facts = store.read_split(split)
+        facts = torch.from_numpy(store.read_split(split))
         evaluation[split] = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
         dropped[split] = len(facts) - len(evaluation[split])
         if len(evaluation[split]) == 0:

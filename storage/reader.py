@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from storage.layout import COLUMNS, ENTITIES, RELATIONS, Manifest, verify_files
 
@@ -95,8 +94,8 @@ class TripleStore:
     def num_triples(self, split: str) -> int:
         return sum(g.num_rows for g in self._groups[split])
 
-    def read_group(self, group: RowGroup) -> np.ndarray:
-        """[rows, 3] int64 (head, relation, tail) of one row group."""
+    def read_columns(self, group: RowGroup) -> list[np.ndarray]:
+        """The head, relation and tail columns of one row group, as stored (int32)."""
         path = self.root / group.file
         try:
             if self.engine == "fastparquet":
@@ -104,18 +103,26 @@ class TripleStore:
 
                 handle = fastparquet.ParquetFile(str(path))
                 frame = handle.read_row_group_file(handle.row_groups[group.index], list(COLUMNS), {})
-                return frame[list(COLUMNS)].to_numpy(dtype=np.int64)
+                return [frame[name].to_numpy() for name in COLUMNS]
             table = self._parquet(group.file).read_row_group(group.index, columns=list(COLUMNS))
         except (pa.ArrowInvalid, OSError, ValueError, IndexError) as err:
             raise ValueError(f"{path}: cannot read row group {group.index} ({err})") from None
-        return np.stack([table[name].to_numpy() for name in COLUMNS], axis=1).astype(np.int64)
+        return [table[name].to_numpy() for name in COLUMNS]
 
-    def read_split(self, split: str) -> torch.Tensor:
-        """The whole split as an int64 tensor [N, 3], in stored order."""
+    def read_group(self, group: RowGroup, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """[rows, 3] int64 (head, relation, tail) of one row group, optionally only ``rows`` of it."""
+        columns = self.read_columns(group)
+        out = np.empty((len(columns[0][rows]), 3), np.int64)
+        for i, column in enumerate(columns):
+            out[:, i] = column[rows]  # gathering int32 columns, then widening, beats permuting [n, 3] int64 rows
+        return out
+
+    def read_split(self, split: str) -> np.ndarray:
+        """The whole split as int64 [N, 3], in stored order."""
         groups = self._groups.get(split, [])
         if not groups:
-            return torch.empty(0, 3, dtype=torch.int64)
-        return torch.from_numpy(np.concatenate([self.read_group(g) for g in groups]))
+            return np.empty((0, 3), np.int64)
+        return np.concatenate([self.read_group(g) for g in groups])
 
     def names(self, which: str) -> pa.Table:
         """``entities`` or ``relations``: id, name, frequency."""
@@ -138,7 +145,7 @@ class TripleStore:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
-    ) -> Iterator[torch.Tensor]:
+    ) -> Iterator[np.ndarray]:
         """Worker ``rank``'s batches ([<=batch_size, 3] int64) of ``epoch``; only the last may be short."""
         pieces = worker_share(self._groups[split], rank, world_size, epoch, seed)
         rng = np.random.default_rng([seed, epoch, rank, world_size])
@@ -147,15 +154,14 @@ class TripleStore:
             rows = np.concatenate([carry, rows]) if len(carry) else rows
             whole = len(rows) - len(rows) % batch_size
             for start in range(0, whole, batch_size):
-                yield torch.from_numpy(rows[start : start + batch_size])
+                yield rows[start : start + batch_size]
             carry = rows[whole:]
         if len(carry):
-            yield torch.from_numpy(carry)
+            yield carry
 
     def _read_pieces(self, pieces: list[Piece], rng: np.random.Generator) -> Iterator[np.ndarray]:
         for piece in pieces:
-            rows = self.read_group(piece.group)[piece.start : piece.stop]
-            yield rows[rng.permutation(len(rows))]
+            yield self.read_group(piece.group, piece.start + rng.permutation(piece.stop - piece.start))
 
 
 _DONE = object()

@@ -1,24 +1,39 @@
-"""Checkpoints: table rows and their optimiser state, plus where the run stands.
+"""Checkpoints: one file per entity shard, named by its row range, plus relations and a small index.
 
-``checkpoint.pt`` is the latest resumable state; ``best.pt`` the state with the best validation MRR.
-Both are written atomically. Shuffling, negatives and noise are derived from (seed, epoch), so a run
-resumed at an epoch boundary continues exactly as the uninterrupted run would.
+    RUN_DIR/checkpoint/index.json                     epoch, best MRR, config, world size
+    RUN_DIR/checkpoint/entities-0000000000-0000020480.pt  rows [lo, hi) and their optimiser state
+    RUN_DIR/checkpoint/relations.pt
+    RUN_DIR/best/...                                  the same, for the best validation MRR
+
+Every rank writes its own shard into a staging directory; rank 0 adds the index and renames the
+staging directory into place, so a reader sees a whole checkpoint or the previous one. Shards are
+stored by row range, not by rank, so a checkpoint written by N workers loads onto M. Shuffling,
+negatives and noise are derived from (seed, epoch, step), so a run resumed at an epoch boundary
+continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sharding.exchange import Exchange
 from trainer.config import RunConfig, to_dict
-from trainer.io import atomic_torch_save
+from trainer.io import atomic_torch_save, atomic_write_text
 from trainer.model import KGModel
 
-LATEST = "checkpoint.pt"
-BEST = "best.pt"
+LATEST = "checkpoint"
+BEST = "best"
+INDEX = "index.json"
+RELATIONS = "relations.pt"
+_SHARD = re.compile(r"entities-(\d+)-(\d+)\.pt")
 # Settings that must match for a checkpoint to be continued; train.epochs, data.prefetch etc. may change.
 FROZEN_KEYS = ("data.dataset", "model", "objective")
 
@@ -31,45 +46,109 @@ class RunState:
     train_seconds: float = 0.0
 
 
-def save(path: Path, model: KGModel, state: RunState, config: RunConfig) -> None:
-    atomic_torch_save(
-        path,
-        {
-            "entities": model.entities.state_dict(),
-            "relations": model.relations.state_dict(),
+def shard_name(lo: int, hi: int) -> str:
+    return f"entities-{lo:010d}-{hi:010d}.pt"
+
+
+def write_files(directory: Path, model: KGModel, state: RunState, config: RunConfig, lead: bool) -> None:
+    """This rank's shard; with ``lead``, the relations and the index too."""
+    ents = model.entities
+    atomic_torch_save(directory / shard_name(ents.lo, ents.hi), ents.state_dict())
+    if lead:
+        atomic_torch_save(directory / RELATIONS, model.relations.state_dict())
+        index = {
             "state": dataclasses.asdict(state),
             "config": to_dict(config),
-        },
-    )
+            "entity_rows": ents.num_rows,
+            "world_size": model.exchange.world_size,
+        }
+        atomic_write_text(directory / INDEX, json.dumps(index, indent=2) + "\n")
 
 
-def _read(path: Path) -> dict:
+class Reporter:
+    """Checkpoints as directories under the run directory (one filesystem shared by the ranks)."""
+
+    def __init__(self, out_dir: Path, exchange: Exchange):
+        self.out_dir, self.exchange = Path(out_dir), exchange
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def has(self, name: str) -> bool:
+        return (self.path(name) / INDEX).is_file()
+
+    def latest(self) -> Path | None:
+        return self.path(LATEST) if self.has(LATEST) else None
+
+    def save(self, name: str, model: KGModel, state: RunState, config: RunConfig, metrics: dict | None = None) -> None:
+        lead = self.exchange.rank == 0
+        staging = self.out_dir / f".{name}.staging"
+        self.exchange.barrier()
+        if lead:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.exchange.barrier()
+        write_files(staging, model, state, config, lead)
+        self.exchange.barrier()
+        if lead:
+            replace_dir(staging, self.path(name))
+        self.exchange.barrier()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is swapped out first and deleted after."""
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(path: Path) -> dict:
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ValueError(f"{path}: not a readable nvkg checkpoint ({err})") from None
 
 
-def load_into(path: Path, model: KGModel) -> RunState:
-    payload = _read(path)
-    model.entities.load_state_dict(payload["entities"])
-    model.relations.load_state_dict(payload["relations"])
-    return RunState(**payload["state"])
+def read_index(directory: Path) -> dict:
+    path = Path(directory) / INDEX
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint index ({err})") from None
 
 
-def resume(out_dir: Path, config: RunConfig, model: KGModel) -> RunState:
-    """Load ``out_dir``'s latest checkpoint if there is one, after checking it belongs to this config."""
-    path = Path(out_dir) / LATEST
-    if not path.exists():
+def load_into(directory: Path, model: KGModel) -> RunState:
+    """Fill ``model`` (any sharding) from a checkpoint directory (any sharding)."""
+    directory = Path(directory)
+    index = read_index(directory)
+    if index["entity_rows"] != model.entities.num_rows:
+        raise ValueError(f"{directory}: {index['entity_rows']} entity rows, the dataset has {model.entities.num_rows}")
+    ents = model.entities
+    parts = []
+    for path in sorted(directory.glob("entities-*.pt")):
+        lo, hi = (int(v) for v in _SHARD.fullmatch(path.name).groups())
+        if lo < ents.hi and hi > ents.lo:
+            parts.append(_load(path))
+    ents.load_ranges(parts)
+    model.relations.load_ranges([_load(directory / RELATIONS)])
+    return RunState(**index["state"])
+
+
+def resume(directory: Path | None, config: RunConfig, model: KGModel) -> RunState:
+    """Load the latest checkpoint if there is one, after checking it belongs to this config."""
+    if directory is None:
         return RunState()
-    saved, current = _read(path)["config"], to_dict(config)
+    saved, current = read_index(directory)["config"], to_dict(config)
     for key in FROZEN_KEYS:
         if _lookup(saved, key) != _lookup(current, key):
             raise ValueError(
-                f"{path}: checkpoint was trained with a different '{key}' "
+                f"{directory}: checkpoint was trained with a different '{key}' "
                 f"({_lookup(saved, key)} vs {_lookup(current, key)}); use another --out directory"
             )
-    return load_into(path, model)
+    return load_into(directory, model)
 
 
 def _lookup(tree: dict, dotted: str):

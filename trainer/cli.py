@@ -1,4 +1,10 @@
-"""``python -m trainer train|evaluate``: parse, build, run, report."""
+"""``python -m trainer train|evaluate|ray-train|submit``: parse, build, run, report.
+
+python -m trainer train --config configs/default.yaml                     # one process
+torchrun --standalone --nproc-per-node 2 -m trainer train --config ... --out runs/x   # 2 workers
+python -m trainer ray-train --config ... --workers 2 --out runs/x        # Ray Train, on this Ray cluster
+python -m trainer submit --address http://127.0.0.1:8265 --config ... --workers 2 --out /shared/runs/x
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,47 @@ import sys
 import time
 from pathlib import Path
 
+from sharding.launch import process_group
 from trainer import checkpoint
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config
 from trainer.evaluate import build_filters
 from trainer.loop import evaluate_run, load_data, train
 from trainer.model import build_model
 
 RUNS_DIR = Path("runs")
+ROOT = Path(__file__).parents[1]
+
+
+def _config_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    cmd.add_argument("--dataset", help="bundled dataset name or directory; overrides data.dataset")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cmd.add_argument("--out", type=Path, help="run directory (resumes if it holds a checkpoint)")
+
+
+def _ray_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--workers", type=int, default=2, help="Ray Train workers (ranks)")
+    cmd.add_argument("--cpus-per-worker", type=float, default=1.0)
+    cmd.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
+    cmd.add_argument("--max-failures", type=int, default=1, help="restarts from the latest checkpoint")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Variational knowledge-graph embeddings")
     commands = parser.add_subparsers(dest="command", required=True)
-    train_cmd = commands.add_parser("train", help="train a model and evaluate it")
-    train_cmd.add_argument("--config", type=Path, help="YAML config (see configs/)")
-    train_cmd.add_argument("--dataset", help="bundled dataset name or directory; overrides data.dataset")
-    train_cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    train_cmd.add_argument("--out", type=Path, help="run directory (resumes if it holds a checkpoint)")
+    _config_args(commands.add_parser("train", help="train a model and evaluate it (plain or under torchrun)"))
     eval_cmd = commands.add_parser("evaluate", help="evaluate a run directory's best checkpoint")
     eval_cmd.add_argument("run_dir", type=Path)
     eval_cmd.add_argument("--samples", type=int, help="average the predictive probability over S samples")
+    ray_cmd = commands.add_parser("ray-train", help="train with Ray Train on the Ray cluster at RAY_ADDRESS")
+    _config_args(ray_cmd)
+    _ray_args(ray_cmd)
+    submit_cmd = commands.add_parser("submit", help="submit a ray-train run to a Ray cluster as a job")
+    submit_cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
+    submit_cmd.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
+    submit_cmd.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+    _config_args(submit_cmd)
+    _ray_args(submit_cmd)
     return parser
 
 
@@ -43,39 +70,89 @@ def _summary(metrics: dict) -> str:
     return "\n".join(["test metrics:", *rows, f"dropped facts (unseen entities): {metrics['dropped_facts']}"])
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("WORLD_SIZE > 1: multi-worker training needs the sharded entity table (not built yet)")
+def _load(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
-    config = load_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config = _load(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and args.out is None:
+        raise ValueError(f"WORLD_SIZE={world_size}: pass --out, a run directory every worker can reach")
     out_dir = args.out or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
-    print(f"run directory: {out_dir}", flush=True)
-    metrics = train(config, out_dir)
-    print(f"run directory: {out_dir}")
-    print(_summary(metrics))
+    with process_group(config.sharding.backend) as exchange:
+        lead = exchange.rank == 0
+        if lead:
+            print(f"run directory: {out_dir} ({exchange.world_size} worker(s))", flush=True)
+        metrics = train(config, out_dir, exchange=exchange)
+        if lead:
+            print(f"run directory: {out_dir}")
+            print(_summary(metrics))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     run_dir: Path = args.run_dir
     overrides = [] if args.samples is None else [f"eval.num_samples={args.samples}"]
     config = load_config(run_dir / "config.yaml", overrides)
-    best = run_dir / checkpoint.BEST
-    path = best if best.exists() else run_dir / checkpoint.LATEST
-    if not path.exists():
-        raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST} or {checkpoint.LATEST}) to evaluate")
-    dataset = load_data(config)
-    model = build_model(config, dataset.num_entities, dataset.num_relations)
-    checkpoint.load_into(path, model)
-    metrics = evaluate_run(config, model, dataset, build_filters(dataset.all_known(), dataset.num_relations))
-    print(json.dumps(metrics, indent=2))
+    with process_group(config.sharding.backend) as exchange:
+        reporter = checkpoint.Reporter(run_dir, exchange)
+        name = checkpoint.BEST if reporter.has(checkpoint.BEST) else checkpoint.LATEST
+        if not reporter.has(name):
+            raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/) to evaluate")
+        dataset = load_data(config, exchange)
+        model = build_model(config, dataset.num_entities, dataset.num_relations, exchange)
+        checkpoint.load_into(reporter.path(name), model)
+        filters = build_filters(dataset.all_known(), dataset.num_relations)
+        metrics = evaluate_run(config, model, dataset, filters)
+        if exchange.rank == 0:
+            print(json.dumps(metrics, indent=2))
+
+
+def cmd_ray_train(args: argparse.Namespace) -> None:
+    import ray
+
+    from trainer.ray_launch import fit
+
+    config = _load(args)
+    out_dir = args.out or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    print(f"run directory: {out_dir} ({args.workers} Ray Train worker(s))", flush=True)
+    fit(
+        config,
+        out_dir,
+        num_workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.gpus,
+        max_failures=args.max_failures,
+    )
+    print(_summary(json.loads((Path(out_dir) / "metrics.json").read_text())))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from trainer.ray_launch import submit
+
+    if args.out is None:
+        raise ValueError("submit: pass --out, a run directory on storage the cluster's workers reach")
+    forwarded = [
+        *(["--config", str(args.config)] if args.config else []),
+        *(["--dataset", args.dataset] if args.dataset else []),
+        *[item for override in args.overrides for item in ("--set", override)],
+        *["--out", str(args.out), "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker)],
+        *["--max-failures", str(args.max_failures), *(["--gpus"] if args.gpus else [])],
+    ]
+    _load(args)  # refuse a bad config here, not on the cluster
+    job_id = submit(args.address, forwarded, working_dir=ROOT, wait=args.wait, timeout_s=args.timeout)
+    print(f"submitted job {job_id} to {args.address}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "ray-train": cmd_ray_train, "submit": cmd_submit}
     try:
-        {"train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
+        commands[args.command](args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

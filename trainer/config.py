@@ -101,6 +101,24 @@ class TrainConfig:
     """torch intra-op threads; None keeps torch's default."""
     progress: bool = True
     """Show a tqdm progress bar with ELBO / KL / NLL."""
+    log_steps: bool = False
+    """Also write steps.jsonl: one line per global step (epoch, step, nll, kl, loss, summed over workers)."""
+
+
+@dataclass(kw_only=True)
+class ShardingConfig:
+    negatives: str = "global"
+    """Bernoulli negatives: global (uniform over all entities) or local (uniform over this worker's own
+    entity shard: no row exchange for them; uniform overall since shards are equal contiguous id ranges)."""
+    block_rows: int = 1024
+    """Shard boundaries fall on multiples of this many rows; initial values and dense noise are drawn
+    per block, so they do not depend on the number of workers."""
+    streams: int | None = None
+    """Data streams per global step (a multiple of the world size; None: one per worker). Each stream
+    reads a disjoint share of the training row groups and contributes batch_size/streams positives to
+    every step, so runs with the same streams see the same batches at any world size."""
+    backend: str = "auto"
+    """torch.distributed backend when launched with several workers: auto (nccl with CUDA, else gloo)."""
 
 
 @dataclass(kw_only=True)
@@ -119,6 +137,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def validate(self) -> None:
         """Reject values no component accepts, naming the key."""
@@ -131,6 +150,8 @@ class RunConfig:
             "objective.reg": (self.objective.reg, ("none", "n3")),
             "optim.optimizer": (self.optim.optimizer, ("adam", "rowwise_adagrad")),
             "data.engine": (self.data.engine, ("pyarrow", "fastparquet")),
+            "sharding.negatives": (self.sharding.negatives, ("global", "local")),
+            "sharding.backend": (self.sharding.backend, ("auto", "gloo", "nccl")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -142,6 +163,8 @@ class RunConfig:
             "train.epochs": self.train.epochs,
             "train.batch_size": self.train.batch_size,
             "eval.batch_size": self.eval.batch_size,
+            "sharding.block_rows": self.sharding.block_rows,
+            "sharding.streams": self.sharding.streams or 1,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -154,6 +177,8 @@ class RunConfig:
             raise ValueError("objective.num_negatives must be even: k/2 heads and k/2 tails are corrupted")
         if not 0.0 <= self.objective.kl_warmup < 1.0:
             raise ValueError("objective.kl_warmup is a fraction of the epochs in [0, 1)")
+        if self.sharding.streams and self.train.batch_size % self.sharding.streams:
+            raise ValueError("train.batch_size must be a multiple of sharding.streams")
         if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
             raise ValueError("objective.kl_estimator=per_occurrence spreads the KL itself; use kl_schedule=uniform")
 
@@ -201,6 +226,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"--set {dotted}: {part} is not a section")
     node[leaf] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """A config from the mapping ``to_dict`` wrote (e.g. sent to Ray workers), validated."""
+    config = _build(RunConfig, tree, "")
+    config.validate()
+    return config
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -4,12 +4,17 @@ Ties are counted honestly: the rank of the true entity is the mean of its optimi
 (1 + #better) and pessimistic rank (#better + #equal, itself included), so a model that scores every
 candidate alike gets (N + 1) / 2, not 1. Filtered ranks ignore other candidates that form a known
 true fact (train + valid + test).
+
+With a sharded entity table every rank scores the same queries against its own candidates and the
+counts of better and equal candidates are summed across ranks: no rank holds all entities.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sharding.exchange import sharded_log_partition
+from sharding.table import seed_of
 from trainer.model import KGModel
 
 HITS_AT = (1, 3, 10)
@@ -44,19 +49,6 @@ def build_filters(known_facts: torch.Tensor, num_relations: int) -> dict[str, Fi
     }
 
 
-def realistic_rank(scores_BN: torch.Tensor, true_B: torch.Tensor, exclude_BN: torch.Tensor | None) -> torch.Tensor:
-    """Mean of optimistic and pessimistic rank of ``true_B`` among candidates not in ``exclude_BN``."""
-    true_scores = scores_BN.gather(1, true_B.unsqueeze(1))
-    better = scores_BN > true_scores
-    equal = scores_BN == true_scores
-    if exclude_BN is not None:
-        better &= ~exclude_BN
-        equal &= ~exclude_BN
-    num_better = better.sum(1).double()
-    num_equal = equal.sum(1).double()  # includes the true candidate itself
-    return num_better + (1.0 + num_equal) / 2.0
-
-
 def summarise(ranks: torch.Tensor) -> dict[str, float]:
     out = {"mr": ranks.mean().item(), "mrr": ranks.reciprocal().mean().item()}
     for k in HITS_AT:
@@ -66,16 +58,32 @@ def summarise(ranks: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def predictive_scores(
-    model: KGModel, queries_B3: torch.Tensor, direction: str, num_samples: int, generator: torch.Generator
+    model: KGModel, known: torch.Tensor, r: torch.Tensor, direction: str, num_samples: int, seed: int
 ) -> torch.Tensor:
-    """Scores with the posterior means, or the predictive probability averaged over samples."""
-    entities, relations = model.posterior()
+    """[B, local candidates]: scores with the posterior means, or the predictive probability (softmax over
+    all entities with the 1-vs-all likelihood, else sigmoid) averaged over ``num_samples`` draws."""
+    ents, rels = model.entities, model.relations
     if num_samples == 0 or not model.variational:
-        return model.candidate_scores(entities.mean, relations.mean, queries_B3, direction)
+        query, rel, side = model.query(ents.lookup(known)[:, : ents.dim], rels.full().mean, r, direction)
+        return model.score_candidates(query, rel, side, ents.full().mean)
+    unique, inverse = torch.unique(known, return_inverse=True)
     total = None
-    for _ in range(num_samples):
-        logits = model.candidate_scores(entities.sample(generator), relations.sample(generator), queries_B3, direction)
-        probs = logits.softmax(-1) if model.reciprocal else logits.sigmoid()
+    for k in range(num_samples):
+        key = (seed, 0x5A3E, k)
+        local_eps = ents.dense_noise(key)
+        own = ents.full()
+        candidates = own.mean + torch.exp(0.5 * own.logvar) * local_eps
+        item = ents.gather(unique, extra=local_eps)
+        dim = ents.dim
+        queries = (item.rows[:, :dim] + torch.exp(0.5 * item.rows[:, dim:]) * item.extra)[inverse]
+        rel_q = rels.full()
+        rel_eps = torch.randn(rel_q.mean.shape, generator=torch.Generator().manual_seed(seed_of(*key)))
+        relations = rel_q.mean + torch.exp(0.5 * rel_q.logvar) * rel_eps
+        logits = model.score_candidates(*model.query(queries.detach(), relations, r, direction), candidates)
+        if model.reciprocal:
+            probs = torch.exp(logits - sharded_log_partition(logits, model.exchange).unsqueeze(-1))
+        else:
+            probs = logits.sigmoid()
         total = probs if total is None else total + probs
     return total / num_samples
 
@@ -90,21 +98,32 @@ def evaluate(
     num_samples: int = 0,
     seed: int = 0,
 ) -> dict:
-    """Raw and filtered metrics over both directions of every fact in ``facts`` [N, 3]."""
-    generator = torch.Generator().manual_seed(seed)
+    """Raw and filtered metrics over both directions of every fact in ``facts`` [N, 3] (same on every rank)."""
+    ents, exchange = model.entities, model.exchange
+    lo, hi = ents.lo, ents.hi
     ranks: dict[str, list[torch.Tensor]] = {"raw": [], "filtered": []}
-    num_entities = model.entities.num_rows
     for batch in facts.split(batch_size):
         s, r, o = batch.unbind(-1)
-        for direction, true, key in (
-            ("tail", o, s * model.num_relations + r),
-            ("head", s, o * model.num_relations + r),
+        rows_B = torch.arange(len(batch))
+        for direction, known, true, key in (
+            ("tail", s, o, s * model.num_relations + r),
+            ("head", o, s, o * model.num_relations + r),
         ):
-            scores = predictive_scores(model, batch, direction, num_samples, generator)
-            rows, known = filters[direction].known(key)
-            exclude = torch.zeros(len(batch), num_entities, dtype=torch.bool)
-            exclude[rows, known] = True
-            exclude[torch.arange(len(batch)), true] = False
-            ranks["raw"].append(realistic_rank(scores, true, None))
-            ranks["filtered"].append(realistic_rank(scores, true, exclude))
+            scores = predictive_scores(model, known, r, direction, num_samples, seed)
+            owned = (true >= lo) & (true < hi)
+            is_true = torch.zeros_like(scores, dtype=torch.bool)
+            is_true[rows_B[owned], true[owned] - lo] = True
+            # The true candidate's score as its owner computed it, shared with every rank.
+            true_scores = torch.zeros(len(batch), dtype=torch.float64)
+            true_scores[owned] = scores[rows_B[owned], true[owned] - lo].double()
+            true_scores = exchange.all_reduce(true_scores).to(scores.dtype).unsqueeze(1)
+            answer_rows, answers = filters[direction].known(key)
+            mine = (answers >= lo) & (answers < hi)
+            exclude = torch.zeros_like(is_true)
+            exclude[answer_rows[mine], answers[mine] - lo] = True
+            better, equal = (scores > true_scores) & ~is_true, (scores == true_scores) & ~is_true
+            counts = torch.stack([better.sum(1), equal.sum(1), (better & ~exclude).sum(1), (equal & ~exclude).sum(1)])
+            counts = exchange.all_reduce(counts.double())
+            ranks["raw"].append(counts[0] + 1.0 + counts[1] / 2.0)
+            ranks["filtered"].append(counts[2] + 1.0 + counts[3] / 2.0)
     return {kind: summarise(torch.cat(values)) for kind, values in ranks.items()}

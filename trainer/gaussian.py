@@ -59,12 +59,12 @@ class _SampleAndKL(torch.autograd.Function):
         return grad, None
 
 
-def sample_and_kl(rows: torch.Tensor, dim: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One reparameterised draw [U, dim] and KL to N(0, I) per row [U] of table rows [U, 2*dim] = [mean | logvar].
+def sample_and_kl(rows: torch.Tensor, dim: int, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw mean + sigma * eps [U, dim] and the KL to N(0, I) per row [U] of table rows
+    [U, 2*dim] = [mean | logvar], given standard normal ``eps`` [U, dim].
 
-    Point-estimate rows ([U, dim]) are returned as they are, with zero KL.
+    Point-estimate rows ([U, dim]) are returned as they are, with zero KL (``eps`` is then None).
     """
     if rows.shape[-1] == dim:
         return rows, rows.new_zeros(rows.shape[0])
-    eps = torch.randn(rows.shape[0], dim, generator=generator, dtype=rows.dtype, device=rows.device)
     return _SampleAndKL.apply(rows, eps)

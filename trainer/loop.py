@@ -1,5 +1,11 @@
 """The training function. A plain run is world size 1 of the distributed path: the loop only gathers
-rows from tables and hands gradients back, so a sharded table drops in without a second trainer."""
+rows from tables and hands gradients back, and the tables do the routing, so torchrun, Ray Train and
+a plain process all run ``train``.
+
+A global step takes one batch from each of ``sharding.streams`` data streams; a rank handles the
+streams ``rank, rank + W, ...``. Randomness is keyed by (seed, epoch, step, stream) and per-row noise
+blocks, never by rank, so a run's numbers depend on the streams, not on how many workers share them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from storage.dataset import KGDataset, open_dataset
+from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
+from sharding.table import Gathered, seed_of
+from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
 from trainer.config import RunConfig, save_config, to_dict
 from trainer.evaluate import build_filters, evaluate
@@ -22,36 +30,45 @@ from trainer.objective import (
     bernoulli_nll,
     chunk_negatives,
     kl_share,
+    local_log_partition,
     n3_penalty,
     per_occurrence_kl,
-    softmax_nll,
 )
+
+RELATION_STREAM = -1
 
 
 @dataclass
 class StepTerms:
-    """One batch's share of the negative ELBO (KL before warm-up and kl_weight) and the loss minimised."""
+    """One global step's share of the negative ELBO (KL before warm-up and kl_weight) and the loss
+    minimised, summed over all ranks."""
 
     nll: float
     kl: float
     loss: float
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Shuffling, negatives and noise of an epoch depend only on (seed, epoch): resume is exact."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def load_data(config: RunConfig) -> KGDataset:
+def load_data(config: RunConfig, exchange: Exchange | None = None) -> KGDataset:
+    """Open the configured dataset; rank 0 converts triple files first, so ranks never race on the cache."""
+    exchange = exchange or LocalExchange()
     data = config.data
+    if exchange.rank == 0:
+        resolve_store(data.dataset, data.cache_dir)
+    exchange.barrier()
     return open_dataset(data.dataset, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
 
 
+def step_generator(key: tuple[int, ...], stream: int) -> torch.Generator:
+    """Negatives and sparse noise of one stream in one step: a function of (seed, epoch, step, stream)."""
+    return torch.Generator().manual_seed(seed_of(*key, stream))
+
+
 class Step:
-    """Computes and applies one batch's update; holds what is fixed for a whole run."""
+    """Computes and applies one global step's update on this rank; holds what is fixed for a run."""
 
     def __init__(self, config: RunConfig, model: KGModel, frequency: torch.Tensor):
         self.config, self.model, self.frequency = config, model, frequency
+        self.exchange: Exchange = model.exchange
         obj = config.objective
         num_entities = model.entities.num_rows
         self.negative_weight = (
@@ -59,56 +76,72 @@ class Step:
             if obj.negative_weight is None
             else obj.negative_weight
         )
-        # The full LIM KL and the softmax touch every entity row; otherwise only the batch's rows move.
-        self.gather_all = obj.likelihood == "softmax" or (model.latent == "lim" and obj.kl_estimator == "full")
+        # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
+        self.dense = obj.likelihood == "softmax" or (model.latent == "lim" and obj.kl_estimator == "full")
+        self.log_partition = (
+            local_log_partition
+            if self.exchange.world_size == 1
+            else (lambda logits: sharded_log_partition(logits, self.exchange))
+        )
 
     def __call__(
-        self, pos_B3: torch.Tensor, share: float, kl_multiplier: float, generator: torch.Generator
+        self, batches: list[tuple[int, torch.Tensor]], share: float, kl_multiplier: float, key: tuple[int, ...]
     ) -> StepTerms:
-        obj, model = self.config.objective, self.model
-        num_entities = model.entities.num_rows
-        negatives = None
-        if obj.likelihood == "bernoulli":
-            negatives = chunk_negatives(len(pos_B3), obj.negative_chunk, obj.num_negatives, num_entities, generator)
-        ids, local = self._rows_needed(pos_B3, negatives)
-        ent_leaf, rel_leaf = model.entities.gather(ids), model.relations.gather(None)
-        ent, ent_kl = sample_and_kl(ent_leaf, model.entities.dim, generator)
-        rel, rel_kl = sample_and_kl(rel_leaf, model.relations.dim, generator)
-        s, r, o = local["s"], pos_B3[:, 1], local["o"]
-        # One lookup for heads, tails and negatives: one gather forward, one scatter backward.
-        lookup = torch.cat([s, o] if negatives is None else [s, o, local["neg"].reshape(-1)])
-        emb = ent.index_select(0, lookup)
-        s_emb, o_emb, r_emb = emb[: len(s)], emb[len(s) : 2 * len(s)], rel.index_select(0, r)
+        """``batches``: (stream, positives [B, 3]) of this rank's streams; ``key``: (seed, epoch, step)."""
+        model, obj = self.model, self.config.objective
+        ents, rels = model.entities, model.relations
+        rel_leaf = rels.local()
+        rel_eps = self._noise(rels.num_rows, rels.dim, step_generator(key, RELATION_STREAM))
+        rel, rel_kl = sample_and_kl(rel_leaf, rels.dim, rel_eps)
+        ent_leaf = dense_eps = candidates = dense_kl = None
+        if self.dense:
+            ent_leaf = ents.local()
+            dense_eps = ents.dense_noise(key) if model.variational else None
+            candidates, dense_kl = sample_and_kl(ent_leaf, ents.dim, dense_eps)
 
-        if obj.likelihood == "bernoulli":
-            neg = emb[2 * len(s) :].view(*local["neg"].shape, -1)
-            nll = bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
-        else:
-            queries = torch.cat([s_emb, o_emb])
-            query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])
-            nll = softmax_nll(model.scorer, queries, query_rel, torch.cat([o_emb, s_emb]), ent)
-
-        kl = self._kl(ent_kl, rel_kl, local, pos_B3, ids, share)
-        loss = nll + kl_multiplier * kl
-        if obj.reg == "n3" and obj.reg_weight > 0:
-            ent_mean, rel_mean = ent_leaf[:, : model.entities.dim], rel_leaf[:, : model.relations.dim]
-            means = (ent_mean.index_select(0, s), rel_mean.index_select(0, r), ent_mean.index_select(0, o))
-            loss = loss + obj.reg_weight * n3_penalty(*means, complex_valued=model.scorer.name == "complex")
+        gathered: list[Gathered] = []
+        nll = kl = reg = rel_leaf.new_zeros(())
+        for stream, positives in batches:
+            generator = step_generator(key, stream)
+            negatives = self._negatives(len(positives), generator) if obj.likelihood == "bernoulli" else None
+            ids, local = self._rows_needed(positives, negatives)
+            item = ents.gather(ids, extra=dense_eps)
+            gathered.append(item)
+            eps = item.extra if self.dense else self._noise(len(ids), ents.dim, generator)
+            ent, ent_kl = sample_and_kl(item.rows, ents.dim, eps)
+            nll = nll + self._nll(ent, rel, candidates, local, positives[:, 1])
+            kl = kl + self._stream_kl(ent_kl, rel_kl, local, positives, ids)
+            if obj.reg == "n3" and obj.reg_weight > 0:
+                reg = reg + obj.reg_weight * self._n3(item.rows, rel_leaf, local, positives[:, 1])
+        kl = kl + self._step_kl(dense_kl, rel_kl, share)
+        loss = nll + kl_multiplier * kl + reg
         loss.backward()
-        self._clip(ent_leaf.grad, rel_leaf.grad)
-        model.entities.apply_gradients(ids, ent_leaf.grad)
-        model.relations.apply_gradients(None, rel_leaf.grad)
-        return StepTerms(nll=nll.item(), kl=kl.item(), loss=loss.item())
+
+        ent_ids, ent_grad = ents.collect(gathered, ent_leaf)
+        rel_grad = rels.collect(rel_leaf)
+        self._clip(ent_grad, rel_grad)
+        ents.step(ent_ids, ent_grad)
+        rels.step(rel_grad)
+        totals = self.exchange.all_reduce(torch.stack([nll.detach(), kl.detach(), loss.detach()]))
+        return StepTerms(*totals.tolist())
+
+    def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
+        return torch.randn(rows, dim, generator=generator) if self.model.variational else None
+
+    def _negatives(self, num_positives: int, generator: torch.Generator) -> torch.Tensor:
+        obj, ents = self.config.objective, self.model.entities
+        if self.config.sharding.negatives == "local":
+            lo, hi = ents.lo, ents.hi
+            return lo + chunk_negatives(num_positives, obj.negative_chunk, obj.num_negatives, hi - lo, generator)
+        return chunk_negatives(num_positives, obj.negative_chunk, obj.num_negatives, ents.num_rows, generator)
 
     def _rows_needed(
-        self, pos_B3: torch.Tensor, negatives: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Entity ids to gather (None: all) and the batch's positions within the gathered rows."""
-        parts = {"s": pos_B3[:, 0], "o": pos_B3[:, 2]}
+        self, positives: torch.Tensor, negatives: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Ascending unique entity ids to gather, and the batch's positions within them."""
+        parts = {"s": positives[:, 0], "o": positives[:, 2]}
         if negatives is not None:
             parts["neg"] = negatives
-        if self.gather_all:
-            return None, parts
         flat = torch.cat([p.reshape(-1) for p in parts.values()])
         ids, inverse = torch.unique(flat, return_inverse=True)
         local, offset = {}, 0
@@ -117,77 +150,172 @@ class Step:
             offset += p.numel()
         return ids, local
 
-    def _kl(
+    def _nll(
+        self,
+        ent: torch.Tensor,
+        rel: torch.Tensor,
+        candidates: torch.Tensor | None,
+        local: dict[str, torch.Tensor],
+        r: torch.Tensor,
+    ) -> torch.Tensor:
+        obj, model = self.config.objective, self.model
+        s_emb, o_emb, r_emb = ent.index_select(0, local["s"]), ent.index_select(0, local["o"]), rel.index_select(0, r)
+        if obj.likelihood == "bernoulli":
+            neg = ent.index_select(0, local["neg"].reshape(-1)).view(*local["neg"].shape, -1)
+            return bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
+        # 1-vs-all over every entity: this rank scores every rank's queries against its own candidates
+        # and log Z is assembled across ranks (vocabulary-parallel softmax).
+        queries = torch.cat([s_emb, o_emb])
+        query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])
+        all_queries, offset = all_gather_rows(queries, self.exchange)
+        all_rel, _ = all_gather_rows(query_rel, self.exchange)
+        log_z = self.log_partition(model.scorer.score_tails(all_queries, all_rel, candidates))
+        own = log_z[offset : offset + len(queries)]
+        return (own - model.scorer.score(queries, query_rel, torch.cat([o_emb, s_emb]))).sum()
+
+    def _stream_kl(
         self,
         ent_kl: torch.Tensor,
         rel_kl: torch.Tensor,
         local: dict[str, torch.Tensor],
-        pos_B3: torch.Tensor,
-        ids: torch.Tensor | None,
-        share: float,
+        positives: torch.Tensor,
+        ids: torch.Tensor,
     ) -> torch.Tensor:
+        """The KL that belongs to a stream's facts (LFM; LIM per occurrence)."""
         model = self.model
         if not model.variational:
             return ent_kl.new_zeros(())
         if model.latent == "lfm":
             # One latent set per fact: the KL of the embeddings of the batch's facts, each positive fact
             # once per epoch, plus every distinct corrupted entity of the batch once.
-            r = pos_B3[:, 1]
+            r = positives[:, 1]
             total = ent_kl[local["s"]].sum() + ent_kl[local["o"]].sum() + rel_kl[r].sum()
             if model.reciprocal:
                 total = total + rel_kl[r + model.num_relations].sum()
             if "neg" in local:
                 total = total + ent_kl[torch.unique(local["neg"])].sum()
             return total
-        if self.config.objective.kl_estimator == "full":
-            return share * (ent_kl.sum() + rel_kl.sum())
-        size = model.entities.num_rows if ids is None else len(ids)
-        occurrences = torch.bincount(torch.cat([local["s"], local["o"]]), minlength=size)
-        frequency = self.frequency if ids is None else self.frequency[ids]
-        return per_occurrence_kl(ent_kl, occurrences, frequency) + share * rel_kl.sum()
+        if self.config.objective.kl_estimator == "per_occurrence":
+            occurrences = torch.bincount(torch.cat([local["s"], local["o"]]), minlength=len(ids))
+            return per_occurrence_kl(ent_kl, occurrences, self.frequency[ids])
+        return ent_kl.new_zeros(())
 
-    def _clip(self, *grads: torch.Tensor) -> None:
+    def _step_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float) -> torch.Tensor:
+        """The LIM KL of whole tables, scheduled per step: each rank its entity rows, rank 0 the relations."""
+        model = self.model
+        if not model.variational or model.latent != "lim":
+            return rel_kl.new_zeros(())
+        total = rel_kl.sum() if self.exchange.rank == 0 else rel_kl.new_zeros(())
+        if self.config.objective.kl_estimator == "full":
+            total = total + dense_kl.sum()
+        return share * total
+
+    def _n3(
+        self, rows: torch.Tensor, rel_leaf: torch.Tensor, local: dict[str, torch.Tensor], r: torch.Tensor
+    ) -> torch.Tensor:
+        dim = self.model.entities.dim
+        ent_mean, rel_mean = rows[:, :dim], rel_leaf[:, :dim]
+        means = (
+            ent_mean.index_select(0, local["s"]),
+            rel_mean.index_select(0, r),
+            ent_mean.index_select(0, local["o"]),
+        )
+        return n3_penalty(*means, complex_valued=self.model.scorer.name == "complex")
+
+    def _clip(self, ent_grad: torch.Tensor, rel_grad: torch.Tensor) -> None:
+        """Clip the norm of the whole gradient: entity rows summed over ranks, relations counted once."""
         max_norm = self.config.optim.grad_clip
         if max_norm is None:
             return
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        squared = self.exchange.all_reduce(ent_grad.square().sum().reshape(1))[0] + rel_grad.square().sum()
+        total = squared.sqrt()
         if total > max_norm:
-            for g in grads:
+            for g in (ent_grad, rel_grad):
                 g.mul_(max_norm / (total + 1e-6))
 
 
-def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) -> dict:
-    """Train (resuming from ``out_dir`` when it holds a checkpoint), evaluate, write metrics.json."""
+class Schedule:
+    """Which batches this rank feeds each global step of an epoch."""
+
+    def __init__(self, config: RunConfig, dataset: KGDataset, exchange: Exchange):
+        world = exchange.world_size
+        self.num_streams = config.sharding.streams or world
+        if self.num_streams % world:
+            raise ValueError(f"sharding.streams={self.num_streams} is not a multiple of the world size {world}")
+        self.streams = list(range(exchange.rank, self.num_streams, world))
+        self.batch_size = config.train.batch_size // self.num_streams
+        if self.batch_size == 0:
+            raise ValueError(f"train.batch_size={config.train.batch_size} is smaller than {self.num_streams} streams")
+        self.config, self.dataset = config, dataset
+        self.num_steps = max(dataset.num_batches(self.batch_size, s, self.num_streams) for s in range(self.num_streams))
+
+    def epoch(self, epoch: int):
+        """Per step, [(stream, positives)] for this rank; a stream that ran out gives an empty batch."""
+        readers = [
+            self.dataset.batches(
+                batch_size=self.batch_size,
+                epoch=epoch,
+                seed=self.config.train.seed,
+                rank=stream,
+                world_size=self.num_streams,
+                prefetch=self.config.data.prefetch,
+            )
+            for stream in self.streams
+        ]
+        empty = torch.empty(0, 3, dtype=torch.int64)
+        for _ in range(self.num_steps):
+            yield [(stream, next(reader, empty)) for stream, reader in zip(self.streams, readers, strict=True)]
+
+
+def train(
+    config: RunConfig,
+    out_dir: Path,
+    dataset: KGDataset | None = None,
+    exchange: Exchange | None = None,
+    reporter: checkpoint.Reporter | None = None,
+) -> dict:
+    """Train (resuming from the latest checkpoint when there is one), evaluate, write metrics.json.
+
+    Every rank calls this; rank 0 writes the logs and metrics. ``reporter`` hands checkpoints to a
+    launcher (Ray Train) instead of only to ``out_dir``.
+    """
+    exchange = exchange or LocalExchange()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lead = exchange.rank == 0
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    dataset = dataset or load_data(config)
-    save_config(config, out_dir / "config.yaml")
-    model = build_model(config, dataset.num_entities, dataset.num_relations)
+    dataset = dataset or load_data(config, exchange)
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+    model = build_model(config, dataset.num_entities, dataset.num_relations, exchange)
     filters = build_filters(dataset.all_known(), dataset.num_relations)
-    state = checkpoint.resume(out_dir, config, model)
+    reporter = reporter or checkpoint.Reporter(out_dir, exchange)
+    state = checkpoint.resume(reporter.latest(), config, model)
 
     train_cfg, obj = config.train, config.objective
-    num_batches = dataset.num_batches(train_cfg.batch_size)
+    schedule = Schedule(config, dataset, exchange)
+    num_steps = schedule.num_steps
     warmup_epochs = round(obj.kl_warmup * train_cfg.epochs)
     step = Step(config, model, dataset.entity_frequency)
-    logger = RunLogger(out_dir, total_steps=train_cfg.epochs * num_batches, progress=train_cfg.progress)
-    logger.start(state.epoch * num_batches, state.epoch)
+    logger = RunLogger(
+        out_dir,
+        total_steps=train_cfg.epochs * num_steps,
+        progress=train_cfg.progress,
+        enabled=lead,
+        log_steps=train_cfg.log_steps,
+    )
+    logger.start(state.epoch * num_steps, state.epoch)
 
     for epoch in range(state.epoch, train_cfg.epochs):
         started = time.perf_counter()
-        generator = epoch_generator(train_cfg.seed, epoch)
-        batches = dataset.batches(
-            batch_size=train_cfg.batch_size, epoch=epoch, seed=train_cfg.seed, prefetch=config.data.prefetch
-        )
         kl_multiplier = obj.kl_weight if epoch >= warmup_epochs else 0.0
         nll_sum = kl_sum = 0.0
-        for i, batch in enumerate(batches):
-            terms = step(batch, kl_share(i, num_batches, obj.kl_schedule), kl_multiplier, generator)
+        for i, batches in enumerate(schedule.epoch(epoch)):
+            terms = step(batches, kl_share(i, num_steps, obj.kl_schedule), kl_multiplier, (train_cfg.seed, epoch, i))
             nll_sum += terms.nll
             kl_sum += terms.kl
-            logger.step(terms.nll, terms.kl)
+            logger.step(terms.nll, terms.kl, epoch=epoch + 1, step=i, loss=terms.loss)
         record = {
             "epoch": epoch + 1,
             "elbo": -(nll_sum + kl_sum),
@@ -196,6 +324,8 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
             "kl_multiplier": kl_multiplier,
             "seconds": time.perf_counter() - started,
         }
+        # Every rank must take the same decision about the time budget: rank 0's clock decides.
+        record["seconds"] = float(exchange.all_reduce(torch.tensor([record["seconds"] if lead else 0.0]))[0])
         state.train_seconds += record["seconds"]
         state.epoch = epoch + 1
         budget = train_cfg.time_budget_s
@@ -207,24 +337,27 @@ def train(config: RunConfig, out_dir: Path, dataset: KGDataset | None = None) ->
             record["valid_mrr"] = valid["filtered"]["mrr"]
             if valid["filtered"]["mrr"] > state.best_mrr:
                 state.best_mrr, state.best_epoch = valid["filtered"]["mrr"], state.epoch
-                checkpoint.save(out_dir / checkpoint.BEST, model, state, config)
+                reporter.save(checkpoint.BEST, model, state, config)
         logger.epoch(record)
         if state.epoch % train_cfg.checkpoint_every == 0 or last:
-            checkpoint.save(out_dir / checkpoint.LATEST, model, state, config)
-        if out_of_time:
+            reporter.save(checkpoint.LATEST, model, state, config, metrics=record)
+        if out_of_time and lead:
             print(f"time budget {budget:.0f}s: stopping after epoch {state.epoch}", flush=True)
+        if out_of_time:
             break
     logger.close()
 
-    if (out_dir / checkpoint.BEST).exists():
-        checkpoint.load_into(out_dir / checkpoint.BEST, model)
+    if reporter.has(checkpoint.BEST):
+        checkpoint.load_into(reporter.path(checkpoint.BEST), model)
     metrics = evaluate_run(config, model, dataset, filters)
     metrics.update(
         train_seconds=state.train_seconds,
         best_epoch=state.best_epoch or state.epoch,
+        world_size=exchange.world_size,
         config=to_dict(config),
     )
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    if lead:
+        atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -2,7 +2,8 @@
 
 Which posterior (LIM, LFM or point) changes only the KL term (trainer/objective.py) and whether the
 tables carry variances. With the softmax likelihood the relation table has 2*Nr rows: row r + Nr is
-the reciprocal of r, so the head query (?, r, o) becomes the tail query (o, r^-1, ?).
+the reciprocal of r, so the head query (?, r, o) becomes the tail query (o, r^-1, ?). The entity table
+is row-sharded across ranks (all rows at world size 1); relations are replicated.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sharding.table import LocalTable
+from sharding.exchange import Exchange, LocalExchange
+from sharding.table import ReplicatedTable, ShardedTable
 from trainer.config import RunConfig
-from trainer.gaussian import Gaussian
 from trainer.scorers import Scorer, build_scorer
 
 
 @dataclass
 class KGModel:
-    entities: LocalTable
-    relations: LocalTable
+    entities: ShardedTable
+    relations: ReplicatedTable
     scorer: Scorer
     latent: str
     num_relations: int
@@ -30,35 +31,44 @@ class KGModel:
     def variational(self) -> bool:
         return self.latent != "point"
 
-    def candidate_scores(
-        self, entities: torch.Tensor, relations: torch.Tensor, queries_B3: torch.Tensor, direction: str
-    ) -> torch.Tensor:
-        """Scores [B, Ne] of every entity as the missing ``direction`` ('tail' or 'head') of each query,
-        given embedding matrices (means or one sample) of all entities and relations."""
-        s, r, o = queries_B3.unbind(-1)
+    @property
+    def exchange(self) -> Exchange:
+        return self.entities.exchange
+
+    def query(
+        self, query_emb: torch.Tensor, relations: torch.Tensor, r: torch.Tensor, direction: str
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(entity embedding, relation embedding, side of the candidate) that scores the missing
+        ``direction`` of queries whose known entity is ``query_emb`` and relation ids ``r``."""
         if direction == "tail":
-            return self.scorer.score_tails(entities[s], relations[r], entities)
+            return query_emb, relations[r], "tail"
         if self.reciprocal:
-            return self.scorer.score_tails(entities[o], relations[r + self.num_relations], entities)
-        return self.scorer.score_heads(relations[r], entities[o], entities)
+            return query_emb, relations[r + self.num_relations], "tail"
+        return query_emb, relations[r], "head"
 
-    def posterior(self) -> tuple[Gaussian, Gaussian]:
-        return self.entities.full(), self.relations.full()
+    def score_candidates(
+        self, query_emb: torch.Tensor, rel_emb: torch.Tensor, side: str, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        if side == "tail":
+            return self.scorer.score_tails(query_emb, rel_emb, candidates)
+        return self.scorer.score_heads(rel_emb, query_emb, candidates)
 
 
-def build_model(config: RunConfig, num_entities: int, num_relations: int) -> KGModel:
-    generator = torch.Generator().manual_seed(config.train.seed)
+def build_model(config: RunConfig, num_entities: int, num_relations: int, exchange: Exchange | None = None) -> KGModel:
+    exchange = exchange or LocalExchange()
     reciprocal = config.objective.likelihood == "softmax"
     table_args = dict(
         variational=config.model.latent != "point",
         optimizer=config.optim.optimizer,
         lr=config.optim.lr,
-        generator=generator,
         init_std=config.model.init_std,
         init_logvar=config.model.init_logvar,
+        block_rows=config.sharding.block_rows,
     )
-    entities = LocalTable(num_entities, config.model.dim, **table_args)
-    relations = LocalTable(num_relations * (2 if reciprocal else 1), config.model.dim, **table_args)
+    entities = ShardedTable(num_entities, config.model.dim, exchange, seed=config.train.seed, **table_args)
+    relations = ReplicatedTable(
+        num_relations * (2 if reciprocal else 1), config.model.dim, exchange, seed=config.train.seed + 1, **table_args
+    )
     return KGModel(
         entities=entities,
         relations=relations,

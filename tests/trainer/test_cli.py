@@ -33,8 +33,9 @@ def test_train_writes_the_run_directory_and_evaluate_reproduces_it(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"run directory: {out}" in result.stdout and "filtered" in result.stdout
-    for name in ("config.yaml", "checkpoint.pt", "best.pt", "log.jsonl", "metrics.json"):
+    for name in ("config.yaml", "log.jsonl", "metrics.json", "checkpoint/index.json", "best/relations.pt"):
         assert (out / name).is_file(), name
+    assert len(list((out / "checkpoint").glob("entities-*.pt"))) == 1
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert {"epoch", "elbo", "kl", "nll", "seconds"} <= set(records[0])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import make_config
-from trainer.evaluate import FilterIndex, build_filters, evaluate, realistic_rank
+from trainer.evaluate import FilterIndex, build_filters, evaluate, predictive_scores
 from trainer.model import build_model
 
 
@@ -60,14 +60,6 @@ def test_constant_scores_get_the_middle_rank_not_rank_one(tiny_dataset):
     assert got["raw"]["hits@1"] == 0.0
 
 
-def test_realistic_rank_on_a_hand_case():
-    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1]])
-    true = torch.tensor([0])
-    assert realistic_rank(scores, true, None).item() == 3.0  # 1 better, 3 equal incl. itself -> (2 + 4) / 2
-    exclude = torch.tensor([[False, True, False, True, False]])
-    assert realistic_rank(scores, true, exclude).item() == 1.5  # 0 better, 2 equal -> (1 + 2) / 2
-
-
 def test_filter_index_finds_every_known_answer():
     g = torch.Generator().manual_seed(1)
     keys = torch.randint(0, 7, (50,), generator=g)
@@ -99,8 +91,7 @@ def test_reciprocal_head_queries_use_the_inverse_relation(tiny_dataset):
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
     assert model.relations.num_rows == 2 * tiny_dataset.num_relations
     ent, rel = model.entities.full().mean, model.relations.full().mean
-    q = torch.tensor([[1, 0, 3]])
-    scores = model.candidate_scores(ent, rel, q, "head")
+    scores = predictive_scores(model, torch.tensor([3]), torch.tensor([0]), "head", num_samples=0, seed=0)
     expected = torch.stack([model.scorer.score(ent[3], rel[0 + 2], ent[c]) for c in range(6)])
     torch.testing.assert_close(scores[0], expected)
     assert scores.shape == (1, 6)

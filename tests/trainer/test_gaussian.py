@@ -14,12 +14,12 @@ def test_kl_closed_form_matches_monte_carlo():
     log_q = -0.5 * (((samples - mean) ** 2) / var + logvar + torch.log(torch.tensor(2 * torch.pi))).sum(-1)
     log_p = -0.5 * (samples**2 + torch.log(torch.tensor(2 * torch.pi))).sum(-1)
     mc = (log_q - log_p).mean(0)
-    _, kl = sample_and_kl(torch.cat([mean, logvar], dim=-1), 4, None)  # rows [mean | logvar]
+    _, kl = sample_and_kl(torch.cat([mean, logvar], dim=-1), 4, torch.zeros(3, 4))  # rows [mean | logvar]
     torch.testing.assert_close(kl, mc, atol=0.03, rtol=0.01)
 
 
 def test_kl_is_zero_at_the_prior_and_for_point_estimates():
-    _, kl = sample_and_kl(torch.zeros(2, 10), 5, None)  # mean 0, logvar 0: the prior itself
+    _, kl = sample_and_kl(torch.zeros(2, 10), 5, torch.zeros(2, 5))  # mean 0, logvar 0: the prior itself
     assert kl.abs().max() == 0
     point = torch.randn(2, 5)
     sample, kl = sample_and_kl(point, 5, None)
@@ -40,12 +40,12 @@ def test_fused_sample_and_kl_matches_autograd_of_the_composition():
     weights_kl = torch.randn(5, dtype=torch.float64, generator=g)
 
     fused_rows = rows.clone().requires_grad_(True)
-    sample, kl = sample_and_kl(fused_rows, 3, torch.Generator().manual_seed(7))
+    eps = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    sample, kl = sample_and_kl(fused_rows, 3, eps)
     ((sample * weights_sample).sum() + (kl * weights_kl).sum()).backward()
 
     plain_rows = rows.clone().requires_grad_(True)
     q = Gaussian(plain_rows[:, :3], plain_rows[:, 3:])
-    eps = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     plain_sample = q.mean + torch.exp(0.5 * q.logvar) * eps
     ((plain_sample * weights_sample).sum() + (unit_kl(q) * weights_kl).sum()).backward()
 

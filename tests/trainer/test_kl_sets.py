@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
-from trainer.loop import Step
+from trainer.loop import Step, step_generator
 from trainer.model import build_model
 from trainer.objective import chunk_negatives
+
+KEY = (0, 0, 0)  # (seed, epoch, step)
 
 
 def _step(config, dataset):
@@ -15,9 +17,9 @@ def _step(config, dataset):
 def test_lim_full_kl_covers_every_entity_and_relation(tiny_dataset):
     config = make_config("model.latent=lim", "objective.likelihood=bernoulli", "optim.lr=0.0")
     model, step = _step(config, tiny_dataset)
-    entities, relations = model.posterior()
+    entities, relations = model.entities.full(), model.relations.full()
     expected = 0.25 * (unit_kl(entities).sum() + unit_kl(relations).sum())  # includes unseen entity 5
-    terms = step(TINY_TRAIN[:2], 0.25, 1.0, torch.Generator().manual_seed(0))
+    terms = step([(0, TINY_TRAIN[:2])], 0.25, 1.0, KEY)
     assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -26,20 +28,17 @@ def test_lfm_kl_covers_only_the_batch_facts(tiny_dataset):
         "model.latent=lfm", "objective.likelihood=bernoulli", "objective.num_negatives=2", "optim.lr=0.0"
     )
     model, step = _step(config, tiny_dataset)
-    entities, relations = model.posterior()
+    entities, relations = model.entities.full(), model.relations.full()
     ent_kl, rel_kl = unit_kl(entities), unit_kl(relations)
     batch = TINY_TRAIN[:2]  # facts (0, r0, 1) and (1, r0, 2)
-    generator = torch.Generator().manual_seed(3)
-    negatives = chunk_negatives(
-        2, config.objective.negative_chunk, 2, 6, torch.Generator().set_state(generator.get_state())
-    )
+    negatives = chunk_negatives(2, config.objective.negative_chunk, 2, 6, step_generator(KEY, 0))
     expected = (
         ent_kl[[0, 1]].sum()
         + ent_kl[[1, 2]].sum()
         + 2 * rel_kl[0]  # each positive fact's s, r, o
         + ent_kl[torch.unique(negatives)].sum()  # distinct corrupted entities, once
     )
-    terms = step(batch, 0.5, 1.0, generator)  # the share does not apply: each fact is in one batch per epoch
+    terms = step([(0, batch)], 0.5, 1.0, KEY)  # the share does not apply: each fact is in one batch per epoch
     assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -48,12 +47,11 @@ def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
         "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "optim.lr=0.0"
     )
     model, step = _step(config, tiny_dataset)
-    entities, relations = model.posterior()
+    entities, relations = model.entities.full(), model.relations.full()
     seen = torch.tensor([0, 1, 2, 3, 4])  # entity 5 is not in train
     expected = unit_kl(entities)[seen].sum() + unit_kl(relations).sum()
-    generator = torch.Generator().manual_seed(0)
-    batches = torch.randperm(len(TINY_TRAIN), generator=generator).split(3)
-    total = sum(step(TINY_TRAIN[b], 1 / len(batches), 1.0, generator).kl for b in batches)
+    batches = torch.randperm(len(TINY_TRAIN), generator=torch.Generator().manual_seed(0)).split(3)
+    total = sum(step([(0, TINY_TRAIN[b])], 1 / len(batches), 1.0, (0, 0, i)).kl for i, b in enumerate(batches))
     assert total == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -61,4 +59,4 @@ def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
     config = make_config("model.latent=point")
     model, step = _step(config, tiny_dataset)
     assert model.entities.full().logvar is None
-    assert step(TINY_TRAIN, 1.0, 1.0, torch.Generator().manual_seed(0)).kl == 0.0
+    assert step([(0, TINY_TRAIN)], 1.0, 1.0, KEY).kl == 0.0

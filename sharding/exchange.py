@@ -1,0 +1,134 @@
+"""The collectives the sharded tables and the 1-vs-all likelihood use, behind one small interface.
+
+``LocalExchange`` is world size 1 (every collective is the identity), so a plain run goes through the
+same code as a distributed one without a process group. ``GroupExchange`` runs them on the default
+torch.distributed group: NCCL on GPUs, gloo on CPU. All-to-all uses ``all_to_all_single`` with uneven
+splits (the list form fails on gloo with uneven sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class LocalExchange:
+    rank = 0
+    world_size = 1
+
+    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Send ``send_counts[r]`` consecutive rows to rank r; return the rows received and their counts."""
+        return tensor, list(send_counts)
+
+    def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """The reverse route of an ``all_to_all`` whose counts were (recv_counts, send_counts)."""
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Rows of every rank concatenated in rank order, and each rank's row count."""
+        return tensor, [len(tensor)]
+
+    def barrier(self) -> None:
+        pass
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class GroupExchange:
+    def __init__(self) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
+        send = torch.tensor(send_counts, dtype=torch.int64, device=device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.tolist()
+
+    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        recv_counts = self._exchange_counts(send_counts, tensor.device)
+        return self.all_to_all_back(tensor, send_counts, recv_counts), recv_counts
+
+    def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+        dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts)
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor, op=_OPS[op])
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        size = torch.tensor([len(tensor)], dtype=torch.int64, device=tensor.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        counts = [int(s) for s in sizes]
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        slots = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(slots, padded)
+        return torch.cat([slot[:count] for slot, count in zip(slots, counts, strict=True)]), counts
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+Exchange = LocalExchange | GroupExchange
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather rows; the backward sums every rank's gradient for this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, exchange: Exchange, counts_out: list[int]) -> torch.Tensor:
+        gathered, counts = exchange.all_gather(tensor)
+        counts_out.extend(counts)
+        ctx.exchange, ctx.counts = exchange, counts
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = ctx.exchange.all_reduce(grad.contiguous().clone())
+        start = sum(ctx.counts[: ctx.exchange.rank])
+        return total[start : start + ctx.counts[ctx.exchange.rank]], None, None
+
+
+def all_gather_rows(tensor: torch.Tensor, exchange: Exchange) -> tuple[torch.Tensor, int]:
+    """Differentiable all-gather, and where this rank's rows start in the result."""
+    if exchange.world_size == 1:
+        return tensor, 0
+    counts: list[int] = []
+    gathered = _AllGather.apply(tensor, exchange, counts)
+    return gathered, sum(counts[: exchange.rank])
+
+
+class _LogPartition(torch.autograd.Function):
+    """log sum_c exp(logit_c) over the candidates of every rank (vocabulary-parallel cross-entropy):
+    all-reduce the max, then the sum of exponentials. The backward all-reduces the incoming gradient,
+    since every rank's loss depends on every rank's candidate logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        top = exchange.all_reduce(logits.max(dim=-1).values.clone(), "max") if logits.shape[-1] else None
+        if top is None:
+            top = exchange.all_reduce(torch.full(logits.shape[:-1], -torch.inf, dtype=logits.dtype), "max")
+        shifted = torch.exp(logits - top.unsqueeze(-1))
+        total = exchange.all_reduce(shifted.sum(dim=-1))
+        log_z = top + torch.log(total)
+        ctx.save_for_backward(shifted, total)
+        ctx.exchange = exchange
+        return log_z
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shifted, total = ctx.saved_tensors
+        grad = ctx.exchange.all_reduce(grad.contiguous().clone())
+        return shifted.mul_((grad / total).unsqueeze(-1)), None
+
+
+def sharded_log_partition(logits_BN: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+    """log Z [B] over candidates split across ranks; every rank passes its own candidates' logits."""
+    return _LogPartition.apply(logits_BN, exchange)

@@ -1,0 +1,42 @@
+"""Joining the workers of a run: the process group torchrun or Ray Train prepared, or none at all.
+
+torchrun exports RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and leaves ``init_process_group`` to us;
+Ray Train creates the group itself before the training function runs. A plain process is world size 1
+and needs no group. The backend is NCCL when CUDA is present, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from sharding.exchange import Exchange, GroupExchange, LocalExchange
+
+
+def choose_backend(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@contextmanager
+def process_group(backend: str = "auto") -> Iterator[Exchange]:
+    """The exchange for this process: an existing group (Ray Train), a new one (torchrun), or local."""
+    if dist.is_available() and dist.is_initialized():
+        yield GroupExchange()
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield LocalExchange()
+        return
+    chosen = choose_backend(backend)
+    if chosen == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=chosen)
+    try:
+        yield GroupExchange()
+    finally:
+        dist.destroy_process_group()

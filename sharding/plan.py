@@ -1,0 +1,43 @@
+"""Which worker owns which entity rows: a pure function of (number of rows, world size).
+
+Rows are split into contiguous ranges, one per rank, with boundaries on multiples of ``BLOCK_ROWS`` so
+that per-block random streams (see ``ShardedTable.dense_noise``) are the same whatever the world size.
+Ids come from sorted names, which carry no frequency order, so contiguous ranges balance the load.
+Checkpoints are stored by row range, so any plan can load any other plan's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    num_rows: int
+    world_size: int
+    block_rows: int = BLOCK_ROWS
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world size {self.world_size} must be positive")
+
+    @property
+    def bounds(self) -> list[int]:
+        """Row boundaries [0, b1, ..., num_rows]: rank r owns [bounds[r], bounds[r + 1])."""
+        num_blocks = -(-self.num_rows // self.block_rows)
+        return [
+            min(self.num_rows, num_blocks * r // self.world_size * self.block_rows) for r in range(self.world_size + 1)
+        ]
+
+    def range(self, rank: int) -> tuple[int, int]:
+        bounds = self.bounds
+        return bounds[rank], bounds[rank + 1]
+
+    def counts_by_owner(self, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """How many of the ascending ``sorted_ids`` each rank owns, [world_size]."""
+        edges = torch.tensor(self.bounds, dtype=sorted_ids.dtype)
+        return torch.diff(torch.searchsorted(sorted_ids, edges))

@@ -1,0 +1,77 @@
+"""A 2-worker sharded run (torchrun, gloo) against a 1-worker run reading the same two data streams."""
+
+import json
+
+import pytest
+
+from tests.sharding.conftest import read_jsonl, run_trainer
+
+SETTINGS = [
+    "model.dim=16",
+    "train.batch_size=512",
+    "train.progress=false",
+    "train.log_steps=true",
+    "train.num_threads=1",
+    "train.checkpoint_every=1",
+    "sharding.streams=2",
+    "sharding.block_rows=32",  # kinships' 104 entities: ranks own rows [0, 64) and [64, 104)
+]
+CASES = {
+    "softmax": ["objective.likelihood=softmax"],
+    "bernoulli": ["objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence"],
+}
+
+
+def _train(out, workers, likelihood, epochs=3, extra=()):
+    args = ["train", "--dataset", "kinships", "--out", str(out)]
+    for item in [*SETTINGS, *CASES[likelihood], f"train.epochs={epochs}", "train.eval_every=3", *extra]:
+        args += ["--set", item]
+    return run_trainer(*args, workers=workers)
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _assert_same_steps(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert (x["epoch"], x["step"]) == (y["epoch"], y["step"])
+        for key in ("nll", "kl", "loss"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-4), (x, y)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def runs(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    _train(root / "one", 1, request.param)
+    _train(root / "two", 2, request.param)
+    return request.param, root
+
+
+def test_two_workers_match_one_step_by_step(runs):
+    _, root = runs
+    _assert_same_steps(read_jsonl(root / "one" / "steps.jsonl"), read_jsonl(root / "two" / "steps.jsonl"))
+    one, two = _metrics(root / "one"), _metrics(root / "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for split in ("valid", "test"):
+        for key, value in one[split]["filtered"].items():
+            assert two[split]["filtered"][key] == pytest.approx(value, rel=1e-4)
+    assert len(list((root / "two" / "checkpoint").glob("entities-*.pt"))) == 2
+
+
+def test_checkpoints_reshard_between_world_sizes(runs):
+    _, root = runs
+    for run, workers in (("two", 1), ("one", 2)):  # 2 -> 1 and 1 -> 2
+        result = run_trainer("evaluate", str(root / run), workers=workers)
+        evaluated = json.loads(result.stdout[result.stdout.index("{") :])
+        for split in ("valid", "test"):
+            for key, value in _metrics(root / run)[split]["filtered"].items():
+                assert evaluated[split]["filtered"][key] == pytest.approx(value, rel=1e-6), (run, workers)
+
+
+def test_resumed_two_worker_run_continues_exactly(runs, tmp_path):
+    likelihood, root = runs
+    _train(tmp_path / "resumed", 2, likelihood, epochs=2)
+    _train(tmp_path / "resumed", 2, likelihood, epochs=3)
+    _assert_same_steps(read_jsonl(root / "two" / "steps.jsonl"), read_jsonl(tmp_path / "resumed" / "steps.jsonl"))
