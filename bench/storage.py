@@ -64,7 +64,8 @@ def generate(graph: Path, size: int, entities: int, relations: int) -> None:
     """In a child process, so this script stays small."""
     code = (
         "import sys; from pathlib import Path; from bench.synthetic import write_graph; "
-        "write_graph(Path(sys.argv[1]), int(sys.argv[2]), num_entities=int(sys.argv[3]), num_relations=int(sys.argv[4]))"
+        "n, e, r = (int(a) for a in sys.argv[2:5]); "
+        "write_graph(Path(sys.argv[1]), n, num_entities=e, num_relations=r)"
     )
     subprocess.run(
         [sys.executable, "-c", code, str(graph), str(size), str(entities), str(relations)], cwd=ROOT, check=True

@@ -291,7 +291,10 @@ def train(
     model = build_model(config, dataset.num_entities, dataset.num_relations, exchange)
     filters = build_filters(dataset.all_known(), dataset.num_relations)
     reporter = reporter or checkpoint.Reporter(out_dir, exchange)
-    state = checkpoint.resume(reporter.latest(), config, model)
+    latest = reporter.latest()
+    state = checkpoint.resume(latest, config, model)
+    if latest is not None and lead:
+        print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
 
     train_cfg, obj = config.train, config.objective
     schedule = Schedule(config, dataset, exchange)
