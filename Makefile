@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint format bench bench-quality bench-throughput bench-storage docker clean
+.PHONY: install train test lint format bench bench-quality bench-throughput bench-storage bench-sharding docker clean
 
 install: $(STAMP)
 
@@ -30,7 +30,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-quality bench-throughput bench-storage
+bench: bench-quality bench-throughput bench-storage bench-sharding
 
 bench-quality: install
 	$(PY) -m bench.quality $(ARGS)
@@ -40,6 +40,9 @@ bench-throughput: install
 
 bench-storage: install
 	$(PY) -m bench.storage $(ARGS)
+
+bench-sharding: install
+	$(PY) -m bench.sharding $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

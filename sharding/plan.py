@@ -41,3 +41,17 @@ class RowPlan:
         """How many of the ascending ``sorted_ids`` each rank owns, [world_size]."""
         edges = torch.tensor(self.bounds, dtype=sorted_ids.dtype)
         return torch.diff(torch.searchsorted(sorted_ids, edges))
+
+
+OPTIMIZER_STATE = {"adam": 2.0, "rowwise_adagrad": 0.0}
+"""Optimiser state per row as a multiple of the row (Adam: two moments); row-wise Adagrad adds one
+float per row part instead (see ``table_bytes``)."""
+
+
+def table_bytes(num_rows: int, dim: int, *, variational: bool, optimizer: str, world_size: int) -> int:
+    """fp32 bytes of the largest rank's entity shard: rows [mean | logvar] plus their optimiser state."""
+    plan = RowPlan(num_rows, world_size)
+    rows = max(hi - lo for lo, hi in (plan.range(r) for r in range(world_size)))
+    parts = 2 if variational else 1
+    per_row = parts * dim * (1.0 + OPTIMIZER_STATE[optimizer]) + (parts if optimizer == "rowwise_adagrad" else 0)
+    return int(rows * per_row * 4)

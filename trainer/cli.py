@@ -33,13 +33,6 @@ def _config_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--out", type=Path, help="run directory (resumes if it holds a checkpoint)")
 
 
-def _ray_args(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--workers", type=int, default=2, help="Ray Train workers (ranks)")
-    cmd.add_argument("--cpus-per-worker", type=float, default=1.0)
-    cmd.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
-    cmd.add_argument("--max-failures", type=int, default=1, help="restarts from the latest checkpoint")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Variational knowledge-graph embeddings")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,15 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     eval_cmd = commands.add_parser("evaluate", help="evaluate a run directory's best checkpoint")
     eval_cmd.add_argument("run_dir", type=Path)
     eval_cmd.add_argument("--samples", type=int, help="average the predictive probability over S samples")
-    ray_cmd = commands.add_parser("ray-train", help="train with Ray Train on the Ray cluster at RAY_ADDRESS")
+    ray_cmd = commands.add_parser(
+        "ray-train", help="train with Ray Train (workers, CPUs, GPUs from the config's launch section)"
+    )
     _config_args(ray_cmd)
-    _ray_args(ray_cmd)
     submit_cmd = commands.add_parser("submit", help="submit a ray-train run to a Ray cluster as a job")
     submit_cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
     submit_cmd.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+    submit_cmd.add_argument("--grafana", default="http://127.0.0.1:3000/d/nvkg", help="dashboard URL to print")
     _config_args(submit_cmd)
-    _ray_args(submit_cmd)
     return parser
 
 
@@ -119,20 +113,13 @@ def cmd_ray_train(args: argparse.Namespace) -> None:
     config = _load(args)
     out_dir = args.out or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    print(f"run directory: {out_dir} ({args.workers} Ray Train worker(s))", flush=True)
-    fit(
-        config,
-        out_dir,
-        num_workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        use_gpu=args.gpus,
-        max_failures=args.max_failures,
-    )
+    print(f"run directory: {out_dir} ({config.launch.workers} Ray Train worker(s))", flush=True)
+    fit(config, out_dir)
     print(_summary(json.loads((Path(out_dir) / "metrics.json").read_text())))
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from trainer.ray_launch import submit
+    from trainer.ray_launch import submit, wait_for
 
     if args.out is None:
         raise ValueError("submit: pass --out, a run directory on storage the cluster's workers reach")
@@ -140,12 +127,15 @@ def cmd_submit(args: argparse.Namespace) -> None:
         *(["--config", str(args.config)] if args.config else []),
         *(["--dataset", args.dataset] if args.dataset else []),
         *[item for override in args.overrides for item in ("--set", override)],
-        *["--out", str(args.out), "--workers", str(args.workers), "--cpus-per-worker", str(args.cpus_per_worker)],
-        *["--max-failures", str(args.max_failures), *(["--gpus"] if args.gpus else [])],
+        *["--out", str(args.out)],
     ]
-    _load(args)  # refuse a bad config here, not on the cluster
-    job_id = submit(args.address, forwarded, working_dir=ROOT, wait=args.wait, timeout_s=args.timeout)
-    print(f"submitted job {job_id} to {args.address}")
+    config = _load(args)  # refuse a bad config here, not on the cluster
+    job_id = submit(args.address, forwarded, working_dir=ROOT)
+    print(f"submitted job {job_id} to {args.address}", flush=True)
+    print(f"grafana: {args.grafana}?var-job={config.metrics.job or Path(args.out).name}", flush=True)
+    if args.wait:
+        wait_for(args.address, job_id, args.timeout)
+        print(f"job {job_id} succeeded")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,35 @@ class ShardingConfig:
 
 
 @dataclass(kw_only=True)
+class LaunchConfig:
+    """What a Ray Train run (``ray-train``, ``submit``, ``make train-freebase``) asks the cluster for."""
+
+    workers: int = 1
+    """Ray Train workers (ranks); each owns 1/workers of the entity rows."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    """0: CPU workers over gloo; > 0: GPU workers over NCCL."""
+    memory_per_worker_gb: float | None = None
+    """Memory each worker needs (the entity shard, its optimiser state, batches); Ray reserves it."""
+    max_failures: int = 1
+    """Restarts of the worker group from the latest checkpoint before the run fails."""
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    port: int | None = None
+    """Prometheus endpoint of worker 0; worker r serves port + r. None: no endpoint."""
+    host: str = "127.0.0.1"
+    """Address the endpoints bind to: loopback unless a scraper on another machine must reach them."""
+    job: str | None = None
+    """The ``job`` label of every series; None: the run directory's name."""
+    discovery_dir: str | None = None
+    """Directory where each worker writes a Prometheus file_sd target file (for workers Ray places anywhere)."""
+    variance_every: int = 50
+    """Steps between updates of the mean entity variance (it reads every local row)."""
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     batch_size: int = 512
     """Queries scored per step."""
@@ -138,6 +167,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
         """Reject values no component accepts, naming the key."""
@@ -164,6 +195,9 @@ class RunConfig:
             "train.batch_size": self.train.batch_size,
             "eval.batch_size": self.eval.batch_size,
             "sharding.block_rows": self.sharding.block_rows,
+            "metrics.variance_every": self.metrics.variance_every,
+            "launch.workers": self.launch.workers,
+            "launch.cpus_per_worker": self.launch.cpus_per_worker,
             "sharding.streams": self.sharding.streams or 1,
         }
         for key, value in positive.items():

@@ -1,6 +1,7 @@
-"""Where training numbers go: the per-epoch JSON-lines log, the progress bar and stdout.
+"""Where training numbers go: the per-epoch JSON-lines log, the per-step log, the progress bar, stdout
+and the Prometheus exporter. One small interface (start / step / epoch / close) with those backends.
 
-One small interface (step / epoch / close); a metrics exporter is one more backend of it.
+The files and the bar belong to rank 0 (``enabled``); every rank feeds its own metrics endpoint.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from trainer.io import atomic_write_text
+from trainer.metrics import MetricsExporter
 
 LOG_NAME = "log.jsonl"
 STEPS_NAME = "steps.jsonl"
@@ -18,18 +21,27 @@ STEPS_NAME = "steps.jsonl"
 
 class RunLogger:
     def __init__(
-        self, out_dir: Path, *, total_steps: int, progress: bool, enabled: bool = True, log_steps: bool = False
+        self,
+        out_dir: Path,
+        *,
+        total_steps: int,
+        progress: bool,
+        enabled: bool = True,
+        log_steps: bool = False,
+        exporter: MetricsExporter | None = None,
+        variance_every: int = 50,
+        lr: float = 0.0,
     ):
-        """``enabled`` False (ranks other than 0) makes every call a no-op."""
         self.path = Path(out_dir) / LOG_NAME
-        self.steps_path = Path(out_dir) / STEPS_NAME if log_steps else None
-        self.total_steps = total_steps
-        self.progress = progress
-        self.enabled = enabled
+        self.steps_path = Path(out_dir) / STEPS_NAME if log_steps and enabled else None
+        self.total_steps, self.progress, self.enabled = total_steps, progress, enabled
+        self.exporter, self.variance_every, self.lr = exporter, variance_every, lr
         self.bar: tqdm | None = None
 
-    def start(self, done_steps: int, done_epochs: int) -> None:
-        """Open the log, dropping records past the checkpoint a resumed run starts from."""
+    def start(self, done_steps: int, done_epochs: int, resumed: bool = False) -> None:
+        """Open the logs, dropping records past the checkpoint a resumed run starts from."""
+        if self.exporter is not None and resumed:
+            self.exporter.observe_restart()
         if not self.enabled:
             return
         for path in (self.path, self.steps_path):
@@ -41,16 +53,28 @@ class RunLogger:
                 total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
             )
 
-    def step(self, nll: float, kl: float, *, epoch: int, step: int, loss: float) -> None:
-        if self.steps_path is not None and self.enabled:
-            record = {"epoch": epoch, "step": step, "nll": nll, "kl": kl, "loss": loss}
+    def step(self, terms, *, epoch: int, step: int, global_step: int, positives: int, seconds: float,
+             kl_weight: float, model) -> None:  # fmt: skip
+        """``terms``: the step's StepTerms (global sums and this rank's share)."""
+        if self.exporter is not None:
+            self.exporter.observe_step(
+                nll=terms.local_nll, kl=terms.local_kl, kl_weight=kl_weight, positives=positives,
+                seconds=seconds, lr=self.lr, step=global_step,
+            )  # fmt: skip
+            if model.variational and global_step % self.variance_every == 0:
+                with torch.no_grad():
+                    self.exporter.observe_variance(float(model.entities.full().logvar.exp().mean()))
+        if self.steps_path is not None:
+            record = {"epoch": epoch, "step": step, "nll": terms.nll, "kl": terms.kl, "loss": terms.loss}
             with self.steps_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(nll=f"{nll:.4g}", kl=f"{kl:.4g}", refresh=False)
+            self.bar.set_postfix(nll=f"{terms.nll:.4g}", kl=f"{terms.kl:.4g}", refresh=False)
 
-    def epoch(self, record: dict) -> None:
+    def epoch(self, record: dict, valid: dict | None = None) -> None:
+        if self.exporter is not None:
+            self.exporter.observe_epoch(record["epoch"], valid)
         if not self.enabled:
             return
         with self.path.open("a") as handle:
@@ -70,3 +94,5 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.exporter is not None:
+            self.exporter.close()

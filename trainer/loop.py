@@ -24,6 +24,7 @@ from trainer.evaluate import build_filters, evaluate
 from trainer.gaussian import sample_and_kl
 from trainer.io import atomic_write_json
 from trainer.logger import RunLogger
+from trainer.metrics import MetricsExporter, job_name
 from trainer.model import KGModel, build_model
 from trainer.objective import (
     bernoulli_negative_weight,
@@ -46,6 +47,9 @@ class StepTerms:
     nll: float
     kl: float
     loss: float
+    local_nll: float
+    """This rank's own share (metrics per worker)."""
+    local_kl: float
 
 
 def load_data(config: RunConfig, exchange: Exchange | None = None) -> KGDataset:
@@ -122,8 +126,9 @@ class Step:
         self._clip(ent_grad, rel_grad)
         ents.step(ent_ids, ent_grad)
         rels.step(rel_grad)
-        totals = self.exchange.all_reduce(torch.stack([nll.detach(), kl.detach(), loss.detach()]))
-        return StepTerms(*totals.tolist())
+        local = torch.stack([nll.detach(), kl.detach(), loss.detach()])
+        totals = self.exchange.all_reduce(local.clone())
+        return StepTerms(*totals.tolist(), local_nll=float(local[0]), local_kl=float(local[1]))
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
         return torch.randn(rows, dim, generator=generator) if self.model.variational else None
@@ -307,18 +312,31 @@ def train(
         progress=train_cfg.progress,
         enabled=lead,
         log_steps=train_cfg.log_steps,
+        exporter=start_exporter(config, out_dir, exchange.rank),
+        variance_every=config.metrics.variance_every,
+        lr=config.optim.lr,
     )
-    logger.start(state.epoch * num_steps, state.epoch)
+    logger.start(state.epoch * num_steps, state.epoch, resumed=latest is not None)
 
     for epoch in range(state.epoch, train_cfg.epochs):
         started = time.perf_counter()
         kl_multiplier = obj.kl_weight if epoch >= warmup_epochs else 0.0
         nll_sum = kl_sum = 0.0
         for i, batches in enumerate(schedule.epoch(epoch)):
+            step_started = time.perf_counter()
             terms = step(batches, kl_share(i, num_steps, obj.kl_schedule), kl_multiplier, (train_cfg.seed, epoch, i))
             nll_sum += terms.nll
             kl_sum += terms.kl
-            logger.step(terms.nll, terms.kl, epoch=epoch + 1, step=i, loss=terms.loss)
+            logger.step(
+                terms,
+                epoch=epoch + 1,
+                step=i,
+                global_step=epoch * num_steps + i,
+                positives=sum(len(b) for _, b in batches),
+                seconds=time.perf_counter() - step_started,
+                kl_weight=kl_multiplier,
+                model=model,
+            )
         record = {
             "epoch": epoch + 1,
             "elbo": -(nll_sum + kl_sum),
@@ -335,13 +353,14 @@ def train(
         # Stop when another epoch of the same length would end past the budget.
         out_of_time = budget is not None and state.train_seconds + record["seconds"] > budget
         last = state.epoch == train_cfg.epochs or out_of_time
+        valid = None
         if train_cfg.eval_every and (state.epoch % train_cfg.eval_every == 0 or last):
             valid = evaluate(model, dataset.valid, filters, batch_size=config.eval.batch_size)
             record["valid_mrr"] = valid["filtered"]["mrr"]
             if valid["filtered"]["mrr"] > state.best_mrr:
                 state.best_mrr, state.best_epoch = valid["filtered"]["mrr"], state.epoch
                 reporter.save(checkpoint.BEST, model, state, config)
-        logger.epoch(record)
+        logger.epoch(record, valid)
         if state.epoch % train_cfg.checkpoint_every == 0 or last:
             reporter.save(checkpoint.LATEST, model, state, config, metrics=record)
         if out_of_time and lead:
@@ -362,6 +381,24 @@ def train(
     if lead:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def start_exporter(config: RunConfig, out_dir: Path, rank: int) -> MetricsExporter | None:
+    metrics = config.metrics
+    if metrics.port is None:
+        return None
+    try:
+        return MetricsExporter(
+            job=job_name(out_dir, metrics.job),
+            rank=rank,
+            host=metrics.host,
+            port=metrics.port,
+            discovery_dir=metrics.discovery_dir,
+        )
+    except OSError as err:
+        raise ValueError(
+            f"metrics.port={metrics.port}: cannot serve {metrics.host}:{metrics.port + rank} ({err})"
+        ) from None
 
 
 def evaluate_run(config: RunConfig, model: KGModel, dataset: KGDataset, filters: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sharding.launch import process_group
 from trainer import checkpoint
-from trainer.config import RunConfig, config_from_dict, to_dict
+from trainer.config import LaunchConfig, RunConfig, config_from_dict, to_dict
 
 
 class RayReporter(checkpoint.Reporter):
@@ -53,37 +53,37 @@ def worker_loop(payload: dict) -> None:
         train(config, out_dir, exchange=exchange, reporter=RayReporter(out_dir, exchange))
 
 
-def fit(
-    config: RunConfig,
-    out_dir: Path,
-    *,
-    num_workers: int,
-    cpus_per_worker: float = 1.0,
-    use_gpu: bool = False,
-    max_failures: int = 0,
-    storage_path: Path | None = None,
-    name: str | None = None,
-):
-    """Run ``train`` on ``num_workers`` Ray Train workers (Ray must be initialised or reachable)."""
+def worker_resources(launch: LaunchConfig) -> dict[str, float]:
+    resources = {"CPU": launch.cpus_per_worker}
+    if launch.gpus_per_worker:
+        resources["GPU"] = launch.gpus_per_worker
+    if launch.memory_per_worker_gb:
+        resources["memory"] = launch.memory_per_worker_gb * 2**30
+    return resources
+
+
+def fit(config: RunConfig, out_dir: Path, *, storage_path: Path | None = None, name: str | None = None):
+    """Run ``train`` on ``config.launch.workers`` Ray Train workers (Ray must be initialised or reachable)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    launch = config.launch
     out_dir = Path(out_dir).resolve()
-    backend = "nccl" if use_gpu else "gloo"
+    use_gpu = launch.gpus_per_worker > 0
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": to_dict(config), "out_dir": str(out_dir)},
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=launch.workers, use_gpu=use_gpu, resources_per_worker=worker_resources(launch)
         ),
         run_config=RayRunConfig(
             name=name or out_dir.name,
             storage_path=str(Path(storage_path or out_dir / "ray").resolve()),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     return trainer.fit()
 
@@ -93,27 +93,29 @@ def entrypoint(args: list[str]) -> str:
     return "python -m trainer ray-train " + " ".join(shlex.quote(a) for a in args)
 
 
-def submit(address: str, args: list[str], *, working_dir: Path, wait: bool, timeout_s: float) -> str:
-    """Submit ``ray-train`` with ``args`` as a Ray job; return the job id (and wait for it if asked)."""
+def submit(address: str, args: list[str], *, working_dir: Path) -> str:
+    """Submit ``ray-train`` with ``args`` as a Ray job; return the job id."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    return client.submit_job(
+        entrypoint=entrypoint(args),
+        runtime_env={"working_dir": str(working_dir), "excludes": [".venv", "runs", "data", "bench/results", ".git"]},
+    )
+
+
+def wait_for(address: str, job_id: str, timeout_s: float) -> None:
+    """Block until the job ends; raise with the tail of its logs unless it succeeded."""
     import time
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint(args),
-        runtime_env={"working_dir": str(working_dir), "excludes": [".venv", "runs", "bench/results", ".git"]},
-    )
-    if wait:
-        deadline = time.monotonic() + timeout_s
-        while (status := client.get_job_status(job_id)) not in {
-            JobStatus.SUCCEEDED,
-            JobStatus.FAILED,
-            JobStatus.STOPPED,
-        }:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
-            time.sleep(1.0)
-        if status != JobStatus.SUCCEEDED:
-            raise RuntimeError(f"job {job_id} {status}:\n{client.get_job_logs(job_id)[-4000:]}")
-    return job_id
+    deadline = time.monotonic() + timeout_s
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in ended:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+        time.sleep(1.0)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"job {job_id} {status}:\n{client.get_job_logs(job_id)[-4000:]}")

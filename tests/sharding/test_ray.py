@@ -26,16 +26,17 @@ def _env(home):
     return env
 
 
-def _args(out, epochs, extra=()):
-    args = ["--dataset", "kinships", "--out", str(out), "--workers", "2", "--cpus-per-worker", "0.5"]
-    for item in [*SETTINGS, f"train.epochs={epochs}", *extra]:
+def _args(out, epochs, extra=(), max_failures=0):
+    args = ["--dataset", "kinships", "--out", str(out)]
+    launch = ["launch.workers=2", "launch.cpus_per_worker=0.5", f"launch.max_failures={max_failures}"]
+    for item in [*SETTINGS, *launch, f"train.epochs={epochs}", *extra]:
         args += ["--set", item]
     return args
 
 
 def test_ray_train_runs_two_sharded_workers(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "trainer", "ray-train", *_args(tmp_path / "run", 3), "--max-failures", "0"],
+        [sys.executable, "-m", "trainer", "ray-train", *_args(tmp_path / "run", 3)],
         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,9 +52,9 @@ def _train_workers():
 
 def test_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "trainer", "ray-train", *_args(out, 25, ["train.checkpoint_every=1"])]
+    command = [sys.executable, "-m", "trainer", "ray-train", *_args(out, 25, ["train.checkpoint_every=1"], 1)]
     driver = subprocess.Popen(
-        [*command, "--max-failures", "1"], cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+        command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -88,11 +89,11 @@ def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
     try:
         result = subprocess.run(
             [sys.executable, "-m", "trainer", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--wait",
-             "--timeout", "240", *_args(tmp_path / "run", 2), "--max-failures", "0"],
+             "--timeout", "240", *_args(tmp_path / "run", 2)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "submitted job" in result.stdout
+    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
