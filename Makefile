@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint format bench bench-quality bench-throughput bench-storage bench-sharding docker clean
+
+.PHONY: install train train-freebase test lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding docker clean
 
 install: $(STAMP)
 
@@ -19,12 +20,36 @@ $(STAMP): requirements.txt
 train: install
 	$(PY) -m trainer train --config configs/default.yaml $(ARGS)
 
+# Freebase86m end to end: download + convert (once), then submit configs/freebase.yaml to the Ray cluster
+# at RAY_ADDRESS (its dashboard URL), or to a Ray head started here on 127.0.0.1 when RAY_ADDRESS is empty.
+FREEBASE_URL ?= https://data.dgl.ai/dataset/Freebase.zip
+FREEBASE_DIR ?= data/freebase86m
+FREEBASE_RUN ?= runs/freebase
+FREEBASE_CONFIG ?= configs/freebase.yaml
+FREEBASE_ARGS ?=
+LOCAL_DASHBOARD := http://127.0.0.1:8265
+RAY := PATH="$(abspath $(VENV))/bin:$$PATH" RAY_AUTH_MODE=token
+
+train-freebase: install
+	test -f $(FREEBASE_DIR)/manifest.json || $(PY) -m storage download freebase86m --url "$(FREEBASE_URL)" \
+		--out $(FREEBASE_DIR) --downloads data/downloads
+	@if [ -z "$(RAY_ADDRESS)" ]; then \
+		test -f "$$HOME/.ray/auth_token" || $(RAY) ray get-auth-token --generate >/dev/null; \
+		$(RAY) ray status >/dev/null 2>&1 || $(RAY) ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats; \
+	fi
+	$(RAY) $(PY) -m trainer submit --address "$(or $(RAY_ADDRESS),$(LOCAL_DASHBOARD))" --config $(FREEBASE_CONFIG) \
+		--dataset $(abspath $(FREEBASE_DIR)) --out $(abspath $(FREEBASE_RUN)) $(FREEBASE_ARGS)
+
 test: install
 	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The Dockerfile, with dockerfilelint from the npm registry (hadolint is not packaged where we build).
+lint-docker:
+	npx --yes dockerfilelint@1.8.0 Dockerfile
 
 format: install
 	$(VENV)/bin/ruff format .

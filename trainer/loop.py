@@ -135,7 +135,8 @@ class Step:
 
     def _negatives(self, num_positives: int, generator: torch.Generator) -> torch.Tensor:
         obj, ents = self.config.objective, self.model.entities
-        if self.config.sharding.negatives == "local":
+        # A shard can be empty when the table has fewer than world_size * block_rows rows: draw globally then.
+        if self.config.sharding.negatives == "local" and ents.hi > ents.lo:
             lo, hi = ents.lo, ents.hi
             return lo + chunk_negatives(num_positives, obj.negative_chunk, obj.num_negatives, hi - lo, generator)
         return chunk_negatives(num_positives, obj.negative_chunk, obj.num_negatives, ents.num_rows, generator)

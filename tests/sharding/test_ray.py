@@ -3,12 +3,15 @@
 Ray keeps its auth token under $HOME/.ray: every test gets its own HOME. Every wait is bounded.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
 
+import numpy as np
 import psutil
 import pytest
 
@@ -75,8 +78,8 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
 
 
-def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
-    env = _env(tmp_path)
+def _start_head(env) -> int:
+    """`ray start --head` on 127.0.0.1 with this HOME's auth token; returns the dashboard port."""
     dashboard = free_port()
     head = [
         "ray", "start", "--head", "--num-cpus", "2", "--port", str(free_port()), "--node-ip-address", "127.0.0.1",
@@ -86,6 +89,12 @@ def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
     # Token auth stays on: make this HOME's token, which the head and the job client both read.
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     subprocess.run(head, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+    return dashboard
+
+
+def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
+    env = _env(tmp_path)
+    dashboard = _start_head(env)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "trainer", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--wait",
@@ -96,4 +105,41 @@ def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_make_train_freebase_end_to_end(tmp_path):
+    """A small file in Freebase86m's DGL-KE layout, served over HTTP: download, convert, submit, train."""
+    from tests.storage.test_download import _Server
+
+    rng = np.random.default_rng(0)
+    num_entities, num_relations = 300, 7
+    triples = np.stack([rng.integers(num_entities, size=3000), rng.integers(num_entities, size=3000),
+                        rng.integers(num_relations, size=3000)], 1)  # fmt: skip
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("Freebase/entity2id.txt", f"{num_entities}\n" + "".join(f"/m/{i}\t{i}\n" for i in range(300)))
+        archive.writestr("Freebase/relation2id.txt", f"{num_relations}\n" + "".join(f"/r/{i}\t{i}\n" for i in range(7)))
+        for split, rows in (("train", triples[:2800]), ("valid", triples[2800:2900]), ("test", triples[2900:])):
+            archive.writestr(f"Freebase/{split}.txt", "".join(f"{h}\t{t}\t{r}\n" for h, t, r in rows))
+    server = _Server({"/Freebase.zip": buffer.getvalue()})
+    env = _env(tmp_path)
+    dashboard = _start_head(env)
+    overrides = [*SETTINGS, "train.epochs=2", "launch.workers=2", "launch.cpus_per_worker=0.5",
+                 "launch.memory_per_worker_gb=null", "launch.max_failures=0", "metrics.port=null",
+                 "data.verify_checksums=true"]  # fmt: skip
+    make_args = [
+        f"FREEBASE_URL={server.url}/Freebase.zip", f"FREEBASE_DIR={tmp_path / 'fb'}",
+        f"FREEBASE_RUN={tmp_path / 'run'}", f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
+        "FREEBASE_ARGS=--wait --timeout 240 " + " ".join(f"--set {o}" for o in overrides),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(["make", "train-freebase", *make_args], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=400)  # fmt: skip
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        server.close()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
+    assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["num_entities"] == 300
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2

@@ -39,3 +39,18 @@ def test_init_std_and_init_logvar_are_applied(tiny_dataset):
     entities = model.entities.full()
     assert entities.mean.abs().max() == 0
     assert torch.all(entities.logvar == -3.0)
+
+
+class _RankOf2:
+    """Enough of an exchange to build rank 1's shard of a 2-worker table (no collective is called)."""
+
+    rank, world_size = 1, 2
+
+
+def test_local_negatives_come_from_the_workers_own_shard():
+    config = make_config("objective.likelihood=bernoulli", "sharding.negatives=local", "sharding.block_rows=8")
+    model = build_model(config, 40, 2, _RankOf2())
+    lo, hi = model.entities.lo, model.entities.hi
+    assert (lo, hi) == (16, 40)
+    negatives = Step(config, model, torch.ones(40))._negatives(500, torch.Generator().manual_seed(0))
+    assert negatives.min() >= lo and negatives.max() < hi and len(negatives.unique()) > 15
