@@ -44,6 +44,23 @@ def _parser() -> argparse.ArgumentParser:
         "ray-train", help="train with Ray Train (workers, CPUs, GPUs from the config's launch section)"
     )
     _config_args(ray_cmd)
+    predict_cmd = commands.add_parser("predict", help="top-k completions of a query, with their uncertainty")
+    predict_cmd.add_argument("run_dir", type=Path)
+    predict_cmd.add_argument("--head", help="known head: predict tails")
+    predict_cmd.add_argument("--tail", help="known tail: predict heads")
+    predict_cmd.add_argument("--relation", required=True)
+    predict_cmd.add_argument("--top-k", type=int, default=10)
+    predict_cmd.add_argument("--samples", type=int, default=100, help="Monte-Carlo draws of the embeddings")
+    predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report_cmd = commands.add_parser("report", help="uncertainty figures (PNG) and report.json")
+    report_cmd.add_argument("run_dir", type=Path)
+    report_cmd.add_argument("--out", type=Path, help="default: RUN_DIR/report")
+    report_cmd.add_argument("--samples", type=int, default=100)
+    report_cmd.add_argument("--fact", type=int, default=0, help="test fact drawn in fact.png")
+    export_cmd = commands.add_parser("export", help="means and variances with names, to Parquet or TSV")
+    export_cmd.add_argument("run_dir", type=Path)
+    export_cmd.add_argument("--out", type=Path, required=True)
+    export_cmd.add_argument("--format", choices=("parquet", "tsv"), default="parquet")
     submit_cmd = commands.add_parser("submit", help="submit a ray-train run to a Ray cluster as a job")
     submit_cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
@@ -138,9 +155,44 @@ def cmd_submit(args: argparse.Namespace) -> None:
         print(f"job {job_id} succeeded")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from trainer.report import format_predictions, load_run, predict
+
+    result = predict(load_run(args.run_dir), head=args.head, relation=args.relation, tail=args.tail,
+                     top_k=args.top_k, samples=args.samples)  # fmt: skip
+    print(json.dumps(result, indent=2) if args.json else format_predictions(result))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from trainer.report import load_run, write_report
+
+    run = load_run(args.run_dir)
+    out = args.out or args.run_dir / "report"
+    summary = write_report(run, out, samples=args.samples, seed=run.config.train.seed, fact_index=args.fact)
+    print(f"wrote {out}: {', '.join(summary['figures'].values())}, report.json")
+    for key in ("precision_coverage_area", "selective_prediction_area"):
+        print(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary[key].items()))
+    print("calibration: " + ", ".join(f"{k} ECE {v['ece']:.4f} Brier {v['brier']:.4f}"
+                                      for k, v in summary["calibration"].items()))  # fmt: skip
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from trainer.report import export, load_run
+
+    print(f"wrote {export(load_run(args.run_dir), args.out, args.format)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "ray-train": cmd_ray_train, "submit": cmd_submit}
+    commands = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "ray-train": cmd_ray_train,
+        "submit": cmd_submit,
+        "predict": cmd_predict,
+        "report": cmd_report,
+        "export": cmd_export,
+    }
     try:
         commands[args.command](args)
     except ValueError as err:

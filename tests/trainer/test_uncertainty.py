@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.trainer.conftest import make_config
+from trainer import uncertainty
+from trainer.loop import train
+from trainer.report import export, load_run, predict, write_report
+
+
+def test_a_confidence_that_ranks_true_facts_first_has_precision_one_up_to_the_positive_rate():
+    labels = np.array([1] * 30 + [0] * 70)
+    confidence = labels + np.random.default_rng(0).random(100) * 0.5  # every true fact above every false one
+    coverage = uncertainty.coverage_grid()
+    precision = uncertainty.precision_at_coverage(confidence, labels, coverage)
+    assert np.all(precision[coverage <= 0.3] == 1.0)
+    np.testing.assert_allclose(precision[coverage > 0.3], 30 / np.ceil(coverage[coverage > 0.3] * 100))
+    assert len(coverage) == 1000 and coverage[0] > 0 and coverage[-1] == 1.0
+
+
+def test_constant_confidence_gives_the_base_rate_everywhere():
+    labels = np.array([1, 0, 0, 1, 0, 0, 0, 0])
+    precision = uncertainty.precision_at_coverage(np.zeros(8), labels, uncertainty.coverage_grid(10))
+    np.testing.assert_allclose(precision, 0.25)
+
+
+def test_ece_of_a_calibrated_predictor_is_near_zero_and_of_a_confident_one_is_not():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    labels = (rng.random(200_000) < p).astype(float)
+    ece, bins = uncertainty.expected_calibration_error(p, labels)
+    assert ece < 0.01 and len(bins) == 15
+    overconfident, _ = uncertainty.expected_calibration_error(np.where(p > 0.5, 1.0, 0.0), labels)
+    assert overconfident > 0.2
+
+
+def test_brier_entropy_and_mutual_information_hand_values():
+    assert uncertainty.brier_score(np.array([0.8, 0.3]), np.array([1.0, 0.0])) == pytest.approx((0.04 + 0.09) / 2)
+    assert uncertainty.binary_entropy(np.array([0.5]))[0] == pytest.approx(math.log(2))
+    agree = np.full((10, 3), 0.7)
+    assert np.allclose(uncertainty.mutual_information(agree), 0.0)
+    disagree = np.array([[0.0], [1.0]] * 5)  # half the samples say no, half say yes: all epistemic
+    assert uncertainty.mutual_information(disagree)[0] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_sampled_negatives_are_never_known_facts():
+    known = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 0, 0], [0, 0, 2]])
+    negatives = uncertainty.sampled_negatives(known, known, 3, 1, torch.Generator().manual_seed(0))
+    known_set = {tuple(f) for f in known.tolist()}
+    assert not any(tuple(f) in known_set for f in negatives.tolist())
+    assert ((known != negatives).sum(1) == 1).all()  # exactly one side corrupted
+
+
+def test_pca_and_nmf_recover_low_rank_structure():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2)) @ rng.normal(size=(2, 6))
+    centre, projection = uncertainty.pca_2d(x)
+    reconstructed = (x - centre) @ projection @ projection.T + centre
+    np.testing.assert_allclose(reconstructed, x, atol=1e-8)
+    nonneg = rng.random((50, 2)) @ rng.random((2, 8))
+    w, h = uncertainty.nmf_2d(nonneg, iterations=2000)
+    assert np.abs(w @ h - nonneg).max() < 0.05 and (w >= 0).all() and (h >= 0).all()
+
+
+def test_kde_integrates_to_one():
+    points = np.random.default_rng(0).normal(size=(1000, 2))
+    grid = np.linspace(-6, 6, 200)
+    density = uncertainty.kde_2d(points, grid, grid)
+    assert density.sum() * (grid[1] - grid[0]) ** 2 == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def nations_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nations") / "run"
+    config = make_config("data.dataset=nations", "model.dim=16", "train.epochs=20", "train.batch_size=256",
+                         "train.eval_every=10", "model.scorer=distmult")  # fmt: skip
+    train(config, out)
+    return out
+
+
+def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
+    summary = write_report(load_run(nations_run), tmp_path, samples=20, seed=0)
+    for name in ("variance_vs_frequency.png", "precision_coverage.png", "selective_prediction.png",
+                 "reliability.png", "fact.png", "report.json"):  # fmt: skip
+        assert (tmp_path / name).stat().st_size > 1000, name
+    assert set(summary["precision_coverage_area"]) == {"magnitude", "mc_mean", "mc_lower_bound"}
+    assert set(summary["selective_prediction_area"]) == {"magnitude", "mc_mean", "mc_std", "entropy",
+                                                         "mutual_information"}  # fmt: skip
+    assert set(summary["calibration"]["mc_mean"]) == {"ece", "brier", "bins"}
+    assert -1 <= summary["variance_vs_frequency"]["entities"]["correlation"] <= 1
+    assert len(summary["fact_visualisation"]) == 4
+    assert summary["facts"]["positives"] == summary["facts"]["negatives"] > 0
+
+
+def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_run):
+    run = load_run(nations_run)
+    result = predict(run, head="usa", relation="embassy", tail=None, top_k=5, samples=10)
+    rows = result["predictions"]
+    assert len(rows) == 5 and all(0 <= r["probability"] <= 1 and r["mc_std"] >= 0 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r["probability"])
+    known = {tuple(f) for f in run.dataset.all_known().tolist()}
+    usa, embassy = run.dataset.entity_names.index("usa"), run.dataset.relation_names.index("embassy")
+    for row in rows:
+        fact = (usa, embassy, run.dataset.entity_names.index(row["tail"]))
+        assert row["known"] == (fact in known)
+    heads = predict(run, head=None, relation="embassy", tail="usa", top_k=3, samples=5)
+    assert len(heads["predictions"]) == 3 and "head" in heads["predictions"][0]
+    with pytest.raises(ValueError, match=r"unknown entity 'uas'; close matches: usa"):
+        predict(run, head="uas", relation="embassy", tail=None, top_k=5, samples=10)
+
+
+def test_export_parquet_and_tsv(nations_run, tmp_path):
+    run = load_run(nations_run)
+    table = pq.read_table(export(run, tmp_path / "emb.parquet")).to_pydict()
+    assert table["kind"].count("entity") == 14 and table["kind"].count("relation") == 55
+    usa = table["name"].index("usa")
+    assert len(table["mean"][usa]) == 16 and all(v > 0 for v in table["variance"][usa])
+    lines = export(run, tmp_path / "emb.tsv", "tsv").read_text().splitlines()
+    assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance" and len(lines) == 1 + 14 + 55
