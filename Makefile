@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 
-.PHONY: install train train-freebase test lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding docker clean
+.PHONY: install train train-freebase test lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty docker clean
 
 install: $(STAMP)
 
@@ -55,7 +55,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-quality bench-throughput bench-storage bench-sharding
+bench: bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty
 
 bench-quality: install
 	$(PY) -m bench.quality $(ARGS)
@@ -68,6 +68,9 @@ bench-storage: install
 
 bench-sharding: install
 	$(PY) -m bench.sharding $(ARGS)
+
+bench-uncertainty: install
+	$(PY) -m bench.uncertainty $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -114,7 +114,7 @@ class _LogPartition(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         top = exchange.all_reduce(logits.max(dim=-1).values.clone(), "max") if logits.shape[-1] else None
         if top is None:
-            top = exchange.all_reduce(torch.full(logits.shape[:-1], -torch.inf, dtype=logits.dtype), "max")
+            top = exchange.all_reduce(logits.new_full(logits.shape[:-1], -torch.inf), "max")
         shifted = torch.exp(logits - top.unsqueeze(-1))
         total = exchange.all_reduce(shifted.sum(dim=-1))
         log_z = top + torch.log(total)

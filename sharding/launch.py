@@ -17,6 +17,16 @@ import torch.distributed as dist
 from sharding.exchange import Exchange, GroupExchange, LocalExchange
 
 
+def choose_device(requested: str = "auto") -> torch.device:
+    """``auto``: this worker's GPU (Ray Train shows each worker only its own; torchrun shows all, so
+    LOCAL_RANK picks one), else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if torch.cuda.device_count() == 1:
+        return torch.device("cuda", 0)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def choose_backend(requested: str = "auto") -> str:
     if requested != "auto":
         return requested

@@ -39,7 +39,7 @@ class RowPlan:
 
     def counts_by_owner(self, sorted_ids: torch.Tensor) -> torch.Tensor:
         """How many of the ascending ``sorted_ids`` each rank owns, [world_size]."""
-        edges = torch.tensor(self.bounds, dtype=sorted_ids.dtype)
+        edges = torch.tensor(self.bounds, dtype=sorted_ids.dtype, device=sorted_ids.device)
         return torch.diff(torch.searchsorted(sorted_ids, edges))
 
 

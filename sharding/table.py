@@ -37,6 +37,7 @@ def init_rows(
     init_logvar: float | None,
     seed: int,
     block_rows: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Means ~ N(0, std^2), std None meaning Xavier/Glorot sqrt(2 / (rows + dim)); logvar log(1/dim).
 
@@ -44,24 +45,27 @@ def init_rows(
     depend on how the table is sharded.
     """
     std = math.sqrt(2.0 / (global_rows + dim)) if init_std is None else init_std
-    mean = block_normal(row_range, dim, (seed, 0x1A17), block_rows) * std
+    mean = block_normal(row_range, dim, (seed, 0x1A17), block_rows, device) * std
     if not variational:
         return mean
     logvar = torch.full_like(mean, math.log(1.0 / dim) if init_logvar is None else init_logvar)
     return torch.cat([mean, logvar], dim=1)
 
 
-def block_normal(row_range: tuple[int, int], dim: int, key: tuple[int, ...], block_rows: int) -> torch.Tensor:
+def block_normal(
+    row_range: tuple[int, int], dim: int, key: tuple[int, ...], block_rows: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Standard normal [hi - lo, dim] for rows [lo, hi), from one generator per block of ``block_rows``
-    seeded by (key, block): the same numbers for a row whatever range it is drawn in."""
+    seeded by (key, block): the same numbers for a row whatever range it is drawn in (on one device type)."""
+    device = torch.device("cpu") if device is None else device
     lo, hi = row_range
     parts = []
     for block in range(lo // block_rows, -(-hi // block_rows)):
-        generator = torch.Generator().manual_seed(seed_of(*key, block))
-        values = torch.randn(block_rows, dim, generator=generator)
+        generator = torch.Generator(device=device).manual_seed(seed_of(*key, block))
+        values = torch.randn(block_rows, dim, generator=generator, device=device)
         start = block * block_rows
         parts.append(values[max(lo, start) - start : min(hi, start + block_rows) - start])
-    return torch.cat(parts) if parts else torch.empty(0, dim)
+    return torch.cat(parts) if parts else torch.empty(0, dim, device=device)
 
 
 def seed_of(*parts: int) -> int:
@@ -104,8 +108,10 @@ class ShardedTable:
         init_std: float | None = None,
         init_logvar: float | None = None,
         block_rows: int,
+        device: torch.device | None = None,
     ):
         self.num_rows, self.dim, self.exchange = num_rows, dim, exchange
+        self.device = torch.device("cpu") if device is None else device
         self.plan = RowPlan(num_rows, exchange.world_size, block_rows)
         self.lo, self.hi = self.plan.range(exchange.rank)
         self.weight = init_rows(
@@ -117,6 +123,7 @@ class ShardedTable:
             init_logvar=init_logvar,
             seed=seed,
             block_rows=block_rows,
+            device=self.device,
         )
         # Row-wise Adagrad keeps one accumulator per row *part*: means and log-variances differ in scale.
         self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.width // dim)
@@ -185,7 +192,7 @@ class ShardedTable:
 
     def dense_noise(self, key: tuple[int, ...]) -> torch.Tensor:
         """Noise for every local row, the same per row whatever the sharding (see ``block_normal``)."""
-        return block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows)
+        return block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows, self.device)
 
     def full(self) -> Gaussian:
         """This rank's rows as a Gaussian of views, without gradients (evaluation, export)."""
@@ -194,7 +201,8 @@ class ShardedTable:
         return Gaussian(self.weight[:, : self.dim], self.weight[:, self.dim :])
 
     def state_dict(self) -> dict:
-        return {"rows": [self.lo, self.hi], "weight": self.weight.clone(), "optim": self.optimizer.state_dict()}
+        optim = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state_dict().items()}
+        return {"rows": [self.lo, self.hi], "weight": self.weight.cpu().clone(), "optim": optim}
 
     def load_ranges(self, parts: list[dict]) -> None:
         """Fill this rank's rows from saved shards (each {"rows": [lo, hi], "weight", "optim"}) of any plan."""

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sharding.launch import process_group
+from sharding.launch import choose_device, process_group
 from trainer import checkpoint
 from trainer.config import RunConfig, load_config
 from trainer.evaluate import build_filters
@@ -114,7 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if not reporter.has(name):
             raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/) to evaluate")
         dataset = load_data(config, exchange)
-        model = build_model(config, dataset.num_entities, dataset.num_relations, exchange)
+        device = choose_device(config.train.device)
+        model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device)
         checkpoint.load_into(reporter.path(name), model)
         filters = build_filters(dataset.all_known(), dataset.num_relations)
         metrics = evaluate_run(config, model, dataset, filters)

@@ -99,6 +99,9 @@ class TrainConfig:
     """Stop before an epoch that would end past this many seconds of training (None: run all epochs)."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""
+    device: str = "auto"
+    """Where rows, batches and the step live: auto (this worker's CUDA device if there is one, else cpu),
+    cpu, or cuda."""
     progress: bool = True
     """Show a tqdm progress bar with ELBO / KL / NLL."""
     log_steps: bool = False

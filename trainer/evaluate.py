@@ -78,6 +78,7 @@ def predictive_scores(
         queries = (item.rows[:, :dim] + torch.exp(0.5 * item.rows[:, dim:]) * item.extra)[inverse]
         rel_q = rels.full()
         rel_eps = torch.randn(rel_q.mean.shape, generator=torch.Generator().manual_seed(seed_of(*key)))
+        rel_eps = rel_eps.to(rel_q.mean.device)
         relations = rel_q.mean + torch.exp(0.5 * rel_q.logvar) * rel_eps
         logits = model.score_candidates(*model.query(queries.detach(), relations, r, direction), candidates)
         if model.reciprocal:
@@ -102,9 +103,11 @@ def evaluate(
     ents, exchange = model.entities, model.exchange
     lo, hi = ents.lo, ents.hi
     ranks: dict[str, list[torch.Tensor]] = {"raw": [], "filtered": []}
+    device = model.device
     for batch in facts.split(batch_size):
+        batch = batch.to(device)
         s, r, o = batch.unbind(-1)
-        rows_B = torch.arange(len(batch))
+        rows_B = torch.arange(len(batch), device=device)
         for direction, known, true, key in (
             ("tail", s, o, s * model.num_relations + r),
             ("head", o, s, o * model.num_relations + r),
@@ -114,16 +117,16 @@ def evaluate(
             is_true = torch.zeros_like(scores, dtype=torch.bool)
             is_true[rows_B[owned], true[owned] - lo] = True
             # The true candidate's score as its owner computed it, shared with every rank.
-            true_scores = torch.zeros(len(batch), dtype=torch.float64)
+            true_scores = torch.zeros(len(batch), dtype=torch.float64, device=device)
             true_scores[owned] = scores[rows_B[owned], true[owned] - lo].double()
             true_scores = exchange.all_reduce(true_scores).to(scores.dtype).unsqueeze(1)
-            answer_rows, answers = filters[direction].known(key)
+            answer_rows, answers = (t.to(device) for t in filters[direction].known(key.cpu()))
             mine = (answers >= lo) & (answers < hi)
             exclude = torch.zeros_like(is_true)
             exclude[answer_rows[mine], answers[mine] - lo] = True
             better, equal = (scores > true_scores) & ~is_true, (scores == true_scores) & ~is_true
             counts = torch.stack([better.sum(1), equal.sum(1), (better & ~exclude).sum(1), (equal & ~exclude).sum(1)])
             counts = exchange.all_reduce(counts.double())
-            ranks["raw"].append(counts[0] + 1.0 + counts[1] / 2.0)
-            ranks["filtered"].append(counts[2] + 1.0 + counts[3] / 2.0)
+            ranks["raw"].append((counts[0] + 1.0 + counts[1] / 2.0).cpu())
+            ranks["filtered"].append((counts[2] + 1.0 + counts[3] / 2.0).cpu())
     return {kind: summarise(torch.cat(values)) for kind, values in ranks.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
+from sharding.launch import choose_device
 from sharding.table import Gathered, seed_of
 from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
@@ -62,16 +63,17 @@ def load_data(config: RunConfig, exchange: Exchange | None = None) -> KGDataset:
     return open_dataset(data.dataset, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
 
 
-def step_generator(key: tuple[int, ...], stream: int) -> torch.Generator:
+def step_generator(key: tuple[int, ...], stream: int, device: torch.device | None = None) -> torch.Generator:
     """Negatives and sparse noise of one stream in one step: a function of (seed, epoch, step, stream)."""
-    return torch.Generator().manual_seed(seed_of(*key, stream))
+    return torch.Generator(device=device or torch.device("cpu")).manual_seed(seed_of(*key, stream))
 
 
 class Step:
     """Computes and applies one global step's update on this rank; holds what is fixed for a run."""
 
     def __init__(self, config: RunConfig, model: KGModel, frequency: torch.Tensor):
-        self.config, self.model, self.frequency = config, model, frequency
+        self.config, self.model, self.frequency = config, model, frequency.to(model.device)
+        self.device = model.device
         self.exchange: Exchange = model.exchange
         obj = config.objective
         num_entities = model.entities.num_rows
@@ -95,7 +97,7 @@ class Step:
         model, obj = self.model, self.config.objective
         ents, rels = model.entities, model.relations
         rel_leaf = rels.local()
-        rel_eps = self._noise(rels.num_rows, rels.dim, step_generator(key, RELATION_STREAM))
+        rel_eps = self._noise(rels.num_rows, rels.dim, step_generator(key, RELATION_STREAM, self.device))
         rel, rel_kl = sample_and_kl(rel_leaf, rels.dim, rel_eps)
         ent_leaf = dense_eps = candidates = dense_kl = None
         if self.dense:
@@ -106,7 +108,8 @@ class Step:
         gathered: list[Gathered] = []
         nll = kl = reg = rel_leaf.new_zeros(())
         for stream, positives in batches:
-            generator = step_generator(key, stream)
+            positives = positives.to(self.device, non_blocking=True)
+            generator = step_generator(key, stream, self.device)
             negatives = self._negatives(len(positives), generator) if obj.likelihood == "bernoulli" else None
             ids, local = self._rows_needed(positives, negatives)
             item = ents.gather(ids, extra=dense_eps)
@@ -131,7 +134,9 @@ class Step:
         return StepTerms(*totals.tolist(), local_nll=float(local[0]), local_kl=float(local[1]))
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
-        return torch.randn(rows, dim, generator=generator) if self.model.variational else None
+        if not self.model.variational:
+            return None
+        return torch.randn(rows, dim, generator=generator, device=self.device)
 
     def _negatives(self, num_positives: int, generator: torch.Generator) -> torch.Tensor:
         obj, ents = self.config.objective, self.model.entities
@@ -294,7 +299,8 @@ def train(
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
-    model = build_model(config, dataset.num_entities, dataset.num_relations, exchange)
+    device = choose_device(config.train.device)
+    model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device)
     filters = build_filters(dataset.all_known(), dataset.num_relations)
     reporter = reporter or checkpoint.Reporter(out_dir, exchange)
     latest = reporter.latest()
@@ -347,7 +353,8 @@ def train(
             "seconds": time.perf_counter() - started,
         }
         # Every rank must take the same decision about the time budget: rank 0's clock decides.
-        record["seconds"] = float(exchange.all_reduce(torch.tensor([record["seconds"] if lead else 0.0]))[0])
+        seconds = torch.tensor([record["seconds"] if lead else 0.0], device=device)
+        record["seconds"] = float(exchange.all_reduce(seconds)[0])
         state.train_seconds += record["seconds"]
         state.epoch = epoch + 1
         budget = train_cfg.time_budget_s

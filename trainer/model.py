@@ -35,6 +35,10 @@ class KGModel:
     def exchange(self) -> Exchange:
         return self.entities.exchange
 
+    @property
+    def device(self) -> torch.device:
+        return self.entities.device
+
     def query(
         self, query_emb: torch.Tensor, relations: torch.Tensor, r: torch.Tensor, direction: str
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -54,7 +58,13 @@ class KGModel:
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
 
 
-def build_model(config: RunConfig, num_entities: int, num_relations: int, exchange: Exchange | None = None) -> KGModel:
+def build_model(
+    config: RunConfig,
+    num_entities: int,
+    num_relations: int,
+    exchange: Exchange | None = None,
+    device: torch.device | None = None,
+) -> KGModel:
     exchange = exchange or LocalExchange()
     reciprocal = config.objective.likelihood == "softmax"
     table_args = dict(
@@ -64,6 +74,7 @@ def build_model(config: RunConfig, num_entities: int, num_relations: int, exchan
         init_std=config.model.init_std,
         init_logvar=config.model.init_logvar,
         block_rows=config.sharding.block_rows,
+        device=device,
     )
     entities = ShardedTable(num_entities, config.model.dim, exchange, seed=config.train.seed, **table_args)
     relations = ReplicatedTable(

@@ -44,7 +44,7 @@ def chunk_negatives(
     """Entity ids [num_chunks, k]: each chunk of positives shares k uniform draws, the first k/2
     replace heads and the last k/2 replace tails, so every positive gets exactly k corruptions."""
     num_chunks = -(-num_positives // chunk)
-    return torch.randint(num_entities, (num_chunks, num_negatives), generator=generator)
+    return torch.randint(num_entities, (num_chunks, num_negatives), generator=generator, device=generator.device)
 
 
 def bernoulli_nll(

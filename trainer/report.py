@@ -47,7 +47,7 @@ def load_run(run_dir: Path) -> Run:
     if not reporter.has(name):
         raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/)")
     dataset = load_data(config)
-    model = build_model(config, dataset.num_entities, dataset.num_relations)
+    model = build_model(config, dataset.num_entities, dataset.num_relations, device=torch.device("cpu"))
     checkpoint.load_into(reporter.path(name), model)
     return Run(config, dataset, model)
 
