@@ -193,6 +193,9 @@ class _Spill:
         return self.directory / f"{index:05d}.bin"
 
     def add(self, ids: np.ndarray) -> None:
+        if self.num_partitions == 1:  # nothing to route: skip hashing every row
+            self.handles[0].write(ids.tobytes())
+            return
         part = partition_of(ids, self.num_partitions, self.seed)
         order = np.argsort(part, kind="stable")
         bounds = np.cumsum(np.bincount(part, minlength=self.num_partitions))
