@@ -83,12 +83,11 @@ class Vocabulary:
     def encode(self, table: pa.Table, path: Path) -> np.ndarray:
         """[n, 3] int32 (head, relation, tail) ids of a chunk."""
         if self.named:
-            # One lookup for heads and tails: index_in rebuilds its hash table of the vocabulary per call.
-            ends = pc.index_in(pa.chunked_array(table["head"].chunks + table["tail"].chunks), value_set=self.entities)
-            ends = ends.to_numpy()
+            # One lookup for heads and tails together.
+            ends = lookup(pa.chunked_array(table["head"].chunks + table["tail"].chunks), self.entities)
             ids = np.empty((table.num_rows, 3), np.int32)
             ids[:, 0], ids[:, 2] = ends[: table.num_rows], ends[table.num_rows :]
-            ids[:, 1] = pc.index_in(table["relation"], value_set=self.relations).to_numpy()
+            ids[:, 1] = lookup(table["relation"], self.relations)
             return ids
         ids = np.stack([table[name].to_numpy() for name in COLUMNS], axis=1)
         bounds = np.array([len(self.entities), len(self.relations), len(self.entities)])
@@ -131,13 +130,37 @@ def _collect_names(source: Source, splits: tuple[str, ...], rows: dict[str, int]
     return _distinct(entities), _distinct(relations)
 
 
+def lookup(values: pa.ChunkedArray, vocabulary: pa.Array) -> np.ndarray:
+    """Position of each value in ``vocabulary`` (every value must occur there).
+
+    pyarrow's ``index_in`` builds a hash table of its value set on every call. A chunk with at least as
+    many values as the vocabulary hashes the vocabulary; a smaller one (valid/test, a short last block)
+    hashes its own distinct values and probes them with the vocabulary instead.
+    """
+    if len(values) >= len(vocabulary):
+        return pc.index_in(values, value_set=vocabulary).to_numpy()
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    position = pc.index_in(vocabulary, value_set=encoded.dictionary)  # [V]: index among the distinct values
+    found = position.is_valid().to_numpy(zero_copy_only=False)
+    ids = np.empty(len(encoded.dictionary), np.int64)
+    ids[position.filter(position.is_valid()).to_numpy()] = np.flatnonzero(found)
+    return ids[encoded.indices.to_numpy()]
+
+
 def _sorted(names: pa.Array) -> pa.Array:
     return pc.take(names, pc.sort_indices(names))
 
 
 def _append_unseen(train: pa.Array, other: pa.Array) -> pa.Array:
-    unseen = pc.filter(other, pc.invert(pc.is_in(other, value_set=train)))
-    return pa.concat_arrays([_sorted(train), _sorted(unseen)])
+    """Train names sorted, then the names only ``other`` has, sorted (hashing the smaller side)."""
+    if len(other) >= len(train):
+        seen = pc.is_in(other, value_set=train)
+    else:
+        seen = np.zeros(len(other), dtype=bool)
+        position = pc.index_in(train, value_set=other)
+        seen[position.filter(position.is_valid()).to_numpy()] = True
+        seen = pa.array(seen)
+    return pa.concat_arrays([_sorted(train), _sorted(pc.filter(other, pc.invert(seen)))])
 
 
 def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:

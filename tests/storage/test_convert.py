@@ -2,10 +2,11 @@ import gzip
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.convert import ConvertOptions, convert, partition_of, write_id_dataset
+from storage.convert import ConvertOptions, convert, lookup, partition_of, write_id_dataset
 from storage.layout import MANIFEST, Manifest
 from storage.reader import TripleStore
 from storage.sources import DglKeSource, NTriplesSource, TsvSource
@@ -232,3 +233,13 @@ def test_checksum_mismatch_fails_with_the_file_name(small_store):
     names.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"entities\.parquet: sha256 mismatch"):
         TripleStore(small_store)
+
+
+def test_lookup_agrees_whichever_side_is_hashed():
+    vocabulary = pa.array([f"n{i}" for i in range(50)])
+    rng = np.random.default_rng(0)
+    small = pa.chunked_array([pa.array([f"n{i}" for i in rng.integers(50, size=20)])])  # hashes the chunk
+    large = pa.chunked_array([pa.array([f"n{i}" for i in rng.integers(50, size=200)])])  # hashes the vocabulary
+    for values in (small, large):
+        expected = [int(v.as_py()[1:]) for v in values.chunk(0)]
+        assert lookup(values, vocabulary).tolist() == expected
