@@ -94,6 +94,19 @@ def test_a_busy_port_is_a_clear_error(tmp_path, tiny_dataset):
             train(make_config("train.epochs=1", f"metrics.port={port}"), tmp_path, tiny_dataset)
 
 
+def _wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready after {timeout:.0f}s"
+        time.sleep(0.5)
+
+
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Prometheus server not installed (.ci/run installs it)")
 def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
     port, prom_port = free_port(), free_port()
@@ -110,9 +123,10 @@ def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
+        _wait_ready(f"http://127.0.0.1:{prom_port}/-/ready")  # so it scrapes from the run's first seconds
         run = subprocess.run(
             [sys.executable, "-m", "trainer", "train", "--config", "configs/default.yaml",
-             "--out", str(tmp_path / "run"), "--set", "train.epochs=40", "--set", "train.eval_every=20",
+             "--out", str(tmp_path / "run"), "--set", "train.epochs=150", "--set", "train.eval_every=50",
              "--set", f"metrics.port={port}", "--set", "train.progress=false"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
