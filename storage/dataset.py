@@ -113,7 +113,7 @@ def resolve_store(name_or_dir: str | Path, cache_dir: str | Path) -> Path:
     if not (target / MANIFEST).is_file():
         try:
             convert(source, target, name=directory.name)
-        except ValueError:
+        except (ValueError, OSError):
             if not (target / MANIFEST).is_file():  # not another process winning the same conversion
                 raise
     return target
