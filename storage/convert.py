@@ -49,7 +49,7 @@ MAX_BLOCK_BYTES = 1 << 30
 
 @dataclass(kw_only=True)
 class ConvertOptions:
-    partition_rows: int = 4_000_000
+    partition_rows: int = 2_000_000
     """Target triples per partition file (the unit of de-duplication and of memory while finishing)."""
     row_group_rows: int = 262_144
     """Rows per Parquet row group: the unit a streaming reader fetches."""
@@ -124,7 +124,7 @@ def _collect_names(source: Source, splits: tuple[str, ...], rows: dict[str, int]
             entities.append(pc.unique(pa.chunked_array(table["head"].chunks + table["tail"].chunks)))
             relations.append(pc.unique(table["relation"]))
             # Merge the per-chunk sets once they outgrow the merged set: memory stays O(vocabulary).
-            if sum(len(a) for a in entities) > 4 * merged_size + 1_000_000:
+            if sum(len(a) for a in entities) > 2 * merged_size + 500_000:
                 entities, relations = [_distinct(entities)], [_distinct(relations)]
                 merged_size = len(entities[0])
     return _distinct(entities), _distinct(relations)
