@@ -161,22 +161,7 @@ class TripleStore:
 
     def _read_pieces(self, pieces: list[Piece], rng: np.random.Generator) -> Iterator[np.ndarray]:
         for piece in pieces:
-            yield self.read_group(piece.group, piece.start + affine_permutation(piece.stop - piece.start, rng))
-
-
-def affine_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
-    """i -> (a*i + b) mod n with a random a coprime to n: a permutation in a few vector operations,
-    about 3x cheaper than ``rng.permutation``. Rows were shuffled uniformly when the partition was
-    written, so this reorders an already random order; a new (a, b) each epoch changes every batch."""
-    if n <= 2:
-        return rng.permutation(n)
-    while math.gcd(a := int(rng.integers(1, n)), n) != 1:
-        pass
-    index = np.arange(n, dtype=np.int64)
-    index *= a
-    index += int(rng.integers(n))
-    index %= n
-    return index
+            yield self.read_group(piece.group, piece.start + rng.permutation(piece.stop - piece.start))
 
 
 _DONE = object()
