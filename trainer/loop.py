@@ -32,10 +32,12 @@ from trainer.objective import (
     bernoulli_nll,
     chunk_negatives,
     kl_share,
-    local_log_partition,
+    local_log_z,
     n3_penalty,
     per_occurrence_kl,
+    softmax_nll,
 )
+from trainer.scorers import Scorer
 
 RELATION_STREAM = -1
 
@@ -84,11 +86,7 @@ class Step:
         )
         # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
         self.dense = obj.likelihood == "softmax" or (model.latent == "lim" and obj.kl_estimator == "full")
-        self.log_partition = (
-            local_log_partition
-            if self.exchange.world_size == 1
-            else (lambda logits: sharded_log_partition(logits, self.exchange))
-        )
+        self.log_z = local_log_z if self.exchange.world_size == 1 else self._sharded_log_z
 
     def __call__(
         self, batches: list[tuple[int, torch.Tensor]], share: float, kl_multiplier: float, key: tuple[int, ...]
@@ -174,15 +172,19 @@ class Step:
         if obj.likelihood == "bernoulli":
             neg = ent.index_select(0, local["neg"].reshape(-1)).view(*local["neg"].shape, -1)
             return bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
-        # 1-vs-all over every entity: this rank scores every rank's queries against its own candidates
-        # and log Z is assembled across ranks (vocabulary-parallel softmax).
         queries = torch.cat([s_emb, o_emb])
         query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])
-        all_queries, offset = all_gather_rows(queries, self.exchange)
-        all_rel, _ = all_gather_rows(query_rel, self.exchange)
-        log_z = self.log_partition(model.scorer.score_tails(all_queries, all_rel, candidates))
-        own = log_z[offset : offset + len(queries)]
-        return (own - model.scorer.score(queries, query_rel, torch.cat([o_emb, s_emb]))).sum()
+        return softmax_nll(model.scorer, queries, query_rel, torch.cat([o_emb, s_emb]), candidates, self.log_z)
+
+    def _sharded_log_z(
+        self, scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, candidates_ND: torch.Tensor
+    ) -> torch.Tensor:
+        """log Z of this rank's queries when candidates are split across ranks: every rank scores every
+        rank's queries against its own candidates and log Z is assembled (vocabulary-parallel softmax)."""
+        all_queries, offset = all_gather_rows(s_BD, self.exchange)
+        all_rel, _ = all_gather_rows(r_BD, self.exchange)
+        log_z = sharded_log_partition(scorer.score_tails(all_queries, all_rel, candidates_ND), self.exchange)
+        return log_z[offset : offset + len(s_BD)]
 
     def _stream_kl(
         self,

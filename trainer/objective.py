@@ -102,22 +102,30 @@ def local_log_partition(logits_BN: torch.Tensor) -> torch.Tensor:
     return _LogPartition.apply(logits_BN)
 
 
+LogZ = Callable[[Scorer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(scorer, s_BD, r_BD, candidates_ND) -> log Z [B] of each query over all entities."""
+
+
+def local_log_z(scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, candidates_ND: torch.Tensor) -> torch.Tensor:
+    """log Z when this process holds every candidate (world size 1)."""
+    return local_log_partition(scorer.score_tails(s_BD, r_BD, candidates_ND))
+
+
 def softmax_nll(
     scorer: Scorer,
     s_BD: torch.Tensor,
     r_BD: torch.Tensor,
     target_BD: torch.Tensor,
     candidates_ND: torch.Tensor,
-    log_partition: Callable[[torch.Tensor], torch.Tensor] = local_log_partition,
+    log_z: LogZ = local_log_z,
 ) -> torch.Tensor:
     """-sum log softmax of the true tail over all entities, for queries (s, r, ?).
 
     Written as log Z - score(s, r, target) so the candidates can be split across workers: each scores
-    its shard and ``log_partition`` assembles log Z (a sharded table passes one that all-reduces the max
-    and the sum of exponentials, as vocabulary-parallel cross-entropy does).
+    its shard and ``log_z`` assembles log Z (the sharded trainer passes one that all-gathers the queries
+    and all-reduces the max and the sum of exponentials, as vocabulary-parallel cross-entropy does).
     """
-    logits = scorer.score_tails(s_BD, r_BD, candidates_ND)
-    return (log_partition(logits) - scorer.score(s_BD, r_BD, target_BD)).sum()
+    return (log_z(scorer, s_BD, r_BD, candidates_ND) - scorer.score(s_BD, r_BD, target_BD)).sum()
 
 
 def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:

@@ -82,12 +82,12 @@ def test_softmax_nll_splits_over_candidate_shards():
     whole = softmax_nll(DistMult(), s, r, targets, entities)
     shards = (entities[:3], entities[3:])
 
-    def two_shard_log_partition(_local_logits):
-        logits = [DistMult().score_tails(s, r, shard) for shard in shards]
+    def two_shard_log_z(scorer, s_BD, r_BD, _local_candidates):
+        logits = [scorer.score_tails(s_BD, r_BD, shard) for shard in shards]
         top = torch.stack([x.max(-1).values for x in logits]).max(0).values
         return top + torch.log(sum((x - top.unsqueeze(-1)).exp().sum(-1) for x in logits))
 
-    sharded = softmax_nll(DistMult(), s, r, targets, shards[0], log_partition=two_shard_log_partition)
+    sharded = softmax_nll(DistMult(), s, r, targets, shards[0], log_z=two_shard_log_z)
     torch.testing.assert_close(sharded, whole)
 
 
