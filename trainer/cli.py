@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 
 from sharding.launch import choose_device, process_group
-from trainer import checkpoint
 from trainer.config import RunConfig, load_config
 from trainer.evaluate import build_filters
-from trainer.loop import evaluate_run, load_data, train
-from trainer.model import build_model
+from trainer.loop import evaluate_run, train
 
 RUNS_DIR = Path("runs")
 ROOT = Path(__file__).parents[1]
@@ -105,20 +103,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    run_dir: Path = args.run_dir
+    from trainer.report import load_run, load_run_config
+
     overrides = [] if args.samples is None else [f"eval.num_samples={args.samples}"]
-    config = load_config(run_dir / "config.yaml", overrides)
+    config = load_run_config(args.run_dir, overrides)
     with process_group(config.sharding.backend) as exchange:
-        reporter = checkpoint.Reporter(run_dir, exchange)
-        name = checkpoint.BEST if reporter.has(checkpoint.BEST) else checkpoint.LATEST
-        if not reporter.has(name):
-            raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/) to evaluate")
-        dataset = load_data(config, exchange)
-        device = choose_device(config.train.device)
-        model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device)
-        checkpoint.load_into(reporter.path(name), model)
-        filters = build_filters(dataset.all_known(), dataset.num_relations)
-        metrics = evaluate_run(config, model, dataset, filters)
+        run = load_run(args.run_dir, config=config, exchange=exchange, device=choose_device(config.train.device))
+        filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
+        metrics = evaluate_run(config, run.model, run.dataset, filters)
         if exchange.rank == 0:
             print(json.dumps(metrics, indent=2))
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sharding.exchange import Exchange, LocalExchange
 from storage.dataset import KGDataset
 from trainer import checkpoint, uncertainty
 from trainer.config import RunConfig, load_config
@@ -36,18 +37,29 @@ class Run:
     model: KGModel
 
 
-def load_run(run_dir: Path) -> Run:
-    """A run directory's config, dataset and best (else latest) checkpoint, in this process."""
+def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
+    """The resolved config a run saved (``config file not found: ...`` when ``run_dir`` is not a run)."""
+    return load_config(Path(run_dir) / "config.yaml", overrides)
+
+
+def load_run(
+    run_dir: Path,
+    *,
+    config: RunConfig | None = None,
+    exchange: Exchange | None = None,
+    device: torch.device | None = None,
+) -> Run:
+    """A run directory's config, dataset and best (else latest) checkpoint, on this rank of ``exchange``
+    (this process alone by default) and ``device`` (the CPU by default)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir}: not a run directory (config.yaml missing)")
-    config = load_config(run_dir / "config.yaml")
-    reporter = checkpoint.Reporter(run_dir, exchange=None)
+    config = config or load_run_config(run_dir)
+    exchange = exchange or LocalExchange()
+    reporter = checkpoint.Reporter(run_dir, exchange)
     name = checkpoint.BEST if reporter.has(checkpoint.BEST) else checkpoint.LATEST
     if not reporter.has(name):
         raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/)")
-    dataset = load_data(config)
-    model = build_model(config, dataset.num_entities, dataset.num_relations, device=torch.device("cpu"))
+    dataset = load_data(config, exchange)
+    model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device)
     checkpoint.load_into(reporter.path(name), model)
     return Run(config, dataset, model)
 
