@@ -59,10 +59,11 @@ def load_data(config: RunConfig, exchange: Exchange | None = None) -> KGDataset:
     """Open the configured dataset; rank 0 converts triple files first, so ranks never race on the cache."""
     exchange = exchange or LocalExchange()
     data = config.data
-    if exchange.rank == 0:
-        resolve_store(data.dataset, data.cache_dir)
+    root = resolve_store(data.dataset, data.cache_dir) if exchange.rank == 0 else None
     exchange.barrier()
-    return open_dataset(data.dataset, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
+    # Resolving hashes triple files to find their cached conversion: once per rank, not twice.
+    root = root or resolve_store(data.dataset, data.cache_dir)
+    return open_dataset(root, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
 
 
 def step_generator(key: tuple[int, ...], stream: int, device: torch.device | None = None) -> torch.Generator:

@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.sharding.conftest import free_port
 from tests.trainer.conftest import make_config
 from trainer.loop import train
 from trainer.metrics import MetricsExporter
 
 ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "nvkg.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
