@@ -12,20 +12,36 @@ import torch
 import torch.distributed as dist
 
 
+class Pending:
+    """A collective in flight (None: already done)."""
+
+    def __init__(self, work) -> None:
+        self.work = work
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
 class LocalExchange:
     rank = 0
     world_size = 1
 
-    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Send ``send_counts[r]`` consecutive rows to rank r; return the rows received and their counts."""
-        return tensor, list(send_counts)
+    def all_to_all_rows(self, rows_WK: torch.Tensor) -> torch.Tensor:
+        """Row r goes to rank r; row r of the result came from rank r (small per-peer headers)."""
+        return rows_WK
 
     def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        """The reverse route of an ``all_to_all`` whose counts were (recv_counts, send_counts)."""
+        """Send ``send_counts[r]`` consecutive rows to rank r; receive ``recv_counts[r]`` from rank r."""
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
+        """Start a sum all-reduce in place; ``wait()`` on the result before reading ``tensor``."""
+        return Pending(None)
 
     def all_gather(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Rows of every rank concatenated in rank order, and each rank's row count."""
@@ -42,15 +58,10 @@ class GroupExchange:
     def __init__(self) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def _exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
-        send = torch.tensor(send_counts, dtype=torch.int64, device=device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
-        return recv.tolist()
-
-    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
-        recv_counts = self._exchange_counts(send_counts, tensor.device)
-        return self.all_to_all_back(tensor, send_counts, recv_counts), recv_counts
+    def all_to_all_rows(self, rows_WK: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(rows_WK)
+        dist.all_to_all_single(out, rows_WK.contiguous())
+        return out
 
     def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
@@ -60,6 +71,9 @@ class GroupExchange:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dist.all_reduce(tensor, op=_OPS[op])
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
+        return Pending(dist.all_reduce(tensor, async_op=True))
 
     def all_gather(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         size = torch.tensor([len(tensor)], dtype=torch.int64, device=tensor.device)

@@ -4,12 +4,14 @@ A row keeps its mean and log-variance side by side in one vector, so gathering, 
 row is one operation, not two. ``ShardedTable`` holds the rows of one rank's range (all rows at world
 size 1) and the row optimiser state for them:
 
-  * ``gather(ids)``: rows for any global ids, as a leaf the loss can differentiate. Ids are bucketed by
-    owner, exchanged with an all-to-all, looked up by the owners and sent back (TorchRec's row-wise
-    input-dist -> lookup -> output-dist).
+  * ``encode(ids, encoder)``: an encoding of the rows of any global ids (the reparameterised sample and
+    its KL in training, the rows themselves in ``lookup``), as a leaf the loss can differentiate. Ids
+    are bucketed by owner and exchanged with an all-to-all, the owners encode their rows and send the
+    result back (TorchRec's row-wise input-dist -> lookup -> output-dist, with the encoding moved to
+    the owner so that fewer bytes travel).
   * ``local()``: this rank's own rows, for what touches every row (the 1-vs-all candidates, the LIM KL).
-  * ``collect(...)``: the gradients of those leaves travel back the same routes; the owner sums what it
-    got per row. ``step(...)`` then lets the row optimiser update only those rows.
+  * ``collect(...)``: the gradients of those leaves travel back the same routes; the owner takes them
+    through its encoder and sums what it got per row. ``step(...)`` then lets the row optimiser update only those rows.
 
 ``ReplicatedTable`` (relations: small) keeps every row on every rank and all-reduces its gradient.
 """
@@ -17,11 +19,12 @@ size 1) and the row optimiser state for them:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from sharding.exchange import Exchange, LocalExchange
+from sharding.exchange import Exchange, LocalExchange, Pending
 from sharding.plan import RowPlan
 from sharding.row_optim import build_row_optimizer
 from trainer.gaussian import Gaussian
@@ -80,16 +83,37 @@ def seed_of(*parts: int) -> int:
 
 
 @dataclass
-class Gathered:
-    """Rows fetched for ``ids`` and the route they came by (the gradient goes back the same way)."""
+class Segment:
+    """The ids one rank asked this owner for in one exchange: ``count`` of them, from position ``offset``
+    of that rank's sorted id list, sent under the requester's ``tag`` (its data stream)."""
+
+    count: int
+    offset: int
+    tag: int
+
+
+Encoder = Callable[[torch.Tensor, torch.Tensor, list[Segment]], torch.Tensor]
+"""(owned rows [m, width] to differentiate, their local indices [m], the segments they were asked for in,
+in order) -> the values [m, k] sent back for them."""
+
+
+@dataclass
+class Encoded:
+    """What the owners sent for ``ids`` (``values``, a leaf on the requester) and what each owner keeps to
+    take the gradient of ``values`` back through its encoder to its rows."""
 
     ids: torch.Tensor
-    rows: torch.Tensor
-    extra: torch.Tensor | None
+    values: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
     recv_local: torch.Tensor
     """Local row indices this rank served, in the order it served them."""
+    served: torch.Tensor
+    output: torch.Tensor
+
+
+def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    return rows
 
 
 class ShardedTable:
@@ -140,39 +164,43 @@ class ShardedTable:
         """This rank's rows as a fresh leaf that requires grad."""
         return self.weight.clone().requires_grad_(True)
 
-    def gather(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> Gathered:
-        """Rows of the ascending unique global ``ids`` as a leaf that requires grad.
+    def encode(self, ids: torch.Tensor, encoder: Encoder = identity, tag: int = 0) -> Encoded:
+        """``encoder`` applied by the owners to the rows of the ascending unique global ``ids``.
 
-        ``extra`` ([local rows, k], optional) is sent along with each row, e.g. the owner's noise for it.
+        The owner runs the encoder (e.g. draws the reparameterised sample and its KL), so what travels is
+        the encoding, not the rows: for Gaussian rows [mean | logvar] a sample and a KL are half the bytes
+        both ways, and the gradient comes back in the same shape.
         """
-        send_counts = self.plan.counts_by_owner(ids).tolist()
-        recv_ids, recv_counts = self.exchange.all_to_all(ids, send_counts)
-        recv_local = recv_ids - self.lo
-        served = self.weight.index_select(0, recv_local)
-        if extra is not None:
-            served = torch.cat([served, extra.index_select(0, recv_local)], dim=1)
-        rows = self.exchange.all_to_all_back(served, recv_counts, send_counts)
-        extra_rows = None
-        if extra is not None:
-            rows, extra_rows = rows[:, : self.width], rows[:, self.width :]
-        return Gathered(ids, rows.requires_grad_(True), extra_rows, send_counts, recv_counts, recv_local)
+        send_counts = self.plan.counts_by_owner(ids)
+        offsets = torch.cumsum(send_counts, 0) - send_counts
+        header = torch.stack([send_counts, offsets, torch.full_like(send_counts, tag)], dim=1)
+        received = self.exchange.all_to_all_rows(header.to(self.device)).tolist()
+        segments = [Segment(*row) for row in received]
+        send, recv = send_counts.tolist(), [segment.count for segment in segments]
+        recv_local = self.exchange.all_to_all_back(ids, send, recv) - self.lo
+        served = self.weight.index_select(0, recv_local).requires_grad_(torch.is_grad_enabled())
+        output = encoder(served, recv_local, segments)
+        values = self.exchange.all_to_all_back(output.detach(), recv, send)
+        return Encoded(ids, values.requires_grad_(torch.is_grad_enabled()), send, recv, recv_local, served, output)
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of any global ids (repeats allowed), without gradients (evaluation)."""
         unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.gather(unique).rows.detach()[inverse]
+        return self.encode(unique).values[inverse]
 
     def collect(
-        self, gathered: list[Gathered], local_leaf: torch.Tensor | None
+        self, encoded: list[Encoded], local_leaf: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Send gathered rows' gradients to their owners; return (local row ids or None for all, summed grad)."""
+        """Send the gradients of encoded values back to their owners, which take them through their encoder;
+        return (local row ids or None for all, the summed gradient of those rows)."""
         parts_ids, parts_grad = [], []
-        for item in gathered:
-            grad = item.rows.grad if item.rows.grad is not None else torch.zeros_like(item.rows)
+        for item in encoded:
+            grad = item.values.grad if item.values.grad is not None else torch.zeros_like(item.values)
             back = self.exchange.all_to_all_back(grad, item.send_counts, item.recv_counts)
+            torch.autograd.backward(item.output, back)
             parts_ids.append(item.recv_local)
-            parts_grad.append(back)
+            parts_grad.append(item.served.grad if item.served.grad is not None else torch.zeros_like(item.served))
         if local_leaf is not None:
             total = local_leaf.grad if local_leaf.grad is not None else torch.zeros_like(self.weight)
             for ids, grad in zip(parts_ids, parts_grad, strict=True):
@@ -241,9 +269,11 @@ class ReplicatedTable:
     def local(self) -> torch.Tensor:
         return self.table.local()
 
-    def collect(self, leaf: torch.Tensor) -> torch.Tensor:
+    def collect(self, leaf: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        """Start summing the replicas' gradients; the sum is ``grad`` once ``wait()`` has returned, so the
+        entity update can run while it travels."""
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(self.table.weight)
-        return self.exchange.all_reduce(grad)
+        return grad, self.exchange.all_reduce_async(grad)
 
     def step(self, grad: torch.Tensor) -> None:
         self.table.step(None, grad)

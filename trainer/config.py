@@ -122,6 +122,9 @@ class ShardingConfig:
     every step, so runs with the same streams see the same batches at any world size."""
     backend: str = "auto"
     """torch.distributed backend when launched with several workers: auto (nccl with CUDA, else gloo)."""
+    pin_cpus: bool = True
+    """When several workers share a host, pin each to an equal, disjoint slice of its CPUs (and, unless
+    train.num_threads says otherwise, run that many torch threads). Turn off when other jobs share the host."""
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sharding.exchange import sharded_log_partition
-from sharding.table import seed_of
+from sharding.table import Encoder, seed_of
 from trainer.model import KGModel
 
 HITS_AT = (1, 3, 10)
@@ -56,6 +56,16 @@ def summarise(ranks: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def sampler(eps: torch.Tensor) -> Encoder:
+    """An owner's draw mean + sigma * eps for its rows, ``eps`` [local rows, D] being its dense noise."""
+
+    def sample(rows: torch.Tensor, local: torch.Tensor, _segments: list) -> torch.Tensor:
+        dim = eps.shape[1]
+        return rows[:, :dim] + torch.exp(0.5 * rows[:, dim:]) * eps.index_select(0, local)
+
+    return sample
+
+
 @torch.no_grad()
 def predictive_scores(
     model: KGModel, known: torch.Tensor, r: torch.Tensor, direction: str, num_samples: int, seed: int
@@ -73,9 +83,7 @@ def predictive_scores(
         local_eps = ents.dense_noise(key)
         own = ents.full()
         candidates = own.mean + torch.exp(0.5 * own.logvar) * local_eps
-        item = ents.gather(unique, extra=local_eps)
-        dim = ents.dim
-        queries = (item.rows[:, :dim] + torch.exp(0.5 * item.rows[:, dim:]) * item.extra)[inverse]
+        queries = ents.encode(unique, sampler(local_eps)).values[inverse]
         rel_q = rels.full()
         rel_eps = torch.randn(rel_q.mean.shape, generator=torch.Generator().manual_seed(seed_of(*key)))
         rel_eps = rel_eps.to(rel_q.mean.device)

@@ -53,24 +53,25 @@ class RunLogger:
                 total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
             )
 
-    def step(self, terms, *, epoch: int, step: int, global_step: int, positives: int, seconds: float,
+    def step(self, terms, totals, *, epoch: int, step: int, global_step: int, positives: int, seconds: float,
              kl_weight: float, model) -> None:  # fmt: skip
-        """``terms``: the step's StepTerms (global sums and this rank's share)."""
+        """``terms``: the step's StepTerms on this rank; ``totals``: summed over ranks (the per-step log and
+        the bar show them; without the per-step log they are rank 0's own terms, to spare a collective)."""
         if self.exporter is not None:
             self.exporter.observe_step(
-                nll=terms.local_nll, kl=terms.local_kl, kl_weight=kl_weight, positives=positives,
+                nll=terms.nll, kl=terms.kl, kl_weight=kl_weight, positives=positives,
                 seconds=seconds, lr=self.lr, step=global_step,
             )  # fmt: skip
             if model.variational and global_step % self.variance_every == 0:
                 with torch.no_grad():
                     self.exporter.observe_variance(float(model.entities.full().logvar.exp().mean()))
         if self.steps_path is not None:
-            record = {"epoch": epoch, "step": step, "nll": terms.nll, "kl": terms.kl, "loss": terms.loss}
+            record = {"epoch": epoch, "step": step, "nll": totals.nll, "kl": totals.kl, "loss": totals.loss}
             with self.steps_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(nll=f"{terms.nll:.4g}", kl=f"{terms.kl:.4g}", refresh=False)
+            self.bar.set_postfix(nll=f"{totals.nll:.4g}", kl=f"{totals.kl:.4g}", refresh=False)
 
     def epoch(self, record: dict, valid: dict | None = None) -> None:
         if self.exporter is not None:

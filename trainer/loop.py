@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
-from sharding.launch import choose_device
-from sharding.table import Gathered, seed_of
+from sharding.launch import choose_device, pin_local_cpus
+from sharding.table import Encoded, Encoder, Segment, block_normal, identity, seed_of
 from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
 from trainer.config import RunConfig, save_config, to_dict
@@ -40,19 +40,23 @@ from trainer.objective import (
 from trainer.scorers import Scorer
 
 RELATION_STREAM = -1
+NOISE = 0x401E
+NOISE_BLOCK = 256
+"""Rows per generator of a stream's per-row noise: an owner draws only the blocks its rows fall in."""
 
 
 @dataclass
 class StepTerms:
-    """One global step's share of the negative ELBO (KL before warm-up and kl_weight) and the loss
-    minimised, summed over all ranks."""
+    """A step's share of the negative ELBO (KL before warm-up and kl_weight) and of the loss minimised,
+    on one rank or (``totals``) summed over all ranks."""
 
     nll: float
     kl: float
     loss: float
-    local_nll: float
-    """This rank's own share (metrics per worker)."""
-    local_kl: float
+
+    def totals(self, exchange: Exchange, device: torch.device) -> StepTerms:
+        local = torch.tensor([self.nll, self.kl, self.loss], dtype=torch.float64, device=device)
+        return StepTerms(*exchange.all_reduce(local).tolist())
 
 
 def load_data(config: RunConfig, exchange: Exchange | None = None) -> KGDataset:
@@ -88,6 +92,7 @@ class Step:
         # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
         self.dense = obj.likelihood == "softmax" or (model.latent == "lim" and obj.kl_estimator == "full")
         self.log_z = local_log_z if self.exchange.world_size == 1 else self._sharded_log_z
+        self.n3 = obj.reg == "n3" and obj.reg_weight > 0
 
     def __call__(
         self, batches: list[tuple[int, torch.Tensor]], share: float, kl_multiplier: float, key: tuple[int, ...]
@@ -104,33 +109,62 @@ class Step:
             dense_eps = ents.dense_noise(key) if model.variational else None
             candidates, dense_kl = sample_and_kl(ent_leaf, ents.dim, dense_eps)
 
-        gathered: list[Gathered] = []
+        encoder = self._encoder(key, dense_eps)
+        encoded: list[Encoded] = []
         nll = kl = reg = rel_leaf.new_zeros(())
         for stream, positives in batches:
             positives = positives.to(self.device, non_blocking=True)
             generator = step_generator(key, stream, self.device)
             negatives = self._negatives(len(positives), generator) if obj.likelihood == "bernoulli" else None
             ids, local = self._rows_needed(positives, negatives)
-            item = ents.gather(ids, extra=dense_eps)
-            gathered.append(item)
-            eps = item.extra if self.dense else self._noise(len(ids), ents.dim, generator)
-            ent, ent_kl = sample_and_kl(item.rows, ents.dim, eps)
+            item = ents.encode(ids, encoder, tag=stream)
+            encoded.append(item)
+            ent, ent_kl, ent_mean = self._split(item.values)
             nll = nll + self._nll(ent, rel, candidates, local, positives[:, 1])
             kl = kl + self._stream_kl(ent_kl, rel_kl, local, positives, ids)
-            if obj.reg == "n3" and obj.reg_weight > 0:
-                reg = reg + obj.reg_weight * self._n3(item.rows, rel_leaf, local, positives[:, 1])
+            if self.n3:
+                reg = reg + obj.reg_weight * self._n3(ent_mean, rel_leaf, local, positives[:, 1])
         kl = kl + self._step_kl(dense_kl, rel_kl, share)
         loss = nll + kl_multiplier * kl + reg
         loss.backward()
 
-        ent_ids, ent_grad = ents.collect(gathered, ent_leaf)
-        rel_grad = rels.collect(rel_leaf)
-        self._clip(ent_grad, rel_grad)
+        rel_grad, rel_pending = rels.collect(rel_leaf)
+        ent_ids, ent_grad = ents.collect(encoded, ent_leaf)
+        if self.config.optim.grad_clip is not None:
+            rel_pending.wait()
+            self._clip(ent_grad, rel_grad)
         ents.step(ent_ids, ent_grad)
+        rel_pending.wait()
         rels.step(rel_grad)
-        local = torch.stack([nll.detach(), kl.detach(), loss.detach()])
-        totals = self.exchange.all_reduce(local.clone())
-        return StepTerms(*totals.tolist(), local_nll=float(local[0]), local_kl=float(local[1]))
+        return StepTerms(*torch.stack([nll, kl, loss]).detach().tolist())
+
+    def _encoder(self, key: tuple[int, ...], dense_eps: torch.Tensor | None) -> Encoder:
+        """What an owner sends for its rows: the sample and its KL (and the mean for N3), drawn with the
+        row's dense noise, or with noise keyed by (step, stream) and the row's position in the stream's ids
+        (``Segment``), so a draw does not depend on which rank owns the row."""
+        if not self.model.variational:
+            return identity
+        dim, device, keep_mean = self.model.entities.dim, self.device, self.n3
+
+        def encode(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+            if dense_eps is not None:
+                eps = dense_eps.index_select(0, local)
+            else:
+                eps = torch.cat([rows.new_empty(0, dim)] + [
+                    block_normal((s.offset, s.offset + s.count), dim, (*key, s.tag, NOISE), NOISE_BLOCK, device)
+                    for s in segments if s.count
+                ])  # fmt: skip
+            sample, row_kl = sample_and_kl(rows, dim, eps)
+            return torch.cat([sample, row_kl.unsqueeze(1)] + ([rows[:, :dim]] if keep_mean else []), dim=1)
+
+        return encode
+
+    def _split(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, KL per row, mean) from what the owners sent; a point estimate is its own sample."""
+        if not self.model.variational:
+            return values, values.new_zeros(len(values)), values
+        dim = self.model.entities.dim
+        return values[:, :dim], values[:, dim], values[:, dim + 1 :]
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
         if not self.model.variational:
@@ -225,10 +259,9 @@ class Step:
         return share * total
 
     def _n3(
-        self, rows: torch.Tensor, rel_leaf: torch.Tensor, local: dict[str, torch.Tensor], r: torch.Tensor
+        self, ent_mean: torch.Tensor, rel_leaf: torch.Tensor, local: dict[str, torch.Tensor], r: torch.Tensor
     ) -> torch.Tensor:
-        dim = self.model.entities.dim
-        ent_mean, rel_mean = rows[:, :dim], rel_leaf[:, :dim]
+        rel_mean = rel_leaf[:, : self.model.relations.dim]
         means = (
             ent_mean.index_select(0, local["s"]),
             rel_mean.index_select(0, r),
@@ -296,8 +329,9 @@ def train(
     exchange = exchange or LocalExchange()
     out_dir = Path(out_dir)
     lead = exchange.rank == 0
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
+    pinned = pin_local_cpus() if config.sharding.pin_cpus else None
+    if config.train.num_threads or pinned:
+        torch.set_num_threads(config.train.num_threads or len(pinned))
     dataset = dataset or load_data(config, exchange)
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,8 +371,11 @@ def train(
             terms = step(batches, kl_share(i, num_steps, obj.kl_schedule), kl_multiplier, (train_cfg.seed, epoch, i))
             nll_sum += terms.nll
             kl_sum += terms.kl
+            # Summing a step's terms over ranks is a collective per step: only for the per-step log.
+            totals = terms.totals(exchange, device) if train_cfg.log_steps and exchange.world_size > 1 else terms
             logger.step(
                 terms,
+                totals,
                 epoch=epoch + 1,
                 step=i,
                 global_step=epoch * num_steps + i,
@@ -347,17 +384,18 @@ def train(
                 kl_weight=kl_multiplier,
                 model=model,
             )
+        # Every rank must take the same decision about the time budget: rank 0's clock decides.
+        seconds = time.perf_counter() - started if lead else 0.0
+        summed = torch.tensor([seconds, nll_sum, kl_sum], dtype=torch.float64, device=device)
+        seconds, nll_sum, kl_sum = exchange.all_reduce(summed).tolist()
         record = {
             "epoch": epoch + 1,
             "elbo": -(nll_sum + kl_sum),
             "kl": kl_sum,
             "nll": nll_sum,
             "kl_multiplier": kl_multiplier,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
         }
-        # Every rank must take the same decision about the time budget: rank 0's clock decides.
-        seconds = torch.tensor([record["seconds"] if lead else 0.0], device=device)
-        record["seconds"] = float(exchange.all_reduce(seconds)[0])
         state.train_seconds += record["seconds"]
         state.epoch = epoch + 1
         budget = train_cfg.time_budget_s
