@@ -7,6 +7,7 @@ Groups (``--groups``, default all):
   paper   the four Table 1 rows with the authors' setup (configs/paper-*.yaml), 500 epochs each.
 
     make bench-quality ARGS="--groups small"      # or: python -m bench.quality --groups small wn18rr
+    make bench-quality ARGS="--groups small --datasets nations"   # one graph of a group
 
 Each run writes into bench/results/runs/<name>-seed<k>/; the table goes to bench/results/quality.{json,md}.
 """
@@ -126,6 +127,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", default=["small", "wn18rr", "paper"])
+    parser.add_argument("--datasets", nargs="+", help="only these datasets (default: every one of the groups)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -137,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for experiment in EXPERIMENTS:
-        if experiment.group in args.groups:
+        if experiment.group in args.groups and (not args.datasets or experiment.dataset in args.datasets):
             rows.append(run(experiment, args.overrides))
             print({k: rows[-1][k] for k in ("dataset", "model", "mrr", "hits@10", "train_seconds")}, flush=True)
     columns = [
@@ -159,6 +161,8 @@ def main() -> None:
     ]
     header = "# Link-prediction quality (test, filtered; mean over seeds)\n\n"
     name = "quality" if set(args.groups) == {"small", "wn18rr", "paper"} else "quality-" + "-".join(args.groups)
+    if args.datasets:
+        name += "-" + "-".join(args.datasets)
     if args.overrides:
         name += "-custom"
     write_results(name, {"machine": machine(), "rows": rows}, header + markdown_table(rows, columns))
