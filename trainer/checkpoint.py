@@ -44,6 +44,10 @@ class RunState:
     best_mrr: float = -1.0
     best_epoch: int = 0
     train_seconds: float = 0.0
+    lr: float | None = None
+    """The learning rate in use (None: optim.lr); reduce-on-plateau lowers it."""
+    stale_evals: int = 0
+    """Evaluations in a row without a better validation MRR."""
 
 
 def shard_name(lo: int, hi: int) -> str:

@@ -79,6 +79,10 @@ class OptimConfig:
     rowwise_adagrad (one accumulator per row, as PyTorch-BigGraph)."""
     lr: float = 0.01
     """Learning rate for entities and relations."""
+    lr_decay: float = 1.0
+    """Multiply the learning rate by this when the validation MRR has not improved for ``lr_patience``
+    evaluations in a row (reduce-on-plateau; 1.0 keeps it constant)."""
+    lr_patience: int = 1
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None disables."""
 
@@ -211,6 +215,10 @@ class RunConfig:
                 raise ValueError(f"{key}={value}: must be positive")
         if self.optim.lr < 0:
             raise ValueError(f"optim.lr={self.optim.lr}: must be non-negative")
+        if not 0 < self.optim.lr_decay <= 1:
+            raise ValueError(f"optim.lr_decay={self.optim.lr_decay}: must be in (0, 1]")
+        if self.optim.lr_patience < 1:
+            raise ValueError(f"optim.lr_patience={self.optim.lr_patience}: must be at least 1")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
         if self.objective.num_negatives % 2:

@@ -20,7 +20,7 @@ from sharding.launch import choose_device, pin_local_cpus
 from sharding.table import Encoded, Encoder, Segment, block_normal, identity, seed_of
 from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
-from trainer.config import RunConfig, save_config, to_dict
+from trainer.config import OptimConfig, RunConfig, save_config, to_dict
 from trainer.evaluate import build_filters, evaluate
 from trainer.gaussian import sample_and_kl
 from trainer.io import atomic_write_json
@@ -350,6 +350,8 @@ def train(
     num_steps = schedule.num_steps
     warmup_epochs = round(obj.kl_warmup * train_cfg.epochs)
     step = Step(config, model, dataset.entity_frequency)
+    state.lr = state.lr or config.optim.lr
+    model.set_lr(state.lr)
     logger = RunLogger(
         out_dir,
         total_steps=train_cfg.epochs * num_steps,
@@ -358,7 +360,7 @@ def train(
         log_steps=train_cfg.log_steps,
         exporter=start_exporter(config, out_dir, exchange.rank),
         variance_every=config.metrics.variance_every,
-        lr=config.optim.lr,
+        lr=state.lr,
     )
     logger.start(state.epoch * num_steps, state.epoch, resumed=latest is not None)
 
@@ -406,9 +408,14 @@ def train(
         if train_cfg.eval_every and (state.epoch % train_cfg.eval_every == 0 or last):
             valid = evaluate(model, dataset.valid, filters, batch_size=config.eval.batch_size)
             record["valid_mrr"] = valid["filtered"]["mrr"]
-            if valid["filtered"]["mrr"] > state.best_mrr:
+            record["lr"] = state.lr
+            improved = valid["filtered"]["mrr"] > state.best_mrr
+            if improved:
                 state.best_mrr, state.best_epoch = valid["filtered"]["mrr"], state.epoch
                 reporter.save(checkpoint.BEST, model, state, config)
+            if reduce_on_plateau(state, improved, config.optim):
+                model.set_lr(state.lr)
+                logger.lr = state.lr
         logger.epoch(record, valid)
         if state.epoch % train_cfg.checkpoint_every == 0 or last:
             reporter.save(checkpoint.LATEST, model, state, config, metrics=record)
@@ -430,6 +437,17 @@ def train(
     if lead:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def reduce_on_plateau(state: checkpoint.RunState, improved: bool, optim: OptimConfig) -> bool:
+    """Count evaluations without a better validation MRR; after ``lr_patience`` of them, multiply the
+    learning rate by ``lr_decay``. Returns whether it changed."""
+    state.stale_evals = 0 if improved else state.stale_evals + 1
+    if optim.lr_decay == 1.0 or state.stale_evals < optim.lr_patience:
+        return False
+    state.lr *= optim.lr_decay
+    state.stale_evals = 0
+    return True
 
 
 def start_exporter(config: RunConfig, out_dir: Path, rank: int) -> MetricsExporter | None:

@@ -39,6 +39,11 @@ class KGModel:
     def device(self) -> torch.device:
         return self.entities.device
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every row optimiser (entities and relations)."""
+        self.entities.optimizer.lr = lr
+        self.relations.table.optimizer.lr = lr
+
     def query(
         self, query_emb: torch.Tensor, relations: torch.Tensor, r: torch.Tensor, direction: str
     ) -> tuple[torch.Tensor, torch.Tensor, str]:

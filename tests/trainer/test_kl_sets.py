@@ -4,7 +4,7 @@ import torch
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
 from trainer.loop import Step, step_generator
 from trainer.model import build_model
-from trainer.objective import chunk_negatives
+from trainer.objective import chunk_negatives, n3_penalty
 
 KEY = (0, 0, 0)  # (seed, epoch, step)
 
@@ -60,3 +60,20 @@ def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
     model, step = _step(config, tiny_dataset)
     assert model.entities.full().logvar is None
     assert step([(0, TINY_TRAIN)], 1.0, 1.0, KEY).kl == 0.0
+
+
+@pytest.mark.parametrize("latent", ["lim", "point"])
+def test_n3_penalises_the_means_the_owners_send(tiny_dataset, latent):
+    """The owner sends the sample and KL of variational rows, and their means only when N3 needs them."""
+    config = make_config(
+        f"model.latent={latent}", "objective.likelihood=bernoulli", "objective.reg=n3", "objective.reg_weight=0.5",
+        "optim.lr=0.0",
+    )  # fmt: skip
+    model, step = _step(config, tiny_dataset)
+    entities, relations = model.entities.full().mean, model.relations.full().mean
+    batch = TINY_TRAIN[:3]
+    expected = 0.5 * n3_penalty(
+        entities[batch[:, 0]], relations[batch[:, 1]], entities[batch[:, 2]], complex_valued=True
+    )
+    terms = step([(0, batch)], 0.25, 1.0, KEY)
+    assert terms.loss - terms.nll - terms.kl == pytest.approx(expected.item(), rel=1e-5)
