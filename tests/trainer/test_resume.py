@@ -62,3 +62,23 @@ def test_time_budget_stops_after_the_epoch_that_exhausts_it(tmp_path, tiny_datas
     assert [r["epoch"] for r in _log(tmp_path)] == [1]
     assert (tmp_path / checkpoint.LATEST).exists() and (tmp_path / checkpoint.BEST).exists()
     assert metrics["best_epoch"] == 1 and "filtered" in metrics["test"]
+
+
+def test_reduce_on_plateau_follows_validation_and_survives_a_resume(tmp_path, tiny_dataset):
+    settings = ["train.eval_every=1", "train.checkpoint_every=1", "optim.lr=0.3", "optim.lr_decay=0.5"]
+    full = make_config("train.epochs=6", *settings)
+    train(full, tmp_path / "full", tiny_dataset)
+    records = _log(tmp_path / "full")
+    best, lr = -1.0, 0.3
+    for record in records:  # the lr in use for an epoch, halved after each evaluation that is no better
+        assert record["lr"] == pytest.approx(lr)
+        lr = lr if record["valid_mrr"] > best else lr * 0.5
+        best = max(best, record["valid_mrr"])
+    assert records[4]["lr"] < 0.3, "no plateau in the first 4 epochs: the resume below would not test the lr"
+
+    train(make_config("train.epochs=4", *settings), tmp_path / "resumed", tiny_dataset)
+    train(full, tmp_path / "resumed", tiny_dataset)
+    assert [(r["nll"], r["lr"]) for r in _log(tmp_path / "resumed")] == [(r["nll"], r["lr"]) for r in records]
+    a_ent, _ = _final_tables(tmp_path / "full", full, tiny_dataset)
+    b_ent, _ = _final_tables(tmp_path / "resumed", full, tiny_dataset)
+    assert torch.equal(a_ent["weight"], b_ent["weight"])
