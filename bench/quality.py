@@ -15,6 +15,7 @@ Each run writes into bench/results/runs/<name>-seed<k>/; the table goes to bench
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
         config = load_config(CONFIGS / experiment.config, overrides + experiment.overrides + extra)
         dataset = load_data(config)
         out_dir = RESULTS / "runs" / f"{experiment.name}-seed{seed}"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
         runs.append(train(config, out_dir, dataset))
     test = [r["test"]["filtered"] for r in runs]
     row = {
