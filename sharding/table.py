@@ -99,10 +99,9 @@ in order) -> the values [m, k] sent back for them."""
 
 @dataclass
 class Encoded:
-    """What the owners sent for ``ids`` (``values``, a leaf on the requester) and what each owner keeps to
+    """What the owners sent for some ids (``values``, a leaf on the requester) and what each owner keeps to
     take the gradient of ``values`` back through its encoder to its rows."""
 
-    ids: torch.Tensor
     values: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
@@ -181,7 +180,7 @@ class ShardedTable:
         served = self.weight.index_select(0, recv_local).requires_grad_(torch.is_grad_enabled())
         output = encoder(served, recv_local, segments)
         values = self.exchange.all_to_all_back(output.detach(), recv, send)
-        return Encoded(ids, values.requires_grad_(torch.is_grad_enabled()), send, recv, recv_local, served, output)
+        return Encoded(values.requires_grad_(torch.is_grad_enabled()), send, recv, recv_local, served, output)
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

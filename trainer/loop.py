@@ -114,8 +114,9 @@ class Step:
         nll = kl = reg = rel_leaf.new_zeros(())
         for stream, positives in batches:
             positives = positives.to(self.device, non_blocking=True)
-            generator = step_generator(key, stream, self.device)
-            negatives = self._negatives(len(positives), generator) if obj.likelihood == "bernoulli" else None
+            negatives = None
+            if obj.likelihood == "bernoulli":
+                negatives = self._negatives(len(positives), step_generator(key, stream, self.device))
             ids, local = self._rows_needed(positives, negatives)
             item = ents.encode(ids, encoder, tag=stream)
             encoded.append(item)
