@@ -207,6 +207,9 @@ class ShardedTable:
             return None, total
         if not parts_ids:
             return torch.empty(0, dtype=torch.int64), self.weight.new_empty(0, self.width)
+        if len(parts_ids) == 1 and self.exchange.world_size == 1:
+            # One request served whole: its ids are already unique (the requester sends unique ids).
+            return parts_ids[0], parts_grad[0]
         ids = torch.cat(parts_ids)
         unique, inverse = torch.unique(ids, return_inverse=True)
         total = self.weight.new_zeros(len(unique), self.width).index_add_(0, inverse, torch.cat(parts_grad))

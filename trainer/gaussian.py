@@ -39,7 +39,8 @@ class _SampleAndKL(torch.autograd.Function):
         mean, logvar = rows[:, :dim], rows[:, dim:]
         std = torch.exp(0.5 * logvar)
         sample = torch.addcmul(mean, std, eps)
-        kl = 0.5 * (mean.square() + std.square() - logvar - 1.0).sum(-1)
+        # Row sums as dot products: no [U, D] temporaries for mean^2 and sigma^2.
+        kl = 0.5 * (torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std) - logvar.sum(-1) - dim)
         ctx.save_for_backward(mean, std, eps)
         return sample, kl
 
@@ -47,15 +48,15 @@ class _SampleAndKL(torch.autograd.Function):
     def backward(ctx, grad_sample: torch.Tensor | None, grad_kl: torch.Tensor | None):
         mean, std, eps = ctx.saved_tensors
         dim = mean.shape[-1]
-        grad = mean.new_zeros(mean.shape[0], 2 * dim)
+        grad = mean.new_empty(mean.shape[0], 2 * dim)
         grad_mean, grad_logvar = grad[:, :dim], grad[:, dim:]
-        if grad_sample is not None:
-            grad_mean.copy_(grad_sample)
-            torch.mul(grad_sample, eps, out=grad_logvar).mul_(std).mul_(0.5)
-        if grad_kl is not None:
-            weight = grad_kl.unsqueeze(-1)
-            grad_mean.addcmul_(weight, mean)
-            grad_logvar.addcmul_(weight, std.square().sub_(1.0), value=0.5)
+        weight = grad_kl.unsqueeze(-1) if grad_kl is not None else mean.new_zeros(mean.shape[0], 1)
+        if grad_sample is None:
+            grad_sample = mean.new_zeros(())
+        # d/d mean = g + w mean;  d/d logvar = (g eps sigma + w (sigma^2 - 1)) / 2 = sigma (g eps + w sigma) / 2 - w / 2
+        torch.addcmul(grad_sample, weight, mean, out=grad_mean)
+        inner = torch.addcmul(grad_sample * eps, weight, std)
+        torch.addcmul(weight * -0.5, inner, std, value=0.5, out=grad_logvar)
         return grad, None
 
 
