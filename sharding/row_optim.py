@@ -69,7 +69,8 @@ class RowAdagrad:
         else:
             self.sum_sq.index_add_(0, ids, row_sq)
             scale = self.sum_sq.index_select(0, ids)
-        update = (grad_parts / (scale.sqrt() + self.eps).unsqueeze(-1) * -self.lr).view_as(grad)
+        # The step size is per row part: scale it first, then one pass over the gradient.
+        update = (grad_parts * (-self.lr / (scale.sqrt() + self.eps)).unsqueeze(-1)).view_as(grad)
         if ids is None:
             param.add_(update)
         else:

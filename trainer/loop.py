@@ -165,7 +165,8 @@ class Step:
         if not self.model.variational:
             return values, values.new_zeros(len(values)), values
         dim = self.model.entities.dim
-        return values[:, :dim], values[:, dim], values[:, dim + 1 :]
+        sample, kl, mean = values.split([dim, 1, values.shape[1] - dim - 1], dim=1)
+        return sample, kl.squeeze(1), mean
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
         if not self.model.variational:
@@ -183,13 +184,14 @@ class Step:
     def _rows_needed(
         self, positives: torch.Tensor, negatives: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Ascending unique entity ids to gather, and the batch's positions within them."""
+        """Ascending unique entity ids to gather, and the batch's positions within them: per part (s, o,
+        neg) and all parts in that order ("flat"), so the scorer's inputs are one gather."""
         parts = {"s": positives[:, 0], "o": positives[:, 2]}
         if negatives is not None:
             parts["neg"] = negatives
         flat = torch.cat([p.reshape(-1) for p in parts.values()])
         ids, inverse = torch.unique(flat, return_inverse=True)
-        local, offset = {}, 0
+        local, offset = {"flat": inverse}, 0
         for name, p in parts.items():
             local[name] = inverse[offset : offset + p.numel()].view(p.shape)
             offset += p.numel()
@@ -204,9 +206,13 @@ class Step:
         r: torch.Tensor,
     ) -> torch.Tensor:
         obj, model = self.config.objective, self.model
-        s_emb, o_emb, r_emb = ent.index_select(0, local["s"]), ent.index_select(0, local["o"]), rel.index_select(0, r)
+        batch = len(r)
+        rows = ent.index_select(0, local["flat"])
+        # split, not slices: its backward is one concatenation (a slice's fills a zero tensor per slice).
+        s_emb, o_emb, neg = rows.split([batch, batch, len(rows) - 2 * batch])
+        r_emb = rel.index_select(0, r)
         if obj.likelihood == "bernoulli":
-            neg = ent.index_select(0, local["neg"].reshape(-1)).view(*local["neg"].shape, -1)
+            neg = neg.view(*local["neg"].shape, -1)
             return bernoulli_nll(model.scorer, s_emb, r_emb, o_emb, neg, obj.negative_chunk, self.negative_weight)
         queries = torch.cat([s_emb, o_emb])
         query_rel = torch.cat([r_emb, rel.index_select(0, r + model.num_relations)])

@@ -73,8 +73,10 @@ class DistMult(BilinearScorer):
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    half = x.shape[-1] // 2
-    return x[..., :half], x[..., half:]
+    # chunk, not two slices: its backward is one concatenation, where each slice's backward fills a
+    # zero tensor of the whole input and copies into it.
+    re, im = x.chunk(2, dim=-1)
+    return re, im
 
 
 class ComplEx(BilinearScorer):
