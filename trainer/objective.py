@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.scorers import Scorer
+from trainer.scorers import BilinearScorer, Scorer
 
 
 def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
@@ -70,11 +70,55 @@ def bernoulli_nll(
 
     s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
     half = num_neg // 2
+    if isinstance(scorer, BilinearScorer):
+        query_tail, query_head = scorer.tail_query(s, r), scorer.head_query(r, o)
+        return _BilinearBernoulli.apply(query_tail, query_head, o, neg_CKD, negative_weight, num_pos)
     pos_scores, tail_scores = scorer.score_and_tails(s, r, o, neg_CKD[:, half:])  # [C, chunk], [C, chunk, k/2]
     head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])
     neg_nll = F.softplus(head_scores).sum(-1) + F.softplus(tail_scores).sum(-1)
     nll = F.softplus(-pos_scores) + negative_weight * neg_nll  # [C, chunk]
     return (nll.view(-1)[:num_pos] if pad else nll).sum()
+
+
+class _BilinearBernoulli(torch.autograd.Function):
+    """The Bernoulli NLL of chunks of facts for a bilinear scorer, from its queries: the fact scores
+    <q_tail, o>, the tail corruptions q_tail . c and the head corruptions q_head . c, with a written
+    backward (sigmoids and four batched products) in place of autograd's ~50 small nodes, measured
+    at about a third of a V-ComplEx step on 2 CPU cores.
+
+    Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k/2 replace heads), the
+    weight of a negative, and how many of the C*chunk rows are real facts (the rest is padding).
+    """
+
+    @staticmethod
+    def forward(ctx, query_tail, query_head, o, neg, weight: float, num_pos: int):
+        half = neg.shape[1] // 2
+        neg_head, neg_tail = neg[:, :half], neg[:, half:]
+        pos = torch.linalg.vecdot(query_tail, o)  # [C, chunk]
+        tails = torch.bmm(query_tail, neg_tail.transpose(1, 2))  # [C, chunk, k/2]
+        heads = torch.bmm(query_head, neg_head.transpose(1, 2))
+        nll = F.softplus(-pos).add_(F.softplus(tails).sum(-1).add_(F.softplus(heads).sum(-1)), alpha=weight)
+        ctx.save_for_backward(query_tail, query_head, o, neg, pos, tails, heads)
+        ctx.weight, ctx.num_pos = weight, num_pos
+        return nll.view(-1)[:num_pos].sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        query_tail, query_head, o, neg, pos, tails, heads = ctx.saved_tensors
+        half = neg.shape[1] // 2
+        # d softplus(-x)/dx = -sigmoid(-x);  d softplus(x)/dx = sigmoid(x).
+        g_pos = torch.sigmoid(-pos).mul_(-grad)
+        g_tails = torch.sigmoid(tails).mul_(grad * ctx.weight)
+        g_heads = torch.sigmoid(heads).mul_(grad * ctx.weight)
+        if ctx.num_pos < pos.numel():  # padding carries no gradient
+            for g in (g_pos, g_tails, g_heads):
+                g.view(pos.numel(), -1)[ctx.num_pos :] = 0
+        g_pos = g_pos.unsqueeze(-1)
+        grad_tail = torch.baddbmm(g_pos * o, g_tails, neg[:, half:])
+        grad_head = torch.bmm(g_heads, neg[:, :half])
+        grad_o = g_pos * query_tail
+        grad_neg = torch.cat([g_heads.transpose(1, 2) @ query_head, g_tails.transpose(1, 2) @ query_tail], dim=1)
+        return grad_tail, grad_head, grad_o, grad_neg, None, None
 
 
 class _LogPartition(torch.autograd.Function):
