@@ -36,6 +36,8 @@ RELATIONS = "relations.pt"
 _SHARD = re.compile(r"entities-(\d+)-(\d+)\.pt")
 # Settings that must match for a checkpoint to be continued; train.epochs, data.prefetch etc. may change.
 FROZEN_KEYS = ("data.dataset", "model", "objective")
+FORMAT = 2
+"""Version of what the rows mean; 2: ComplEx vectors hold (real, imaginary) pairs (1: two halves)."""
 
 
 @dataclass
@@ -61,6 +63,7 @@ def write_files(directory: Path, model: KGModel, state: RunState, config: RunCon
     if lead:
         atomic_torch_save(directory / RELATIONS, model.relations.state_dict())
         index = {
+            "format": FORMAT,
             "state": dataclasses.asdict(state),
             "config": to_dict(config),
             "entity_rows": ents.num_rows,
@@ -128,6 +131,11 @@ def load_into(directory: Path, model: KGModel) -> RunState:
     """Fill ``model`` (any sharding) from a checkpoint directory (any sharding)."""
     directory = Path(directory)
     index = read_index(directory)
+    if index.get("format", 1) != FORMAT:
+        raise ValueError(
+            f"{directory}: checkpoint format {index.get('format', 1)}, this nvkg reads format {FORMAT} "
+            "(ComplEx rows are (real, imaginary) pairs since format 2); train it again"
+        )
     if index["entity_rows"] != model.entities.num_rows:
         raise ValueError(f"{directory}: {index['entity_rows']} entity rows, the dataset has {model.entities.num_rows}")
     ents = model.entities

@@ -176,9 +176,8 @@ def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:
     """Nuclear 3-norm (Lacroix et al., 2018): sum of |x|^3 over components (complex modulus for ComplEx)."""
     total = embeddings[0].new_zeros(())
     for x in embeddings:
-        if complex_valued:
-            re, im = x.chunk(2, dim=-1)
-            total = total + (re.square() + im.square()).pow(1.5).sum()
+        if complex_valued:  # (real, imaginary) pairs
+            total = total + x.unflatten(-1, (-1, 2)).square().sum(-1).pow(1.5).sum()
         else:
             total = total + x.abs().pow(3).sum()
     return total

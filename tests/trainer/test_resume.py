@@ -56,6 +56,18 @@ def test_truncated_checkpoint_fails_with_its_name(tmp_path, tiny_dataset):
         checkpoint.load_into(tmp_path / checkpoint.LATEST, model)
 
 
+def test_checkpoint_of_an_older_row_format_is_refused(tmp_path, tiny_dataset):
+    config = make_config("train.epochs=1")
+    train(config, tmp_path, tiny_dataset)
+    index_path = tmp_path / checkpoint.LATEST / checkpoint.INDEX
+    index = json.loads(index_path.read_text())
+    del index["format"]  # as written before ComplEx rows became (real, imaginary) pairs
+    index_path.write_text(json.dumps(index))
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
+    with pytest.raises(ValueError, match="checkpoint format 1, this nvkg reads format 2"):
+        checkpoint.load_into(tmp_path / checkpoint.LATEST, model)
+
+
 def test_time_budget_stops_after_the_epoch_that_exhausts_it(tmp_path, tiny_dataset):
     config = make_config("train.epochs=50", "train.time_budget_s=0.0", "train.eval_every=10")
     metrics = train(config, tmp_path, tiny_dataset)
