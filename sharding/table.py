@@ -56,19 +56,29 @@ def init_rows(
 
 
 def block_normal(
-    row_range: tuple[int, int], dim: int, key: tuple[int, ...], block_rows: int, device: torch.device | None = None
+    row_range: tuple[int, int],
+    dim: int,
+    key: tuple[int, ...],
+    block_rows: int,
+    device: torch.device | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Standard normal [hi - lo, dim] for rows [lo, hi), from one generator per block of ``block_rows``
-    seeded by (key, block): the same numbers for a row whatever range it is drawn in (on one device type)."""
+    seeded by (key, block): the same numbers for a row whatever range it is drawn in (on one device type).
+    Written into ``out`` when given."""
     device = torch.device("cpu") if device is None else device
     lo, hi = row_range
-    parts = []
+    out = torch.empty(hi - lo, dim, device=device) if out is None else out
     for block in range(lo // block_rows, -(-hi // block_rows)):
         generator = torch.Generator(device=device).manual_seed(seed_of(*key, block))
-        values = torch.randn(block_rows, dim, generator=generator, device=device)
-        start = block * block_rows
-        parts.append(values[max(lo, start) - start : min(hi, start + block_rows) - start])
-    return torch.cat(parts) if parts else torch.empty(0, dim, device=device)
+        start, stop = block * block_rows, (block + 1) * block_rows
+        first, last = max(lo, start), min(hi, stop)
+        if (first, last) == (start, stop):  # a whole block: drawn in place, as randn would draw it
+            out[first - lo : last - lo].normal_(generator=generator)
+        else:
+            values = torch.randn(block_rows, dim, generator=generator, device=device)
+            out[first - lo : last - lo] = values[first - start : last - start]
+    return out
 
 
 def seed_of(*parts: int) -> int:

@@ -151,10 +151,11 @@ class Step:
             if dense_eps is not None:
                 eps = dense_eps.index_select(0, local)
             else:
-                eps = torch.cat([rows.new_empty(0, dim)] + [
-                    block_normal((s.offset, s.offset + s.count), dim, (*key, s.tag, NOISE), NOISE_BLOCK, device)
-                    for s in segments if s.count
-                ])  # fmt: skip
+                eps, start = rows.new_empty(len(rows), dim), 0
+                for s in segments:
+                    span = (s.offset, s.offset + s.count)
+                    block_normal(span, dim, (*key, s.tag, NOISE), NOISE_BLOCK, device, eps[start : start + s.count])
+                    start += s.count
             sample, row_kl = sample_and_kl(rows, dim, eps)
             return torch.cat([sample, row_kl.unsqueeze(1)] + ([rows[:, :dim]] if keep_mean else []), dim=1)
 
