@@ -7,13 +7,18 @@ real training function; its time comes from the per-epoch log (evaluation exclud
 has none). PyKEEN lives in its own environment (bench/.venv-pykeen); if it cannot be installed, its
 rows say so and the rest still runs.
 
-    make bench-throughput            # or: python -m bench.throughput [--quick]
+This machine's speed drifts by tens of percent within minutes, for PyKEEN and for us alike, so the
+systems run in rounds (PyKEEN, then ours, per dataset) and each round gives its own ratio; the table
+reports the median rate and the median ratio over the rounds, and the JSON every round.
+
+    make bench-throughput            # or: python -m bench.throughput [--rounds N] [--datasets ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,40 +98,71 @@ def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: in
     return {"positives_per_s": len(steady) * len(data.train) / seconds, "seconds": seconds, "epochs": len(steady)}
 
 
+SYSTEMS = {
+    "nvkg ComplEx (point, Adam)": ("point", "adam"),
+    "nvkg V-ComplEx (LIM, Adam)": ("lim", "adam"),
+    "nvkg V-ComplEx (LIM, row-wise Adagrad)": ("lim", "rowwise_adagrad"),
+}
+PEER = "PyKEEN sLCWA ComplEx"
+
+
+def run_round(dataset: str, threads: int, pykeen_error: str | None) -> dict[str, dict]:
+    """One measurement of every system on ``dataset``, back to back; ratios to this round's PyKEEN."""
+    epochs = EPOCHS[dataset]
+    results = {PEER: {"error": pykeen_error} if pykeen_error else run_pykeen(dataset, epochs["pykeen"], threads)}
+    for system, (latent, optimizer) in SYSTEMS.items():
+        results[system] = run_ours(dataset, latent, optimizer, epochs["ours"], threads)
+    base = results[PEER].get("positives_per_s")
+    for result in results.values():
+        if base and "positives_per_s" in result:
+            result["speedup_vs_pykeen"] = result["positives_per_s"] / base
+    return results
+
+
+def summarise(dataset: str, system: str, rounds: list[dict]) -> dict:
+    """Median rate and median per-round ratio of one system over the rounds."""
+    row: dict = {"dataset": dataset, "system": system, "rounds": len(rounds)}
+    for key in ("positives_per_s", "speedup_vs_pykeen"):
+        values = [r[key] for r in rounds if key in r]
+        if values:
+            row[key] = statistics.median(values)
+            digits = 1 if key == "speedup_vs_pykeen" else 0
+            row[f"{key}_range"] = f"{min(values):,.{digits}f}-{max(values):,.{digits}f}"
+    errors = [r["error"] for r in rounds if "error" in r]
+    if errors:
+        row["error"] = errors[0]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--datasets", nargs="+", default=list(EPOCHS))
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     pykeen_error = ensure_pykeen()
     if pykeen_error:
         print(f"skipping PyKEEN: {pykeen_error}", file=sys.stderr)
-    rows = []
+    rows, per_round = [], []
     for dataset in args.datasets:
-        epochs = EPOCHS[dataset]
-        peer = {"error": pykeen_error} if pykeen_error else run_pykeen(dataset, epochs["pykeen"], args.threads)
-        systems = {
-            "PyKEEN sLCWA ComplEx": peer,
-            "nvkg ComplEx (point, Adam)": run_ours(dataset, "point", "adam", epochs["ours"], args.threads),
-            "nvkg V-ComplEx (LIM, Adam)": run_ours(dataset, "lim", "adam", epochs["ours"], args.threads),
-            "nvkg V-ComplEx (LIM, row-wise Adagrad)": run_ours(
-                dataset, "lim", "rowwise_adagrad", epochs["ours"], args.threads
-            ),
-        }
-        base = peer.get("positives_per_s")
-        for system, result in systems.items():
-            row = {"dataset": dataset, "system": system, **result}
-            if base and "positives_per_s" in result:
-                row["speedup_vs_pykeen"] = result["positives_per_s"] / base
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        rounds = []
+        for index in range(args.rounds):
+            results = run_round(dataset, args.threads, pykeen_error)
+            for system, result in results.items():
+                record = {"dataset": dataset, "round": index + 1, "system": system, **result}
+                per_round.append(record)
+                print(json.dumps(record), flush=True)
+            rounds.append(results)
+        rows += [summarise(dataset, system, [r[system] for r in rounds]) for system in [PEER, *SYSTEMS]]
     settings = {"complex_dim": COMPLEX_DIM, "negatives_per_positive": NEGATIVES, "batch_size": BATCH}
     header = (
         f"# Training throughput (ComplEx {COMPLEX_DIM} complex dims, {NEGATIVES} negatives/positive, "
-        f"batch {BATCH}, {args.threads} threads)\n\n"
+        f"batch {BATCH}, {args.threads} threads; median of {args.rounds} rounds)\n\n"
     )
-    table = markdown_table(rows, ["dataset", "system", "positives_per_s", "speedup_vs_pykeen", "epochs", "seconds"])
-    write_results("throughput", {"machine": machine(), "settings": settings, "rows": rows}, header + table)
+    columns = ["dataset", "system", "positives_per_s", "positives_per_s_range", "speedup_vs_pykeen"]
+    table = markdown_table(rows, [*columns, "speedup_vs_pykeen_range", "rounds"])
+    payload = {"machine": machine(), "settings": settings, "rows": rows, "rounds": per_round}
+    write_results("throughput", payload, header + table)
 
 
 if __name__ == "__main__":
