@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from sharding import native
 from sharding.row_optim import RowAdagrad, RowAdam
 
 
@@ -46,3 +48,71 @@ def test_row_adagrad_scales_each_row_part_separately():
     opt.step(param, None, torch.tensor([[3.0, 3.0, 0.5, 0.5]]))
     torch.testing.assert_close(opt.sum_sq, torch.tensor([[9.0, 0.25]]))
     torch.testing.assert_close(param, -torch.ones(1, 4))
+
+
+def _random_steps(compiled: bool) -> list[torch.Tensor]:
+    """Five updates of random unique rows of a 50 x 12 table; the table and state after them."""
+    g = torch.Generator().manual_seed(3)
+    param = torch.randn(50, 12, generator=g)
+    opt = RowAdam(param, lr=0.05, compiled=compiled)
+    for _ in range(5):
+        ids = torch.randperm(50, generator=g)[:17].sort().values
+        opt.step(param, ids, torch.randn(17, 12, generator=g))
+    return [param, *(v for v in opt.state_dict().values() if torch.is_tensor(v))]
+
+
+def test_compiled_row_adam_equals_the_torch_ops():
+    assert native.library() is not None, "the C kernel did not build (is cc installed?)"
+    compiled, reference = _random_steps(True), _random_steps(False)
+    assert not torch.equal(compiled[0], torch.randn(50, 12, generator=torch.Generator().manual_seed(3)))
+    for ours, theirs in zip(compiled, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_row_update_refuses_an_id_outside_the_table():
+    param = torch.zeros(4, 8)
+    opt = RowAdam(param, lr=0.1)
+    with pytest.raises(IndexError, match="outside the table's 4 rows"):
+        opt.step(param, torch.tensor([1, 4]), torch.ones(2, 8))
+    assert torch.equal(param, torch.zeros(4, 8))
+
+
+def test_kernel_is_built_once_into_the_cache_and_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        native.library.cache_clear()
+        stamp = built[0].stat().st_mtime_ns
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        native.library.cache_clear()
+
+
+def test_without_a_compiler_updates_fall_back_to_torch_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert native.library() is None
+        param = torch.zeros(3, 4)
+        RowAdam(param, lr=0.1).step(param, torch.tensor([2]), torch.ones(1, 4))
+        assert torch.all(param[2] < 0) and torch.equal(param[:2], torch.zeros(2, 4))
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failed_build_warns_with_the_compiler_and_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that exits 1
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="rows.c failed"):
+            assert native.library() is None
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        native.library.cache_clear()
