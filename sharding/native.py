@@ -1,9 +1,10 @@
-"""The compiled row kernel of ``rows.c``: built on first use with the machine's C compiler into a cache
-keyed by the source and flags, loaded with ctypes.
+"""The compiled CPU kernels: Adam's in-place row update (``rows.c``) and the counter-based noise of the
+training samples (``noise.c``). Built on first use with the machine's C compiler into a cache keyed by
+the sources and flags, loaded with ctypes.
 
-Where it cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
-the CPU) RowAdam falls back to torch ops that compute the same update, so the kernel changes speed, not
-results. A failed build is said once, with the compiler's message.
+Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
+the CPU) torch ops do the work: the same Adam update, and noise from torch's generator (other values,
+the same distribution). A failed build is said once, with the compiler's message.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("rows.c")
-FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
-"""-fno-math-errno lets sqrtf vectorise (with errno it was a scalar call: 3x slower than torch's update)."""
+HERE = Path(__file__).parent
+SOURCES = {
+    HERE / "rows.c": ("-O3", "-fno-math-errno", "-fPIC"),
+    HERE / "noise.c": ("-O3", "-ffast-math", "-fPIC"),
+}
+"""Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update was a scalar
+call, 3x slower than torch's); -ffast-math lets logf/sinf/cosf vectorise through libmvec (noise only)."""
+LINK = ("-shared", "-lmvec", "-lm")
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "row_adam": [_P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F, _F],
+    "normal_range": [_P, ctypes.c_uint64, _I, _I],
 }
 
 
@@ -34,14 +41,22 @@ def cache_dir() -> Path:
 
 
 def build(compiler: str, target: Path) -> None:
-    """Compile ``rows.c`` to ``target`` through a temporary name, so a reader never sees half a library."""
+    """Compile the sources into ``target`` through temporary names, so a reader never sees half a library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    objects = [target.with_name(f"{source.stem}.{os.getpid()}.o") for source in SOURCES]
     try:
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, text=True)
+        for (source, flags), obj in zip(SOURCES.items(), objects, strict=True):
+            run([compiler, *flags, "-c", str(source), "-o", str(obj)])
+        run([compiler, *map(str, objects), *LINK, "-o", str(partial)])
         os.replace(partial, target)
     finally:
-        partial.unlink(missing_ok=True)
+        for path in (partial, *objects):
+            path.unlink(missing_ok=True)
+
+
+def run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 @functools.cache
@@ -51,19 +66,21 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        warnings.warn("nvkg: no C compiler (cc) found; row updates use torch ops", stacklevel=2)
+        warnings.warn("nvkg: no C compiler (cc) found; torch ops are used instead of the kernels", stacklevel=2)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"rows-{key}.so"
+    digest = hashlib.sha256(" ".join((compiler, *LINK)).encode())
+    for source, flags in SOURCES.items():
+        digest.update(source.read_bytes() + " ".join(flags).encode())
+    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except subprocess.CalledProcessError as err:
-        warnings.warn(f"nvkg: building {SOURCE} failed, row updates use torch ops:\n{err.stderr}", stacklevel=2)
+        warnings.warn(f"nvkg: building {HERE}/*.c failed, torch ops are used instead:\n{err.stderr}", stacklevel=2)
         return None
     except OSError as err:
-        warnings.warn(f"nvkg: loading {target} failed ({err}), row updates use torch ops", stacklevel=2)
+        warnings.warn(f"nvkg: loading {target} failed ({err}), torch ops are used instead", stacklevel=2)
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
@@ -84,3 +101,13 @@ def applicable(ids: torch.Tensor, *tensors: torch.Tensor) -> bool:
 def check(status: int, name: str, rows: int) -> None:
     if status:
         raise IndexError(f"{name}: a row id is outside the table's {rows} rows")
+
+
+def normal_into(out: torch.Tensor, seed: int, first: int) -> bool:
+    """Fill ``out`` with values [first, first + out.numel()) of the noise stream ``seed`` (see noise.c);
+    False, leaving ``out`` alone, where the kernel cannot take it (then the caller draws with torch)."""
+    lib = library()
+    if lib is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return False
+    lib.normal_range(out.data_ptr(), seed, first, out.numel())
+    return True

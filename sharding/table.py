@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sharding import native
 from sharding.exchange import Exchange, LocalExchange, Pending
 from sharding.plan import RowPlan
 from sharding.row_optim import build_row_optimizer
@@ -79,6 +80,23 @@ def block_normal(
             values = torch.randn(block_rows, dim, generator=generator, device=device)
             out[first - lo : last - lo] = values[first - start : last - start]
     return out
+
+
+def row_normal(
+    row_range: tuple[int, int],
+    dim: int,
+    key: tuple[int, ...],
+    block_rows: int,
+    device: torch.device,
+    out: torch.Tensor,
+) -> None:
+    """Standard normal noise for rows [lo, hi) of the stream ``key`` into ``out`` [hi - lo, dim]: from the
+    compiled counter-based generator on the CPU (value (row, j) of a stream is a function of the key and
+    row * dim + j), otherwise per block of rows with torch's generator (``block_normal``). Either way
+    a row's noise does not depend on the range it is drawn in."""
+    lo, _ = row_range
+    if not native.normal_into(out, seed_of(*key), lo * dim):
+        block_normal(row_range, dim, key, block_rows, device, out)
 
 
 def seed_of(*parts: int) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
 from sharding.launch import choose_device, pin_local_cpus
-from sharding.table import Encoded, Encoder, Segment, block_normal, identity, seed_of
+from sharding.table import Encoded, Encoder, Segment, identity, row_normal, seed_of
 from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
 from trainer.config import OptimConfig, RunConfig, save_config, to_dict
@@ -154,7 +154,7 @@ class Step:
                 eps, start = rows.new_empty(len(rows), dim), 0
                 for s in segments:
                     span = (s.offset, s.offset + s.count)
-                    block_normal(span, dim, (*key, s.tag, NOISE), NOISE_BLOCK, device, eps[start : start + s.count])
+                    row_normal(span, dim, (*key, s.tag, NOISE), NOISE_BLOCK, device, eps[start : start + s.count])
                     start += s.count
             sample, row_kl = sample_and_kl(rows, dim, eps)
             return torch.cat([sample, row_kl.unsqueeze(1)] + ([rows[:, :dim]] if keep_mean else []), dim=1)

@@ -1,0 +1,64 @@
+"""The training noise of sampled rows: the compiled counter-based stream and torch's per-block fallback."""
+
+import math
+
+import pytest
+import torch
+
+from sharding import native
+from sharding.table import block_normal, row_normal
+
+KEY, DIM, BLOCK = (7, 3, 11), 10, 256
+
+
+def draw(lo: int, hi: int, key: tuple[int, ...] = KEY) -> torch.Tensor:
+    out = torch.empty(hi - lo, DIM)
+    row_normal((lo, hi), DIM, key, BLOCK, torch.device("cpu"), out)
+    return out
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def generator(request, monkeypatch):
+    """Each test runs on the compiled stream and on the torch fallback (kernels switched off)."""
+    native.library.cache_clear()
+    if request.param == "torch":
+        monkeypatch.setenv("NVKG_NATIVE", "0")
+    else:
+        assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    yield request.param
+    native.library.cache_clear()
+
+
+def test_a_rows_noise_does_not_depend_on_the_range_it_is_drawn_in(generator):
+    whole = draw(0, 3000)
+    for lo, hi in [(0, 1), (1, 2), (25, 26), (51, 77), (255, 513), (1000, 2999), (2999, 3000)]:
+        assert torch.equal(draw(lo, hi), whole[lo:hi]), (lo, hi)
+
+
+def test_noise_is_standard_normal(generator):
+    x = draw(0, 100_000).double().flatten()  # one million values
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 / math.sqrt(n)
+    assert abs(x.var().item() - 1) < 5 * math.sqrt(2 / n)
+    kurtosis = (x - x.mean()).pow(4).mean().item() / x.var().item() ** 2
+    assert abs(kurtosis - 3) < 5 * math.sqrt(24 / n)
+    for k, expected in [(1, 0.682689), (2, 0.954500), (3, 0.997300)]:  # mass within k sigma
+        share = (x.abs() < k).double().mean().item()
+        assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / n), k
+    neighbours = torch.corrcoef(torch.stack([x[:-1], x[1:]]))[0, 1].item()  # includes Box-Muller pairs
+    assert abs(neighbours) < 5 / math.sqrt(n)
+
+
+def test_streams_of_different_keys_are_unrelated(generator):
+    a, b = draw(0, 20_000).flatten(), draw(0, 20_000, key=(7, 3, 12)).flatten()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / math.sqrt(a.numel())
+
+
+def test_the_compiled_stream_is_not_torchs():
+    """The two generators are different streams of the same distribution; a run's noise depends on which
+    one its machine has (said in the README), never on the sharding."""
+    native.library.cache_clear()
+    compiled = draw(0, 50)
+    out = torch.empty(50, DIM)
+    block_normal((0, 50), DIM, KEY, BLOCK, torch.device("cpu"), out)
+    assert not torch.equal(compiled, out)
