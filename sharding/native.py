@@ -30,9 +30,9 @@ call, 3x slower than torch's); -ffast-math lets logf/sinf/cosf vectorise through
 LINK = ("-shared", "-lmvec", "-lm")
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
-    "row_adam": [_P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F, _F],
-    "normal_range": [_P, ctypes.c_uint64, _I, _I],
+_SIGNATURES = {  # name: (argument types, return type)
+    "row_adam": ([_P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F, _F], ctypes.c_int),
+    "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
 }
 
 
@@ -82,20 +82,19 @@ def library() -> ctypes.CDLL | None:
     except OSError as err:
         warnings.warn(f"nvkg: loading {target} failed ({err}), torch ops are used instead", stacklevel=2)
         return None
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int
+        function.argtypes, function.restype = argtypes, restype
     return lib
 
 
 def applicable(ids: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors as they are: contiguous float32 (int64 ids) on the CPU."""
-    return (
-        ids.device.type == "cpu"
-        and ids.dtype == torch.int64
-        and ids.is_contiguous()
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    )
+    return ids.device.type == "cpu" and ids.dtype == torch.int64 and ids.is_contiguous() and floats_applicable(*tensors)
+
+
+def floats_applicable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def check(status: int, name: str, rows: int) -> None:
@@ -107,7 +106,7 @@ def normal_into(out: torch.Tensor, seed: int, first: int) -> bool:
     """Fill ``out`` with values [first, first + out.numel()) of the noise stream ``seed`` (see noise.c);
     False, leaving ``out`` alone, where the kernel cannot take it (then the caller draws with torch)."""
     lib = library()
-    if lib is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+    if lib is None or not floats_applicable(out):
         return False
     lib.normal_range(out.data_ptr(), seed, first, out.numel())
     return True
