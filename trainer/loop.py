@@ -22,7 +22,7 @@ from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
 from trainer.config import OptimConfig, RunConfig, save_config, to_dict
 from trainer.evaluate import build_filters, evaluate
-from trainer.gaussian import sample_and_kl
+from trainer.gaussian import sample_and_kl, stream_sample_and_kl
 from trainer.io import atomic_write_json
 from trainer.logger import RunLogger
 from trainer.metrics import MetricsExporter, job_name
@@ -148,16 +148,21 @@ class Step:
         dim, device, keep_mean = self.model.entities.dim, self.device, self.n3
 
         def encode(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+            means = [rows[:, :dim]] if keep_mean else []
             if dense_eps is not None:
                 eps = dense_eps.index_select(0, local)
             else:
+                spans = [(s.count, seed_of(*key, s.tag, NOISE), s.offset * dim) for s in segments]
+                packed = stream_sample_and_kl(rows, dim, spans)
+                if packed is not None:
+                    return torch.cat([packed, *means], dim=1) if means else packed
                 eps, start = rows.new_empty(len(rows), dim), 0
                 for s in segments:
                     span = (s.offset, s.offset + s.count)
                     row_normal(span, dim, (*key, s.tag, NOISE), NOISE_BLOCK, device, eps[start : start + s.count])
                     start += s.count
             sample, row_kl = sample_and_kl(rows, dim, eps)
-            return torch.cat([sample, row_kl.unsqueeze(1)] + ([rows[:, :dim]] if keep_mean else []), dim=1)
+            return torch.cat([sample, row_kl.unsqueeze(1), *means], dim=1)
 
         return encode
 

@@ -50,28 +50,33 @@ def test_row_adagrad_scales_each_row_part_separately():
     torch.testing.assert_close(param, -torch.ones(1, 4))
 
 
-def _random_steps(compiled: bool) -> list[torch.Tensor]:
-    """Five updates of random unique rows of a 50 x 12 table; the table and state after them."""
+def _random_steps(optimizer: type, compiled: bool, rows: int, width: int, touched: int) -> list[torch.Tensor]:
+    """Five updates of random unique rows of a table; the table and state after them."""
     g = torch.Generator().manual_seed(3)
-    param = torch.randn(50, 12, generator=g)
-    opt = RowAdam(param, lr=0.05, compiled=compiled)
+    param = torch.randn(rows, width, generator=g)
+    parts = {"parts": 2} if optimizer is RowAdagrad else {}  # Adagrad: [mean | logvar] halves
+    opt = optimizer(param, lr=0.05, compiled=compiled, **parts)
     for _ in range(5):
-        ids = torch.randperm(50, generator=g)[:17].sort().values
-        opt.step(param, ids, torch.randn(17, 12, generator=g))
+        ids = torch.randperm(rows, generator=g)[:touched].sort().values
+        opt.step(param, ids, torch.randn(touched, width, generator=g))
     return [param, *(v for v in opt.state_dict().values() if torch.is_tensor(v))]
 
 
-def test_compiled_row_adam_equals_the_torch_ops():
+@pytest.mark.parametrize("optimizer", [RowAdam, RowAdagrad])
+@pytest.mark.parametrize("size", [(50, 12, 17), (4000, 256, 700)])  # one thread; split over the threads
+def test_compiled_row_update_equals_the_torch_ops(optimizer, size):
     assert native.library() is not None, "the C kernel did not build (is cc installed?)"
-    compiled, reference = _random_steps(True), _random_steps(False)
-    assert not torch.equal(compiled[0], torch.randn(50, 12, generator=torch.Generator().manual_seed(3)))
+    compiled, reference = _random_steps(optimizer, True, *size), _random_steps(optimizer, False, *size)
+    start = torch.randn(*size[:2], generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(compiled[0], start)
     for ours, theirs in zip(compiled, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_row_update_refuses_an_id_outside_the_table():
+@pytest.mark.parametrize("optimizer", [RowAdam, RowAdagrad])
+def test_compiled_row_update_refuses_an_id_outside_the_table(optimizer):
     param = torch.zeros(4, 8)
-    opt = RowAdam(param, lr=0.1)
+    opt = optimizer(param, lr=0.1)
     with pytest.raises(IndexError, match="outside the table's 4 rows"):
         opt.step(param, torch.tensor([1, 4]), torch.ones(2, 8))
     assert torch.equal(param, torch.zeros(4, 8))

@@ -1,7 +1,8 @@
 import torch
 
+from sharding import native
 from tests.trainer.conftest import unit_kl
-from trainer.gaussian import Gaussian, _SampleAndKL, sample_and_kl
+from trainer.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
 
 
 def test_kl_closed_form_matches_monte_carlo():
@@ -58,3 +59,47 @@ def test_fused_sample_and_kl_passes_gradcheck():
     rows = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     eps = torch.randn(4, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: _SampleAndKL.apply(x, eps), (rows,))
+
+
+SPANS = [(100, 77, 5 * 128), (37, 78, 0), (163, 79, 1234 * 128)]  # (rows, stream seed, first value)
+
+
+def _stream_noise(rows: int, dim: int, spans) -> torch.Tensor:
+    eps, start = torch.empty(rows, dim), 0
+    for count, seed, first in spans:
+        assert native.normal_into(eps[start : start + count], seed, first)
+        start += count
+    return eps
+
+
+def test_stream_kernel_is_sample_and_kl_of_the_streams_noise():
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    dim, g = 128, torch.Generator().manual_seed(3)
+    rows = torch.cat([torch.randn(300, dim, generator=g), torch.randn(300, dim, generator=g) - 2], dim=1)
+    weights = torch.randn(300, dim + 1, generator=g)
+
+    kernel_rows = rows.clone().requires_grad_(True)
+    packed = stream_sample_and_kl(kernel_rows, dim, SPANS)
+    (packed * weights).sum().backward()
+
+    torch_rows = rows.clone().requires_grad_(True)
+    sample, kl = sample_and_kl(torch_rows, dim, _stream_noise(300, dim, SPANS))
+    (torch.cat([sample, kl.unsqueeze(1)], dim=1) * weights).sum().backward()
+
+    assert packed.shape == (300, dim + 1)
+    torch.testing.assert_close(packed[:, :dim], sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[:, dim], kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel_rows.grad, torch_rows.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_kernel_declines_what_it_cannot_take(monkeypatch):
+    rows = torch.randn(300, 256)
+    assert stream_sample_and_kl(rows[:, :128], 64, SPANS) is None  # not contiguous
+    assert stream_sample_and_kl(rows.double(), 128, SPANS) is None
+    assert stream_sample_and_kl(rows[:299], 128, SPANS) is None  # the spans do not cover the rows
+    native.library.cache_clear()
+    monkeypatch.setenv("NVKG_NATIVE", "0")
+    try:
+        assert stream_sample_and_kl(rows, 128, SPANS) is None
+    finally:
+        native.library.cache_clear()

@@ -77,3 +77,24 @@ def test_n3_penalises_the_means_the_owners_send(tiny_dataset, latent):
     )
     terms = step([(0, batch)], 0.25, 1.0, KEY)
     assert terms.loss - terms.nll - terms.kl == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("reg", ["none", "n3"])
+def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_dataset, monkeypatch, reg):
+    """The owner's encoder takes the compiled sample + KL where it can; drawing the same stream's noise
+    first and sampling with torch ops gives the same step."""
+    config = make_config(
+        "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence",
+        f"objective.reg={reg}", "objective.reg_weight=0.1",
+    )  # fmt: skip
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("trainer.loop.stream_sample_and_kl", lambda *args: None)
+        model, step = _step(config, tiny_dataset)
+        terms = step([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 0.5, 1.0, KEY)
+        results.append((terms, model.entities.weight.clone()))
+    (fused_terms, fused_weight), (torch_terms, torch_weight) = results
+    for key in ("nll", "kl", "loss"):
+        assert getattr(fused_terms, key) == pytest.approx(getattr(torch_terms, key), rel=1e-5)
+    torch.testing.assert_close(fused_weight, torch_weight, rtol=1e-5, atol=1e-6)
