@@ -76,9 +76,10 @@ def sample_and_kl(rows: torch.Tensor, dim: int, eps: torch.Tensor | None) -> tup
 class _StreamSampleAndKL(torch.autograd.Function):
     """``sample_and_kl`` in the compiled kernels of sharding/noise.c, with the noise drawn inside them.
 
-    One pass each way over the rows, with a vectorised exp (torch's CPU exp goes through MKL, which
-    takes its generic path on AMD CPUs: measured 195 us for the 281,600 log-variances of a wn18rr step),
-    and the sample and KL written straight into the packed [U, dim + 1] layout the owner sends back.
+    One pass each way over the rows, with an inline vectorised exp (torch's CPU exp measured 195 us for
+    the 281,600 log-variances of a wn18rr step on 2 cores), and the sample and KL written straight into
+    the packed [U, dim + 1] layout the owner sends back: the noise, sample, KL and concatenation took
+    about 1.6 ms for such a step as torch ops and a separate noise kernel, 0.8 ms fused (in isolation).
     """
 
     @staticmethod
