@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from sharding import native
+
 
 class Pending:
     """A collective in flight (None: already done)."""
@@ -122,25 +124,25 @@ def all_gather_rows(tensor: torch.Tensor, exchange: Exchange) -> tuple[torch.Ten
 class _LogPartition(torch.autograd.Function):
     """log sum_c exp(logit_c) over the candidates of every rank (vocabulary-parallel cross-entropy):
     all-reduce the max, then the sum of exponentials. The backward all-reduces the incoming gradient,
-    since every rank's loss depends on every rank's candidate logits."""
+    since every rank's loss depends on every rank's candidate logits, and takes the softmax from the
+    saved logits and log Z in one pass (``native.softmax_scale``)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         top = exchange.all_reduce(logits.max(dim=-1).values.clone(), "max") if logits.shape[-1] else None
         if top is None:
             top = exchange.all_reduce(logits.new_full(logits.shape[:-1], -torch.inf), "max")
-        shifted = torch.exp(logits - top.unsqueeze(-1))
-        total = exchange.all_reduce(shifted.sum(dim=-1))
+        total = exchange.all_reduce(native.row_sum_exp(logits, top))
         log_z = top + torch.log(total)
-        ctx.save_for_backward(shifted, total)
+        ctx.save_for_backward(logits, log_z)
         ctx.exchange = exchange
         return log_z
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        shifted, total = ctx.saved_tensors
+        logits, log_z = ctx.saved_tensors
         grad = ctx.exchange.all_reduce(grad.contiguous().clone())
-        return shifted.mul_((grad / total).unsqueeze(-1)), None
+        return native.softmax_scale(logits, log_z, grad), None
 
 
 def sharded_log_partition(logits_BN: torch.Tensor, exchange: Exchange) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The compiled CPU kernels: Adam's in-place row update (``rows.c``), and the counter-based noise of the
-training samples with the fused sample and KL of Gaussian rows (``noise.c``). Built on first use with the
+"""The compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad (``rows.c``), the
+counter-based noise of the training samples with the fused sample and KL of Gaussian rows (``noise.c``),
+and the 1-vs-all log-partition and its backward (``partition.c``). Built on first use with the
 machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
 
 Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
@@ -26,7 +27,9 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp")
 SOURCES = {
     HERE / "rows.c": (*FLAGS, "-fno-math-errno"),
     HERE / "noise.c": (*FLAGS, "-ffast-math"),
+    HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
 }
+HEADERS = (HERE / "vecmath.h",)
 """Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update was a scalar
 call, 3x slower than torch's); -ffast-math lets the row sums vectorise (noise and samples only);
 -march=native gives the polynomials FMA (1.6x faster for the sample's exp than the AVX2-only build);
@@ -37,6 +40,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (argument types, return type)
     "row_adam": ([_P, _P, _P, _P, _P, _I, _I, _I, _F, _F, _F, _F, _F, _F], ctypes.c_int),
     "row_adagrad": ([_P, _P, _P, _P, _I, _I, _I, _I, _F, _F], ctypes.c_int),
+    "row_sum_exp": ([_P, _P, _P, _I, _I], None),
+    "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _P, _I, _I, ctypes.c_uint64, _I], None),
     "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
@@ -89,6 +94,8 @@ def library() -> ctypes.CDLL | None:
     digest = hashlib.sha256(" ".join((compiler, *LINK, cpu_identity())).encode())
     for source, flags in SOURCES.items():
         digest.update(source.read_bytes() + " ".join(flags).encode())
+    for header in HEADERS:
+        digest.update(header.read_bytes())
     target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     try:
         if not target.exists():
@@ -128,3 +135,23 @@ def normal_into(out: torch.Tensor, seed: int, first: int) -> bool:
         return False
     lib.normal_range(out.data_ptr(), seed, first, out.numel())
     return True
+
+
+def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """sum_c exp(logits[..., c] - shift[...]) over the last dimension."""
+    lib = library()
+    if lib is None or logits.dim() == 0 or not floats_applicable(logits, shift):
+        return torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
+    out = shift.new_empty(shift.shape)
+    lib.row_sum_exp(logits.data_ptr(), shift.data_ptr(), out.data_ptr(), shift.numel(), logits.shape[-1])
+    return out
+
+
+def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """exp(logits - log_z[..., None]) * scale[..., None]: the softmax of each row times its gradient."""
+    lib = library()
+    if lib is None or logits.dim() == 0 or not floats_applicable(logits, log_z, scale):
+        return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+    out = torch.empty_like(logits)
+    lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])
+    return out

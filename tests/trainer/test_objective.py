@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sharding import native
 from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,
@@ -149,3 +150,27 @@ def test_bilinear_bernoulli_padding_carries_no_gradient():
     total.backward()
     for got, want in zip((s, r, o, neg), ref, strict=True):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_compiled_log_partition_matches_logsumexp_and_its_gradient():
+    """float32 on the CPU takes the compiled kernels (partition.c); float64 above takes torch ops."""
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(64, 3000, generator=g) * 8  # 192,000 logits: split over the threads
+    start[3] += 80.0  # a row far from zero
+    weights = torch.randn(64, generator=g)
+    ours, reference = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    log_z = local_log_partition(ours)
+    (log_z * weights).sum().backward()
+    expected = torch.logsumexp(reference, -1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(log_z, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_log_partition_keeps_a_nan_and_takes_empty_shards():
+    logits = torch.zeros(2, 5)
+    logits[1, 2] = float("nan")
+    log_z = native.row_sum_exp(logits, torch.zeros(2)).log()
+    assert log_z[0].item() == pytest.approx(math.log(5)) and math.isnan(log_z[1].item())
+    assert torch.equal(native.row_sum_exp(torch.empty(3, 0), torch.zeros(3)), torch.zeros(3))
