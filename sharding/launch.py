@@ -8,7 +8,6 @@ and needs no group. The backend is NCCL when CUDA is present, gloo otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,18 +26,6 @@ def choose_device(requested: str = "auto") -> torch.device:
     if torch.cuda.device_count() == 1:
         return torch.device("cuda", 0)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def reuse_freed_memory() -> bool:
-    """Have glibc's malloc serve every block from its heap (no mmap, whose blocks go back to the system
-    when freed) and never trim the heap, so memory freed by one step is reused by the next without
-    page faults. Returns whether the C library took the settings (False elsewhere than glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def pin_local_cpus() -> list[int] | None:

@@ -103,11 +103,6 @@ class TrainConfig:
     """Stop before an epoch that would end past this many seconds of training (None: run all epochs)."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""
-    reuse_memory: bool = True
-    """Keep freed memory in the process (glibc malloc: no mmap for large blocks, no trimming), so a step's
-    large temporaries reuse resident pages instead of faulting in fresh zeroed ones each step: a wn18rr
-    1-vs-all step (84 MB of logits) measured 260 -> 190 ms on 2 cores. The process keeps its peak
-    memory; turn off when that matters more."""
     device: str = "auto"
     """Where rows, batches and the step live: auto (this worker's CUDA device if there is one, else cpu),
     cpu, or cuda."""

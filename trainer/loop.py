@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
-from sharding.launch import choose_device, pin_local_cpus, reuse_freed_memory
+from sharding.launch import choose_device, pin_local_cpus
 from sharding.table import Encoded, Encoder, Segment, identity, row_normal, seed_of
 from storage.dataset import KGDataset, open_dataset, resolve_store
 from trainer import checkpoint
@@ -342,8 +342,6 @@ def train(
     exchange = exchange or LocalExchange()
     out_dir = Path(out_dir)
     lead = exchange.rank == 0
-    if config.train.reuse_memory:
-        reuse_freed_memory()
     pinned = pin_local_cpus() if config.sharding.pin_cpus else None
     if config.train.num_threads or pinned:
         torch.set_num_threads(config.train.num_threads or len(pinned))

@@ -41,31 +41,3 @@ def test_workers_on_one_host_get_disjoint_equal_cpu_slices_for_every_thread():
 def test_a_lone_worker_or_more_workers_than_cpus_is_left_alone():
     assert _probe(0, 1)["mine"] is None
     assert _probe(0, len(os.sched_getaffinity(0)) + 1)["mine"] is None
-
-
-PAGE_FAULTS = """
-import resource, sys
-import torch
-from sharding.launch import reuse_freed_memory
-if sys.argv[1] == "reuse":
-    assert reuse_freed_memory()
-def faults_of_a_fresh_block():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(64 * 2**20 // 4)  # 64 MB, above malloc's largest mmap threshold
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_a_fresh_block()
-print(min(faults_of_a_fresh_block() for _ in range(3)))
-"""
-
-
-def test_reused_memory_spares_a_steps_large_blocks_their_page_faults():
-    """In a fresh process each (16,384 pages): a 64 MB block freed and allocated again faults its pages
-    in anew by default, and not once freed memory is kept."""
-    faults = {}
-    for mode in ("default", "reuse"):
-        result = subprocess.run(
-            [sys.executable, "-c", PAGE_FAULTS, mode], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        faults[mode] = int(result.stdout.strip())
-    assert faults["default"] > 10_000, faults
-    assert faults["reuse"] < 1_000, faults
