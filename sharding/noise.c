@@ -25,7 +25,6 @@
 #include "vecmath.h"
 
 #define CHUNK 256
-#define PARALLEL_MIN 32768 /* values: below this, waking a second thread costs more than it saves */
 #define ROWS_PER_TASK 64
 
 static inline uint64_t splitmix64(uint64_t x) {
@@ -75,8 +74,7 @@ void normal_range(float *out, uint64_t seed, int64_t first, int64_t count) {
 }
 
 /* Rows [lo, hi) of sample_kl_forward. */
-static void sample_rows(const float *rows, const float *eps, float *out, int64_t lo, int64_t hi,
-                               int64_t dim) {
+static void sample_rows(const float *rows, const float *eps, float *out, int64_t lo, int64_t hi, int64_t dim) {
     for (int64_t i = lo; i < hi; i++) {
         const float *restrict mean = rows + 2 * i * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
         float *restrict sample = out + i * (dim + 1);
@@ -104,8 +102,8 @@ void sample_kl_forward(const float *rows, float *eps, float *out, int64_t m, int
 }
 
 /* Rows [lo, hi) of sample_kl_backward. */
-static void sample_grad_rows(const float *rows, const float *eps, const float *grad_out, float *grad,
-                                    int64_t lo, int64_t hi, int64_t dim) {
+static void sample_grad_rows(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t lo,
+                             int64_t hi, int64_t dim) {
     for (int64_t i = lo; i < hi; i++) {
         const float *restrict mean = rows + 2 * i * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
         const float *restrict g = grad_out + i * (dim + 1);

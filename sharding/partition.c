@@ -11,8 +11,6 @@
 
 #include "vecmath.h"
 
-#define PARALLEL_MIN 32768
-
 /* out[i] = sum_j exp(x[i, j] - shift[i]) for x [rows, n]. */
 void row_sum_exp(const float *x, const float *shift, float *out, int64_t rows, int64_t n) {
 #pragma omp parallel for schedule(static) if (rows * n > PARALLEL_MIN)

@@ -1,4 +1,5 @@
-/* Single-precision exp, log and (cos, sin) of a turn as inline polynomials, shared by the CPU kernels.
+/* What the CPU kernels share: when a loop goes parallel, and single-precision exp, log and (cos, sin) of
+ * a turn as inline polynomials.
  *
  * Cephes' coefficients, about 1 ulp on their reduced ranges; inline so that gcc vectorises the loops
  * that call them: measured 2x faster than glibc's libmvec for the sample's exp (with FMA from
@@ -10,6 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Elements of work below which a loop stays on one thread: waking a second costs more than it saves. */
+#define PARALLEL_MIN 32768
 
 static inline float from_bits(uint32_t bits) {
     float x;
