@@ -7,7 +7,7 @@ FROM ${BASE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
-# A C compiler for the CPU kernels (sharding/rows.c, sharding/noise.c; built on first use for the CPU that runs them);
+# A C compiler for the CPU kernels (sharding/kernels/*.c; built on first use for the CPU that runs them);
 # without one, torch ops do the work.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -43,9 +43,12 @@ train-freebase: install
 test: install
 	$(PY) -m pytest -q --durations=15
 
+# Python style and types, and the C kernels compiled with -Wall -Wextra -Werror (sharding/kernels/native.py).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m sharding.kernels.native --check
 
 # The Dockerfile, with dockerfilelint from the npm registry (hadolint is not packaged where we build).
 lint-docker:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import RESULTS, machine, markdown_table, write_results
+from storage.dataset import load_data
 from trainer.config import load_config
-from trainer.loop import load_data, train
+from trainer.loop import train
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -95,7 +96,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
     for seed in experiment.seeds:
         overrides = [f"data.dataset={experiment.dataset}", f"train.seed={seed}", "train.progress=false"]
         config = load_config(CONFIGS / experiment.config, overrides + experiment.overrides + extra)
-        dataset = load_data(config)
+        dataset = load_data(config.data)
         out_dir = RESULTS / "runs" / f"{experiment.name}-seed{seed}"
         shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
         runs.append(train(config, out_dir, dataset))

@@ -36,6 +36,13 @@ sys.exit(code)
 """
 
 
+def _field(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"the conversion printed no {pattern!r}:\n{text}")
+    return match.group(1)
+
+
 def convert(fmt: str, graph: Path, out: Path) -> dict:
     args = ["convert", "--format", fmt, str(out), "--overwrite"]
     if fmt == "tsv":
@@ -47,8 +54,8 @@ def convert(fmt: str, graph: Path, out: Path) -> dict:
     wall = time.perf_counter() - started
     if result.returncode:
         raise RuntimeError(f"{' '.join(args)} failed: {result.stderr}")
-    seconds = float(re.search(r"converted in ([\d.]+)s", result.stdout).group(1))
-    peak_kib = int(re.search(r"peak_rss_kib (\d+)", result.stdout).group(1))
+    seconds = float(_field(r"converted in ([\d.]+)s", result.stdout))
+    peak_kib = int(_field(r"peak_rss_kib (\d+)", result.stdout))
     manifest = json.loads((out / "manifest.json").read_text())
     lines = sum(s["lines"] for s in manifest["splits"].values())
     return {

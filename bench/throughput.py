@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, markdown_table, write_results
-from storage.dataset import BUNDLED_DIR
+from storage.dataset import BUNDLED_DIR, load_data
 from trainer.config import load_config
-from trainer.loop import load_data, train
+from trainer.loop import train
 
 PYKEEN_VENV = Path(__file__).parent / ".venv-pykeen"
 COMPLEX_DIM, NEGATIVES, BATCH = 64, 32, 1024
@@ -90,7 +90,7 @@ def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: in
             "train.progress=false",
         ],
     )
-    data = load_data(config)
+    data = load_data(config.data)
     with tempfile.TemporaryDirectory() as out:
         train(config, Path(out), data)
         records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
@@ -115,8 +115,9 @@ def run_round(dataset: str, threads: int, pykeen_error: str | None) -> dict[str,
         results[system] = run_ours(dataset, latent, optimizer, epochs["ours"], threads)
     base = results[PEER].get("positives_per_s")
     for result in results.values():
-        if base and "positives_per_s" in result:
-            result["speedup_vs_pykeen"] = result["positives_per_s"] / base
+        rate = result.get("positives_per_s")
+        if isinstance(base, float | int) and base and isinstance(rate, float | int):
+            result["speedup_vs_pykeen"] = rate / base
     return results
 
 

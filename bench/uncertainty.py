@@ -15,9 +15,11 @@ import argparse
 from pathlib import Path
 
 from bench.common import RESULTS, machine, markdown_table, write_results
+from storage.dataset import load_data
 from trainer.config import load_config
-from trainer.loop import load_data, train
-from trainer.report import load_run, write_report
+from trainer.loop import train
+from trainer.report import write_report
+from trainer.runs import load_run
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 MODELS = {"V-DistMult (LIM)": ["model.scorer=distmult"], "V-ComplEx (LIM)": ["model.scorer=complex"]}
@@ -43,7 +45,7 @@ def main() -> None:
             path, overrides = config_for(dataset, model, args.wn18rr_budget)
             config = load_config(path, [f"data.dataset={dataset}", "train.progress=false", *overrides])
             out = RESULTS / "runs" / f"uncertainty-{dataset}-{model.split()[0].lower()}"
-            metrics = train(config, out, load_data(config))
+            metrics = train(config, out, load_data(config.data))
             summary = write_report(load_run(out), out / "report", samples=args.samples, seed=0)
             truth, selective = summary["precision_coverage_area"], summary["selective_prediction_area"]
             row = {"dataset": dataset, "model": model, "test_mrr": metrics["test"]["filtered"]["mrr"]}

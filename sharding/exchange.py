@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sharding import native
+from sharding.kernels import native
 
 
 class Pending:

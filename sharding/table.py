@@ -19,16 +19,15 @@ size 1) and the row optimiser state for them:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from sharding import native
-from sharding.exchange import Exchange, LocalExchange, Pending
+from sharding import rng
+from sharding.exchange import Exchange, Pending
+from sharding.gaussian import Encoder, Gaussian, identity
 from sharding.plan import RowPlan
-from sharding.row_optim import build_row_optimizer
-from trainer.gaussian import Gaussian
+from sharding.row_optim import RowOptimizerName, build_row_optimizer
 
 
 def init_rows(
@@ -45,69 +44,15 @@ def init_rows(
 ) -> torch.Tensor:
     """Means ~ N(0, std^2), std None meaning Xavier/Glorot sqrt(2 / (rows + dim)); logvar log(1/dim).
 
-    Drawn per block of rows from a generator seeded by (seed, block), so a row's initial value does not
-    depend on how the table is sharded.
+    Drawn per block of rows (``rng.block_normal``), so a row's initial value does not depend on how the
+    table is sharded.
     """
     std = math.sqrt(2.0 / (global_rows + dim)) if init_std is None else init_std
-    mean = block_normal(row_range, dim, (seed, 0x1A17), block_rows, device) * std
+    mean = rng.block_normal(row_range, dim, (seed, rng.INIT), block_rows, device) * std
     if not variational:
         return mean
     logvar = torch.full_like(mean, math.log(1.0 / dim) if init_logvar is None else init_logvar)
     return torch.cat([mean, logvar], dim=1)
-
-
-def block_normal(
-    row_range: tuple[int, int],
-    dim: int,
-    key: tuple[int, ...],
-    block_rows: int,
-    device: torch.device | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Standard normal [hi - lo, dim] for rows [lo, hi), from one generator per block of ``block_rows``
-    seeded by (key, block): the same numbers for a row whatever range it is drawn in (on one device type).
-    Written into ``out`` when given."""
-    device = torch.device("cpu") if device is None else device
-    lo, hi = row_range
-    out = torch.empty(hi - lo, dim, device=device) if out is None else out
-    for block in range(lo // block_rows, -(-hi // block_rows)):
-        generator = torch.Generator(device=device).manual_seed(seed_of(*key, block))
-        start, stop = block * block_rows, (block + 1) * block_rows
-        first, last = max(lo, start), min(hi, stop)
-        if (first, last) == (start, stop):  # a whole block: drawn in place, as randn would draw it
-            out[first - lo : last - lo].normal_(generator=generator)
-        else:
-            values = torch.randn(block_rows, dim, generator=generator, device=device)
-            out[first - lo : last - lo] = values[first - start : last - start]
-    return out
-
-
-def row_normal(
-    row_range: tuple[int, int],
-    dim: int,
-    key: tuple[int, ...],
-    block_rows: int,
-    device: torch.device,
-    out: torch.Tensor,
-) -> None:
-    """Standard normal noise for rows [lo, hi) of the stream ``key`` into ``out`` [hi - lo, dim]: from the
-    compiled counter-based generator on the CPU (value (row, j) of a stream is a function of the key and
-    row * dim + j), otherwise per block of rows with torch's generator (``block_normal``). Either way
-    a row's noise does not depend on the range it is drawn in."""
-    lo, _ = row_range
-    if not native.normal_into(out, seed_of(*key), lo * dim):
-        block_normal(row_range, dim, key, block_rows, device, out)
-
-
-def seed_of(*parts: int) -> int:
-    """A 63-bit seed mixing several integers (splitmix64 steps)."""
-    state = 0
-    for part in parts:
-        state = (state ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        state ^= state >> 31
-    return state & 0x7FFFFFFFFFFFFFFF
 
 
 @dataclass
@@ -118,11 +63,6 @@ class Segment:
     count: int
     offset: int
     tag: int
-
-
-Encoder = Callable[[torch.Tensor, torch.Tensor, list[Segment]], torch.Tensor]
-"""(owned rows [m, width] to differentiate, their local indices [m], the segments they were asked for in,
-in order) -> the values [m, k] sent back for them."""
 
 
 @dataclass
@@ -139,10 +79,6 @@ class Encoded:
     output: torch.Tensor
 
 
-def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-    return rows
-
-
 class ShardedTable:
     """The rows [lo, hi) of a table of ``num_rows`` that this rank owns under ``plan``."""
 
@@ -153,7 +89,7 @@ class ShardedTable:
         exchange: Exchange,
         *,
         variational: bool,
-        optimizer: str,
+        optimizer: RowOptimizerName,
         lr: float,
         seed: int,
         init_std: float | None = None,
@@ -249,14 +185,12 @@ class ShardedTable:
             self.optimizer.step(self.weight, ids, grad)
 
     def dense_noise(self, key: tuple[int, ...]) -> torch.Tensor:
-        """Noise for every local row, the same per row whatever the sharding (see ``block_normal``)."""
-        return block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows, self.device)
+        """Noise for every local row, the same per row whatever the sharding (see ``rng.block_normal``)."""
+        return rng.block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows, self.device)
 
     def full(self) -> Gaussian:
         """This rank's rows as a Gaussian of views, without gradients (evaluation, export)."""
-        if not self.variational:
-            return Gaussian(self.weight, None)
-        return Gaussian(self.weight[:, : self.dim], self.weight[:, self.dim :])
+        return Gaussian.of_rows(self.weight, self.dim)
 
     def state_dict(self) -> dict:
         optim = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state_dict().items()}
@@ -284,9 +218,9 @@ class ShardedTable:
 class ReplicatedTable:
     """Every row on every rank (relations); gradients are all-reduced so the replicas stay equal."""
 
-    def __init__(self, num_rows: int, dim: int, exchange: Exchange, **table_args):
-        self.table = ShardedTable(num_rows, dim, LocalExchange(), **table_args)
-        self.exchange = exchange
+    def __init__(self, table: ShardedTable, exchange: Exchange):
+        """``table``: every row, built with a ``LocalExchange``; ``exchange``: the group that replicates it."""
+        self.table, self.exchange = table, exchange
 
     @property
     def dim(self) -> int:

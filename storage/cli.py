@@ -82,6 +82,7 @@ def _summary(manifest: Manifest, seconds: float | None = None) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    source: TsvSource | DglKeSource | NTriplesSource
     if args.format == "tsv":
         source = TsvSource(args.input, skip_bad_lines=args.skip_bad_lines)
     elif args.format == "dglke":

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sharding.rng import splitmix64
 from storage.layout import (
     COLUMNS,
     ENTITIES,
@@ -167,8 +168,8 @@ def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:
     """The vocabulary of a source, and the triples per split (to size the partitions)."""
     if isinstance(source, DglKeSource):
         entities, relations = source.vocabularies()
-        rows = {split: sum(t.num_rows for t in source.chunks(split)) for split in source.files}
-        return Vocabulary(entities.names, relations.names, len(entities.names), len(relations.names), False), rows
+        counts = {split: sum(t.num_rows for t in source.chunks(split)) for split in source.files}
+        return Vocabulary(entities.names, relations.names, len(entities.names), len(relations.names), False), counts
     rows: dict[str, int] = {}
     train_entities, train_relations = _collect_names(source, ("train",), rows)
     if rows["train"] == 0:
@@ -185,21 +186,10 @@ def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:
     return vocab, rows
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a uniform 64-bit hash of each element."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def partition_of(ids: np.ndarray, num_partitions: int, seed: int) -> np.ndarray:
     """Partition of each (head, relation, tail) row: splitmix64 chained over seed, head, relation, tail."""
     h, r, t = (ids[:, i].astype(np.uint64) for i in range(3))
-    key = _mix(_mix(_mix(np.uint64(seed) ^ h) ^ r) ^ t)
+    key = splitmix64(splitmix64(splitmix64(np.uint64(seed) ^ h) ^ r) ^ t)
     return (key % np.uint64(num_partitions)).astype(np.int64)
 
 

@@ -8,7 +8,7 @@ keyed by the files' sha256, so there is one read path: Parquet through storage/r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,10 +17,27 @@ import torch
 
 from storage.convert import convert
 from storage.layout import FORMAT_VERSION, MANIFEST
-from storage.reader import TripleStore
+from storage.reader import Engine, TripleStore
 from storage.sources import TsvSource
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The ``data`` section of a run's config."""
+
+    dataset: str = "umls"
+    """Bundled dataset name (nations, umls, kinships, wn18, wn18rr), a directory with
+    train/valid/test.txt (converted once into cache_dir), or a converted dataset directory."""
+    cache_dir: str = "~/.cache/nvkg/datasets"
+    """Where triple files are converted to Parquet the first time they are used."""
+    engine: Engine = "pyarrow"
+    """Parquet reader: pyarrow or fastparquet."""
+    verify_checksums: bool = True
+    """Check every file's sha256 against the manifest when the dataset is opened."""
+    prefetch: int = 2
+    """Row groups a worker reads ahead in a background thread (0: read inline)."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +141,18 @@ def scorable(facts: torch.Tensor, num_entities: int, num_relations: int) -> torc
     return facts[keep]
 
 
+def load_data(data: DataConfig, *, lead: bool = True, barrier: Callable[[], None] = lambda: None) -> KGDataset:
+    """Open the configured dataset. With several workers, the ``lead`` one converts triple files first and
+    the others wait at ``barrier``, so they never race on the cache."""
+    root = resolve_store(data.dataset, data.cache_dir) if lead else None
+    barrier()
+    # Resolving hashes triple files to find their cached conversion: once per worker, not twice.
+    root = root or resolve_store(data.dataset, data.cache_dir)
+    return open_dataset(root, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
+
+
 def open_dataset(
-    name_or_dir: str | Path, *, cache_dir: str | Path, engine: str = "pyarrow", verify: bool = True
+    name_or_dir: str | Path, *, cache_dir: str | Path, engine: Engine = "pyarrow", verify: bool = True
 ) -> KGDataset:
     store = TripleStore(resolve_store(name_or_dir, cache_dir), engine=engine, verify=verify)
     manifest = store.manifest

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,8 @@ import pyarrow.parquet as pq
 
 from storage.layout import COLUMNS, ENTITIES, RELATIONS, Manifest, verify_files
 
-ENGINES = ("pyarrow", "fastparquet")
+Engine = Literal["pyarrow", "fastparquet"]
+ENGINES: tuple[Engine, ...] = typing.get_args(Engine)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def share_rows(groups: list[RowGroup], rank: int, world_size: int) -> int:
 class TripleStore:
     """An opened dataset directory: manifest checked, files verified, row groups indexed."""
 
-    def __init__(self, root: Path, *, engine: str = "pyarrow", verify: bool = True):
+    def __init__(self, root: Path, *, engine: Engine = "pyarrow", verify: bool = True):
         if engine not in ENGINES:
             raise ValueError(f"data.engine={engine!r}: expected one of {', '.join(ENGINES)}")
         self.root, self.engine = Path(root), engine

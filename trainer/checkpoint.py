@@ -141,7 +141,10 @@ def load_into(directory: Path, model: KGModel) -> RunState:
     ents = model.entities
     parts = []
     for path in sorted(directory.glob("entities-*.pt")):
-        lo, hi = (int(v) for v in _SHARD.fullmatch(path.name).groups())
+        match = _SHARD.fullmatch(path.name)
+        if match is None:
+            raise ValueError(f"{path}: not an entity shard name (entities-LO-HI.pt)")
+        lo, hi = (int(v) for v in match.groups())
         if lo < ents.hi and hi > ents.lo:
             parts.append(_load(path))
     ents.load_ranges(parts)

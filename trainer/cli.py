@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sharding.launch import choose_device, process_group
 from trainer.config import RunConfig, load_config
-from trainer.evaluate import build_filters
-from trainer.loop import evaluate_run, train
+from trainer.evaluate import build_filters, evaluate_run
+from trainer.loop import train
 
 RUNS_DIR = Path("runs")
 ROOT = Path(__file__).parents[1]
@@ -103,14 +103,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from trainer.report import load_run, load_run_config
+    from trainer.runs import load_run, load_run_config
 
     overrides = [] if args.samples is None else [f"eval.num_samples={args.samples}"]
     config = load_run_config(args.run_dir, overrides)
     with process_group(config.sharding.backend) as exchange:
         run = load_run(args.run_dir, config=config, exchange=exchange, device=choose_device(config.train.device))
         filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
-        metrics = evaluate_run(config, run.model, run.dataset, filters)
+        metrics = evaluate_run(config.eval, config.train.seed, run.model, run.dataset, filters)
         if exchange.rank == 0:
             print(json.dumps(metrics, indent=2))
 
@@ -149,7 +149,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from trainer.report import format_predictions, load_run, predict
+    from trainer.report import format_predictions, predict
+    from trainer.runs import load_run
 
     result = predict(load_run(args.run_dir), head=args.head, relation=args.relation, tail=args.tail,
                      top_k=args.top_k, samples=args.samples)  # fmt: skip
@@ -157,7 +158,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from trainer.report import load_run, write_report
+    from trainer.report import write_report
+    from trainer.runs import load_run
 
     run = load_run(args.run_dir)
     out = args.out or args.run_dir / "report"
@@ -170,7 +172,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from trainer.report import export, load_run
+    from trainer.report import export
+    from trainer.runs import load_run
 
     print(f"wrote {export(load_run(args.run_dir), args.out, args.format)}")
 

@@ -1,39 +1,36 @@
-"""Typed run configuration: one dataclass per component, loaded from YAML, overridden with --set."""
+"""Typed run configuration: one dataclass per component, loaded from YAML, overridden with --set.
+
+The allowed values of a choice field are the ``Literal`` type of the registry that implements them
+(trainer/scorers.py, trainer/posterior.py, ...): adding an implementation there is what makes a value valid.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from sharding.launch import Backend, DeviceChoice
+from sharding.row_optim import RowOptimizerName
+from storage.dataset import DataConfig
 from trainer.io import atomic_write_text
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    dataset: str = "umls"
-    """Bundled dataset name (nations, umls, kinships, wn18, wn18rr), a directory with
-    train/valid/test.txt (converted once into cache_dir), or a converted dataset directory."""
-    cache_dir: str = "~/.cache/nvkg/datasets"
-    """Where triple files are converted to Parquet the first time they are used."""
-    engine: str = "pyarrow"
-    """Parquet reader: pyarrow or fastparquet."""
-    verify_checksums: bool = True
-    """Check every file's sha256 against the manifest when the dataset is opened."""
-    prefetch: int = 2
-    """Row groups a worker reads ahead in a background thread (0: read inline)."""
+from trainer.likelihood import LikelihoodName, NegativeSource
+from trainer.objective import KLSchedule, Regulariser
+from trainer.posterior import KLEstimator, Latent
+from trainer.scorers import ScorerName
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    scorer: str = "complex"
+    scorer: ScorerName = "complex"
     """Scoring layer on top of the embeddings: distmult or complex (see trainer/scorers.py)."""
-    latent: str = "lim"
+    latent: Latent = "lim"
     """lim: separate Gaussian latents for entities and relations, KL over all of them;
     lfm: one latent set, KL over the embeddings of each batch's facts; point: non-variational."""
     dim: int = 128
@@ -46,7 +43,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    likelihood: str = "softmax"
+    likelihood: LikelihoodName = "softmax"
     """bernoulli: the paper's sigmoid likelihood with sampled negatives (Propositions 2/4);
     softmax: 1-vs-all multinomial over all entities with reciprocal relations."""
     num_negatives: int = 32
@@ -55,18 +52,18 @@ class ObjectiveConfig:
     """Bernoulli only: positives sharing one draw of negatives, so scoring is one matrix product."""
     negative_weight: float | None = None
     """Weight 1/b- of each negative; None means |D-|/|D+| per sample = 2(Ne-1)/k (Prop. 2/4)."""
-    kl_estimator: str = "full"
+    kl_estimator: KLEstimator = "full"
     """LIM only. full: KL of the whole entity table each batch, weighted by the schedule;
     per_occurrence: each positive's entities carry KL/frequency, so an epoch sums to the full KL
     and an update touches only the batch's rows (what scales)."""
-    kl_schedule: str = "uniform"
+    kl_schedule: KLSchedule = "uniform"
     """Share of the epoch's KL taken by batch i of M: uniform (1/M) or compression (2^(M-i)/(2^M-1),
     Blundell et al.)."""
     kl_warmup: float = 0.0
     """Fraction of the epochs trained with KL off (the authors used 0.1)."""
     kl_weight: float = 1.0
     """Multiplier of the KL term; 1 is the ELBO."""
-    reg: str = "none"
+    reg: Regulariser = "none"
     """Extra regulariser on the batch's mean embeddings: none, or n3 (nuclear 3-norm, for point baselines)."""
     reg_weight: float = 0.0
     """Weight of reg."""
@@ -74,7 +71,7 @@ class ObjectiveConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    optimizer: str = "adam"
+    optimizer: RowOptimizerName = "adam"
     """adam (lazy/row-wise Adam on entity rows, equal to Adam when all rows are in the batch) or
     rowwise_adagrad (one accumulator per row, as PyTorch-BigGraph)."""
     lr: float = 0.01
@@ -103,7 +100,7 @@ class TrainConfig:
     """Stop before an epoch that would end past this many seconds of training (None: run all epochs)."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""
-    device: str = "auto"
+    device: DeviceChoice = "auto"
     """Where rows, batches and the step live: auto (this worker's CUDA device if there is one, else cpu),
     cpu, or cuda."""
     progress: bool = True
@@ -114,7 +111,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ShardingConfig:
-    negatives: str = "global"
+    negatives: NegativeSource = "global"
     """Bernoulli negatives: global (uniform over all entities) or local (uniform over this worker's own
     entity shard: no row exchange for them; uniform overall since shards are equal contiguous id ranges)."""
     block_rows: int = 1024
@@ -124,7 +121,7 @@ class ShardingConfig:
     """Data streams per global step (a multiple of the world size; None: one per worker). Each stream
     reads a disjoint share of the training row groups and contributes batch_size/streams positives to
     every step, so runs with the same streams see the same batches at any world size."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """torch.distributed backend when launched with several workers: auto (nccl with CUDA, else gloo)."""
     pin_cpus: bool = True
     """When several workers share a host, pin each to an equal, disjoint slice of its CPUs (and, unless
@@ -182,21 +179,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """Reject values no component accepts, naming the key."""
-        choices = {
-            "model.scorer": (self.model.scorer, ("distmult", "complex")),
-            "model.latent": (self.model.latent, ("lim", "lfm", "point")),
-            "objective.likelihood": (self.objective.likelihood, ("bernoulli", "softmax")),
-            "objective.kl_estimator": (self.objective.kl_estimator, ("full", "per_occurrence")),
-            "objective.kl_schedule": (self.objective.kl_schedule, ("uniform", "compression")),
-            "objective.reg": (self.objective.reg, ("none", "n3")),
-            "optim.optimizer": (self.optim.optimizer, ("adam", "rowwise_adagrad")),
-            "data.engine": (self.data.engine, ("pyarrow", "fastparquet")),
-            "sharding.negatives": (self.sharding.negatives, ("global", "local")),
-            "sharding.backend": (self.sharding.backend, ("auto", "gloo", "nccl")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            for name, hint in typing.get_type_hints(type(value)).items():
+                _coerce(getattr(value, name), hint, f"{section.name}.{name}")
         positive = {
             "model.dim": self.model.dim,
             "objective.num_negatives": self.objective.num_negatives,
@@ -234,6 +220,10 @@ class RunConfig:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check a YAML value against a dataclass field's type (int widens to float)."""
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
+        return value
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         if value is None and type(None) in args:
             return None
@@ -257,7 +247,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name}: expected a mapping")
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
@@ -283,7 +273,7 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """YAML file (optional) plus ``key=value`` overrides, values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     if path is not None:

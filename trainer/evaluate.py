@@ -11,11 +11,18 @@ counts of better and equal candidates are summed across ranks: no rank holds all
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from sharding import rng
 from sharding.exchange import sharded_log_partition
-from sharding.table import Encoder, seed_of
+from sharding.gaussian import sampler
 from trainer.model import KGModel
+
+if TYPE_CHECKING:
+    from storage.dataset import KGDataset
+    from trainer.config import EvalConfig
 
 HITS_AT = (1, 3, 10)
 
@@ -56,16 +63,6 @@ def summarise(ranks: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def sampler(eps: torch.Tensor) -> Encoder:
-    """An owner's draw mean + sigma * eps for its rows, ``eps`` [local rows, D] being its dense noise."""
-
-    def sample(rows: torch.Tensor, local: torch.Tensor, _segments: list) -> torch.Tensor:
-        dim = eps.shape[1]
-        return rows[:, :dim] + torch.exp(0.5 * rows[:, dim:]) * eps.index_select(0, local)
-
-    return sample
-
-
 @torch.no_grad()
 def predictive_scores(
     model: KGModel, known: torch.Tensor, r: torch.Tensor, direction: str, num_samples: int, seed: int
@@ -77,23 +74,21 @@ def predictive_scores(
         query, rel, side = model.query(ents.lookup(known)[:, : ents.dim], rels.full().mean, r, direction)
         return model.score_candidates(query, rel, side, ents.full().mean)
     unique, inverse = torch.unique(known, return_inverse=True)
-    total = None
+    own, rel_q = ents.full(), rels.full()
+    total = torch.zeros(())
     for k in range(num_samples):
-        key = (seed, 0x5A3E, k)
+        key = (seed, rng.EVAL_SAMPLES, k)
         local_eps = ents.dense_noise(key)
-        own = ents.full()
-        candidates = own.mean + torch.exp(0.5 * own.logvar) * local_eps
+        candidates = own.draw(local_eps)
         queries = ents.encode(unique, sampler(local_eps)).values[inverse]
-        rel_q = rels.full()
-        rel_eps = torch.randn(rel_q.mean.shape, generator=torch.Generator().manual_seed(seed_of(*key)))
-        rel_eps = rel_eps.to(rel_q.mean.device)
-        relations = rel_q.mean + torch.exp(0.5 * rel_q.logvar) * rel_eps
+        rel_eps = torch.randn(rel_q.mean.shape, generator=rng.generator(key)).to(rel_q.mean.device)
+        relations = rel_q.draw(rel_eps)
         logits = model.score_candidates(*model.query(queries.detach(), relations, r, direction), candidates)
         if model.reciprocal:
             probs = torch.exp(logits - sharded_log_partition(logits, model.exchange).unsqueeze(-1))
         else:
             probs = logits.sigmoid()
-        total = probs if total is None else total + probs
+        total = total + probs
     return total / num_samples
 
 
@@ -138,3 +133,15 @@ def evaluate(
             ranks["raw"].append((counts[0] + 1.0 + counts[1] / 2.0).cpu())
             ranks["filtered"].append((counts[2] + 1.0 + counts[3] / 2.0).cpu())
     return {kind: summarise(torch.cat(values)) for kind, values in ranks.items()}
+
+
+def evaluate_run(eval_cfg: EvalConfig, seed: int, model: KGModel, dataset: KGDataset, filters: dict) -> dict:
+    """Validation and test metrics of a trained model, as ``metrics.json`` holds them."""
+    kwargs = dict(batch_size=eval_cfg.batch_size, num_samples=eval_cfg.num_samples, seed=seed)
+    return {
+        "dataset": dataset.name,
+        "valid": evaluate(model, dataset.valid, filters, **kwargs),
+        "test": evaluate(model, dataset.test, filters, **kwargs),
+        "dropped_facts": sum(dataset.dropped.values()),
+        "dropped_by_split": dataset.dropped,
+    }

@@ -14,10 +14,14 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from trainer.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from trainer.config import MetricsConfig
 
 LABELS = ("job", "worker")
 
@@ -99,3 +103,21 @@ def _reachable(host: str) -> str:
 def job_name(out_dir: Path, configured: str | None) -> str:
     """The ``job`` label: configured, or the run directory's name (never a path: it may hold secrets)."""
     return configured or Path(os.path.normpath(out_dir)).name
+
+
+def start_exporter(metrics: MetricsConfig, out_dir: Path, rank: int) -> MetricsExporter | None:
+    """This rank's endpoint as the ``metrics`` section asks (None: no endpoint)."""
+    if metrics.port is None:
+        return None
+    try:
+        return MetricsExporter(
+            job=job_name(out_dir, metrics.job),
+            rank=rank,
+            host=metrics.host,
+            port=metrics.port,
+            discovery_dir=metrics.discovery_dir,
+        )
+    except OSError as err:
+        raise ValueError(
+            f"metrics.port={metrics.port}: cannot serve {metrics.host}:{metrics.port + rank} ({err})"
+        ) from None

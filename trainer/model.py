@@ -1,9 +1,13 @@
-"""A link predictor: an entity table, a relation table and a scorer.
+"""A link predictor: an entity table, a relation table, a scorer, a posterior and a likelihood.
 
-Which posterior (LIM, LFM or point) changes only the KL term (trainer/objective.py) and whether the
-tables carry variances. With the softmax likelihood the relation table has 2*Nr rows: row r + Nr is
-the reciprocal of r, so the head query (?, r, o) becomes the tail query (o, r^-1, ?). The entity table
-is row-sharded across ranks (all rows at world size 1); relations are replicated.
+The entity table is row-sharded across ranks (all rows at world size 1); relations are replicated.
+The posterior (trainer/posterior.py: LIM, LFM, point) decides what the owners send for their rows and
+which KL the ELBO carries; the likelihood (trainer/likelihood.py: Bernoulli, softmax) scores a batch.
+Both are chosen once, here. With a reciprocal likelihood the relation table has 2*Nr rows: row r + Nr
+is the reciprocal of r, so the head query (?, r, o) becomes the tail query (o, r^-1, ?).
+
+A step is ``forward`` (encode the rows each batch needs, then the negative ELBO's terms), backward,
+``gradients`` (send them to the rows' owners) and ``update`` (the row optimisers); trainer/step.py runs it.
 """
 
 from __future__ import annotations
@@ -12,24 +16,65 @@ from dataclasses import dataclass
 
 import torch
 
-from sharding.exchange import Exchange, LocalExchange
-from sharding.table import ReplicatedTable, ShardedTable
+from sharding import rng
+from sharding.exchange import Exchange, LocalExchange, Pending
+from sharding.gaussian import sample_and_kl
+from sharding.table import Encoded, ReplicatedTable, ShardedTable
 from trainer.config import RunConfig
+from trainer.likelihood import FactRows, Likelihood, build_likelihood
+from trainer.objective import n3_penalty
+from trainer.posterior import Gathered, Posterior, build_posterior
 from trainer.scorers import Scorer, build_scorer
 
 
 @dataclass
+class Forward:
+    """A step's terms of the negative ELBO on this rank (KL before any multiplier), its regulariser, and
+    the leaves whose gradients go back to the tables."""
+
+    nll: torch.Tensor
+    kl: torch.Tensor
+    reg: torch.Tensor
+    relation_leaf: torch.Tensor
+    entity_leaf: torch.Tensor | None
+    encoded: list[Encoded]
+
+
+@dataclass
+class Gradients:
+    """The summed gradients of the rows a step touched: local entity rows (``entity_ids`` None: all of them)
+    and every relation row, whose sum over ranks is complete once ``relations_pending`` is waited for."""
+
+    entity_ids: torch.Tensor | None
+    entities: torch.Tensor
+    relations: torch.Tensor
+    relations_pending: Pending
+
+
 class KGModel:
-    entities: ShardedTable
-    relations: ReplicatedTable
-    scorer: Scorer
-    latent: str
-    num_relations: int
-    reciprocal: bool
+    def __init__(
+        self,
+        entities: ShardedTable,
+        relations: ReplicatedTable,
+        scorer: Scorer,
+        posterior: Posterior,
+        likelihood: Likelihood,
+        num_relations: int,
+        n3_weight: float = 0.0,
+    ):
+        self.entities, self.relations, self.scorer = entities, relations, scorer
+        self.posterior, self.likelihood, self.num_relations = posterior, likelihood, num_relations
+        self.n3_weight = n3_weight
+        # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
+        self.dense = likelihood.dense or posterior.dense_kl
 
     @property
     def variational(self) -> bool:
-        return self.latent != "point"
+        return self.posterior.variational
+
+    @property
+    def reciprocal(self) -> bool:
+        return self.likelihood.reciprocal
 
     @property
     def exchange(self) -> Exchange:
@@ -43,6 +88,63 @@ class KGModel:
         """The learning rate of every row optimiser (entities and relations)."""
         self.entities.optimizer.lr = lr
         self.relations.table.optimizer.lr = lr
+
+    def forward(self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...]) -> Forward:
+        """The negative ELBO's terms of this rank's ``batches`` (stream, positives [B, 3]) in step ``key`` =
+        (seed, epoch, step); ``share`` is this step's share of the epoch's whole-table KL."""
+        ents, rels, posterior = self.entities, self.relations, self.posterior
+        relation_leaf = rels.local()
+        relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
+        relations, relation_kl = sample_and_kl(relation_leaf, rels.dim, relation_eps)
+        entity_leaf = dense_eps = candidates = dense_kl = None
+        if self.dense:
+            entity_leaf = ents.local()
+            dense_eps = ents.dense_noise(key) if self.variational else None
+            candidates, dense_kl = sample_and_kl(entity_leaf, ents.dim, dense_eps)
+
+        encoder = posterior.encoder(ents.dim, key, dense_eps, keep_mean=self.n3_weight > 0)
+        encoded: list[Encoded] = []
+        nll = kl = reg = relation_leaf.new_zeros(())
+        for stream, positives in batches:
+            positives = positives.to(self.device, non_blocking=True)
+            r = positives[:, 1]
+            rows = Gathered.of(positives, self.likelihood.negatives(len(positives), key, stream))
+            item = ents.encode(rows.ids, encoder, tag=stream)
+            encoded.append(item)
+            sample, entity_kl, mean = posterior.split(item.values, ents.dim)
+            nll = nll + self.likelihood.nll(self.scorer, _fact_rows(sample, relations, rows, r), relations, candidates)
+            kl = kl + posterior.fact_kl(entity_kl, relation_kl, rows, r)
+            if self.n3_weight > 0:
+                reg = reg + self.n3_weight * self._n3(mean, relation_leaf, rows, r)
+        kl = kl + posterior.table_kl(dense_kl, relation_kl, share, self.exchange.rank)
+        return Forward(nll, kl, reg, relation_leaf, entity_leaf, encoded)
+
+    def gradients(self, forward: Forward) -> Gradients:
+        """After the backward: start summing the relation gradients over ranks and send the entity
+        gradients back to their owners."""
+        relation_grad, pending = self.relations.collect(forward.relation_leaf)
+        entity_ids, entity_grad = self.entities.collect(forward.encoded, forward.entity_leaf)
+        return Gradients(entity_ids, entity_grad, relation_grad, pending)
+
+    def update(self, grads: Gradients) -> None:
+        """The row optimisers' step; the entity update runs while the relation gradients travel."""
+        self.entities.step(grads.entity_ids, grads.entities)
+        grads.relations_pending.wait()
+        self.relations.step(grads.relations)
+
+    def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
+        if not self.variational:
+            return None
+        return torch.randn(rows, dim, generator=generator, device=self.device)
+
+    def _n3(self, entity_mean: torch.Tensor, relation_leaf: torch.Tensor, rows: Gathered, r: torch.Tensor):
+        relation_mean = relation_leaf[:, : self.relations.dim]
+        means = (
+            entity_mean.index_select(0, rows.s),
+            relation_mean.index_select(0, r),
+            entity_mean.index_select(0, rows.o),
+        )
+        return n3_penalty(*means, complex_valued=self.scorer.name == "complex")
 
     def query(
         self, query_emb: torch.Tensor, relations: torch.Tensor, r: torch.Tensor, direction: str
@@ -63,33 +165,47 @@ class KGModel:
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
 
 
+def _fact_rows(sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, r: torch.Tensor) -> FactRows:
+    batch = len(r)
+    gathered = sample.index_select(0, rows.flat)
+    # split, not slices: its backward is one concatenation (a slice's fills a zero tensor per slice).
+    s, o, neg = gathered.split([batch, batch, len(gathered) - 2 * batch])
+    layout = rows.neg.shape if rows.neg is not None else None
+    return FactRows(s, relations.index_select(0, r), o, r, neg, layout)
+
+
 def build_model(
     config: RunConfig,
     num_entities: int,
     num_relations: int,
     exchange: Exchange | None = None,
     device: torch.device | None = None,
+    entity_frequency: torch.Tensor | None = None,
 ) -> KGModel:
+    """The model a run's config describes; ``entity_frequency`` (training occurrences per entity) is
+    needed to train with ``objective.kl_estimator=per_occurrence``."""
     exchange = exchange or LocalExchange()
-    reciprocal = config.objective.likelihood == "softmax"
-    table_args = dict(
-        variational=config.model.latent != "point",
-        optimizer=config.optim.optimizer,
-        lr=config.optim.lr,
-        init_std=config.model.init_std,
-        init_logvar=config.model.init_logvar,
-        block_rows=config.sharding.block_rows,
-        device=device,
-    )
-    entities = ShardedTable(num_entities, config.model.dim, exchange, seed=config.train.seed, **table_args)
-    relations = ReplicatedTable(
-        num_relations * (2 if reciprocal else 1), config.model.dim, exchange, seed=config.train.seed + 1, **table_args
-    )
-    return KGModel(
-        entities=entities,
-        relations=relations,
-        scorer=build_scorer(config.model.scorer),
-        latent=config.model.latent,
-        num_relations=num_relations,
-        reciprocal=reciprocal,
-    )
+    model_cfg, obj, optim = config.model, config.objective, config.optim
+    variational = model_cfg.latent != "point"
+
+    def table(rows: int, table_exchange: Exchange, seed: int) -> ShardedTable:
+        return ShardedTable(
+            rows, model_cfg.dim, table_exchange, variational=variational, optimizer=optim.optimizer, lr=optim.lr,
+            seed=seed, init_std=model_cfg.init_std, init_logvar=model_cfg.init_logvar,
+            block_rows=config.sharding.block_rows, device=device,
+        )  # fmt: skip
+
+    entities = table(num_entities, exchange, config.train.seed)
+    likelihood = build_likelihood(
+        obj, negatives=config.sharding.negatives, num_entities=num_entities, num_relations=num_relations,
+        shard=(entities.lo, entities.hi), exchange=exchange, device=entities.device,
+    )  # fmt: skip
+    relation_rows = num_relations * (2 if likelihood.reciprocal else 1)
+    relations = ReplicatedTable(table(relation_rows, LocalExchange(), config.train.seed + 1), exchange)
+    frequency = entity_frequency.to(entities.device) if entity_frequency is not None else None
+    posterior = build_posterior(
+        model_cfg.latent, obj.kl_estimator, num_relations=num_relations, reciprocal=likelihood.reciprocal,
+        entity_frequency=frequency,
+    )  # fmt: skip
+    n3_weight = obj.reg_weight if obj.reg == "n3" else 0.0
+    return KGModel(entities, relations, build_scorer(model_cfg.scorer), posterior, likelihood, num_relations, n3_weight)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from sharding.exchange import LocalExchange, sharded_log_partition
+from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
 from trainer.scorers import BilinearScorer, Scorer
+
+KLSchedule = Literal["uniform", "compression"]
+Regulariser = Literal["none", "n3"]
 
 
 def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
@@ -25,7 +29,7 @@ def bernoulli_negative_weight(num_entities: int, num_negatives: int) -> float:
     return 2.0 * (num_entities - 1) / num_negatives
 
 
-def kl_share(batch_index: int, num_batches: int, schedule: str) -> float:
+def kl_share(batch_index: int, num_batches: int, schedule: KLSchedule) -> float:
     """Share of the epoch's KL assigned to batch ``batch_index`` (0-based) of ``num_batches``; shares sum to 1.
 
     compression: pi_i = 2^(M-i) / (2^M - 1) for i = 1..M (Blundell et al., 2015), computed as
@@ -36,7 +40,7 @@ def kl_share(batch_index: int, num_batches: int, schedule: str) -> float:
     if schedule == "compression":
         i = batch_index + 1
         return math.pow(2.0, -i) / -math.expm1(-num_batches * math.log(2.0))
-    raise ValueError(f"unknown KL schedule {schedule!r}")
+    raise ValueError(f"objective.kl_schedule={schedule!r}: expected one of uniform, compression")
 
 
 def chunk_negatives(
@@ -135,6 +139,21 @@ LogZ = Callable[[Scorer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 def local_log_z(scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, candidates_ND: torch.Tensor) -> torch.Tensor:
     """log Z when this process holds every candidate (world size 1)."""
     return local_log_partition(scorer.score_tails(s_BD, r_BD, candidates_ND))
+
+
+def sharded_log_z(exchange: Exchange) -> LogZ:
+    """log Z when the candidates are split across ranks: every rank scores every rank's queries against its
+    own candidates and log Z is assembled (vocabulary-parallel softmax); ``local_log_z`` at world size 1."""
+    if exchange.world_size == 1:
+        return local_log_z
+
+    def log_z(scorer: Scorer, s_BD: torch.Tensor, r_BD: torch.Tensor, candidates_ND: torch.Tensor) -> torch.Tensor:
+        all_queries, offset = all_gather_rows(s_BD, exchange)
+        all_rel, _ = all_gather_rows(r_BD, exchange)
+        total = sharded_log_partition(scorer.score_tails(all_queries, all_rel, candidates_ND), exchange)
+        return total[offset : offset + len(s_BD)]
+
+    return log_z
 
 
 def softmax_nll(

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sharding.exchange import Exchange, LocalExchange
-from storage.dataset import KGDataset
-from trainer import checkpoint, uncertainty
-from trainer.config import RunConfig, load_config
+from trainer import uncertainty
 from trainer.io import atomic_write_json, atomic_write_text
-from trainer.loop import load_data
-from trainer.model import KGModel, build_model
-
-
-@dataclass
-class Run:
-    config: RunConfig
-    dataset: KGDataset
-    model: KGModel
-
-
-def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
-    """The resolved config a run saved (``config file not found: ...`` when ``run_dir`` is not a run)."""
-    return load_config(Path(run_dir) / "config.yaml", overrides)
-
-
-def load_run(
-    run_dir: Path,
-    *,
-    config: RunConfig | None = None,
-    exchange: Exchange | None = None,
-    device: torch.device | None = None,
-) -> Run:
-    """A run directory's config, dataset and best (else latest) checkpoint, on this rank of ``exchange``
-    (this process alone by default) and ``device`` (the CPU by default)."""
-    run_dir = Path(run_dir)
-    config = config or load_run_config(run_dir)
-    exchange = exchange or LocalExchange()
-    reporter = checkpoint.Reporter(run_dir, exchange)
-    name = checkpoint.BEST if reporter.has(checkpoint.BEST) else checkpoint.LATEST
-    if not reporter.has(name):
-        raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/)")
-    dataset = load_data(config, exchange)
-    model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device)
-    checkpoint.load_into(reporter.path(name), model)
-    return Run(config, dataset, model)
+from trainer.runs import Run
 
 
 def _lookup(names: list[str], name: str, what: str) -> int:
@@ -80,7 +41,9 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
         raise ValueError("give exactly one of --head and --tail")
     data, model = run.dataset, run.model
     r = _lookup(data.relation_names, relation, "relation")
-    known_id = _lookup(data.entity_names, head if head is not None else tail, "entity")
+    known_name = head if head is not None else tail
+    assert known_name is not None
+    known_id = _lookup(data.entity_names, known_name, "entity")
     ents, rels = model.entities.full(), model.relations.full()
     candidates = torch.arange(data.num_entities)
     fixed = torch.full_like(candidates, known_id)
@@ -218,7 +181,7 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     """Paper Figure 3: PCA of means and NMF of variances to 2-D, ``points`` samples per symbol."""
     data, model = run.dataset, run.model
     ents, rels = model.entities.full(), model.relations.full()
-    if ents.logvar is None:
+    if ents.logvar is None or rels.logvar is None:
         raise ValueError("the fact visualisation needs a variational model")
     means = torch.cat([ents.mean, rels.mean]).numpy()
     variances = torch.cat([ents.logvar, rels.logvar]).exp().numpy()

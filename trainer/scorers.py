@@ -8,6 +8,8 @@ override them with one matrix product, which is what makes shared negatives and 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 
@@ -102,10 +104,10 @@ class ComplEx(BilinearScorer):
         return _as_real(_as_complex(r).conj() * _as_complex(o))
 
 
-SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (DistMult, ComplEx)}
+ScorerName = Literal["distmult", "complex"]
+SCORERS: dict[ScorerName, type[Scorer]] = {"distmult": DistMult, "complex": ComplEx}
+"""The scorers by config name (``model.scorer``); a new one is added here and to ``ScorerName``."""
 
 
-def build_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"model.scorer={name!r}: expected one of {', '.join(SCORERS)}")
+def build_scorer(name: ScorerName) -> Scorer:
     return SCORERS[name]()

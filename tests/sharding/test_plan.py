@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sharding.plan import RowPlan
-from sharding.table import block_normal
+from sharding.rng import block_normal
 
 
 @pytest.mark.parametrize(("rows", "world"), [(10, 1), (5000, 2), (5000, 3), (100, 4), (4096, 4)])

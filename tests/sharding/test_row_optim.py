@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sharding import native
+from sharding.kernels import native
 from sharding.row_optim import RowAdagrad, RowAdam
 
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).parents[2]
 
 class _Server:
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.honour_range, self.cut_after, self.ranges = files, True, None, []
+        self.files, self.honour_range, self.cut_after = files, True, None
+        self.ranges: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -47,3 +47,36 @@ def test_shipped_configs_load(path):
 
 def test_there_are_shipped_configs():
     assert any(p.stem == "default" for p in CONFIGS)
+
+
+def test_each_choice_field_accepts_exactly_its_registrys_names():
+    """A choice field's type is the Literal of the registry that implements it, so the two cannot drift."""
+    import typing
+
+    from sharding.row_optim import ROW_OPTIMIZERS, RowOptimizerName
+    from trainer.config import RunConfig
+    from trainer.likelihood import LIKELIHOODS, LikelihoodName
+    from trainer.posterior import POSTERIORS, Latent
+    from trainer.scorers import SCORERS, ScorerName
+
+    for literal, registry in [
+        (ScorerName, SCORERS),
+        (Latent, POSTERIORS),
+        (LikelihoodName, LIKELIHOODS),
+        (RowOptimizerName, ROW_OPTIMIZERS),
+    ]:
+        assert set(typing.get_args(literal)) == set(registry)
+    hints = {
+        f"{section}.{name}": hint
+        for section, cls in typing.get_type_hints(RunConfig).items()
+        for name, hint in typing.get_type_hints(cls).items()
+    }
+    assert hints["model.scorer"] is ScorerName and hints["model.latent"] is Latent
+    assert hints["objective.likelihood"] is LikelihoodName and hints["optim.optimizer"] is RowOptimizerName
+
+
+def test_a_config_built_in_code_is_checked_like_a_loaded_one():
+    config = load_config(None)
+    config.objective.likelihood = "hinge"
+    with pytest.raises(ValueError, match=r"objective\.likelihood=.hinge.: expected one of bernoulli, softmax"):
+        config.validate()

@@ -1,8 +1,8 @@
 import torch
 
-from sharding import native
+from sharding.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
+from sharding.kernels import native
 from tests.trainer.conftest import unit_kl
-from trainer.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
 
 
 def test_kl_closed_form_matches_monte_carlo():

@@ -1,17 +1,18 @@
 import pytest
 import torch
 
+from sharding.rng import step_generator
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
-from trainer.loop import Step, step_generator
 from trainer.model import build_model
 from trainer.objective import chunk_negatives, n3_penalty
+from trainer.step import Step
 
 KEY = (0, 0, 0)  # (seed, epoch, step)
 
 
 def _step(config, dataset):
-    model = build_model(config, dataset.num_entities, dataset.num_relations)
-    return model, Step(config, model, dataset.entity_frequency)
+    model = build_model(config, dataset.num_entities, dataset.num_relations, entity_frequency=dataset.entity_frequency)
+    return model, Step(model, config.optim.grad_clip)
 
 
 def test_lim_full_kl_covers_every_entity_and_relation(tiny_dataset):
@@ -90,7 +91,7 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr("trainer.loop.stream_sample_and_kl", lambda *args: None)
+            monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl", lambda *args: None)
         model, step = _step(config, tiny_dataset)
         terms = step([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 0.5, 1.0, KEY)
         results.append((terms, model.entities.weight.clone()))

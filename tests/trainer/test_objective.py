@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sharding import native
+from sharding.kernels import native
 from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,

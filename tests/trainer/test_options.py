@@ -3,18 +3,17 @@ import json
 import pytest
 import torch
 
+from sharding.exchange import LocalExchange
 from tests.trainer.conftest import make_config
-from trainer.loop import Step, train
+from trainer.loop import train
 from trainer.model import build_model
 from trainer.objective import n3_penalty
+from trainer.step import clip_global_norm
 
 
-def test_grad_clip_scales_the_global_norm(tiny_dataset):
-    config = make_config("optim.grad_clip=1.0")
-    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
-    step = Step(config, model, tiny_dataset.entity_frequency)
+def test_grad_clip_scales_the_global_norm():
     a, b = torch.full((2, 2), 3.0), torch.full((1, 2), 4.0)  # global norm sqrt(4*9 + 2*16) = sqrt(68)
-    step._clip(a, b)
+    clip_global_norm(a, b, 1.0, LocalExchange())
     total = torch.sqrt(a.square().sum() + b.square().sum())
     assert total.item() == pytest.approx(1.0, rel=1e-5)
     assert (a / b[0, 0]).flatten().tolist() == pytest.approx([0.75] * 4)  # direction kept
@@ -52,5 +51,5 @@ def test_local_negatives_come_from_the_workers_own_shard():
     model = build_model(config, 40, 2, _RankOf2())
     lo, hi = model.entities.lo, model.entities.hi
     assert (lo, hi) == (16, 40)
-    negatives = Step(config, model, torch.ones(40))._negatives(500, torch.Generator().manual_seed(0))
+    negatives = model.likelihood.negatives(500, (0, 0, 0), stream=0)
     assert negatives.min() >= lo and negatives.max() < hi and len(negatives.unique()) > 15

@@ -2,8 +2,9 @@
 
 import pytest
 
+from storage.dataset import load_data
 from trainer.config import load_config
-from trainer.loop import load_data, train
+from trainer.loop import train
 
 # (settings, floor). Measured on the 2-core dev machine, test filtered MRR: lim/softmax 0.93 (40 epochs),
 # point/softmax 0.93, lfm/softmax with kl_weight 0.01 0.93 (with kl_weight 1 the per-fact KL of LFM
@@ -21,5 +22,5 @@ def test_short_umls_run_reaches_quality_floor(tmp_path, case):
     settings, floor = CASES[case]
     base = ["data.dataset=umls", "model.dim=128", "train.eval_every=10", "train.progress=false"]
     config = load_config(None, base + settings)
-    metrics = train(config, tmp_path, load_data(config))
+    metrics = train(config, tmp_path, load_data(config.data))
     assert metrics["test"]["filtered"]["mrr"] >= floor, metrics["test"]["filtered"]

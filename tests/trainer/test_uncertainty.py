@@ -8,7 +8,8 @@ import torch
 from tests.trainer.conftest import make_config
 from trainer import uncertainty
 from trainer.loop import train
-from trainer.report import export, load_run, predict, write_report
+from trainer.report import export, predict, write_report
+from trainer.runs import load_run
 
 
 def test_a_confidence_that_ranks_true_facts_first_has_precision_one_up_to_the_positive_rate():

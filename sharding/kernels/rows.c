@@ -1,6 +1,6 @@
 /* Row kernels for the CPU: lazy Adam and row-wise Adagrad applied in place to the rows a step touched.
  *
- * Built on first use by sharding/native.py and called through ctypes with the tensors' data pointers;
+ * Built on first use by sharding/kernels/native.py and called through ctypes with the tensors' data pointers;
  * torch ops do the same work where these are not available (another device, no C compiler).
  * In place, each row is read and written once, where gather -> update -> scatter makes three passes
  * over three tables. Inner loops vectorise for the machine's CPU (native.py builds with -march=native);

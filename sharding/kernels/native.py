@@ -1,4 +1,4 @@
-"""The compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad (``rows.c``), the
+"""The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad (``rows.c``), the
 counter-based noise of the training samples with the fused sample and KL of Gaussian rows (``noise.c``),
 and the 1-vs-all log-partition and its backward (``partition.c``). Built on first use with the
 machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
@@ -30,11 +30,13 @@ SOURCES = {
     HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
 }
 HEADERS = (HERE / "vecmath.h",)
-"""Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update was a scalar
-call, 3x slower than torch's); -ffast-math lets the row sums vectorise (noise and samples only);
--march=native gives the polynomials FMA (1.6x faster for the sample's exp than the AVX2-only build);
--fopenmp runs the loops on torch's OpenMP threads (libgomp.so.1 is the copy torch has loaded)."""
+"""Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update is a scalar
+call); -ffast-math lets the row sums vectorise (noise and samples only); -march=native gives the
+polynomials FMA; -fopenmp runs the loops on torch's OpenMP threads (libgomp.so.1 is the copy torch has
+loaded, so torch.set_num_threads governs them too)."""
 LINK = ("-shared", "-fopenmp", "-lm")
+WARNINGS = ("-Wall", "-Wextra", "-Werror")
+"""What ``make lint`` adds to each file's flags (``python -m sharding.kernels.native --check``)."""
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # name: (argument types, return type)
@@ -113,6 +115,21 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def loaded() -> ctypes.CDLL:
+    """The kernels, for callers that checked ``library()`` first."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("nvkg: the compiled kernels are not available")
+    return lib
+
+
+def check_sources(compiler: str | None = None) -> None:
+    """Compile every source with its flags plus ``WARNINGS`` (no output kept); raise on any warning."""
+    compiler = compiler or os.environ.get("CC", "cc")
+    for source, flags in SOURCES.items():
+        run([compiler, *flags, *WARNINGS, "-c", str(source), "-o", os.devnull])
+
+
 def applicable(ids: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors as they are: contiguous float32 (int64 ids) on the CPU."""
     return ids.device.type == "cpu" and ids.dtype == torch.int64 and ids.is_contiguous() and floats_applicable(*tensors)
@@ -155,3 +172,15 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
     out = torch.empty_like(logits)
     lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--check"]:
+        sys.exit("usage: python -m sharding.kernels.native --check")
+    try:
+        check_sources()
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"kernel sources do not compile cleanly with {' '.join(WARNINGS)}:\n{err.stderr}")
+    print(f"kernels: {', '.join(s.name for s in SOURCES)} compile cleanly with {' '.join(WARNINGS)}")

@@ -1,0 +1,188 @@
+"""Diagonal Gaussian rows q = N(mean, diag(exp(logvar))): the reparameterised sample, the KL to the
+N(0, I) prior, and what an owner sends for its rows in a training step (``encoder``).
+
+A table row is [mean | logvar] side by side; point-estimate rows are [mean] alone. The variance is
+stored as its logarithm (as the authors' code did): it is unconstrained, so the optimiser can move it
+freely, and exp() keeps it positive.
+
+Sample and KL in training, fastest first: the compiled kernel with the counter-based noise drawn
+inside it (``stream_sample_and_kl``); else the noise drawn first (``rng.row_normal``) and one autograd
+function with a written backward (``sample_and_kl``). Evaluation draws with ``Gaussian.draw``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from sharding import rng
+from sharding.kernels import native
+
+if TYPE_CHECKING:
+    from sharding.table import Segment
+
+
+class Gaussian(NamedTuple):
+    """Rows of a Gaussian embedding table: ``mean`` [..., D], ``logvar`` [..., D] or None (point estimate)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor | None
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor, dim: int) -> Gaussian:
+        """Views of table rows [..., 2*dim] = [mean | logvar] (or [..., dim]: a point estimate)."""
+        if rows.shape[-1] == dim:
+            return cls(rows, None)
+        return cls(rows[..., :dim], rows[..., dim:])
+
+    def draw(self, eps: torch.Tensor) -> torch.Tensor:
+        """The reparameterised draw mean + sigma * eps for given standard normal ``eps``."""
+        if self.logvar is None:
+            return self.mean
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One reparameterised draw with noise from ``generator``, differentiable in both parameters."""
+        if self.logvar is None:
+            return self.mean
+        return self.draw(
+            torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        )
+
+
+class _SampleAndKL(torch.autograd.Function):
+    """Reparameterised sample and per-row KL of [mean | logvar] rows in one pass each way.
+
+    The analytic backward (d sample/d mean = 1, d sample/d logvar = eps * sigma / 2,
+    d KL/d mean = mean, d KL/d logvar = (sigma^2 - 1) / 2) replaces a dozen autograd nodes over the
+    batch's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = eps.shape[-1]
+        mean, logvar = rows[:, :dim], rows[:, dim:]
+        std = torch.exp(0.5 * logvar)
+        sample = torch.addcmul(mean, std, eps)
+        # Row sums as dot products: no [U, D] temporaries for mean^2 and sigma^2.
+        kl = 0.5 * (torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std) - logvar.sum(-1) - dim)
+        ctx.save_for_backward(mean, std, eps)
+        return sample, kl
+
+    @staticmethod
+    def backward(ctx, grad_sample: torch.Tensor | None, grad_kl: torch.Tensor | None):
+        mean, std, eps = ctx.saved_tensors
+        dim = mean.shape[-1]
+        grad = mean.new_empty(mean.shape[0], 2 * dim)
+        grad_mean, grad_logvar = grad[:, :dim], grad[:, dim:]
+        weight = grad_kl.unsqueeze(-1) if grad_kl is not None else mean.new_zeros(mean.shape[0], 1)
+        if grad_sample is None:
+            grad_sample = mean.new_zeros(())
+        # d/d mean = g + w mean;  d/d logvar = (g eps sigma + w (sigma^2 - 1)) / 2 = sigma (g eps + w sigma) / 2 - w / 2
+        torch.addcmul(grad_sample, weight, mean, out=grad_mean)
+        inner = torch.addcmul(grad_sample * eps, weight, std)
+        torch.addcmul(weight * -0.5, inner, std, value=0.5, out=grad_logvar)
+        return grad, None
+
+
+def sample_and_kl(rows: torch.Tensor, dim: int, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw mean + sigma * eps [U, dim] and the KL to N(0, I) per row [U] of table rows
+    [U, 2*dim] = [mean | logvar], given standard normal ``eps`` [U, dim].
+
+    Point-estimate rows ([U, dim]) are returned as they are, with zero KL (``eps`` is then None).
+    """
+    if rows.shape[-1] == dim:
+        return rows, rows.new_zeros(rows.shape[0])
+    return _SampleAndKL.apply(rows, eps)
+
+
+class _StreamSampleAndKL(torch.autograd.Function):
+    """``sample_and_kl`` in the compiled kernels of sharding/kernels/noise.c, with the noise drawn inside them.
+
+    One pass each way over the rows, with an inline vectorised exp, and the sample and KL written straight
+    into the packed [U, dim + 1] layout the owner sends back (no noise tensor, no concatenation).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        lib, size = native.loaded(), rows.element_size()
+        eps, out = rows.new_empty(len(rows), dim), rows.new_empty(len(rows), dim + 1)
+        start = 0
+        for count, seed, first in spans:
+            pointers = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
+            lib.sample_kl_forward(*pointers, count, dim, seed, first)
+            start += count
+        ctx.save_for_backward(rows, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, eps = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad = torch.empty_like(rows)
+        native.loaded().sample_kl_backward(
+            rows.data_ptr(), eps.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), len(rows), eps.shape[1]
+        )
+        return grad, None, None
+
+
+def stream_sample_and_kl(rows: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor | None:
+    """[sample | KL] [U, dim + 1] of Gaussian rows [U, 2*dim] whose noise comes from the compiled counter
+    streams: ``spans`` are (rows, stream seed, first value) for consecutive runs of rows, the noise of a run
+    being values [first, first + rows * dim) of its stream (``native.normal_into``'s stream, so the same
+    as drawing it first and calling ``sample_and_kl``). None where the kernels cannot take the rows."""
+    if native.library() is None or not native.floats_applicable(rows) or sum(c for c, _, _ in spans) != len(rows):
+        return None
+    return _StreamSampleAndKL.apply(rows, dim, spans)
+
+
+Encoder = Callable[[torch.Tensor, torch.Tensor, "list[Segment]"], torch.Tensor]
+"""(owned rows [m, width] to differentiate, their local indices [m], the segments they were asked for in,
+in order) -> the values [m, k] sent back for them (see ``sharding.table.ShardedTable.encode``)."""
+
+
+def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    return rows
+
+
+def training_encoder(dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
+    """What an owner sends for its Gaussian rows in training step ``key`` = (seed, epoch, step):
+    [sample | KL | mean if ``keep_mean``], the sample drawn with the rows' dense noise ``dense_eps`` [local
+    rows, dim] when given, else with the noise stream (key, stream, NOISE) at the row's position in the
+    requesting stream's id list (``Segment``), so a draw does not depend on which rank owns the row."""
+
+    def encode(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        means = [rows[:, :dim]] if keep_mean else []
+        if dense_eps is not None:
+            eps = dense_eps.index_select(0, local)
+        else:
+            spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
+            packed = stream_sample_and_kl(rows, dim, spans)
+            if packed is not None:
+                return torch.cat([packed, *means], dim=1) if means else packed
+            eps, start = rows.new_empty(len(rows), dim), 0
+            for s in segments:
+                span = (s.offset, s.offset + s.count)
+                rng.row_normal(span, dim, (*key, s.tag, rng.NOISE), eps[start : start + s.count])
+                start += s.count
+        sample, row_kl = sample_and_kl(rows, dim, eps)
+        return torch.cat([sample, row_kl.unsqueeze(1), *means], dim=1)
+
+    return encode
+
+
+def split_encoding(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample [U, dim], KL [U], mean [U, dim] or the rest) of what ``training_encoder`` sent."""
+    sample, kl, mean = values.split([dim, 1, values.shape[1] - dim - 1], dim=1)
+    return sample, kl.squeeze(1), mean
+
+
+def sampler(eps: torch.Tensor) -> Encoder:
+    """An owner's draw for its rows in evaluation, ``eps`` [local rows, D] being its dense noise."""
+
+    def sample(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        return Gaussian.of_rows(rows, eps.shape[1]).draw(eps.index_select(0, local))
+
+    return sample

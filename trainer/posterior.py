@@ -1,0 +1,148 @@
+"""The posterior of a model: what the tables hold and which KL the ELBO carries (``model.latent``).
+
+* ``point``: rows are point estimates, no KL (the non-variational baselines).
+* ``lim`` (Latent Information Model): separate Gaussian latents for every entity and relation; the KL
+  is over whole tables. ``kl_estimator=full`` charges the whole entity table's KL each step (weighted by
+  the step's share of the epoch); ``per_occurrence`` charges each entity KL/frequency per occurrence in a
+  batch, so an epoch sums to the same KL while a step touches only its batch's rows (what scales).
+* ``lfm`` (Latent Fact Model): one latent set per fact; the KL of each batch's facts' embeddings, each
+  positive fact once per epoch, plus every distinct corrupted entity of the batch once.
+
+Chosen once when the model is built; a step asks it for the owners' encoder and for the KL terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sharding.gaussian import Encoder, identity, split_encoding, training_encoder
+from trainer.objective import per_occurrence_kl
+
+Latent = Literal["lim", "lfm", "point"]
+KLEstimator = Literal["full", "per_occurrence"]
+
+
+@dataclass
+class Gathered:
+    """The entity rows one stream's batch needs: ascending unique ``ids`` and, for each part of the batch,
+    positions within them: heads ``s`` [B], tails ``o`` [B], sampled negatives ``neg`` ([C, k] or None),
+    and all parts in that order (``flat``), so the scorer's inputs are one gather."""
+
+    ids: torch.Tensor
+    flat: torch.Tensor
+    s: torch.Tensor
+    o: torch.Tensor
+    neg: torch.Tensor | None
+
+    @classmethod
+    def of(cls, positives: torch.Tensor, negatives: torch.Tensor | None) -> Gathered:
+        parts = [positives[:, 0], positives[:, 2], *([negatives] if negatives is not None else [])]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        ids, inverse = torch.unique(flat, return_inverse=True)
+        positions, offset = [], 0
+        for p in parts:
+            positions.append(inverse[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return cls(ids, inverse, positions[0], positions[1], positions[2] if negatives is not None else None)
+
+
+class Posterior:
+    """Point estimates: the owners send their rows as they are and there is no KL."""
+
+    variational = False
+    dense_kl = False
+    """Whether the KL needs every local entity row in every step."""
+
+    def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
+        return identity
+
+    def split(self, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, KL per row, mean) of what the owners sent; a point estimate is its own sample."""
+        return values, values.new_zeros(len(values)), values
+
+    def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
+        """The KL that belongs to one stream's batch of facts."""
+        return ent_kl.new_zeros(())
+
+    def table_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float, rank: int) -> torch.Tensor:
+        """The KL of whole tables charged to this step on this rank."""
+        return rel_kl.new_zeros(())
+
+
+class GaussianPosterior(Posterior):
+    """Gaussian rows: the owners send [sample | KL (| mean)] drawn with the step's noise."""
+
+    variational = True
+
+    def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
+        return training_encoder(dim, key, dense_eps, keep_mean)
+
+    def split(self, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return split_encoding(values, dim)
+
+
+class LatentInformation(GaussianPosterior):
+    """LIM: the KL of every entity and relation; relations are charged by rank 0, entities by their owner."""
+
+    def __init__(self, kl_estimator: KLEstimator, entity_frequency: torch.Tensor | None):
+        if kl_estimator == "per_occurrence" and entity_frequency is None:
+            raise ValueError("objective.kl_estimator=per_occurrence needs the entities' training frequencies")
+        self.kl_estimator, self.frequency = kl_estimator, entity_frequency
+        self.dense_kl = kl_estimator == "full"
+
+    def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
+        if self.frequency is None:
+            return ent_kl.new_zeros(())
+        occurrences = torch.bincount(torch.cat([rows.s, rows.o]), minlength=len(rows.ids))
+        return per_occurrence_kl(ent_kl, occurrences, self.frequency[rows.ids])
+
+    def table_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float, rank: int) -> torch.Tensor:
+        total = rel_kl.sum() if rank == 0 else rel_kl.new_zeros(())
+        if dense_kl is not None and self.dense_kl:
+            total = total + dense_kl.sum()
+        return share * total
+
+
+class LatentFact(GaussianPosterior):
+    """LFM: the KL of the embeddings of each batch's facts (and their reciprocal relations)."""
+
+    def __init__(self, num_relations: int, reciprocal: bool):
+        self.num_relations, self.reciprocal = num_relations, reciprocal
+
+    def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
+        total = ent_kl[rows.s].sum() + ent_kl[rows.o].sum() + rel_kl[r].sum()
+        if self.reciprocal:
+            total = total + rel_kl[r + self.num_relations].sum()
+        if rows.neg is not None:
+            total = total + ent_kl[torch.unique(rows.neg)].sum()
+        return total
+
+
+POSTERIORS: dict[Latent, Callable[..., Posterior]] = {
+    "point": lambda **_: Posterior(),
+    "lim": lambda kl_estimator, entity_frequency, **_: LatentInformation(
+        kl_estimator, entity_frequency if kl_estimator == "per_occurrence" else None
+    ),
+    "lfm": lambda num_relations, reciprocal, **_: LatentFact(num_relations, reciprocal),
+}
+"""The posteriors by config name (``model.latent``)."""
+
+
+def build_posterior(
+    latent: Latent,
+    kl_estimator: KLEstimator,
+    *,
+    num_relations: int,
+    reciprocal: bool,
+    entity_frequency: torch.Tensor | None,
+) -> Posterior:
+    return POSTERIORS[latent](
+        kl_estimator=kl_estimator,
+        num_relations=num_relations,
+        reciprocal=reciprocal,
+        entity_frequency=entity_frequency,
+    )

@@ -1,0 +1,56 @@
+"""One global training step on this rank: encode -> loss -> backward -> exchange -> update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sharding.exchange import Exchange
+from trainer.model import KGModel
+
+
+@dataclass
+class StepTerms:
+    """A step's share of the negative ELBO (KL before warm-up and kl_weight) and of the loss minimised,
+    on one rank or (``totals``) summed over all ranks."""
+
+    nll: float
+    kl: float
+    loss: float
+
+    def totals(self, exchange: Exchange, device: torch.device) -> StepTerms:
+        local = torch.tensor([self.nll, self.kl, self.loss], dtype=torch.float64, device=device)
+        return StepTerms(*exchange.all_reduce(local).tolist())
+
+
+class Step:
+    def __init__(self, model: KGModel, grad_clip: float | None = None):
+        self.model, self.grad_clip = model, grad_clip
+
+    def __call__(
+        self, batches: list[tuple[int, torch.Tensor]], share: float, kl_multiplier: float, key: tuple[int, ...]
+    ) -> StepTerms:
+        """``batches``: (stream, positives [B, 3]) of this rank's streams; ``share``: this step's share of the
+        epoch's whole-table KL; ``key``: (seed, epoch, step)."""
+        forward = self.model.forward(batches, share, key)
+        loss = forward.nll + kl_multiplier * forward.kl + forward.reg
+        loss.backward()
+        grads = self.model.gradients(forward)
+        if self.grad_clip is not None:
+            grads.relations_pending.wait()
+            clip_global_norm(grads.entities, grads.relations, self.grad_clip, self.model.exchange)
+        self.model.update(grads)
+        return StepTerms(*torch.stack([forward.nll, forward.kl, loss]).detach().tolist())
+
+
+def clip_global_norm(
+    entity_grad: torch.Tensor, relation_grad: torch.Tensor, max_norm: float, exchange: Exchange
+) -> None:
+    """Clip the norm of the whole gradient in place: entity rows summed over ranks, relations (replicated,
+    already summed) counted once."""
+    squared = exchange.all_reduce(entity_grad.square().sum().reshape(1))[0] + relation_grad.square().sum()
+    total = squared.sqrt()
+    if total > max_norm:
+        for g in (entity_grad, relation_grad):
+            g.mul_(max_norm / (total + 1e-6))
