@@ -49,8 +49,8 @@ def first_bad_line(path: Path, is_bad: Callable[[bytes], bool]) -> tuple[int, st
 def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     """The file in blocks of about ``block_bytes`` that end at a line break (never splitting a line).
 
-    Reading ourselves bounds memory to about two blocks: pyarrow's streaming CSV reader was measured
-    reading ahead without bound (617 MB held for a 700 MB file, whatever the consumer did).
+    Reading ourselves bounds memory to about two blocks: pyarrow's streaming CSV reader reads ahead
+    without bound, whatever the consumer does.
     """
     rest = b""
     with open_text(path) as handle:

@@ -53,16 +53,18 @@ def train(
 class Schedule:
     """Which batches this rank feeds each global step of an epoch."""
 
-    def __init__(self, config: RunConfig, dataset: KGDataset, exchange: Exchange):
+    def __init__(
+        self, dataset: KGDataset, exchange: Exchange, *, streams: int | None, batch_size: int, seed: int, prefetch: int
+    ):
         world = exchange.world_size
-        self.num_streams = config.sharding.streams or world
+        self.num_streams = streams or world
         if self.num_streams % world:
             raise ValueError(f"sharding.streams={self.num_streams} is not a multiple of the world size {world}")
         self.streams = list(range(exchange.rank, self.num_streams, world))
-        self.batch_size = config.train.batch_size // self.num_streams
+        self.batch_size = batch_size // self.num_streams
         if self.batch_size == 0:
-            raise ValueError(f"train.batch_size={config.train.batch_size} is smaller than {self.num_streams} streams")
-        self.config, self.dataset = config, dataset
+            raise ValueError(f"train.batch_size={batch_size} is smaller than {self.num_streams} streams")
+        self.dataset, self.seed, self.prefetch = dataset, seed, prefetch
         self.num_steps = max(dataset.num_batches(self.batch_size, s, self.num_streams) for s in range(self.num_streams))
 
     def epoch(self, epoch: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
@@ -71,10 +73,10 @@ class Schedule:
             self.dataset.batches(
                 batch_size=self.batch_size,
                 epoch=epoch,
-                seed=self.config.train.seed,
+                seed=self.seed,
                 rank=stream,
                 world_size=self.num_streams,
-                prefetch=self.config.data.prefetch,
+                prefetch=self.prefetch,
             )
             for stream in self.streams
         ]
@@ -135,7 +137,10 @@ class Training:
             print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
         state.lr = state.lr or config.optim.lr
         model.set_lr(state.lr)
-        schedule = Schedule(config, dataset, exchange)
+        schedule = Schedule(
+            dataset, exchange, streams=config.sharding.streams, batch_size=config.train.batch_size,
+            seed=config.train.seed, prefetch=config.data.prefetch,
+        )  # fmt: skip
         logger = RunLogger(
             out_dir,
             total_steps=config.train.epochs * schedule.num_steps,

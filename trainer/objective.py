@@ -88,8 +88,7 @@ def bernoulli_nll(
 class _BilinearBernoulli(torch.autograd.Function):
     """The Bernoulli NLL of chunks of facts for a bilinear scorer, from its queries: the fact scores
     <q_tail, o>, the tail corruptions q_tail . c and the head corruptions q_head . c, with a written
-    backward (sigmoids and four batched products) in place of autograd's ~50 small nodes, measured
-    at about a third of a V-ComplEx step on 2 CPU cores.
+    backward (sigmoids and four batched products) in place of autograd's ~50 small nodes.
 
     Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k/2 replace heads), the
     weight of a negative, and how many of the C*chunk rows are real facts (the rest is padding).

@@ -5,13 +5,12 @@
  * in aligned chunks of CHUNK; a chunk's two 32-bit keys are splitmix64 of (s, chunk), and pair i of the
  * chunk takes its two uniforms from successive rounds of a 32-bit hash (lowbias32) of i under those keys,
  * so the per-value work is 32-bit integer arithmetic that AVX2 vectorises (splitmix64 per pair needs
- * 64-bit products, which AVX2 lacks: a third of the first kernel's time). A value depends only on (s, e),
+ * 64-bit products, which AVX2 lacks). A value depends only on (s, e),
  * and a chunk is computed whole by the vector body, never a scalar remainder: any range of a stream
  * gives the same bits as the same range of a longer draw, on one machine (the library is built for the
  * machine's CPU, see native.py, and another instruction set may round differently in the last bit).
  *
- * Sample and KL: the passes over a step's rows are bound by memory traffic (the backward's 6.7 MB for
- * 2,200 rows of width 256), so each pass reads and writes every row once, and writes the sample and KL
+ * Sample and KL: the passes over a step's rows are bound by memory traffic, so each pass reads and writes every row once, and writes the sample and KL
  * where the owner sends them from.
  *
  * Loops over chunks and rows run on the threads of torch's OpenMP pool: the library links libgomp.so.1,

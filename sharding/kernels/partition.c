@@ -1,10 +1,9 @@
 /* The log-partition of the 1-vs-all likelihood on the CPU: log sum_c exp(logit_c) per query over a
  * [queries, candidates] block, and its backward, softmax times the query's gradient.
  *
- * torch's path (log_softmax, then exp and a product in the backward) made five passes over the logits
- * and its exp takes MKL's generic path on AMD CPUs: on wn18rr (512 queries x 40,943 entities, 84 MB of
- * logits) about 85 ms of a 1-vs-all step on 2 cores. Here the forward reads the logits twice (torch's max,
- * then this sum) and the backward once. Rows run on torch's OpenMP threads (see noise.c). Built without
+ * torch's path (log_softmax, then exp and a product in the backward) makes five passes over the logits,
+ * which are the largest tensor of a 1-vs-all step, and its exp takes MKL's generic path on AMD CPUs.
+ * Here the forward reads the logits twice (torch's max, then this sum) and the backward once. Rows run on torch's OpenMP threads (see noise.c). Built without
  * -ffast-math: a NaN logit gives a NaN log-partition, as in torch.
  */
 #include <stdint.h>

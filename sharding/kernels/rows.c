@@ -4,7 +4,7 @@
  * torch ops do the same work where these are not available (another device, no C compiler).
  * In place, each row is read and written once, where gather -> update -> scatter makes three passes
  * over three tables. Inner loops vectorise for the machine's CPU (native.py builds with -march=native);
- * rows are split over torch's OpenMP threads (see noise.c): 1.4 -> 0.9 ms for 2,200 rows on 2 cores.
+ * rows are split over torch's OpenMP threads (see noise.c). Measurements: docs/kernels.md.
  * Each returns 0, or 1 when an id is outside [0, rows) (nothing is written then).
  */
 #include <math.h>
@@ -13,7 +13,7 @@
 #include "vecmath.h"
 
 /* Rows are scattered over tables far larger than the caches: asking for the row PREFETCH_AHEAD ids on
- * while updating this one made the Adam update 15-20% faster (2,200 rows of 40,943 x 256, 2 threads). */
+ * while updating this one hides part of the cache misses of the next rows. */
 #define PREFETCH_AHEAD 2
 
 static inline void prefetch_row(const float *row, int64_t width) {

@@ -2,8 +2,8 @@
  * a turn as inline polynomials.
  *
  * Cephes' coefficients, about 1 ulp on their reduced ranges; inline so that gcc vectorises the loops
- * that call them: measured 2x faster than glibc's libmvec for the sample's exp (with FMA from
- * -march=native), and under -fopenmp gcc 12 had called libm's scalar expf instead.
+ * that call them (faster than glibc's libmvec, which gcc under -fopenmp may also replace by libm's scalar
+ * expf; see docs/kernels.md).
  */
 #ifndef NVKG_VECMATH_H
 #define NVKG_VECMATH_H
