@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 
-.PHONY: install train train-freebase test lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty docker clean
+.PHONY: install train train-freebase test test-faults lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty docker clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ test: install
 	$(PY) -m pytest -q --durations=15
 
 # Python style and types, and the C kernels compiled with -Wall -Wextra -Werror (sharding/kernels/native.py).
+# The fault suite alone (it is also part of `make test`).
+test-faults: install
+	$(PY) -m pytest -q -m faults
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.io import atomic_write_json, atomic_write_text
+from storage.atomic import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"convert": cmd_convert, "download": cmd_download, "info": cmd_info}[args.command](args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError names its file: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,16 +9,15 @@ Id inputs (DGL-KE) skip pass 1. Finally each spill file (one partition, ``partit
 average) is loaded alone, de-duplicated, shuffled and written as Parquet row groups. Peak memory is the
 vocabulary plus one chunk plus one partition, whatever the number of triples.
 
-Everything is written under a temporary directory beside the output and renamed into place at the end,
-so an interrupted conversion leaves nothing that loads.
+Everything is written under a temporary directory beside the output and swapped into place at the end
+(storage/atomic.py), so an interrupted conversion leaves nothing that loads, a killed swap is finished by
+the next start, and the next conversion removes the temporary directory of a writer that died.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sharding.rng import splitmix64
+from storage.atomic import recover_swap, remove_stale_temps, swap_dir, temp_dir_beside
+from storage.faults import fault_point
 from storage.layout import (
     COLUMNS,
     ENTITIES,
@@ -317,6 +318,7 @@ def convert(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    recover_swap(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
 
@@ -332,11 +334,13 @@ def _write_dataset(
 ) -> Manifest:
     options.validate()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_temps(out)
+    tmp = temp_dir_beside(out)
     try:
         source.block_bytes = min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, BYTES_PER_NAME * len(vocab.entities)))
         splits: dict[str, SplitCounts] = {}
         splits["train"], entity_freq, relation_freq = _write_split(source, vocab, "train", rows["train"], tmp, options)
+        fault_point("convert.split_written")
         for split in ("valid", "test"):
             splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
         shutil.rmtree(tmp / "_spill", ignore_errors=True)
@@ -362,22 +366,11 @@ def _write_dataset(
         files = [ENTITIES, RELATIONS] + [p for split in SPLITS for p in manifest.partitions(split)]
         manifest.files = {relative: describe_file(tmp, relative) for relative in files}
         (tmp / MANIFEST).write_text(manifest.to_json())
-        _replace_dir(tmp, out)
+        swap_dir(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is swapped out first and deleted after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_id_dataset(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from storage.atomic import recover_swap
 from storage.convert import convert
 from storage.layout import FORMAT_VERSION, MANIFEST
 from storage.reader import Engine, TripleStore
@@ -122,11 +123,13 @@ def _cache_key(source: TsvSource) -> str:
 
 def resolve_store(name_or_dir: str | Path, cache_dir: str | Path) -> Path:
     """A dataset directory for ``name_or_dir``, converting triple files into ``cache_dir`` the first time."""
+    recover_swap(Path(name_or_dir).expanduser())
     directory = _source_dir(name_or_dir)
     if (directory / MANIFEST).is_file():
         return directory
     source = TsvSource(directory)
     target = Path(cache_dir).expanduser() / f"{directory.name}-{_cache_key(source)}"
+    recover_swap(target)
     if not (target / MANIFEST).is_file():
         try:
             convert(source, target, name=directory.name)

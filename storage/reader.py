@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import COLUMNS, ENTITIES, RELATIONS, Manifest, verify_files
+from storage.layout import COLUMNS, ENTITIES, MANIFEST, RELATIONS, SPLITS, Manifest, verify_files
 
 Engine = Literal["pyarrow", "fastparquet"]
 ENGINES: tuple[Engine, ...] = typing.get_args(Engine)
@@ -66,6 +66,18 @@ def share_rows(groups: list[RowGroup], rank: int, world_size: int) -> int:
     return total * (rank + 1) // world_size - total * rank // world_size
 
 
+def _column_maxima(handle: pq.ParquetFile, row_group: int) -> dict[str, int]:
+    """The largest value of each id column of a row group, from its statistics (when written)."""
+    metadata = handle.metadata.row_group(row_group)
+    maxima = {}
+    for i in range(metadata.num_columns):
+        column = metadata.column(i)
+        stats = column.statistics
+        if column.path_in_schema in COLUMNS and stats is not None and stats.has_min_max:
+            maxima[column.path_in_schema] = int(stats.max)
+    return maxima
+
+
 class TripleStore:
     """An opened dataset directory: manifest checked, files verified, row groups indexed."""
 
@@ -75,7 +87,54 @@ class TripleStore:
         self.root, self.engine = Path(root), engine
         self.manifest = Manifest.read(self.root)
         verify_files(self.root, self.manifest, checksums=verify)
+        self._check_listing()
         self._groups = {split: self._index(split) for split in self.manifest.splits}
+        self._check_manifest()
+        m = self.manifest
+        self._limits = {"head": m.num_entities, "relation": m.num_relations, "tail": m.num_entities}
+
+    def _check_listing(self) -> None:
+        """Every split's partitions are the files in its directory, and listed with their checksums."""
+        m, problems = self.manifest, []
+        for split in SPLITS:
+            if split not in m.splits:
+                problems.append(f"split {split!r} missing")
+                continue
+            listed = set(m.partitions(split))
+            on_disk = {f"{split}/{p.name}" for p in (self.root / split).glob("*.parquet")}
+            if listed - set(m.files) or on_disk != listed:
+                problems.append(f"{split}: {len(listed)} partitions listed, {len(on_disk)} files in {split}/")
+        if problems:
+            raise ValueError(f"{self.root / MANIFEST}: does not match the files it describes: {'; '.join(problems)}")
+
+    def _check_manifest(self) -> None:
+        """The manifest's counts against the files it describes (their Parquet metadata, not their rows)."""
+        m, path = self.manifest, self.root / MANIFEST
+        problems = []
+        if not 0 <= m.num_train_entities <= m.num_entities or not 0 <= m.num_train_relations <= m.num_relations:
+            problems.append("train entity/relation counts exceed the totals")
+        for which, relative, expected in (
+            ("entities", ENTITIES, m.num_entities),
+            ("relations", RELATIONS, m.num_relations),
+        ):
+            rows = self._parquet(relative).metadata.num_rows
+            if rows != expected:
+                problems.append(f"num_{which}={expected}, {relative} has {rows} rows")
+        for split in SPLITS:
+            if self.num_triples(split) != m.splits[split].triples:
+                problems.append(
+                    f"{split}: {m.splits[split].triples} triples listed, the files hold {self.num_triples(split)}"
+                )
+            limits = {"head": m.num_entities, "relation": m.num_relations, "tail": m.num_entities}
+            for group in self._groups.get(split, []):
+                for column, top in _column_maxima(self._parquet(group.file), group.index).items():
+                    if top >= limits[column]:
+                        problems.append(
+                            f"{group.file}: {column} id {top} is past the {limits[column]} the manifest lists"
+                        )
+                        break
+        if problems:
+            raise ValueError(f"{path}: does not match the files it describes: {'; '.join(problems[:5])}")
 
     def _index(self, split: str) -> list[RowGroup]:
         groups = []
@@ -115,6 +174,17 @@ class TripleStore:
     def read_group(self, group: RowGroup, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """[rows, 3] int64 (head, relation, tail) of one row group, optionally only ``rows`` of it."""
         columns = self.read_columns(group)
+        if any(len(c) != group.num_rows for c in columns):
+            lengths = ", ".join(str(len(c)) for c in columns)
+            raise ValueError(
+                f"{self.root / group.file}: row group {group.index} holds {lengths} rows, expected {group.num_rows}"
+            )
+        for name, column in zip(COLUMNS, columns, strict=True):
+            if len(column) and (column.min() < 0 or column.max() >= self._limits[name]):
+                raise ValueError(
+                    f"{self.root / group.file}: row group {group.index} has {name} ids outside "
+                    f"[0, {self._limits[name]}) (corrupt file?)"
+                )
         out = np.empty((len(columns[0][rows]), 3), np.int64)
         for i, column in enumerate(columns):
             out[:, i] = column[rows]  # gathering int32 columns, then widening, beats permuting [n, 3] int64 rows

@@ -43,7 +43,7 @@ def first_bad_line(path: Path, is_bad: Callable[[bytes], bool]) -> tuple[int, st
             line = raw.rstrip(b"\n").rstrip(b"\r")
             if is_bad(line):
                 return number, line[:120].decode("utf-8", errors="replace")
-    raise AssertionError(f"{path}: a chunk was rejected but no line is")
+    raise ValueError(f"{path}: the CSV parser rejected a block, but no line of it is malformed")
 
 
 def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
@@ -90,20 +90,52 @@ class TsvSource:
             self.files[split] = path
 
     @staticmethod
-    def _is_bad(line: bytes) -> bool:
+    def _problem(line: bytes) -> str | None:
+        """What is wrong with one line (without its line break), or None."""
         try:
             line.decode("utf-8")
-        except UnicodeDecodeError:
-            return True
+        except UnicodeDecodeError as err:
+            return f"not valid UTF-8 (byte {err.start + 1})"
+        if b"\r" in line:
+            return "a carriage return inside the line"
         fields = line.split(b"\t")
-        return bool(line) and (len(fields) != 3 or not all(fields))
+        if line and (len(fields) != 3 or not all(fields)):
+            return "expected 3 non-empty tab-separated fields (head, relation, tail)"
+        return None
+
+    @classmethod
+    def _is_bad(cls, line: bytes) -> bool:
+        return cls._problem(line) is not None
 
     def _fail(self, path: Path) -> None:
         number, text = first_bad_line(path, self._is_bad)
-        raise ValueError(
-            f"{path}:{number}: expected 3 non-empty tab-separated fields (head, relation, tail): {text!r} "
-            "(use --skip-bad-lines to skip such lines)"
-        )
+        self._refuse(path, number, text.encode(errors="replace"))
+
+    def _refuse(self, path: Path, number: int, line: bytes) -> None:
+        text = line[:120].decode("utf-8", errors="replace")
+        problem = self._problem(line) or "malformed line"
+        raise ValueError(f"{path}:{number}: {problem}: {text!r} (use --skip-bad-lines to skip such lines)")
+
+    def _screen(self, path: Path, block: bytes, lines_before: int, skipped: list[int]) -> bytes:
+        """``block`` without its bad lines (refused unless skip_bad_lines): lines that are not UTF-8 or hold a
+        lone carriage return, which the CSV parser would take for a line break, are caught here."""
+        try:
+            block.decode("utf-8")
+            clean = b"\r" not in block.replace(b"\r\n", b"\n")
+        except UnicodeDecodeError:
+            clean = False
+        if clean:
+            return block
+        kept = []
+        for number, raw in enumerate(block.split(b"\n"), start=lines_before + 1):
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if self._problem(line) is None:
+                kept.append(line)
+            elif self.skip_bad_lines:
+                skipped[0] += 1
+            else:
+                self._refuse(path, number, line)
+        return b"\n".join(kept)
 
     def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
         """Tables with string columns head, relation, tail. ``counts`` (when given) gets lines and bad lines."""
@@ -122,8 +154,11 @@ class TsvSource:
         convert = pcsv.ConvertOptions(
             column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=True, null_values=[""]
         )
+        lines_before = 0
         try:
-            for block in line_blocks(path, self.block_bytes):
+            for raw_block in line_blocks(path, self.block_bytes):
+                block = self._screen(path, raw_block, lines_before, skipped)
+                lines_before += raw_block.count(b"\n")
                 table = pcsv.read_csv(
                     pa.BufferReader(block),
                     read_options=pcsv.ReadOptions(column_names=columns, block_size=1 << 22),

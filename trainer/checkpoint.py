@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from pathlib import Path
 import torch
 
 from sharding.exchange import Exchange
+from storage.atomic import atomic_torch_save, atomic_write_text, recover_swap, swap_dir
+from storage.faults import fault_point
 from trainer.config import RunConfig, to_dict
-from trainer.io import atomic_torch_save, atomic_write_text
 from trainer.model import KGModel
 
 LATEST = "checkpoint"
@@ -60,6 +60,7 @@ def write_files(directory: Path, model: KGModel, state: RunState, config: RunCon
     """This rank's shard; with ``lead``, the relations and the index too."""
     ents = model.entities
     atomic_torch_save(directory / shard_name(ents.lo, ents.hi), ents.state_dict())
+    fault_point("checkpoint.shard_written")
     if lead:
         atomic_torch_save(directory / RELATIONS, model.relations.state_dict())
         index = {
@@ -77,6 +78,11 @@ class Reporter:
 
     def __init__(self, out_dir: Path, exchange: Exchange):
         self.out_dir, self.exchange = Path(out_dir), exchange
+        # A writer killed in the middle of a swap leaves the newest complete checkpoint under another name.
+        if exchange.rank == 0:
+            for name in (LATEST, BEST):
+                recover_swap(self.path(name))
+        exchange.barrier()
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
@@ -98,18 +104,8 @@ class Reporter:
         write_files(staging, model, state, config, lead)
         self.exchange.barrier()
         if lead:
-            replace_dir(staging, self.path(name))
+            swap_dir(staging, self.path(name))
         self.exchange.barrier()
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is swapped out first and deleted after."""
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load(path: Path) -> dict:
@@ -119,12 +115,28 @@ def _load(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable nvkg checkpoint ({err})") from None
 
 
+INDEX_KEYS = {"format", "state", "config", "entity_rows", "world_size"}
+
+
 def read_index(directory: Path) -> dict:
     path = Path(directory) / INDEX
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable checkpoint index ({err})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: not a checkpoint index (expected a JSON object)")
+    state_keys = {f.name for f in dataclasses.fields(RunState)}
+    problems = [f"unexpected key {k!r}" for k in sorted(set(index) - INDEX_KEYS)]
+    problems += [f"missing key {k!r}" for k in sorted(INDEX_KEYS - set(index) - {"format"})]
+    state = index.get("state")
+    if not isinstance(state, dict):
+        problems.append("'state' is not an object")
+    else:
+        problems += [f"unexpected key 'state.{k}'" for k in sorted(set(state) - state_keys)]
+    if problems:
+        raise ValueError(f"{path}: not an nvkg checkpoint index ({'; '.join(problems)})")
+    return index
 
 
 def load_into(directory: Path, model: KGModel) -> RunState:

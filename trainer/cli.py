@@ -2,8 +2,8 @@
 
 python -m trainer train --config configs/default.yaml                     # one process
 torchrun --standalone --nproc-per-node 2 -m trainer train --config ... --out runs/x   # 2 workers
-python -m trainer ray-train --config ... --workers 2 --out runs/x        # Ray Train, on this Ray cluster
-python -m trainer submit --address http://127.0.0.1:8265 --config ... --workers 2 --out /shared/runs/x
+python -m trainer ray-train --config ... --set launch.workers=2 --out runs/x   # Ray Train, on this Ray cluster
+python -m trainer submit --address http://127.0.0.1:8265 --config ... --set launch.workers=2 --out /shared/runs/x
 """
 
 from __future__ import annotations
@@ -24,6 +24,38 @@ RUNS_DIR = Path("runs")
 ROOT = Path(__file__).parents[1]
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _run_dir(path: Path | None) -> Path | None:
+    """Refuse an output directory that is an existing file."""
+    if path is not None and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path}: is a file, not a directory")
+    return path
+
+
 def _config_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--config", type=Path, help="YAML config (see configs/)")
     cmd.add_argument("--dataset", help="bundled dataset name or directory; overrides data.dataset")
@@ -37,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(commands.add_parser("train", help="train a model and evaluate it (plain or under torchrun)"))
     eval_cmd = commands.add_parser("evaluate", help="evaluate a run directory's best checkpoint")
     eval_cmd.add_argument("run_dir", type=Path)
-    eval_cmd.add_argument("--samples", type=int, help="average the predictive probability over S samples")
+    eval_cmd.add_argument("--samples", type=_count(0), help="average the predictive probability over S samples")
     ray_cmd = commands.add_parser(
         "ray-train", help="train with Ray Train (workers, CPUs, GPUs from the config's launch section)"
     )
@@ -47,14 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--head", help="known head: predict tails")
     predict_cmd.add_argument("--tail", help="known tail: predict heads")
     predict_cmd.add_argument("--relation", required=True)
-    predict_cmd.add_argument("--top-k", type=int, default=10)
-    predict_cmd.add_argument("--samples", type=int, default=100, help="Monte-Carlo draws of the embeddings")
+    predict_cmd.add_argument("--top-k", type=_count(1), default=10)
+    predict_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
     predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report_cmd = commands.add_parser("report", help="uncertainty figures (PNG) and report.json")
     report_cmd.add_argument("run_dir", type=Path)
     report_cmd.add_argument("--out", type=Path, help="default: RUN_DIR/report")
-    report_cmd.add_argument("--samples", type=int, default=100)
-    report_cmd.add_argument("--fact", type=int, default=0, help="test fact drawn in fact.png")
+    report_cmd.add_argument("--samples", type=_count(1), default=100)
+    report_cmd.add_argument("--fact", type=_count(0), default=0, help="test fact drawn in fact.png")
     export_cmd = commands.add_parser("export", help="means and variances with names, to Parquet or TSV")
     export_cmd.add_argument("run_dir", type=Path)
     export_cmd.add_argument("--out", type=Path, required=True)
@@ -62,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     submit_cmd = commands.add_parser("submit", help="submit a ray-train run to a Ray cluster as a job")
     submit_cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
-    submit_cmd.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+    submit_cmd.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait with --wait")
     submit_cmd.add_argument("--grafana", default="http://127.0.0.1:3000/d/nvkg", help="dashboard URL to print")
     _config_args(submit_cmd)
     return parser
@@ -91,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and args.out is None:
         raise ValueError(f"WORLD_SIZE={world_size}: pass --out, a run directory every worker can reach")
-    out_dir = args.out or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
+    out_dir = _run_dir(args.out) or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
     with process_group(config.sharding.backend) as exchange:
         lead = exchange.rank == 0
         if lead:
@@ -121,7 +153,7 @@ def cmd_ray_train(args: argparse.Namespace) -> None:
     from trainer.ray_launch import fit
 
     config = _load(args)
-    out_dir = args.out or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
+    out_dir = _run_dir(args.out) or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     print(f"run directory: {out_dir} ({config.launch.workers} Ray Train worker(s))", flush=True)
     fit(config, out_dir)
@@ -162,7 +194,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from trainer.runs import load_run
 
     run = load_run(args.run_dir)
-    out = args.out or args.run_dir / "report"
+    out = _run_dir(args.out) or args.run_dir / "report"
     summary = write_report(run, out, samples=args.samples, seed=run.config.train.seed, fact_index=args.fact)
     print(f"wrote {out}: {', '.join(summary['figures'].values())}, report.json")
     for key in ("precision_coverage_area", "selective_prediction_area"):
@@ -175,6 +207,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from trainer.report import export
     from trainer.runs import load_run
 
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a directory; name the file to write")
     print(f"wrote {export(load_run(args.run_dir), args.out, args.format)}")
 
 
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         commands[args.command](args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError names its file: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ The allowed values of a choice field are the ``Literal`` type of the registry th
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -18,8 +19,8 @@ import yaml
 
 from sharding.launch import Backend, DeviceChoice
 from sharding.row_optim import RowOptimizerName
+from storage.atomic import atomic_write_text
 from storage.dataset import DataConfig
-from trainer.io import atomic_write_text
 from trainer.likelihood import LikelihoodName, NegativeSource
 from trainer.objective import KLSchedule, Regulariser
 from trainer.posterior import KLEstimator, Latent
@@ -105,6 +106,11 @@ class TrainConfig:
     cpu, or cuda."""
     progress: bool = True
     """Show a tqdm progress bar with ELBO / KL / NLL."""
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    """When a loss, gradient or parameter is not finite: stop with an error naming the epoch and step, or
+    roll back to the latest checkpoint (the initial values when there is none) with half the learning rate."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one process before the run stops (on_divergence=rollback)."""
     log_steps: bool = False
     """Also write steps.jsonl: one line per global step (epoch, step, nll, kl, loss, summed over workers)."""
 
@@ -165,6 +171,67 @@ class EvalConfig:
     """0 scores with the posterior means; S > 0 averages the predictive probability over S samples."""
 
 
+@dataclass(frozen=True)
+class Interval:
+    """The values a numeric field may take: lo..hi, each bound included unless marked open; always finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "finite"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Interval(0, lo_open=True), Interval(0)
+RANGES: dict[str, Interval] = {
+    "data.prefetch": NON_NEGATIVE,
+    "model.dim": POSITIVE,
+    "model.init_logvar": Interval(-30, 10),
+    "model.init_std": NON_NEGATIVE,
+    "objective.num_negatives": POSITIVE,
+    "objective.negative_chunk": POSITIVE,
+    "objective.negative_weight": NON_NEGATIVE,
+    "objective.kl_warmup": Interval(0, 1, hi_open=True),
+    "objective.kl_weight": NON_NEGATIVE,
+    "objective.reg_weight": NON_NEGATIVE,
+    "optim.lr": NON_NEGATIVE,
+    "optim.lr_decay": Interval(0, 1, lo_open=True),
+    "optim.lr_patience": Interval(1),
+    "optim.grad_clip": POSITIVE,
+    "train.epochs": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.seed": NON_NEGATIVE,
+    "train.eval_every": NON_NEGATIVE,
+    "train.checkpoint_every": POSITIVE,
+    "train.time_budget_s": NON_NEGATIVE,
+    "train.num_threads": POSITIVE,
+    "train.max_rollbacks": NON_NEGATIVE,
+    "sharding.block_rows": POSITIVE,
+    "sharding.streams": POSITIVE,
+    "launch.workers": POSITIVE,
+    "launch.cpus_per_worker": POSITIVE,
+    "launch.gpus_per_worker": NON_NEGATIVE,
+    "launch.memory_per_worker_gb": POSITIVE,
+    "launch.max_failures": Interval(-1),
+    "metrics.port": Interval(1, 65535),
+    "metrics.variance_every": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.num_samples": NON_NEGATIVE,
+}
+"""The allowed range of every numeric config field, in one place (a test checks that none is missing)."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,38 +246,21 @@ class RunConfig:
 
     def validate(self) -> None:
         """Reject values no component accepts, naming the key."""
-        for section in dataclasses.fields(self):
-            value = getattr(self, section.name)
-            for name, hint in typing.get_type_hints(type(value)).items():
-                _coerce(getattr(value, name), hint, f"{section.name}.{name}")
-        positive = {
-            "model.dim": self.model.dim,
-            "objective.num_negatives": self.objective.num_negatives,
-            "objective.negative_chunk": self.objective.negative_chunk,
-            "train.epochs": self.train.epochs,
-            "train.batch_size": self.train.batch_size,
-            "eval.batch_size": self.eval.batch_size,
-            "sharding.block_rows": self.sharding.block_rows,
-            "metrics.variance_every": self.metrics.variance_every,
-            "launch.workers": self.launch.workers,
-            "launch.cpus_per_worker": self.launch.cpus_per_worker,
-            "sharding.streams": self.sharding.streams or 1,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{key}={value}: must be positive")
-        if self.optim.lr < 0:
-            raise ValueError(f"optim.lr={self.optim.lr}: must be non-negative")
-        if not 0 < self.optim.lr_decay <= 1:
-            raise ValueError(f"optim.lr_decay={self.optim.lr_decay}: must be in (0, 1]")
-        if self.optim.lr_patience < 1:
-            raise ValueError(f"optim.lr_patience={self.optim.lr_patience}: must be at least 1")
+        for field_ in dataclasses.fields(self):
+            part = getattr(self, field_.name)
+            for name, hint in typing.get_type_hints(type(part)).items():
+                _coerce(getattr(part, name), hint, f"{field_.name}.{name}")
+        for key, interval in RANGES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key}={value}: must be a finite number")
+            if value is not None and not interval.holds(value):
+                raise ValueError(f"{key}={value}: must be {interval}")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
         if self.objective.num_negatives % 2:
             raise ValueError("objective.num_negatives must be even: k/2 heads and k/2 tails are corrupted")
-        if not 0.0 <= self.objective.kl_warmup < 1.0:
-            raise ValueError("objective.kl_warmup is a fraction of the epochs in [0, 1)")
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
@@ -231,6 +281,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ValueError(f"{key}: expected true/false, got {value!r}")
     if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):

@@ -2,8 +2,8 @@
 
 Ties are counted honestly: the rank of the true entity is the mean of its optimistic rank
 (1 + #better) and pessimistic rank (#better + #equal, itself included), so a model that scores every
-candidate alike gets (N + 1) / 2, not 1. Filtered ranks ignore other candidates that form a known
-true fact (train + valid + test).
+candidate alike gets (N + 1) / 2, not 1. A NaN score is the worst: a NaN true answer ranks last.
+Filtered ranks ignore other candidates that form a known true fact (train + valid + test).
 
 With a sharded entity table every rank scores the same queries against its own candidates and the
 counts of better and equal candidates are summed across ranks: no rank holds all entities.
@@ -123,11 +123,15 @@ def evaluate(
             true_scores = torch.zeros(len(batch), dtype=torch.float64, device=device)
             true_scores[owned] = scores[rows_B[owned], true[owned] - lo].double()
             true_scores = exchange.all_reduce(true_scores).to(scores.dtype).unsqueeze(1)
+            # A NaN score is the worst: a NaN candidate beats nothing, a NaN true answer ranks last.
+            true_nan = true_scores.isnan()
+            scores = scores.nan_to_num(nan=-torch.inf)
             answer_rows, answers = (t.to(device) for t in filters[direction].known(key.cpu()))
             mine = (answers >= lo) & (answers < hi)
             exclude = torch.zeros_like(is_true)
             exclude[answer_rows[mine], answers[mine] - lo] = True
-            better, equal = (scores > true_scores) & ~is_true, (scores == true_scores) & ~is_true
+            better = ((scores > true_scores) | true_nan) & ~is_true
+            equal = (scores == true_scores) & ~is_true & ~true_nan
             counts = torch.stack([better.sum(1), equal.sum(1), (better & ~exclude).sum(1), (equal & ~exclude).sum(1)])
             counts = exchange.all_reduce(counts.double())
             ranks["raw"].append((counts[0] + 1.0 + counts[1] / 2.0).cpu())

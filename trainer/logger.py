@@ -7,12 +7,13 @@ The files and the bar belong to rank 0 (``enabled``); every rank feeds its own m
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from trainer.io import atomic_write_text
+from storage.atomic import atomic_write_text
 from trainer.metrics import MetricsExporter
 
 LOG_NAME = "log.jsonl"
@@ -44,14 +45,27 @@ class RunLogger:
             self.exporter.observe_restart()
         if not self.enabled:
             return
-        for path in (self.path, self.steps_path):
-            if path is not None and path.exists():
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= done_epochs]
-                atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._truncate(done_epochs)
         if self.progress:
             self.bar = tqdm(
                 total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
             )
+
+    def rewind(self, done_steps: int, done_epochs: int, lr: float) -> None:
+        """Training starts again after epoch ``done_epochs`` (a rollback): drop the later records."""
+        self.lr = lr
+        if not self.enabled:
+            return
+        self._truncate(done_epochs)
+        if self.bar is not None:
+            self.bar.reset(total=self.total_steps)
+            self.bar.update(done_steps)
+
+    def _truncate(self, done_epochs: int) -> None:
+        for path in (self.path, self.steps_path):
+            if path is not None and path.exists():
+                kept = [line for line in _records(path) if json.loads(line)["epoch"] <= done_epochs]
+                atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def step(self, terms, totals, *, epoch: int, step: int, global_step: int, positives: int, seconds: float,
              kl_weight: float, model) -> None:  # fmt: skip
@@ -75,7 +89,7 @@ class RunLogger:
 
     def epoch(self, record: dict, valid: dict | None = None) -> None:
         if self.exporter is not None:
-            self.exporter.observe_epoch(record["epoch"], valid)
+            self.exporter.observe_epoch(record["epoch"], valid, record.get("collapsed_fraction"))
         if not self.enabled:
             return
         with self.path.open("a") as handle:
@@ -97,3 +111,22 @@ class RunLogger:
             self.bar.close()
         if self.exporter is not None:
             self.exporter.close()
+
+
+def _records(path: Path) -> list[str]:
+    """The lines of a JSON-lines log; a torn last line (the writer was killed mid-write) is dropped, any
+    other unreadable line is an error naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("no epoch")
+        except ValueError:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: dropping a torn last line", stacklevel=3)
+                break
+            raise ValueError(f"{path}:{number}: not a log record (delete the run directory or fix the line)") from None
+        records.append(line)
+    return records

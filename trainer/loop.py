@@ -10,7 +10,9 @@ workers share them.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +21,17 @@ import torch
 
 from sharding.exchange import Exchange, LocalExchange
 from sharding.launch import choose_device, pin_local_cpus
+from storage.atomic import atomic_write_json
 from storage.dataset import KGDataset, load_data
+from storage.faults import fault_point
 from trainer import checkpoint
 from trainer.config import OptimConfig, RunConfig, save_config, to_dict
 from trainer.evaluate import FilterIndex, build_filters, evaluate, evaluate_run
-from trainer.io import atomic_write_json
 from trainer.logger import RunLogger
 from trainer.metrics import start_exporter
-from trainer.model import KGModel, build_model
+from trainer.model import COLLAPSED_LOGVAR, KGModel, build_model
 from trainer.objective import kl_share
-from trainer.step import Step
+from trainer.step import Divergence, Step
 
 
 def train(
@@ -44,8 +47,13 @@ def train(
     launcher (Ray Train) instead of only to ``out_dir``.
     """
     run = Training.set_up(config, Path(out_dir), dataset, exchange or LocalExchange(), reporter)
-    for epoch in range(run.state.epoch, config.train.epochs):
-        if run.end_epoch(run.train_epoch(epoch)):
+    while run.state.epoch < config.train.epochs:
+        try:
+            record = run.train_epoch(run.state.epoch)
+        except Divergence as err:
+            run.roll_back(err)
+            continue
+        if run.end_epoch(record):
             break
     return run.close()
 
@@ -100,6 +108,7 @@ class Training:
     schedule: Schedule
     step: Step
     logger: RunLogger
+    rollbacks: int = 0
 
     @property
     def lead(self) -> bool:
@@ -170,6 +179,7 @@ class Training:
             )
             nll_sum += terms.nll
             kl_sum += terms.kl
+            fault_point("train.step")
             # Summing a step's terms over ranks is a collective per step: only for the per-step log.
             many = train_cfg.log_steps and self.exchange.world_size > 1
             totals = terms.totals(self.exchange, self.model.device) if many else terms
@@ -186,9 +196,12 @@ class Training:
             )
         # Every rank must take the same decision about the time budget: rank 0's clock decides.
         seconds = time.perf_counter() - started if self.lead else 0.0
-        summed = torch.tensor([seconds, nll_sum, kl_sum], dtype=torch.float64, device=self.model.device)
-        seconds, nll_sum, kl_sum = self.exchange.all_reduce(summed).tolist()
-        return {
+        health = self.model.health()
+        summed = torch.tensor([seconds, nll_sum, kl_sum, *health], dtype=torch.float64, device=self.model.device)
+        seconds, nll_sum, kl_sum, non_finite, collapsed, rows = self.exchange.all_reduce(summed).tolist()
+        if non_finite:
+            raise Divergence(epoch + 1, num_steps - 1, "parameters")
+        record = {
             "epoch": epoch + 1,
             "elbo": -(nll_sum + kl_sum),
             "kl": kl_sum,
@@ -196,6 +209,15 @@ class Training:
             "kl_multiplier": kl_multiplier,
             "seconds": seconds,
         }
+        if self.model.variational:
+            record["collapsed_fraction"] = collapsed / max(rows, 1)
+            if record["collapsed_fraction"] > 0.5 and self.lead:
+                warnings.warn(
+                    f"epoch {epoch + 1}: the variance of {record['collapsed_fraction']:.0%} of the entities has "
+                    f"collapsed (log-variance below {COLLAPSED_LOGVAR}); their uncertainty means nothing",
+                    stacklevel=2,
+                )
+        return record
 
     def end_epoch(self, record: dict) -> bool:
         """Evaluate, keep the best, checkpoint and log after an epoch; whether to stop (the time budget)."""
@@ -211,7 +233,8 @@ class Training:
             valid = evaluate(self.model, self.dataset.valid, self.filters, batch_size=self.config.eval.batch_size)
             record["valid_mrr"] = valid["filtered"]["mrr"]
             record["lr"] = state.lr
-            improved = valid["filtered"]["mrr"] > state.best_mrr
+            # A NaN MRR compares false either way; a non-finite evaluation is never the best.
+            improved = math.isfinite(record["valid_mrr"]) and record["valid_mrr"] > state.best_mrr
             if improved:
                 state.best_mrr, state.best_epoch = valid["filtered"]["mrr"], state.epoch
                 self.reporter.save(checkpoint.BEST, self.model, state, self.config)
@@ -224,6 +247,31 @@ class Training:
         if out_of_time and self.lead:
             print(f"time budget {budget:.0f}s: stopping after epoch {state.epoch}", flush=True)
         return out_of_time
+
+    def roll_back(self, err: Divergence) -> None:
+        """After a divergence: stop with a clear error, or (``train.on_divergence=rollback``) start again from
+        the latest checkpoint (from the initial values when there is none) with half the learning rate."""
+        train_cfg = self.config.train
+        if train_cfg.on_divergence == "stop":
+            raise ValueError(f"{err} (lower optim.lr, or set train.on_divergence=rollback)") from None
+        if self.rollbacks >= train_cfg.max_rollbacks:
+            raise ValueError(f"{err}, after {self.rollbacks} rollback(s) (train.max_rollbacks)") from None
+        lr = self.lr / 2
+        self.rollbacks += 1
+        self.model = build_model(
+            self.config, self.dataset.num_entities, self.dataset.num_relations, self.exchange, self.model.device,
+            self.dataset.entity_frequency,
+        )  # fmt: skip
+        latest = self.reporter.latest()
+        state = checkpoint.load_into(latest, self.model) if latest is not None else checkpoint.RunState()
+        state.lr = lr
+        self.state = state
+        self.model.set_lr(lr)
+        self.step = Step(self.model, self.config.optim.grad_clip)
+        self.logger.rewind(state.epoch * self.schedule.num_steps, state.epoch, lr)
+        if self.lead:
+            since = f"the checkpoint of epoch {state.epoch}" if latest is not None else "the initial values"
+            print(f"{err}: rolled back to {since}, learning rate {lr:g}", flush=True)
 
     def close(self) -> dict:
         """Evaluate the best checkpoint (else the last state) on valid and test; rank 0 writes metrics.json."""

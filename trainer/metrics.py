@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from trainer.io import atomic_write_text
+from storage.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from trainer.config import MetricsConfig
@@ -46,6 +46,9 @@ class MetricsExporter:
         self.throughput = gauge("nvkg_positives_per_second", "Positive facts per second over the last step")
         self.learning_rate = gauge("nvkg_learning_rate", "Learning rate of the row optimisers")
         self.variance = gauge("nvkg_entity_variance_mean", "Mean posterior variance of this worker's entity rows")
+        self.collapsed = gauge(
+            "nvkg_variance_collapsed_ratio", "Share of the entities whose posterior variance has collapsed"
+        )
         self.epoch = gauge("nvkg_epoch", "Epochs completed")
         self.step = gauge("nvkg_step", "Global step within the run")
         self.mrr = gauge("nvkg_eval_mrr", "Filtered mean reciprocal rank on validation", ("split",))
@@ -78,8 +81,10 @@ class MetricsExporter:
     def observe_variance(self, mean_variance: float) -> None:
         self.variance.labels(**self.labels).set(mean_variance)
 
-    def observe_epoch(self, epoch: int, valid: dict | None) -> None:
+    def observe_epoch(self, epoch: int, valid: dict | None, collapsed: float | None = None) -> None:
         self.epoch.labels(**self.labels).set(epoch)
+        if collapsed is not None:
+            self.collapsed.labels(**self.labels).set(collapsed)
         if valid is not None:
             self.mrr.labels(**self.labels, split="valid").set(valid["filtered"]["mrr"])
             for k in (1, 3, 10):

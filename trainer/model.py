@@ -26,6 +26,9 @@ from trainer.objective import n3_penalty
 from trainer.posterior import Gathered, Posterior, build_posterior
 from trainer.scorers import Scorer, build_scorer
 
+COLLAPSED_LOGVAR = -20.0
+"""An entity whose mean log-variance is below this (sigma < 5e-5) has collapsed onto a point estimate."""
+
 
 @dataclass
 class Forward:
@@ -131,6 +134,17 @@ class KGModel:
         self.entities.step(grads.entity_ids, grads.entities)
         grads.relations_pending.wait()
         self.relations.step(grads.relations)
+
+    @torch.no_grad()
+    def health(self) -> tuple[float, float, float]:
+        """On this rank: (1 if any parameter is not finite else 0, entity rows whose variance collapsed,
+        entity rows), to be summed over ranks."""
+        ents, rels = self.entities.weight, self.relations.table.weight
+        non_finite = not (bool(torch.isfinite(ents).all()) and bool(torch.isfinite(rels).all()))
+        collapsed = 0.0
+        if self.variational and len(ents):
+            collapsed = float((ents[:, self.entities.dim :].mean(1) < COLLAPSED_LOGVAR).sum())
+        return float(non_finite), collapsed, float(len(ents))
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
         if not self.variational:

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from storage.atomic import atomic_write_json, atomic_write_text
 from trainer import uncertainty
-from trainer.io import atomic_write_json, atomic_write_text
 from trainer.runs import Run
 
 
@@ -187,6 +187,8 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     variances = torch.cat([ents.logvar, rels.logvar]).exp().numpy()
     centre, projection = uncertainty.pca_2d(means)
     weights, _ = uncertainty.nmf_2d(variances, seed=seed)
+    if not 0 <= fact_index < len(data.test):
+        raise ValueError(f"--fact {fact_index}: the test split has facts 0 to {len(data.test) - 1}")
     s, r, o = data.test[fact_index].tolist()
     rng = np.random.default_rng(seed)
     corrupted = int(rng.choice([e for e in range(data.num_entities) if e not in (s, o)]))

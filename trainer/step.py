@@ -1,4 +1,8 @@
-"""One global training step on this rank: encode -> loss -> backward -> exchange -> update."""
+"""One global training step on this rank: encode -> loss -> backward -> exchange -> update.
+
+A step whose loss or gradients are not finite raises ``Divergence`` before anything is updated, on every
+rank alike (the ranks agree through a one-element all-reduce), so the tables keep their last finite values.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ class StepTerms:
         return StepTerms(*exchange.all_reduce(local).tolist())
 
 
+class Divergence(ArithmeticError):
+    """Training produced a non-finite loss, gradient or parameter."""
+
+    def __init__(self, epoch: int, step: int, what: str):
+        super().__init__(f"training diverged at epoch {epoch}, step {step}: non-finite {what}")
+        self.epoch, self.step, self.what = epoch, step, what
+
+
 class Step:
     def __init__(self, model: KGModel, grad_clip: float | None = None):
         self.model, self.grad_clip = model, grad_clip
@@ -36,12 +48,32 @@ class Step:
         forward = self.model.forward(batches, share, key)
         loss = forward.nll + kl_multiplier * forward.kl + forward.reg
         loss.backward()
+        relations_finite = _finite(forward.relation_leaf.grad)  # before the all-reduce writes into it
         grads = self.model.gradients(forward)
+        problem = self._problem(loss, relations_finite and _finite(grads.entities))
+        if problem is not None:
+            grads.relations_pending.wait()
+            _, epoch, step = key
+            raise Divergence(epoch + 1, step, problem)
         if self.grad_clip is not None:
             grads.relations_pending.wait()
             clip_global_norm(grads.entities, grads.relations, self.grad_clip, self.model.exchange)
         self.model.update(grads)
         return StepTerms(*torch.stack([forward.nll, forward.kl, loss]).detach().tolist())
+
+    def _problem(self, loss: torch.Tensor, gradients_finite: bool) -> str | None:
+        """What is not finite on any rank ("loss", "gradient"), or None."""
+        flags = [float(not bool(torch.isfinite(loss))), float(not gradients_finite)]
+        exchange = self.model.exchange
+        if exchange.world_size > 1:
+            flags = exchange.all_reduce(torch.tensor(flags, device=loss.device), "max").tolist()
+        if flags[0]:
+            return "loss"
+        return "gradient" if flags[1] else None
+
+
+def _finite(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or bool(torch.isfinite(tensor).all())
 
 
 def clip_global_norm(

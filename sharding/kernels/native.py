@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import warnings
 from pathlib import Path
@@ -54,6 +55,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NVKG_NATIVE_CACHE", "~/.cache/nvkg/native")).expanduser()
 
 
+def private_cache() -> Path:
+    """The cache directory, created private (0700); refused (ValueError) when it, or a directory above it
+    (up to the home directory or a sticky one like /tmp), belongs to another user or others may write to
+    it: a library planted there would run in this process."""
+    directory = cache_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (directory, *directory.parents):
+        info = path.stat()
+        if path != directory and info.st_mode & stat.S_ISVTX:
+            break  # in a sticky directory (/tmp) only its owner can replace the one below
+        if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+            raise ValueError(f"{path}: kernel cache directory is writable by others or not owned by this user")
+        if path == Path.home():
+            break
+    return directory
+
+
+def _digest_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def cpu_identity() -> str:
     """The CPU's model and instruction-set flags (Linux), else what the platform module says."""
     try:
@@ -65,7 +87,8 @@ def cpu_identity() -> str:
 
 
 def build(compiler: str, target: Path) -> None:
-    """Compile the sources into ``target`` through temporary names, so a reader never sees half a library."""
+    """Compile the sources into ``target`` through temporary names, so a reader never sees half a library;
+    its sha256 goes beside it (``TARGET.sha256``) and is checked before every load."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     objects = [target.with_name(f"{source.stem}.{os.getpid()}.o") for source in SOURCES]
@@ -73,6 +96,10 @@ def build(compiler: str, target: Path) -> None:
         for (source, flags), obj in zip(SOURCES.items(), objects, strict=True):
             run([compiler, *flags, "-c", str(source), "-o", str(obj)])
         run([compiler, *map(str, objects), *LINK, "-o", str(partial)])
+        digest = target.with_name(f"{target.name}.sha256")
+        partial_digest = digest.with_name(f"{digest.name}.{os.getpid()}.tmp")
+        partial_digest.write_text(_digest_file(partial) + "\n")
+        os.replace(partial_digest, digest)
         os.replace(partial, target)
     finally:
         for path in (partial, *objects):
@@ -98,20 +125,23 @@ def library() -> ctypes.CDLL | None:
         digest.update(source.read_bytes() + " ".join(flags).encode())
     for header in HEADERS:
         digest.update(header.read_bytes())
-    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     try:
-        if not target.exists():
+        target = private_cache() / f"kernels-{digest.hexdigest()[:16]}.so"
+        recorded = target.with_name(f"{target.name}.sha256")
+        if not target.exists() or not recorded.is_file():
             build(compiler, target)
+        if recorded.read_text().strip() != _digest_file(target):
+            raise ValueError(f"{target}: does not match the sha256 recorded when it was built (replaced?)")
         lib = ctypes.CDLL(str(target))
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
     except subprocess.CalledProcessError as err:
         warnings.warn(f"nvkg: building {HERE}/*.c failed, torch ops are used instead:\n{err.stderr}", stacklevel=2)
         return None
-    except OSError as err:
-        warnings.warn(f"nvkg: loading {target} failed ({err}), torch ops are used instead", stacklevel=2)
+    except (OSError, ValueError, AttributeError) as err:
+        warnings.warn(f"nvkg: the compiled kernels cannot be used ({err}); torch ops are used instead", stacklevel=2)
         return None
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
     return lib
 
 

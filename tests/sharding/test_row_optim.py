@@ -87,8 +87,8 @@ def test_kernel_is_built_once_into_the_cache_and_then_reused(tmp_path, monkeypat
     native.library.cache_clear()
     try:
         assert native.library() is not None
-        built = list(tmp_path.iterdir())
-        assert len(built) == 1 and built[0].suffix == ".so"
+        built = sorted(tmp_path.iterdir())
+        assert [p.suffix for p in built] == [".so", ".sha256"]
         native.library.cache_clear()
         stamp = built[0].stat().st_mtime_ns
         assert native.library() is not None
@@ -119,5 +119,50 @@ def test_a_failed_build_warns_with_the_compiler_and_leaves_nothing_in_the_cache(
         with pytest.warns(UserWarning, match="failed, torch ops are used instead"):
             assert native.library() is None
         assert list(tmp_path.iterdir()) == []
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_cache_others_can_write_is_refused_and_torch_ops_are_used(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, not sticky: anyone could plant a library here
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(shared / "native"))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="writable by others or not owned"):
+            assert native.library() is None
+        assert not (shared / "native").exists() or not any((shared / "native").iterdir())
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_replaced_library_is_not_loaded(tmp_path, monkeypatch):
+    """A library of the expected name that is not the one built here (a plant, or a torn copy) is refused
+    before it is loaded, so its constructor never runs; torch ops take over."""
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        (library,) = tmp_path.glob("*.so")
+        planted = library.with_name("planted.tmp")
+        planted.write_bytes(b"\x7fELF planted")
+        planted.replace(library)  # a new file under the name (writing into the loaded one would fault it)
+        native.library.cache_clear()
+        with pytest.warns(UserWarning, match="does not match the sha256"):
+            assert native.library() is None
+        param = torch.zeros(3, 4)
+        RowAdam(param, lr=0.1).step(param, torch.tensor([2]), torch.ones(1, 4))
+        assert torch.all(param[2] < 0)
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_cache_is_created_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path / "new" / "native"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        assert (tmp_path / "new" / "native").stat().st_mode & 0o777 == 0o700
     finally:
         native.library.cache_clear()

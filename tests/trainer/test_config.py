@@ -80,3 +80,43 @@ def test_a_config_built_in_code_is_checked_like_a_loaded_one():
     config.objective.likelihood = "hinge"
     with pytest.raises(ValueError, match=r"objective\.likelihood=.hinge.: expected one of bernoulli, softmax"):
         config.validate()
+
+
+def test_every_numeric_field_has_its_range_in_one_place():
+    import types
+    import typing
+
+    from trainer.config import RANGES, RunConfig
+
+    numeric = set()
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        for name, hint in typing.get_type_hints(cls).items():
+            args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+            if args & {int, float}:
+                numeric.add(f"{section}.{name}")
+    assert numeric == set(RANGES)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.checkpoint_every=0", r"train\.checkpoint_every=0: must be > 0"),
+        ("train.num_threads=-1", r"train\.num_threads=-1: must be > 0"),
+        ("metrics.port=70000", r"metrics\.port=70000: must be in \[1, 65535\]"),
+        ("eval.num_samples=-1", r"eval\.num_samples=-1: must be >= 0"),
+        ("objective.kl_weight=-1", r"objective\.kl_weight=-1\.0: must be >= 0"),
+        ("optim.lr=.inf", r"optim\.lr=inf: must be a finite number"),
+        ("optim.lr=.nan", r"optim\.lr=nan: must be a finite number"),
+        ("model.init_logvar=1000", r"model\.init_logvar=1000\.0: must be in \[-30, 10\]"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_anything_runs(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-2\n")
+    assert load_config(path, ["optim.grad_clip=5e0"]).optim.lr == 0.01
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001
