@@ -196,26 +196,24 @@ class Training:
             )
         # Every rank must take the same decision about the time budget: rank 0's clock decides.
         seconds = time.perf_counter() - started if self.lead else 0.0
+        return self._epoch_record(epoch, seconds, nll_sum, kl_sum, kl_multiplier)
+
+    def _epoch_record(self, epoch: int, seconds: float, nll: float, kl: float, kl_multiplier: float) -> dict:
+        """The epoch's terms summed over ranks, with the model's health (in the same all-reduce)."""
         health = self.model.health()
-        summed = torch.tensor([seconds, nll_sum, kl_sum, *health], dtype=torch.float64, device=self.model.device)
-        seconds, nll_sum, kl_sum, non_finite, collapsed, rows = self.exchange.all_reduce(summed).tolist()
+        summed = torch.tensor([seconds, nll, kl, *health], dtype=torch.float64, device=self.model.device)
+        seconds, nll, kl, non_finite, collapsed, rows = self.exchange.all_reduce(summed).tolist()
         if non_finite:
-            raise Divergence(epoch + 1, num_steps - 1, "parameters")
-        record = {
-            "epoch": epoch + 1,
-            "elbo": -(nll_sum + kl_sum),
-            "kl": kl_sum,
-            "nll": nll_sum,
-            "kl_multiplier": kl_multiplier,
-            "seconds": seconds,
-        }
+            raise Divergence(epoch + 1, self.schedule.num_steps - 1, "parameters")
+        record = {"epoch": epoch + 1, "elbo": -(nll + kl), "kl": kl, "nll": nll, "kl_multiplier": kl_multiplier}
+        record["seconds"] = seconds
         if self.model.variational:
             record["collapsed_fraction"] = collapsed / max(rows, 1)
             if record["collapsed_fraction"] > 0.5 and self.lead:
                 warnings.warn(
                     f"epoch {epoch + 1}: the variance of {record['collapsed_fraction']:.0%} of the entities has "
                     f"collapsed (log-variance below {COLLAPSED_LOGVAR}); their uncertainty means nothing",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         return record
 
