@@ -6,7 +6,7 @@
 * report: the paper's three analyses plus calibration, as PNG figures and ``report.json``:
   variance against log frequency (Figure 1), precision against coverage (Figure 2) for several
   confidence measures, a reliability diagram with ECE and Brier score, and a fact visualisation
-  (Figure 3). Definitions are in trainer/uncertainty.py and the README.
+  (Figure 3). Definitions are in trainer/uncertainty.py and docs/uncertainty.md.
 * export: every entity's and relation's mean and variance, with names, to Parquet (or TSV).
 """
 
