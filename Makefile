@@ -43,11 +43,11 @@ train-freebase: install
 test: install
 	$(PY) -m pytest -q --durations=15
 
-# Python style and types, and the C kernels compiled with -Wall -Wextra -Werror (sharding/kernels/native.py).
 # The fault suite alone (it is also part of `make test`).
 test-faults: install
 	$(PY) -m pytest -q -m faults
 
+# Python style and types, and the C kernels compiled with -Wall -Wextra -Werror (sharding/kernels/native.py).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -14,11 +14,15 @@ step 4, or back into place when ``NAME`` is missing), so it is called before a d
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,62 +62,97 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}"
 
 
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on ``directory`` (the parent of what is swapped): one swap or recovery at a time
+    among processes, released by the kernel when a holder dies."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def swap_dir(new: Path, target: Path) -> None:
     """Replace ``target`` by the complete directory ``new`` (see the module's docstring)."""
     target = Path(target)
-    recover_swap(target)
-    staged, old = _sibling(target, "new"), _sibling(target, "old")
-    os.replace(new, staged)
-    fault_point("swap.staged")
-    if target.exists():
-        os.replace(target, old)
-    fault_point("swap.moved_old")
-    os.replace(staged, target)
-    fault_point("swap.installed")
-    shutil.rmtree(old, ignore_errors=True)
+    with _locked(target.parent):
+        _recover(target)
+        staged, old = _sibling(target, "new"), _sibling(target, "old")
+        os.replace(new, staged)
+        fault_point("swap.staged")
+        if target.exists():
+            os.replace(target, old)
+        fault_point("swap.moved_old")
+        os.replace(staged, target)
+        fault_point("swap.installed")
+        _discard(old)
 
 
 def recover_swap(target: Path) -> None:
     """Finish a ``swap_dir`` of ``target`` that was killed part-way; nothing to do after a complete one."""
-    target = Path(target)
+    target = Path(target).expanduser()
+    if not target.parent.is_dir() or not any(_sibling(target, k).exists() for k in ("new", "old")):
+        return
+    with _locked(target.parent):
+        _recover(target)
+
+
+def _recover(target: Path) -> None:
     staged, old = _sibling(target, "new"), _sibling(target, "old")
     if staged.exists():
         if target.exists() and not old.exists():
             os.replace(target, old)
-        elif target.exists():  # killed while deleting a previous .old: this target is the older one
-            shutil.rmtree(target)
+        elif target.exists():  # a previous .old was left: this target is older than .new
+            _discard(target)
         os.replace(staged, target)
     if old.exists():
         if target.exists():
-            shutil.rmtree(old)
+            _discard(old)
         else:
             os.replace(old, target)
 
 
-def temp_dir_beside(target: Path) -> Path:
-    """A new temporary directory next to ``target`` (same filesystem, so it can be renamed into place),
-    named after this host and process so that ``remove_stale_temps`` can tell when its writer is gone."""
+def _discard(path: Path) -> None:
+    """Delete a directory; first move it to a unique name, so that its name is free at once even when the
+    delete fails part-way (NFS keeps .nfsXXXX files of readers that still have files open)."""
+    if not path.exists():
+        return
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.time_ns()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def temp_dir_beside(target: Path) -> Iterator[Path]:
+    """A new temporary directory next to ``target`` (same filesystem, so it can be swapped into place),
+    flock-ed while the block runs, so that ``remove_stale_temps`` can tell when its writer is gone."""
     prefix = f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    path = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Delete the temporary directories of ``target`` whose writer, a process of this host, has died."""
+    """Delete the temporary directories of ``target`` that no live writer holds (its flock went with it),
+    and trash left by an interrupted delete."""
     removed = []
-    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
-    for path in Path(target).parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for path in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.*.trash-*")]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

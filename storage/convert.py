@@ -335,42 +335,56 @@ def _write_dataset(
     options.validate()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = temp_dir_beside(out)
-    try:
-        source.block_bytes = min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, BYTES_PER_NAME * len(vocab.entities)))
-        splits: dict[str, SplitCounts] = {}
-        splits["train"], entity_freq, relation_freq = _write_split(source, vocab, "train", rows["train"], tmp, options)
-        fault_point("convert.split_written")
-        for split in ("valid", "test"):
-            splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
-        shutil.rmtree(tmp / "_spill", ignore_errors=True)
-        _write_names(tmp / ENTITIES, vocab.entities, entity_freq)
-        _write_names(tmp / RELATIONS, vocab.relations, relation_freq)
-        manifest = Manifest(
-            name=name,
-            source={"kind": source.kind, "files": {s: str(p) for s, p in source.files.items()}, **provenance},
-            num_entities=len(vocab.entities),
-            num_train_entities=vocab.num_train_entities,
-            num_relations=len(vocab.relations),
-            num_train_relations=vocab.num_train_relations,
-            row_group_rows=options.row_group_rows,
-            partitioning={
-                "method": "hash",
-                "hash": "splitmix64(splitmix64(splitmix64(seed ^ head) ^ relation) ^ tail) % partitions",
-                "seed": options.seed,
-                "partition_rows": options.partition_rows,
-                "shuffled_within_partition": True,
-            },
-            splits=splits,
-        )
-        files = [ENTITIES, RELATIONS] + [p for split in SPLITS for p in manifest.partitions(split)]
-        manifest.files = {relative: describe_file(tmp, relative) for relative in files}
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        swap_dir(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with temp_dir_beside(out) as tmp:
+        try:
+            manifest = _fill(tmp, source, vocab, rows, name, options, provenance)
+            swap_dir(tmp, out)
+            return manifest
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _fill(
+    tmp: Path,
+    source: Source,
+    vocab: Vocabulary,
+    rows: dict[str, int],
+    name: str,
+    options: ConvertOptions,
+    provenance: dict,
+) -> Manifest:
+    """Write the whole dataset into ``tmp``, its manifest last."""
+    source.block_bytes = min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, BYTES_PER_NAME * len(vocab.entities)))
+    splits: dict[str, SplitCounts] = {}
+    splits["train"], entity_freq, relation_freq = _write_split(source, vocab, "train", rows["train"], tmp, options)
+    fault_point("convert.split_written")
+    for split in ("valid", "test"):
+        splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
+    shutil.rmtree(tmp / "_spill", ignore_errors=True)
+    _write_names(tmp / ENTITIES, vocab.entities, entity_freq)
+    _write_names(tmp / RELATIONS, vocab.relations, relation_freq)
+    manifest = Manifest(
+        name=name,
+        source={"kind": source.kind, "files": {s: str(p) for s, p in source.files.items()}, **provenance},
+        num_entities=len(vocab.entities),
+        num_train_entities=vocab.num_train_entities,
+        num_relations=len(vocab.relations),
+        num_train_relations=vocab.num_train_relations,
+        row_group_rows=options.row_group_rows,
+        partitioning={
+            "method": "hash",
+            "hash": "splitmix64(splitmix64(splitmix64(seed ^ head) ^ relation) ^ tail) % partitions",
+            "seed": options.seed,
+            "partition_rows": options.partition_rows,
+            "shuffled_within_partition": True,
+        },
+        splits=splits,
+    )
+    files = [ENTITIES, RELATIONS] + [p for split in SPLITS for p in manifest.partitions(split)]
+    manifest.files = {relative: describe_file(tmp, relative) for relative in files}
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
 
 
 def write_id_dataset(

@@ -88,6 +88,7 @@ class TripleStore:
         self.manifest = Manifest.read(self.root)
         verify_files(self.root, self.manifest, checksums=verify)
         self._check_listing()
+        self._maxima: dict[tuple[str, int], dict[str, int]] = {}
         self._groups = {split: self._index(split) for split in self.manifest.splits}
         self._check_manifest()
         m = self.manifest
@@ -127,7 +128,7 @@ class TripleStore:
                 )
             limits = {"head": m.num_entities, "relation": m.num_relations, "tail": m.num_entities}
             for group in self._groups.get(split, []):
-                for column, top in _column_maxima(self._parquet(group.file), group.index).items():
+                for column, top in self._maxima[group.file, group.index].items():
                     if top >= limits[column]:
                         problems.append(
                             f"{group.file}: {column} id {top} is past the {limits[column]} the manifest lists"
@@ -139,8 +140,10 @@ class TripleStore:
     def _index(self, split: str) -> list[RowGroup]:
         groups = []
         for relative in self.manifest.partitions(split):
-            metadata = self._parquet(relative).metadata
-            groups += [RowGroup(relative, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
+            handle = self._parquet(relative)
+            for i in range(handle.metadata.num_row_groups):
+                groups.append(RowGroup(relative, i, handle.metadata.row_group(i).num_rows))
+                self._maxima[relative, i] = _column_maxima(handle, i)
         return groups
 
     def _parquet(self, relative: str) -> pq.ParquetFile:

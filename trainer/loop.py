@@ -260,9 +260,14 @@ class Training:
             self.config, self.dataset.num_entities, self.dataset.num_relations, self.exchange, self.model.device,
             self.dataset.entity_frequency,
         )  # fmt: skip
-        latest = self.reporter.latest()
+        # The run directory's own latest checkpoint (a launcher's reporter may hand an older, restored one).
+        has_latest = checkpoint.Reporter.has(self.reporter, checkpoint.LATEST)
+        latest = self.reporter.path(checkpoint.LATEST) if has_latest else None
         state = checkpoint.load_into(latest, self.model) if latest is not None else checkpoint.RunState()
-        state.lr = lr
+        # best/ on disk may be newer than the checkpoint: keep its MRR, so a worse model never replaces it.
+        if self.state.best_mrr > state.best_mrr:
+            state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch
+        state.lr, state.train_seconds = lr, self.state.train_seconds
         self.state = state
         self.model.set_lr(lr)
         self.step = Step(self.model, self.config.optim.grad_clip)

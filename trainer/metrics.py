@@ -114,6 +114,8 @@ def start_exporter(metrics: MetricsConfig, out_dir: Path, rank: int) -> MetricsE
     """This rank's endpoint as the ``metrics`` section asks (None: no endpoint)."""
     if metrics.port is None:
         return None
+    if metrics.port + rank > 65535:
+        raise ValueError(f"metrics.port={metrics.port}: worker {rank} would serve port {metrics.port + rank} > 65535")
     try:
         return MetricsExporter(
             job=job_name(out_dir, metrics.job),

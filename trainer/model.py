@@ -122,6 +122,13 @@ class KGModel:
         kl = kl + posterior.table_kl(dense_kl, relation_kl, share, self.exchange.rank)
         return Forward(nll, kl, reg, relation_leaf, entity_leaf, encoded)
 
+    @staticmethod
+    def finite_gradients(forward: Forward) -> bool:
+        """Whether every gradient this rank computed (relations, its dense entity rows, the encoded rows it
+        asked for) is finite."""
+        leaves = [forward.relation_leaf, forward.entity_leaf, *(item.values for item in forward.encoded)]
+        return all(t is None or t.grad is None or bool(torch.isfinite(t.grad).all()) for t in leaves)
+
     def gradients(self, forward: Forward) -> Gradients:
         """After the backward: start summing the relation gradients over ranks and send the entity
         gradients back to their owners."""

@@ -1,7 +1,8 @@
 """One global training step on this rank: encode -> loss -> backward -> exchange -> update.
 
 A step whose loss or gradients are not finite raises ``Divergence`` before anything is updated, on every
-rank alike (the ranks agree through a one-element all-reduce), so the tables keep their last finite values.
+rank alike (the ranks agree through a small all-reduce of two flags, made before any gradient travels),
+so the tables keep their last finite values.
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ class Step:
         forward = self.model.forward(batches, share, key)
         loss = forward.nll + kl_multiplier * forward.kl + forward.reg
         loss.backward()
-        relations_finite = _finite(forward.relation_leaf.grad)  # before the all-reduce writes into it
-        grads = self.model.gradients(forward)
-        problem = self._problem(loss, relations_finite and _finite(grads.entities))
+        # Checked on the requester's side, before any gradient travels: with finite parameters (checked
+        # each epoch) the owners' sums of finite gradients are finite.
+        problem = self._problem(loss, self.model.finite_gradients(forward))
         if problem is not None:
-            grads.relations_pending.wait()
             _, epoch, step = key
             raise Divergence(epoch + 1, step, problem)
+        grads = self.model.gradients(forward)
         if self.grad_clip is not None:
             grads.relations_pending.wait()
             clip_global_norm(grads.entities, grads.relations, self.grad_clip, self.model.exchange)
@@ -70,10 +71,6 @@ class Step:
         if flags[0]:
             return "loss"
         return "gradient" if flags[1] else None
-
-
-def _finite(tensor: torch.Tensor | None) -> bool:
-    return tensor is None or bool(torch.isfinite(tensor).all())
 
 
 def clip_global_norm(

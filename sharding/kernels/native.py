@@ -56,18 +56,24 @@ def cache_dir() -> Path:
 
 
 def private_cache() -> Path:
-    """The cache directory, created private (0700); refused (ValueError) when it, or a directory above it
-    (up to the home directory or a sticky one like /tmp), belongs to another user or others may write to
-    it: a library planted there would run in this process."""
+    """The cache directory, owned by this user and made private (0700). Refused (ValueError) when another
+    user owns it, or when a directory above it (up to the home directory or a sticky one like /tmp) is
+    writable by everyone: a library planted there would run in this process."""
     directory = cache_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for path in (directory, *directory.parents):
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        raise ValueError(f"{directory}: kernel cache directory is owned by another user")
+    if info.st_mode & 0o077:  # ours, but made under a permissive umask: make it private
+        directory.chmod(0o700)
+    home = Path(os.environ.get("HOME", "/nonexistent"))
+    for path in directory.parents:
         info = path.stat()
-        if path != directory and info.st_mode & stat.S_ISVTX:
+        if info.st_mode & stat.S_ISVTX:
             break  # in a sticky directory (/tmp) only its owner can replace the one below
-        if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
-            raise ValueError(f"{path}: kernel cache directory is writable by others or not owned by this user")
-        if path == Path.home():
+        if info.st_mode & 0o002:
+            raise ValueError(f"{path}: a directory above the kernel cache is writable by everyone")
+        if path == home:
             break
     return directory
 
@@ -139,7 +145,7 @@ def library() -> ctypes.CDLL | None:
     except subprocess.CalledProcessError as err:
         warnings.warn(f"nvkg: building {HERE}/*.c failed, torch ops are used instead:\n{err.stderr}", stacklevel=2)
         return None
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError, RuntimeError) as err:  # RuntimeError: no home directory
         warnings.warn(f"nvkg: the compiled kernels cannot be used ({err}); torch ops are used instead", stacklevel=2)
         return None
     return lib

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.atomic import recover_swap, swap_dir
+from sharding.exchange import LocalExchange
+from storage.atomic import recover_swap, remove_stale_temps, swap_dir, temp_dir_beside
 from storage.cli import main as storage_main
 from storage.convert import write_id_dataset
 from storage.dataset import open_dataset
@@ -351,3 +352,32 @@ def test_bad_lines_are_named_or_skipped(tmp_path, capsys, line, message):
     assert message in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert storage_main(["convert", "--format", "tsv", "--skip-bad-lines", str(source), str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["splits"]["train"]["bad_lines"] == 1
+
+
+def test_a_live_writers_temporary_directory_is_kept(tmp_path):
+    target = tmp_path / "out"
+    script = (
+        "from pathlib import Path; from storage.atomic import remove_stale_temps; "
+        f"print(len(remove_stale_temps(Path({str(target)!r}))))"
+    )
+    with temp_dir_beside(target) as live:
+        other = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+        assert other.stdout.strip() == "0" and live.exists(), other.stderr
+    assert remove_stale_temps(target) == [live] and not live.exists()
+
+
+def test_rollback_keeps_the_best_validation_and_the_training_time(tmp_path):
+    from trainer.loop import Training
+    from trainer.step import Divergence
+
+    config = load_config(None, [*SETTINGS, "data.dataset=nations", "train.eval_every=1", "train.checkpoint_every=100",
+                                "train.on_divergence=rollback"])  # fmt: skip
+    run = Training.set_up(config, tmp_path / "run", None, LocalExchange(), None)
+    for epoch in range(2):
+        run.end_epoch(run.train_epoch(epoch))
+    best, seconds, lr = run.state.best_mrr, run.state.train_seconds, run.lr
+    assert best > 0 and not (tmp_path / "run" / checkpoint.LATEST).exists()
+    run.roll_back(Divergence(3, 0, "loss"))  # no checkpoint: back to the initial values
+    assert run.state.epoch == 0 and run.lr == lr / 2
+    assert run.state.best_mrr == best and run.state.train_seconds == seconds
+    run.logger.close()

@@ -126,11 +126,11 @@ def test_a_failed_build_warns_with_the_compiler_and_leaves_nothing_in_the_cache(
 def test_a_cache_others_can_write_is_refused_and_torch_ops_are_used(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     shared.mkdir()
-    shared.chmod(0o777)  # world-writable, not sticky: anyone could plant a library here
+    shared.chmod(0o777)  # world-writable, not sticky: anyone could swap the cache directory for their own
     monkeypatch.setenv("NVKG_NATIVE_CACHE", str(shared / "native"))
     native.library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="writable by others or not owned"):
+        with pytest.warns(UserWarning, match="writable by everyone"):
             assert native.library() is None
         assert not (shared / "native").exists() or not any((shared / "native").iterdir())
     finally:
@@ -158,10 +158,14 @@ def test_a_replaced_library_is_not_loaded(tmp_path, monkeypatch):
         native.library.cache_clear()
 
 
-def test_the_cache_is_created_private(tmp_path, monkeypatch):
+def test_the_cache_is_created_private_and_made_private(tmp_path, monkeypatch):
     monkeypatch.setenv("NVKG_NATIVE_CACHE", str(tmp_path / "new" / "native"))
     native.library.cache_clear()
     try:
+        assert native.library() is not None
+        assert (tmp_path / "new" / "native").stat().st_mode & 0o777 == 0o700
+        (tmp_path / "new" / "native").chmod(0o775)  # as a umask of 002 would have made it
+        native.library.cache_clear()
         assert native.library() is not None
         assert (tmp_path / "new" / "native").stat().st_mode & 0o777 == 0o700
     finally:
