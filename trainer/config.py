@@ -46,11 +46,15 @@ class ModelConfig:
 class ObjectiveConfig:
     likelihood: LikelihoodName = "softmax"
     """bernoulli: the paper's sigmoid likelihood with sampled negatives (Propositions 2/4);
-    softmax: 1-vs-all multinomial over all entities with reciprocal relations."""
+    softmax: 1-vs-all multinomial over all entities with reciprocal relations; sampled_softmax: the same
+    multinomial with log Z estimated from sampled and in-batch negatives (what scales)."""
     num_negatives: int = 32
-    """Bernoulli only: k corruptions per positive, k/2 heads and k/2 tails (k must be even)."""
+    """Bernoulli: k corruptions per positive, k/2 heads and k/2 tails (k must be even); sampled_softmax:
+    k uniform candidates shared by a chunk's head and tail queries."""
     negative_chunk: int = 256
-    """Bernoulli only: positives sharing one draw of negatives, so scoring is one matrix product."""
+    """Positives sharing one draw of negatives (Bernoulli, sampled_softmax), so scoring is one matrix product."""
+    in_batch_negatives: bool = True
+    """sampled_softmax only: the chunk's own answers join its uniform negatives."""
     negative_weight: float | None = None
     """Weight 1/b- of each negative; None means |D-|/|D+| per sample = 2(Ne-1)/k (Prop. 2/4)."""
     kl_estimator: KLEstimator = "full"

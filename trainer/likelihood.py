@@ -5,6 +5,9 @@
   (k/2 replace heads, k/2 tails), weighted 1/b- (Propositions 2 and 4); only the batch's rows are touched.
 * ``softmax``: the 1-vs-all multinomial over every entity, with reciprocal relations (the head query
   (?, r, o) becomes the tail query (o, r^-1, ?)); it needs every local entity row as a candidate.
+* ``sampled_softmax``: the same multinomial with log Z estimated from candidates: k uniform negatives
+  shared per chunk of positives plus the chunk's own answers (in-batch negatives), each corrected by the
+  log of its expected count under that mixed proposal (log-Q); only the batch's rows are touched.
 
 Chosen once when the model is built. New likelihoods plug in by subclassing ``Likelihood``.
 """
@@ -12,9 +15,10 @@ Chosen once when the model is built. New likelihoods plug in by subclassing ``Li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from sharding import rng
 from sharding.exchange import Exchange
@@ -23,6 +27,7 @@ from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,
     chunk_negatives,
+    sampled_softmax_nll,
     sharded_log_z,
     softmax_nll,
 )
@@ -31,7 +36,7 @@ from trainer.scorers import Scorer
 if TYPE_CHECKING:
     from trainer.config import ObjectiveConfig
 
-LikelihoodName = Literal["bernoulli", "softmax"]
+LikelihoodName = Literal["bernoulli", "softmax", "sampled_softmax"]
 NegativeSource = Literal["global", "local"]
 
 
@@ -46,6 +51,10 @@ class FactRows:
     relation_ids: torch.Tensor
     neg: torch.Tensor
     neg_layout: torch.Size | None
+    positives: torch.Tensor
+    """The batch's facts [B, 3] (entity and relation ids)."""
+    negative_ids: torch.Tensor | None
+    """Entity ids of the negatives [C, k], or None."""
 
 
 class Likelihood:
@@ -119,7 +128,69 @@ class Softmax(Likelihood):
         return softmax_nll(scorer, queries, query_rel, torch.cat([facts.o, facts.s]), candidates, self.log_z)
 
 
-LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {"bernoulli": Bernoulli, "softmax": Softmax}
+class SampledSoftmax(Bernoulli):
+    """The multinomial likelihood with a sampled log-partition; negatives are drawn as for ``Bernoulli``
+    (k per chunk of positives, from all entities or this worker's shard), and the chunk's answers join them."""
+
+    reciprocal = True
+
+    def __init__(
+        self,
+        *,
+        num_relations: int,
+        entity_frequency: torch.Tensor | None,
+        in_batch: bool,
+        **negatives: Any,
+    ):
+        super().__init__(negative_weight=1.0, **negatives)
+        self.num_relations, self.in_batch = num_relations, in_batch
+        # Expected draws of entity e among a chunk's answers: chunk * freq(e) / |train| (freq counts head
+        # and tail occurrences); uniform when the frequencies are not known.
+        if entity_frequency is None:
+            entity_frequency = torch.ones(self.num_entities, device=self.device)
+        frequency = entity_frequency.to(self.device, torch.float64).clamp_min(1.0)
+        self.answer_rate = (frequency / (frequency.sum() / 2)).float()
+
+    def nll(
+        self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
+    ) -> torch.Tensor:
+        assert facts.neg_layout is not None and facts.negative_ids is not None, "sampled negatives are needed"
+        num_pos, dim = facts.s.shape
+        num_chunks, num_neg = facts.neg_layout
+        pad = num_chunks * self.chunk - num_pos
+
+        def chunked(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            x = F.pad(x, (0, 0, 0, pad), value=fill) if pad else x
+            return x.view(num_chunks, self.chunk, *x.shape[1:])
+
+        reciprocal = relations.index_select(0, facts.relation_ids + self.num_relations)
+        s, o, r, r_inv = chunked(facts.s), chunked(facts.o), chunked(facts.r), chunked(reciprocal)
+        ids = chunked(facts.positives, fill=-1)  # padding: id -1, never an answer
+        queries, query_rel = torch.cat([s, o], dim=1), torch.cat([r, r_inv], dim=1)  # (s, r, ?) and (o, r^-1, ?)
+        answers, answer_ids = torch.cat([o, s], dim=1), torch.cat([ids[..., 2], ids[..., 0]], dim=1)
+        cand, cand_ids = facts.neg.view(num_chunks, num_neg, dim), facts.negative_ids
+        if self.in_batch:
+            cand, cand_ids = torch.cat([cand, answers], dim=1), torch.cat([cand_ids, answer_ids], dim=1)
+        pos = scorer.score(queries, query_rel, answers)
+        logits = scorer.score_tails(queries, query_rel, cand)
+        hit = (cand_ids.unsqueeze(1) == answer_ids.unsqueeze(2)) | (cand_ids < 0).unsqueeze(1)
+        nll = sampled_softmax_nll(pos, logits, self._log_q(cand_ids), hit)
+        return nll.masked_fill(answer_ids < 0, 0.0).sum()
+
+    def _log_q(self, cand_ids: torch.Tensor) -> torch.Tensor:
+        """log of each candidate's expected count under the mixed proposal [C, M]."""
+        lo, hi = self.local_range or (0, self.num_entities)
+        safe = cand_ids.clamp_min(0)
+        uniform = ((safe >= lo) & (safe < hi)).float() * (self.num_negatives / (hi - lo))
+        answers = self.answer_rate[safe] * self.chunk if self.in_batch else torch.zeros_like(uniform)
+        return torch.log(uniform + answers)
+
+
+LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
+    "softmax": Softmax,
+    "sampled_softmax": SampledSoftmax,
+}
 """The likelihoods by config name (``objective.likelihood``)."""
 
 
@@ -132,13 +203,20 @@ def build_likelihood(
     shard: tuple[int, int],
     exchange: Exchange,
     device: torch.device,
+    entity_frequency: torch.Tensor | None = None,
 ) -> Likelihood:
-    """The configured likelihood for an entity table of ``num_entities`` of which this rank owns ``shard``."""
+    """The configured likelihood for an entity table of ``num_entities`` of which this rank owns ``shard``;
+    ``entity_frequency`` (training occurrences) sets the in-batch proposal of the sampled softmax."""
     cls = LIKELIHOODS[objective.likelihood]
     if cls is Softmax:
         return Softmax(num_relations=num_relations, log_z=sharded_log_z(exchange))
-    return Bernoulli(
-        num_negatives=objective.num_negatives, chunk=objective.negative_chunk,
-        negative_weight=objective.negative_weight, num_entities=num_entities, source=negatives, shard=shard,
-        device=device,
+    sampling: dict[str, Any] = dict(
+        num_negatives=objective.num_negatives, chunk=objective.negative_chunk, num_entities=num_entities,
+        source=negatives, shard=shard, device=device,
     )  # fmt: skip
+    if cls is SampledSoftmax:
+        return SampledSoftmax(
+            num_relations=num_relations, entity_frequency=entity_frequency, in_batch=objective.in_batch_negatives,
+            **sampling,
+        )  # fmt: skip
+    return Bernoulli(negative_weight=objective.negative_weight, **sampling)

@@ -115,7 +115,9 @@ class KGModel:
             item = ents.encode(rows.ids, encoder, tag=stream)
             encoded.append(item)
             sample, entity_kl, mean = posterior.split(item.values, ents.dim)
-            nll = nll + self.likelihood.nll(self.scorer, _fact_rows(sample, relations, rows, r), relations, candidates)
+            nll = nll + self.likelihood.nll(
+                self.scorer, _fact_rows(sample, relations, rows, positives), relations, candidates
+            )
             kl = kl + posterior.fact_kl(entity_kl, relation_kl, rows, r)
             if self.n3_weight > 0:
                 reg = reg + self.n3_weight * self._n3(mean, relation_leaf, rows, r)
@@ -186,13 +188,15 @@ class KGModel:
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
 
 
-def _fact_rows(sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, r: torch.Tensor) -> FactRows:
+def _fact_rows(sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, positives: torch.Tensor) -> FactRows:
+    r = positives[:, 1]
     batch = len(r)
     gathered = sample.index_select(0, rows.flat)
     # split, not slices: its backward is one concatenation (a slice's fills a zero tensor per slice).
     s, o, neg = gathered.split([batch, batch, len(gathered) - 2 * batch])
     layout = rows.neg.shape if rows.neg is not None else None
-    return FactRows(s, relations.index_select(0, r), o, r, neg, layout)
+    negative_ids = rows.ids[rows.neg] if rows.neg is not None else None
+    return FactRows(s, relations.index_select(0, r), o, r, neg, layout, positives, negative_ids)
 
 
 def build_model(
@@ -220,6 +224,7 @@ def build_model(
     likelihood = build_likelihood(
         obj, negatives=config.sharding.negatives, num_entities=num_entities, num_relations=num_relations,
         shard=(entities.lo, entities.hi), exchange=exchange, device=entities.device,
+        entity_frequency=entity_frequency,
     )  # fmt: skip
     relation_rows = num_relations * (2 if likelihood.reciprocal else 1)
     relations = ReplicatedTable(table(relation_rows, LocalExchange(), config.train.seed + 1), exchange)

@@ -172,6 +172,19 @@ def softmax_nll(
     return (log_z(scorer, s_BD, r_BD, candidates_ND) - scorer.score(s_BD, r_BD, target_BD)).sum()
 
 
+def sampled_softmax_nll(
+    pos_CB: torch.Tensor, cand_CBM: torch.Tensor, log_q_CM: torch.Tensor, hit_CBM: torch.Tensor
+) -> torch.Tensor:
+    """-log softmax of each query's true answer [C, B], log Z estimated from sampled candidates (Jean et
+    al., 2015; Bengio and Senecal, 2008): log Z ~ logsumexp([x_pos, x_c - log Q(c) for each candidate c]),
+    Q(c) the expected number of times the proposal draws c. Candidates that are the query's own answer
+    (``hit``: accidental hits) or padding are left out. C chunks of B queries, M candidates each chunk
+    shares: ``pos`` [C, B], ``cand`` [C, B, M], ``log_q`` [C, M], ``hit`` [C, B, M] (bool)."""
+    adjusted = (cand_CBM - log_q_CM.unsqueeze(1)).masked_fill(hit_CBM, -torch.inf)
+    log_z = torch.logsumexp(torch.cat([pos_CB.unsqueeze(-1), adjusted], dim=-1), dim=-1)
+    return log_z - pos_CB
+
+
 def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:
     """Nuclear 3-norm (Lacroix et al., 2018): sum of |x|^3 over components (complex modulus for ComplEx)."""
     total = embeddings[0].new_zeros(())

@@ -19,6 +19,7 @@ SETTINGS = [
 CASES = {
     "softmax": ["objective.likelihood=softmax"],
     "bernoulli": ["objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence"],
+    "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
 }
 
 

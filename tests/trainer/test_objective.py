@@ -174,3 +174,84 @@ def test_compiled_log_partition_keeps_a_nan_and_takes_empty_shards():
     log_z = native.row_sum_exp(logits, torch.zeros(2)).log()
     assert log_z[0].item() == pytest.approx(math.log(5)) and math.isnan(log_z[1].item())
     assert torch.equal(native.row_sum_exp(torch.empty(3, 0), torch.zeros(3)), torch.zeros(3))
+
+
+def test_sampled_softmax_with_every_other_entity_once_is_the_exact_softmax():
+    """Candidates = every entity but the answer, each drawn once (log Q = 0): the estimate of log Z is exact."""
+    from trainer.objective import sampled_softmax_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)  # 3 chunks, 5 queries, 7 entities
+    answers = torch.randint(7, (3, 5), generator=g)
+    exact = -torch.log_softmax(logits, -1).gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+    pos = logits.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
+    hit = torch.arange(7).view(1, 1, 7) == answers.unsqueeze(-1)  # the answer itself is not a negative
+    nll = sampled_softmax_nll(pos, logits, torch.zeros(3, 7, dtype=torch.float64), hit)
+    torch.testing.assert_close(nll, exact)
+
+
+def test_sampled_softmax_log_q_corrects_for_repeated_draws():
+    """A candidate drawn twice with expected count 2 contributes as much as one drawn once with count 1."""
+    from trainer.objective import sampled_softmax_nll
+
+    pos = torch.tensor([[0.5]])
+    once = sampled_softmax_nll(
+        pos, torch.tensor([[[1.0, 2.0]]]), torch.zeros(1, 2), torch.zeros(1, 1, 2, dtype=torch.bool)
+    )
+    twice = sampled_softmax_nll(
+        pos, torch.tensor([[[1.0, 1.0, 2.0]]]), torch.log(torch.tensor([[2.0, 2.0, 1.0]])),
+        torch.zeros(1, 1, 3, dtype=torch.bool),
+    )  # fmt: skip
+    torch.testing.assert_close(once, twice)
+
+
+def test_sampled_softmax_step_masks_padding_and_accidental_hits(tiny_dataset):
+    """A batch shorter than a chunk (padding) and negatives equal to the answers give a finite loss whose
+    gradient reaches only the batch's rows."""
+    from tests.trainer.conftest import TINY_TRAIN, make_config
+    from trainer.model import build_model
+
+    config = make_config(
+        "objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence", "objective.num_negatives=4",
+        "objective.negative_chunk=8",
+    )  # fmt: skip
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations,
+                        entity_frequency=tiny_dataset.entity_frequency)  # fmt: skip
+    assert model.reciprocal and model.relations.num_rows == 2 * tiny_dataset.num_relations
+    forward = model.forward([(0, TINY_TRAIN[:3])], 1.0, (0, 0, 0))
+    assert torch.isfinite(forward.nll) and forward.nll > 0
+    forward.nll.backward()
+    assert model.finite_gradients(forward)
+
+
+def test_sampled_softmax_of_a_padded_chunk_matches_a_direct_computation():
+    """Padding neither scores nor serves as a candidate, a candidate equal to the query's answer is left
+    out, and every candidate is corrected by its expected count under uniform + in-batch draws."""
+    from trainer.likelihood import FactRows, SampledSoftmax
+
+    g = torch.Generator().manual_seed(0)
+    n, nr, d, k, chunk = 6, 2, 4, 2, 4
+    ent, rel = (
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(2 * nr, d, generator=g, dtype=torch.float64),
+    )
+    facts = torch.tensor([[0, 0, 1], [2, 1, 3], [4, 0, 1]])  # 3 facts in a chunk of 4: one padding row
+    neg_ids = torch.tensor([[1, 5]])  # entity 1 is the answer of two tail queries
+    likelihood = SampledSoftmax(
+        num_relations=nr, entity_frequency=torch.full((n,), 2.0), in_batch=True, num_negatives=k, chunk=chunk,
+        num_entities=n, source="global", shard=(0, n), device=torch.device("cpu"),
+    )  # fmt: skip
+    rows = FactRows(ent[facts[:, 0]], rel[facts[:, 1]], ent[facts[:, 2]], facts[:, 1], ent[neg_ids.view(-1)],
+                    neg_ids.shape, facts, neg_ids)  # fmt: skip
+    got = likelihood.nll(DistMult(), rows, rel, None)
+
+    candidates = [1, 5, *facts[:, 2].tolist(), *facts[:, 0].tolist()]
+    rate = chunk * 2.0 / (n * 2.0 / 2)  # expected in-batch draws of an entity of frequency 2
+    expected = torch.zeros((), dtype=torch.float64)
+    for h, r, t in facts.tolist():
+        for query, relation, answer in ((h, r, t), (t, r + nr, h)):
+            q = ent[query] * rel[relation]
+            positive = (q * ent[answer]).sum()
+            terms = [positive] + [(q * ent[c]).sum() - math.log(k / n + rate) for c in candidates if c != answer]
+            expected = expected + torch.logsumexp(torch.stack(terms), 0) - positive
+    torch.testing.assert_close(got, expected)

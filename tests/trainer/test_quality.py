@@ -14,6 +14,10 @@ CASES = {
     "point-softmax": (["model.latent=point", "train.epochs=40"], 0.85),
     "lfm-softmax": (["model.latent=lfm", "objective.kl_weight=0.01", "train.epochs=40"], 0.85),
     "lim-bernoulli": (["model.latent=lim", "objective.likelihood=bernoulli", "train.epochs=100"], 0.7),
+    "lim-sampled-softmax": (
+        ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence", "train.epochs=40"],
+        0.85,
+    ),
 }
 
 
