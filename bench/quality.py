@@ -7,6 +7,8 @@ Groups (``--groups``, default all):
   paper   the four Table 1 rows with the authors' setup (configs/paper-*.yaml), 500 epochs each.
   scalable  umls, kinships, nations: V-ComplEx (LIM) with the objectives that scale (sampled softmax with
           and without in-batch negatives, per-occurrence KL) against 1-vs-all; 3 seeds, a few minutes.
+  wn18rr-scalable  WN18RR: the sampled softmax against 1-vs-all under the same wall-time budget (2 x 55
+          minutes; ARGS="--groups wn18rr-scalable --set train.time_budget_s=900" for a shorter look).
 
     make bench-quality ARGS="--groups small"      # or: python -m bench.quality --groups small wn18rr
     make bench-quality ARGS="--groups small --datasets nations"   # one graph of a group
@@ -85,8 +87,9 @@ SCALABLE_MODELS = [
     ("V-ComplEx (LIM, sampled softmax)", SAMPLED),
     ("V-ComplEx (LIM, sampled softmax, no in-batch)", [*SAMPLED, "objective.in_batch_negatives=false"]),
 ]
-SCALABLE_TARGET = 0.97
-"""Test MRR of a scalable objective over the 1-vs-all one's on the same graph (issue: >= 0.97 on small graphs)."""
+SCALABLE_TARGETS = {"scalable": 0.97, "wn18rr-scalable": 0.95}
+"""Test MRR of a scalable objective over the 1-vs-all one's on the same graph (#14: >= 0.97 on the small
+graphs, >= 0.95 on WN18RR at the same wall time)."""
 
 
 def scalable_experiments() -> list[Experiment]:
@@ -99,12 +102,13 @@ def scalable_experiments() -> list[Experiment]:
 
 def compare_to_one_vs_all(rows: list[dict]) -> None:
     """``vs_1vsall`` (and whether the target is met) on each scalable row of a graph with a 1-vs-all row."""
-    reference = {r["dataset"]: r["mrr"] for r in rows if r["group"] == "scalable" and r["model"] == "V-ComplEx (LIM)"}
+    groups = tuple(SCALABLE_TARGETS)
+    reference = {r["dataset"]: r["mrr"] for r in rows if r["group"] in groups and r["model"] == "V-ComplEx (LIM)"}
     for row in rows:
-        if row["group"] == "scalable" and row["model"] != "V-ComplEx (LIM)" and row["dataset"] in reference:
+        if row["group"] in groups and row["model"] != "V-ComplEx (LIM)" and row["dataset"] in reference:
             row["vs_1vsall"] = row["mrr"] / reference[row["dataset"]]
-            met = "met" if row["vs_1vsall"] >= SCALABLE_TARGET else "NOT met"
-            row["target"] = f"mrr >= {SCALABLE_TARGET} x 1-vs-all: {met}"
+            target = SCALABLE_TARGETS[row["group"]]
+            row["target"] = f"mrr >= {target} x 1-vs-all: {'met' if row['vs_1vsall'] >= target else 'NOT met'}"
 
 
 def small_experiments() -> list[Experiment]:
@@ -119,6 +123,16 @@ EXPERIMENTS = [
     *small_experiments(),
     *scalable_experiments(),
     Experiment("wn18rr", "wn18rr", "V-ComplEx (LIM)", "wn18rr-vcomplex-lim.yaml", seeds=(0,)),
+    # The same wall-time budget for both (the config's); 256 uniform + in-batch candidates per query.
+    Experiment("wn18rr-scalable", "wn18rr", "V-ComplEx (LIM)", "wn18rr-vcomplex-lim.yaml", seeds=(0,)),
+    Experiment(
+        "wn18rr-scalable",
+        "wn18rr",
+        "V-ComplEx (LIM, sampled softmax)",
+        "wn18rr-vcomplex-lim.yaml",
+        [*SAMPLED[:2], "objective.num_negatives=256"],
+        seeds=(0,),
+    ),
     Experiment("paper", "wn18", "V-DistMult (LIM)", "paper-wn18-vdistmult-lim.yaml", seeds=(0,)),
     Experiment("paper", "wn18", "V-ComplEx (LIM)", "paper-wn18-vcomplex-lim.yaml", seeds=(0,)),
     Experiment("paper", "wn18rr", "V-DistMult (LIM)", "paper-wn18rr-vdistmult-lim.yaml", seeds=(0,)),
@@ -156,7 +170,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
     if paper and experiment.group == "paper":
         row["paper_hits@10"] = paper["hits@10"]
     target = TARGETS.get((experiment.dataset, experiment.model))
-    if target and experiment.group not in ("paper", "scalable"):
+    if target and experiment.group in ("small", "wn18rr"):
         metric, value = target
         row["target"] = f"{metric} >= {value}: {'met' if row[metric] >= value else 'NOT met'}"
     return row
