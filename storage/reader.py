@@ -88,11 +88,11 @@ class TripleStore:
         self.manifest = Manifest.read(self.root)
         verify_files(self.root, self.manifest, checksums=verify)
         self._check_listing()
-        self._maxima: dict[tuple[str, int], dict[str, int]] = {}
-        self._groups = {split: self._index(split) for split in self.manifest.splits}
-        self._check_manifest()
         m = self.manifest
         self._limits = {"head": m.num_entities, "relation": m.num_relations, "tail": m.num_entities}
+        self._maxima: dict[tuple[str, int], dict[str, int]] = {}
+        self._groups = {split: self._index(split) for split in m.splits}
+        self._check_manifest()
 
     def _check_listing(self) -> None:
         """Every split's partitions are the files in its directory, and listed with their checksums."""
@@ -126,12 +126,11 @@ class TripleStore:
                 problems.append(
                     f"{split}: {m.splits[split].triples} triples listed, the files hold {self.num_triples(split)}"
                 )
-            limits = {"head": m.num_entities, "relation": m.num_relations, "tail": m.num_entities}
             for group in self._groups.get(split, []):
                 for column, top in self._maxima[group.file, group.index].items():
-                    if top >= limits[column]:
+                    if top >= self._limits[column]:
                         problems.append(
-                            f"{group.file}: {column} id {top} is past the {limits[column]} the manifest lists"
+                            f"{group.file}: {column} id {top} is past the {self._limits[column]} the manifest lists"
                         )
                         break
         if problems:

@@ -76,22 +76,21 @@ class Likelihood:
         raise NotImplementedError
 
 
-class Bernoulli(Likelihood):
+class SampledNegatives(Likelihood):
+    """A likelihood that scores each chunk of ``chunk`` positives against k uniform negatives it shares,
+    drawn from all entities or (``source=local``) from this worker's shard."""
+
     def __init__(
         self,
         *,
         num_negatives: int,
         chunk: int,
-        negative_weight: float | None,
         num_entities: int,
         source: NegativeSource,
         shard: tuple[int, int],
         device: torch.device,
     ):
         self.num_negatives, self.chunk, self.num_entities, self.device = num_negatives, chunk, num_entities, device
-        self.weight = (
-            bernoulli_negative_weight(num_entities, num_negatives) if negative_weight is None else negative_weight
-        )
         # A shard can be empty when the table has fewer than world_size * block_rows rows: draw globally then.
         lo, hi = shard
         self.local_range = shard if source == "local" and hi > lo else None
@@ -102,6 +101,16 @@ class Bernoulli(Likelihood):
             lo, hi = self.local_range
             return lo + chunk_negatives(num_positives, self.chunk, self.num_negatives, hi - lo, generator)
         return chunk_negatives(num_positives, self.chunk, self.num_negatives, self.num_entities, generator)
+
+
+class Bernoulli(SampledNegatives):
+    def __init__(self, *, negative_weight: float | None, **negatives: Any):
+        super().__init__(**negatives)
+        self.weight = (
+            bernoulli_negative_weight(self.num_entities, self.num_negatives)
+            if negative_weight is None
+            else negative_weight
+        )
 
     def nll(
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
@@ -128,9 +137,8 @@ class Softmax(Likelihood):
         return softmax_nll(scorer, queries, query_rel, torch.cat([facts.o, facts.s]), candidates, self.log_z)
 
 
-class SampledSoftmax(Bernoulli):
-    """The multinomial likelihood with a sampled log-partition; negatives are drawn as for ``Bernoulli``
-    (k per chunk of positives, from all entities or this worker's shard), and the chunk's answers join them."""
+class SampledSoftmax(SampledNegatives):
+    """The multinomial likelihood with a sampled log-partition; the chunk's answers join its negatives."""
 
     reciprocal = True
 
@@ -142,7 +150,7 @@ class SampledSoftmax(Bernoulli):
         in_batch: bool,
         **negatives: Any,
     ):
-        super().__init__(negative_weight=1.0, **negatives)
+        super().__init__(**negatives)
         self.num_relations, self.in_batch = num_relations, in_batch
         # Expected draws of entity e among a chunk's answers: chunk * freq(e) / |train| (freq counts head
         # and tail occurrences); uniform when the frequencies are not known.

@@ -91,7 +91,7 @@ class LatentInformation(GaussianPosterior):
     def __init__(self, kl_estimator: KLEstimator, entity_frequency: torch.Tensor | None):
         if kl_estimator == "per_occurrence" and entity_frequency is None:
             raise ValueError("objective.kl_estimator=per_occurrence needs the entities' training frequencies")
-        self.kl_estimator, self.frequency = kl_estimator, entity_frequency
+        self.frequency = entity_frequency
         self.dense_kl = kl_estimator == "full"
 
     def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
