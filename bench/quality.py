@@ -7,6 +7,11 @@ Groups (``--groups``, default all):
   paper   the four Table 1 rows with the authors' setup (configs/paper-*.yaml), 500 epochs each.
   scalable  umls, kinships, nations: V-ComplEx (LIM) with the objectives that scale (sampled softmax with
           and without in-batch negatives, per-occurrence KL) against 1-vs-all; 3 seeds, a few minutes.
+  bernoulli  what makes the Bernoulli ELBO learn: the paper's negative weight, weight 1, negatives that
+          exclude their positive, self-adversarial weighting, a tempered KL, and all three; the small
+          graphs (3 seeds, 300 epochs) and WN18RR (1 seed, 50 epochs, 256 negatives).
+  freebase-config  configs/freebase.yaml on WN18RR (batch 4096, 60 epochs): its sampled softmax against
+          the Bernoulli objective it had before.
   wn18rr-scalable  WN18RR: the sampled softmax against 1-vs-all under the same wall-time budget (2 x 55
           minutes; ARGS="--groups wn18rr-scalable --set train.time_budget_s=900" for a shorter look).
 
@@ -58,7 +63,7 @@ class Experiment:
 
     @property
     def name(self) -> str:
-        slug = self.model.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(",", "-")
+        slug = self.model.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(",", "-").replace("/", "-")
         return f"{self.dataset}-{slug}"
 
 
@@ -92,6 +97,75 @@ SCALABLE_TARGETS = {"scalable": 0.97, "wn18rr-scalable": 0.95}
 graphs, >= 0.95 on WN18RR at the same wall time)."""
 
 
+# What makes the Bernoulli ELBO learn (#14): each option alone on top of negative weight 1, then together.
+BERNOULLI_STUDY = [
+    ("Bernoulli, weight 2(Ne-1)/k (paper)", []),
+    ("Bernoulli, weight 1", ["objective.negative_weight=1"]),
+    ("Bernoulli, weight 1, exclude positives", ["objective.negative_weight=1", "objective.exclude_positives=true"]),
+    ("Bernoulli, weight 1, self-adversarial 1", ["objective.negative_weight=1", "objective.adversarial_temperature=1"]),
+    ("Bernoulli, weight 1, KL x 0.1", ["objective.negative_weight=1", "objective.kl_weight=0.1"]),
+    (
+        "Bernoulli, weight 1, all three",
+        [
+            "objective.negative_weight=1",
+            "objective.exclude_positives=true",
+            "objective.adversarial_temperature=1",
+            "objective.kl_weight=0.1",
+        ],
+    ),
+]
+WN18RR_BERNOULLI = [
+    "objective.likelihood=bernoulli",
+    "objective.kl_estimator=per_occurrence",
+    "objective.num_negatives=256",
+    "train.epochs=50",
+    "train.eval_every=5",
+    "train.checkpoint_every=10",
+]
+
+
+# configs/freebase.yaml as a user would first try it on a mid-size graph (#14): only the dataset, the
+# metrics endpoint and the batch changed; the whole test split at the end.
+FREEBASE_ON_WN18RR = [
+    "metrics.port=null",
+    "metrics.discovery_dir=null",
+    "train.batch_size=4096",
+    "train.epochs=60",
+    "eval.final_max_facts=null",
+]
+FREEBASE_OBJECTIVES = [
+    ("V-ComplEx (LIM, sampled softmax: freebase.yaml)", []),
+    (
+        "V-ComplEx (LIM, Bernoulli: the former freebase.yaml)",
+        [
+            "objective.likelihood=bernoulli",
+            "objective.negative_chunk=256",
+            "objective.negative_weight=1",
+        ],
+    ),
+]
+
+
+def bernoulli_experiments() -> list[Experiment]:
+    small = [
+        Experiment("bernoulli", dataset, f"V-ComplEx (LIM, {label})", f"small-{dataset}.yaml", [*BERNOULLI, *extra])
+        for dataset in ("umls", "kinships", "nations")
+        for label, extra in BERNOULLI_STUDY
+    ]
+    wn18rr = [
+        Experiment(
+            "bernoulli",
+            "wn18rr",
+            f"V-ComplEx (LIM, {label})",
+            "wn18rr-vcomplex-lim.yaml",
+            [*WN18RR_BERNOULLI, *extra],
+            seeds=(0,),
+        )
+        for label, extra in BERNOULLI_STUDY
+    ]
+    return small + wn18rr
+
+
 def scalable_experiments() -> list[Experiment]:
     return [
         Experiment("scalable", dataset, model, f"small-{dataset}.yaml", overrides)
@@ -122,6 +196,11 @@ def small_experiments() -> list[Experiment]:
 EXPERIMENTS = [
     *small_experiments(),
     *scalable_experiments(),
+    *bernoulli_experiments(),
+    *(
+        Experiment("freebase-config", "wn18rr", model, "freebase.yaml", [*FREEBASE_ON_WN18RR, *extra], seeds=(0,))
+        for model, extra in FREEBASE_OBJECTIVES
+    ),
     Experiment("wn18rr", "wn18rr", "V-ComplEx (LIM)", "wn18rr-vcomplex-lim.yaml", seeds=(0,)),
     # The same wall-time budget for both (the config's); 256 uniform + in-batch candidates per query.
     Experiment("wn18rr-scalable", "wn18rr", "V-ComplEx (LIM)", "wn18rr-vcomplex-lim.yaml", seeds=(0,)),

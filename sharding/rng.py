@@ -11,7 +11,9 @@ by a tuple of integers mixed with splitmix64 (``seed_of``):
     counter-based stream indexed by the row's position in the stream's sorted id list
     (``row_normal``), so an owner draws exactly the values of the rows it serves;
   * a step's dense entity noise (every local row: 1-vs-all, full LIM KL): (seed, epoch, step) per block;
-  * evaluation samples: (seed, EVAL_SAMPLES, k) for sample k.
+  * evaluation samples: (seed, EVAL_SAMPLES, k) for sample k;
+  * the facts a sampled evaluation ranks: (seed, EVAL_FACTS); the candidates of its batch b, side d
+    (0 tail, 1 head): (seed, EVAL_CANDIDATES, b, d). Every rank draws the same ids and keeps its own.
 
 The counter-based stream is compiled (``sharding/kernels/noise.c``); where the kernels cannot run, the same
 rows come from torch's generator per block of ``NOISE_BLOCK`` rows: other values, the same distribution,
@@ -32,6 +34,10 @@ NOISE = 0x401E
 """Tag of the per-row entity noise of a data stream in a training step."""
 EVAL_SAMPLES = 0x5A3E
 """Tag of the Monte-Carlo samples of evaluation."""
+EVAL_FACTS = 0x5A3F
+"""Tag of the sample of facts an evaluation with ``max_facts`` ranks."""
+EVAL_CANDIDATES = 0x5A40
+"""Tag of the sampled candidates of an evaluation batch."""
 RELATION_STREAM = -1
 """The stream id of the relation noise of a training step (data streams are 0, 1, ...)."""
 NOISE_BLOCK = 256

@@ -47,11 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--url", help="mirror of the archive (default: the registry's URL)")
     down.add_argument("--sha256", help="expected sha256 of the archive")
     down.add_argument("--archive", type=Path, help="an archive already on disk: skip the download")
+    down.add_argument(
+        "--skip-count-check",
+        action="store_true",
+        help="convert an archive whose counts differ from the registry's (a sample or a test mirror)",
+    )
     _add_convert_options(down)
 
     info = commands.add_parser("info", help="verify a dataset directory and print its manifest counts")
     info.add_argument("root", type=Path)
     info.add_argument("--no-checksums", action="store_true", help="check sizes only, not sha256")
+    info.add_argument(
+        "--expect", metavar="NAME", help="fail unless the counts are those the registry publishes for NAME"
+    )
     return parser
 
 
@@ -109,6 +117,7 @@ def cmd_download(args: argparse.Namespace) -> None:
         archive=args.archive,
         options=_options(args),
         overwrite=args.overwrite,
+        check_counts=not args.skip_count_check,
     )
     print(f"wrote {args.out}")
     print(_summary(manifest))
@@ -116,6 +125,12 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     store = TripleStore(args.root, verify=not args.no_checksums)
+    if args.expect is not None:
+        remote = REGISTRY.get(args.expect)
+        expect = remote.counts if remote is not None else None
+        if expect is None:
+            raise ValueError(f"--expect {args.expect}: the registry publishes no counts for it")
+        expect.check_manifest(args.expect, args.root, store.manifest)
     print(_summary(store.manifest))
     checked = "sizes" if args.no_checksums else "sizes and sha256"
     print(f"  files verified: {len(store.manifest.files)} ({checked}; manifest counts against the files)")

@@ -63,6 +63,39 @@ class ConvertOptions:
             raise ValueError("partition_rows and row_group_rows must be positive")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExpectedCounts:
+    """What a published dataset holds; a conversion that finds other numbers is refused before writing."""
+
+    num_entities: int
+    """Entities in the vocabulary (every split)."""
+    num_relations: int
+    """Relations in the vocabulary (every split)."""
+    num_train_triples: int
+    """Rows of the train file as published, before duplicates are dropped."""
+
+    def check(self, dataset: str, vocab: Vocabulary, rows: dict[str, int]) -> None:
+        wrong = self._differences((len(vocab.entities), len(vocab.relations), rows.get("train", 0)))
+        if wrong:
+            raise ValueError(
+                f"dataset {dataset!r}: the archive does not hold the published dataset ({wrong}); nothing was written"
+            )
+
+    def check_manifest(self, dataset: str, root: Path, manifest: Manifest) -> None:
+        """A dataset directory converted earlier (perhaps from a sample) against the published counts."""
+        wrong = self._differences((manifest.num_entities, manifest.num_relations, manifest.splits["train"].lines))
+        if wrong:
+            raise ValueError(f"{root}: does not hold the published {dataset!r} ({wrong})")
+
+    def _differences(self, found: tuple[int, int, int]) -> str:
+        expected = (self.num_entities, self.num_relations, self.num_train_triples)
+        return "; ".join(
+            f"{what}: expected {want:,}, found {got:,}"
+            for what, want, got in zip(("entities", "relations", "train triples"), expected, found, strict=True)
+            if want != got
+        )
+
+
 class Source(Protocol):
     kind: str
     files: dict[str, Path]
@@ -308,12 +341,16 @@ def convert(
     options: ConvertOptions | None = None,
     overwrite: bool = False,
     provenance: dict | None = None,
+    expect: ExpectedCounts | None = None,
 ) -> Manifest:
     """Convert ``source`` into the dataset directory ``out`` (atomically) and return its manifest;
-    ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``."""
+    ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``;
+    counts other than ``expect`` are refused before anything is written."""
     _check_out(Path(out), overwrite)
     vocab, rows = build_vocabulary(source)
     name = name or Path(out).name
+    if expect is not None:
+        expect.check(name, vocab, rows)
     return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
 
 
@@ -400,16 +437,38 @@ def write_id_dataset(
     """Write in-memory id triples ([N, 3] head, relation, tail) as a dataset: every entity and relation
     given is a train symbol, as in an id-mapped (DGL-KE) input."""
     source = _ArraySource(splits)
+    return write_id_source(
+        source, out, entity_names=pa.array(entity_names, pa.string()),
+        relation_names=pa.array(relation_names, pa.string()),
+        rows={split: len(ids) for split, ids in source.splits.items()}, name=name, options=options,
+        overwrite=overwrite,
+    )  # fmt: skip
+
+
+def write_id_source(
+    source: Source,
+    out: Path,
+    *,
+    entity_names: pa.Array,
+    relation_names: pa.Array,
+    rows: dict[str, int],
+    name: str | None = None,
+    options: ConvertOptions | None = None,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+) -> Manifest:
+    """Write a source whose chunks hold id triples (not names), streamed, as a dataset; ``rows`` counts
+    each split's triples. Every entity and relation named is a train symbol."""
     vocab = Vocabulary(
-        entities=pa.array(entity_names, pa.string()),
-        relations=pa.array(relation_names, pa.string()),
+        entities=entity_names,
+        relations=relation_names,
         num_train_entities=len(entity_names),
         num_train_relations=len(relation_names),
         named=False,
     )
     _check_out(Path(out), overwrite)
-    rows = {split: len(ids) for split, ids in source.splits.items()}
-    return _write_dataset(source, vocab, rows, Path(out), name or Path(out).name, options or ConvertOptions(), {})
+    name = name or Path(out).name
+    return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
 
 
 class _ArraySource:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from storage.atomic import recover_swap
@@ -84,6 +85,20 @@ class KGDataset:
     def all_known(self) -> torch.Tensor:
         """Every known true fact (train + valid + test), used to filter rankings."""
         return torch.cat([self.train, self.valid, self.test])
+
+    def known_chunks(self) -> Iterator[torch.Tensor]:
+        """The facts of ``all_known`` as int64 [n, 3] pieces, train one row group at a time: a caller
+        that only asks whether some facts are known never holds the whole train split."""
+        for group in self.store.row_groups("train"):
+            yield torch.from_numpy(self.store.read_group(group))
+        yield self.valid
+        yield self.test
+
+    def names(self, which: str) -> pa.Table:
+        """``entities`` or ``relations`` that occur in train: id, name, frequency, as Arrow columns (a
+        Python list of Freebase86m's names would take several GB)."""
+        count = self.num_entities if which == "entities" else self.num_relations
+        return self.store.names(which).slice(0, count)
 
     def num_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
         return self.store.num_batches("train", batch_size, rank, world_size)

@@ -2,12 +2,16 @@
 
 ``fetch`` downloads into ``NAME.part`` and renames to ``NAME`` once the whole body has arrived and its
 size (Content-Length) and sha256 (when known) match; a later call continues a ``.part`` file with an
-HTTP Range request, or starts over when the server ignores ranges.
+HTTP Range request, or starts over when the server ignores ranges. A completed download is recorded in
+``NAME.download.json`` (url, size, sha256), written after the rename: a later call reuses ``NAME`` only
+when that record exists and the file still matches it, so a file that merely sits in the downloads
+directory (copied there, left by a test, truncated) is downloaded again rather than trusted.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import tarfile
 import tempfile
@@ -17,7 +21,8 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from storage.convert import ConvertOptions, convert
+from storage.atomic import atomic_write_json
+from storage.convert import ConvertOptions, ExpectedCounts, convert
 from storage.layout import Manifest, sha256_file
 from storage.sources import DglKeSource, TsvSource
 
@@ -31,14 +36,23 @@ class Remote:
     """tsv (train/valid/test.txt of names) or dglke (entity2id/relation2id and id triples)."""
     sha256: str | None = None
     """Pinned checksum of the archive, where one has been recorded; otherwise the computed one is printed."""
+    counts: ExpectedCounts | None = None
+    """The published counts, where known: a conversion that finds others is refused."""
 
 
 REGISTRY: dict[str, Remote] = {
     "wn18rr": Remote("https://github.com/TimDettmers/ConvE/raw/master/WN18RR.tar.gz", "tsv"),
     "fb15k-237": Remote("https://github.com/TimDettmers/ConvE/raw/master/FB15k-237.tar.gz", "tsv"),
     "yago3-10": Remote("https://github.com/TimDettmers/ConvE/raw/master/YAGO3-10.tar.gz", "tsv"),
-    "freebase86m": Remote("https://data.dgl.ai/dataset/Freebase.zip", "dglke"),
+    # The counts DGL-KE documents for this archive. No checksum of it has been published, so none is
+    # pinned: the computed one is printed and recorded in the manifest.
+    "freebase86m": Remote(
+        "https://data.dgl.ai/dataset/Freebase.zip",
+        "dglke",
+        counts=ExpectedCounts(num_entities=86_054_151, num_relations=14_824, num_train_triples=304_727_650),
+    ),
 }
+RECORD_SUFFIX = ".download.json"
 
 
 class DownloadError(ValueError):
@@ -48,8 +62,9 @@ class DownloadError(ValueError):
 def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``); return ``dest``."""
     dest = Path(dest)
-    if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
+    if _reusable(dest, url, sha256):
         return dest
+    record_path(dest).unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -86,13 +101,49 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout: float = 6
 
 
 def _finish(part: Path, dest: Path, sha256: str | None, url: str) -> Path:
-    if sha256 is not None:
-        actual = sha256_file(part)
-        if actual != sha256:
-            part.unlink()
-            raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; deleted, run again")
+    actual = sha256_file(part)
+    if sha256 is not None and actual != sha256:
+        part.unlink()
+        raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; deleted, run again")
+    size = part.stat().st_size
     os.replace(part, dest)
+    # Written last: killed before this, the next call finds no record and downloads again.
+    atomic_write_json(record_path(dest), {"url": url, "size": size, "sha256": actual})
     return dest
+
+
+def record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + RECORD_SUFFIX)
+
+
+def recorded_sha256(dest: Path) -> str | None:
+    """The sha256 a completed ``fetch`` of ``dest`` recorded (None: no record)."""
+    record = _read_record(dest)
+    return None if record is None else record["sha256"]
+
+
+def _read_record(dest: Path) -> dict | None:
+    try:
+        record = json.loads(record_path(dest).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or not {"url", "size", "sha256"} <= set(record):
+        return None
+    return record
+
+
+def _reusable(dest: Path, url: str, sha256: str | None) -> bool:
+    """Whether ``dest`` is a completed download of ``url`` (or of the pinned ``sha256``) left unchanged."""
+    record = _read_record(dest)
+    if record is None or not dest.is_file():
+        return False
+    if sha256 is not None and record["sha256"] != sha256:
+        return False
+    # Without a pinned checksum the URL is all that says which file this is: a mirror's (or a test
+    # server's) file of the same name is not the registry's.
+    if sha256 is None and record["url"] != url:
+        return False
+    return dest.stat().st_size == record["size"] and sha256_file(dest) == record["sha256"]
 
 
 def extract(archive: Path, into: Path) -> None:
@@ -134,22 +185,30 @@ def download(
     archive: Path | None = None,
     options: ConvertOptions | None = None,
     overwrite: bool = False,
+    check_counts: bool = True,
 ) -> Manifest:
-    """Fetch (or take ``archive``), extract and convert the dataset ``name`` into ``out``."""
+    """Fetch (or take ``archive``), extract and convert the dataset ``name`` into ``out``; with
+    ``check_counts``, a conversion whose counts differ from the registry's is refused before ``out``
+    is written."""
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(REGISTRY))}")
     remote = REGISTRY[name]
     url = url or remote.url
     if archive is None:
         archive = fetch(url, Path(downloads) / Path(url).name, sha256=sha256 or remote.sha256)
+        digest = recorded_sha256(archive) or sha256_file(archive)
     elif not Path(archive).is_file():
         raise ValueError(f"--archive {archive}: no such file")
+    else:
+        digest = sha256_file(archive)
     Path(downloads).mkdir(parents=True, exist_ok=True)
-    digest = sha256_file(archive)
     print(f"{archive}: sha256 {digest}", flush=True)
     with tempfile.TemporaryDirectory(dir=Path(downloads), prefix=f".{name}-extract-") as tmp:
         extract(Path(archive), Path(tmp))
         directory = find_dataset_dir(Path(tmp), remote.layout)
         source = DglKeSource(directory) if remote.layout == "dglke" else TsvSource(directory)
         provenance = {"archive": {"url": url, "sha256": digest}}
-        return convert(source, Path(out), name=name, options=options, overwrite=overwrite, provenance=provenance)
+        expect = remote.counts if check_counts else None
+        return convert(
+            source, Path(out), name=name, options=options, overwrite=overwrite, provenance=provenance, expect=expect
+        )

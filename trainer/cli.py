@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sharding.launch import choose_device, process_group
 from trainer.config import RunConfig, load_config
-from trainer.evaluate import build_filters, evaluate_run
+from trainer.evaluate import evaluate_run, rank_filters
 from trainer.loop import train
 
 RUNS_DIR = Path("runs")
@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     config = load_run_config(args.run_dir, overrides)
     with process_group(config.sharding.backend) as exchange:
         run = load_run(args.run_dir, config=config, exchange=exchange, device=choose_device(config.train.device))
-        filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
+        filters = rank_filters(run.dataset, (run.model.entities.lo, run.model.entities.hi))
         metrics = evaluate_run(config.eval, config.train.seed, run.model, run.dataset, filters)
         if exchange.rank == 0:
             print(json.dumps(metrics, indent=2))

@@ -21,6 +21,7 @@ from sharding.launch import Backend, DeviceChoice
 from sharding.row_optim import RowOptimizerName
 from storage.atomic import atomic_write_text
 from storage.dataset import DataConfig
+from trainer.evaluate import EvalProtocol
 from trainer.likelihood import LikelihoodName, NegativeSource
 from trainer.objective import KLSchedule, Regulariser
 from trainer.posterior import KLEstimator, Latent
@@ -57,6 +58,13 @@ class ObjectiveConfig:
     """sampled_softmax only: the chunk's own answers join its uniform negatives."""
     negative_weight: float | None = None
     """Weight 1/b- of each negative; None means |D-|/|D+| per sample = 2(Ne-1)/k (Prop. 2/4)."""
+    exclude_positives: bool = False
+    """Bernoulli: a negative that is its own positive's head (for a head corruption) or tail (for a tail
+    corruption) is a true fact, not a negative: it is left out of the data term."""
+    adversarial_temperature: float = 0.0
+    """Bernoulli: self-adversarial weighting (Sun et al., 2019, RotatE): a positive's negatives on each side
+    share their total weight in proportion to softmax(temperature * score), held constant in the gradient,
+    so the hard negatives carry it; 0 weighs them equally (the ELBO's estimator)."""
     kl_estimator: KLEstimator = "full"
     """LIM only. full: KL of the whole entity table each batch, weighted by the schedule;
     per_occurrence: each positive's entities carry KL/frequency, so an epoch sums to the full KL
@@ -170,9 +178,24 @@ class MetricsConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     batch_size: int = 512
-    """Queries scored per step."""
+    """Queries scored per step; with protocol=sampled they share one draw of candidates."""
     num_samples: int = 0
     """0 scores with the posterior means; S > 0 averages the predictive probability over S samples."""
+    protocol: EvalProtocol = "exact"
+    """The periodic evaluation (train.eval_every): exact ranks each answer against every entity; sampled
+    against uniform_candidates + degree_candidates entities drawn per batch, as PyTorch-BigGraph and
+    DGL-KE do at 86M entities (docs/evaluation.md). Both report raw and filtered metrics."""
+    uniform_candidates: int = 1000
+    """protocol=sampled: candidates per batch drawn uniformly over every entity, with replacement."""
+    degree_candidates: int = 0
+    """protocol=sampled: candidates per batch drawn in proportion to their training frequency. When the two
+    counts reach the number of entities, every entity is a candidate and sampled is exact."""
+    max_facts: int | None = None
+    """The periodic evaluation ranks this seeded sample of valid facts, the same each time (None: all)."""
+    final_protocol: EvalProtocol = "exact"
+    """The evaluation of the best checkpoint on valid and test at the end of a run and by ``evaluate``."""
+    final_max_facts: int | None = None
+    """The final evaluation ranks this seeded sample of each split (None: all)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +229,7 @@ RANGES: dict[str, Interval] = {
     "objective.num_negatives": POSITIVE,
     "objective.negative_chunk": POSITIVE,
     "objective.negative_weight": NON_NEGATIVE,
+    "objective.adversarial_temperature": NON_NEGATIVE,
     "objective.kl_warmup": Interval(0, 1, hi_open=True),
     "objective.kl_weight": NON_NEGATIVE,
     "objective.reg_weight": NON_NEGATIVE,
@@ -232,6 +256,10 @@ RANGES: dict[str, Interval] = {
     "metrics.variance_every": POSITIVE,
     "eval.batch_size": POSITIVE,
     "eval.num_samples": NON_NEGATIVE,
+    "eval.uniform_candidates": NON_NEGATIVE,
+    "eval.degree_candidates": NON_NEGATIVE,
+    "eval.max_facts": POSITIVE,
+    "eval.final_max_facts": POSITIVE,
 }
 """The allowed range of every numeric config field, in one place (a test checks that none is missing)."""
 
@@ -269,6 +297,9 @@ class RunConfig:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
             raise ValueError("objective.kl_estimator=per_occurrence spreads the KL itself; use kl_schedule=uniform")
+        sampled = "sampled" in (self.eval.protocol, self.eval.final_protocol)
+        if sampled and self.eval.uniform_candidates + self.eval.degree_candidates == 0:
+            raise ValueError("eval.protocol=sampled needs eval.uniform_candidates + eval.degree_candidates > 0")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -104,20 +104,43 @@ class SampledNegatives(Likelihood):
 
 
 class Bernoulli(SampledNegatives):
-    def __init__(self, *, negative_weight: float | None, **negatives: Any):
+    def __init__(
+        self,
+        *,
+        negative_weight: float | None,
+        exclude_positives: bool = False,
+        adversarial_temperature: float = 0.0,
+        **negatives: Any,
+    ):
         super().__init__(**negatives)
         self.weight = (
             bernoulli_negative_weight(self.num_entities, self.num_negatives)
             if negative_weight is None
             else negative_weight
         )
+        self.exclude_positives, self.adversarial_temperature = exclude_positives, adversarial_temperature
 
     def nll(
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
     ) -> torch.Tensor:
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
         neg = facts.neg.view(*facts.neg_layout, -1)
-        return bernoulli_nll(scorer, facts.s, facts.r, facts.o, neg, self.chunk, self.weight)
+        keep = self._keep(facts) if self.exclude_positives else None
+        return bernoulli_nll(
+            scorer, facts.s, facts.r, facts.o, neg, self.chunk, self.weight,
+            keep_CBK=keep, adversarial_temperature=self.adversarial_temperature,
+        )  # fmt: skip
+
+    def _keep(self, facts: FactRows) -> torch.Tensor:
+        """[C, chunk, k]: False where a head corruption is the positive's own head or a tail corruption
+        its own tail (the corrupted fact is the positive itself)."""
+        assert facts.negative_ids is not None
+        num_chunks, num_neg = facts.negative_ids.shape
+        pad = num_chunks * self.chunk - len(facts.positives)
+        ids = F.pad(facts.positives, (0, 0, 0, pad), value=-1).view(num_chunks, self.chunk, 3)
+        half = num_neg // 2
+        negs = facts.negative_ids.unsqueeze(1)
+        return torch.cat([negs[..., :half] != ids[..., :1], negs[..., half:] != ids[..., 2:]], dim=-1)
 
 
 class Softmax(Likelihood):
@@ -227,4 +250,7 @@ def build_likelihood(
             num_relations=num_relations, entity_frequency=entity_frequency, in_batch=objective.in_batch_negatives,
             **sampling,
         )  # fmt: skip
-    return Bernoulli(negative_weight=objective.negative_weight, **sampling)
+    return Bernoulli(
+        negative_weight=objective.negative_weight, exclude_positives=objective.exclude_positives,
+        adversarial_temperature=objective.adversarial_temperature, **sampling,
+    )  # fmt: skip

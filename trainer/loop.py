@@ -26,7 +26,7 @@ from storage.dataset import KGDataset, load_data
 from storage.faults import fault_point
 from trainer import checkpoint
 from trainer.config import OptimConfig, RunConfig, save_config, to_dict
-from trainer.evaluate import FilterIndex, build_filters, evaluate, evaluate_run
+from trainer.evaluate import FilterIndex, evaluate_run, evaluate_split, rank_filters
 from trainer.logger import RunLogger
 from trainer.metrics import start_exporter
 from trainer.model import COLLAPSED_LOGVAR, KGModel, build_model
@@ -161,7 +161,7 @@ class Training:
             lr=state.lr,
         )
         logger.start(state.epoch * schedule.num_steps, state.epoch, resumed=latest is not None)
-        filters = build_filters(dataset.all_known(), dataset.num_relations)
+        filters = rank_filters(dataset, (model.entities.lo, model.entities.hi))
         step = Step(model, config.optim.grad_clip)
         return cls(config, out_dir, exchange, dataset, model, filters, reporter, state, schedule, step, logger)
 
@@ -228,7 +228,10 @@ class Training:
         last = state.epoch == train_cfg.epochs or out_of_time
         valid = None
         if train_cfg.eval_every and (state.epoch % train_cfg.eval_every == 0 or last):
-            valid = evaluate(self.model, self.dataset.valid, self.filters, batch_size=self.config.eval.batch_size)
+            valid = evaluate_split(
+                self.config.eval, train_cfg.seed, self.model, self.dataset, self.dataset.valid, self.filters,
+                final=False,
+            )  # fmt: skip
             record["valid_mrr"] = valid["filtered"]["mrr"]
             record["lr"] = state.lr
             # A NaN MRR compares false either way; a non-finite evaluation is never the best.

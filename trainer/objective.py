@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -52,6 +53,48 @@ def chunk_negatives(
     return torch.randint(num_entities, (num_chunks, num_negatives), generator=generator, device=generator.device)
 
 
+def negative_weights(
+    scores_CBH: torch.Tensor, keep_CBH: torch.Tensor | None, weight: float, temperature: float
+) -> torch.Tensor | float:
+    """The weight of each of a positive's H negatives on one side [C, B, H] (a float when all are equal).
+
+    Uniform: ``weight`` each, 0 where ``keep`` is False. Self-adversarial (``temperature`` > 0, RotatE):
+    the kept negatives share weight * (#kept) in proportion to softmax(temperature * score), so the
+    side's total weight is the uniform one and only its split changes. Constants to the gradient.
+    """
+    if keep_CBH is None and temperature == 0:
+        return weight
+    if temperature == 0:
+        assert keep_CBH is not None
+        return keep_CBH.to(scores_CBH.dtype) * weight
+    with torch.no_grad():
+        logits = scores_CBH * temperature
+        kept = torch.full_like(scores_CBH, float(scores_CBH.shape[-1]))
+        if keep_CBH is not None:
+            logits = logits.masked_fill(~keep_CBH, -torch.inf)
+            kept = keep_CBH.sum(-1, keepdim=True).to(scores_CBH.dtype).expand_as(scores_CBH)
+        # A positive with no kept negative has an all -inf row: its softmax is NaN, its weight 0.
+        return torch.softmax(logits, -1).nan_to_num_(0.0) * kept * weight
+
+
+@dataclass(frozen=True)
+class NegativeWeighting:
+    """How a chunked batch weighs its head and tail negatives (``negative_weights`` per side)."""
+
+    weight: float
+    keep_heads: torch.Tensor | None
+    keep_tails: torch.Tensor | None
+    temperature: float
+
+    def __call__(
+        self, head_scores: torch.Tensor, tail_scores: torch.Tensor
+    ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        return (
+            negative_weights(head_scores, self.keep_heads, self.weight, self.temperature),
+            negative_weights(tail_scores, self.keep_tails, self.weight, self.temperature),
+        )
+
+
 def bernoulli_nll(
     scorer: Scorer,
     s_BD: torch.Tensor,
@@ -60,11 +103,16 @@ def bernoulli_nll(
     neg_CKD: torch.Tensor,
     chunk: int,
     negative_weight: float,
+    *,
+    keep_CBK: torch.Tensor | None = None,
+    adversarial_temperature: float = 0.0,
 ) -> torch.Tensor:
-    """-sum log sigmoid(x_pos) - w * sum log sigmoid(-x_neg) for a batch of B positives.
+    """-sum log sigmoid(x_pos) - sum_neg w_neg log sigmoid(-x_neg) for a batch of B positives.
 
     ``neg_CKD`` holds the sampled negative embeddings of the C = ceil(B/chunk) chunks; positives are
     padded to C*chunk so each chunk's scoring is one batched matrix product, and padding is masked.
+    w_neg is ``negative_weight`` unless ``keep_CBK`` [C, chunk, k] drops some negatives of a positive
+    (False: not counted) or ``adversarial_temperature`` reweights them (``negative_weights``).
     """
     num_pos, dim = s_BD.shape
     num_chunks, num_neg, _ = neg_CKD.shape
@@ -75,13 +123,16 @@ def bernoulli_nll(
 
     s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
     half = num_neg // 2
+    keep_heads, keep_tails = (None, None) if keep_CBK is None else (keep_CBK[..., :half], keep_CBK[..., half:])
+    weigh = NegativeWeighting(negative_weight, keep_heads, keep_tails, adversarial_temperature)
     if isinstance(scorer, BilinearScorer):
         query_tail, query_head = scorer.tail_query(s, r), scorer.head_query(r, o)
-        return _BilinearBernoulli.apply(query_tail, query_head, o, neg_CKD, negative_weight, num_pos)
+        return _BilinearBernoulli.apply(query_tail, query_head, o, neg_CKD, weigh, num_pos)
     pos_scores, tail_scores = scorer.score_and_tails(s, r, o, neg_CKD[:, half:])  # [C, chunk], [C, chunk, k/2]
     head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])
-    neg_nll = F.softplus(head_scores).sum(-1) + F.softplus(tail_scores).sum(-1)
-    nll = F.softplus(-pos_scores) + negative_weight * neg_nll  # [C, chunk]
+    w_heads, w_tails = weigh(head_scores, tail_scores)
+    neg_nll = (F.softplus(head_scores) * w_heads).sum(-1) + (F.softplus(tail_scores) * w_tails).sum(-1)
+    nll = F.softplus(-pos_scores) + neg_nll  # [C, chunk]
     return (nll.view(-1)[:num_pos] if pad else nll).sum()
 
 
@@ -90,30 +141,32 @@ class _BilinearBernoulli(torch.autograd.Function):
     <q_tail, o>, the tail corruptions q_tail . c and the head corruptions q_head . c, with a written
     backward (sigmoids and four batched products) in place of autograd's ~50 small nodes.
 
-    Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k/2 replace heads), the
-    weight of a negative, and how many of the C*chunk rows are real facts (the rest is padding).
+    Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k/2 replace heads), how the
+    negatives are weighed, and how many of the C*chunk rows are real facts (the rest is padding).
     """
 
     @staticmethod
-    def forward(ctx, query_tail, query_head, o, neg, weight: float, num_pos: int):
+    def forward(ctx, query_tail, query_head, o, neg, weigh: NegativeWeighting, num_pos: int):
         half = neg.shape[1] // 2
         neg_head, neg_tail = neg[:, :half], neg[:, half:]
         pos = torch.linalg.vecdot(query_tail, o)  # [C, chunk]
         tails = torch.bmm(query_tail, neg_tail.transpose(1, 2))  # [C, chunk, k/2]
         heads = torch.bmm(query_head, neg_head.transpose(1, 2))
-        nll = F.softplus(-pos).add_(F.softplus(tails).sum(-1).add_(F.softplus(heads).sum(-1)), alpha=weight)
+        w_heads, w_tails = weigh(heads, tails)
+        neg_nll = (F.softplus(tails) * w_tails).sum(-1).add_((F.softplus(heads) * w_heads).sum(-1))
+        nll = F.softplus(-pos).add_(neg_nll)
         ctx.save_for_backward(query_tail, query_head, o, neg, pos, tails, heads)
-        ctx.weight, ctx.num_pos = weight, num_pos
+        ctx.w_heads, ctx.w_tails, ctx.num_pos = w_heads, w_tails, num_pos
         return nll.view(-1)[:num_pos].sum()
 
     @staticmethod
     def backward(ctx, grad):
         query_tail, query_head, o, neg, pos, tails, heads = ctx.saved_tensors
         half = neg.shape[1] // 2
-        # d softplus(-x)/dx = -sigmoid(-x);  d softplus(x)/dx = sigmoid(x).
+        # d softplus(-x)/dx = -sigmoid(-x);  d softplus(x)/dx = sigmoid(x); the weights are constants.
         g_pos = torch.sigmoid(-pos).mul_(-grad)
-        g_tails = torch.sigmoid(tails).mul_(grad * ctx.weight)
-        g_heads = torch.sigmoid(heads).mul_(grad * ctx.weight)
+        g_tails = torch.sigmoid(tails).mul_(ctx.w_tails).mul_(grad)
+        g_heads = torch.sigmoid(heads).mul_(ctx.w_heads).mul_(grad)
         if ctx.num_pos < pos.numel():  # padding carries no gradient
             for g in (g_pos, g_tails, g_heads):
                 g.view(pos.numel(), -1)[ctx.num_pos :] = 0

@@ -13,25 +13,65 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from storage.atomic import atomic_write_json, atomic_write_text
+from storage.atomic import atomic_write_json
 from trainer import uncertainty
+from trainer.model import KGModel
 from trainer.runs import Run
 
+# Points of the variance-against-frequency scatter kept in report.json and the figure.
+SCATTER_POINTS = 100_000
 
-def _lookup(names: list[str], name: str, what: str) -> int:
-    try:
-        return names.index(name)
-    except ValueError:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown {what} {name!r}{hint}") from None
+
+# difflib over every name of a large graph takes minutes: a miss is compared with at most this many names.
+HINT_POOL = 10_000
+# Candidates scored, and export rows built, at a time: bounded memory whatever the number of entities.
+CANDIDATE_ROWS = 1 << 20
+EXPORT_ROWS = 1 << 16
+
+
+def _lookup(names: pa.ChunkedArray, name: str, what: str) -> int:
+    index = pc.index(names, pa.scalar(name, pa.string())).as_py()
+    if index >= 0:
+        return index
+    close = difflib.get_close_matches(name, _hint_pool(names, name), n=5, cutoff=0.5)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ValueError(f"unknown {what} {name!r}{hint}")
+
+
+def _hint_pool(names: pa.ChunkedArray, name: str) -> list[str]:
+    """Every name on a small graph; else the names sharing the longest prefix with ``name`` that
+    leaves at most HINT_POOL of them."""
+    pool = names
+    for length in range(1, len(name) + 1):
+        if len(pool) <= HINT_POOL:
+            break
+        narrower = pc.filter(pool, pc.starts_with(pool, pattern=name[:length]))
+        if len(narrower) == 0:
+            break
+        pool = narrower
+    return pool.slice(0, HINT_POOL).to_pylist()
+
+
+def _magnitudes(model: KGModel, known_id: int, r: int, num_entities: int, tails: bool) -> torch.Tensor:
+    """sigmoid(score) with the means of (known, r, e) (``tails``) or (e, r, known) for every entity e."""
+    ents, rels = model.entities.full(), model.relations.full()
+    chunks = []
+    for lo in range(0, num_entities, CANDIDATE_ROWS):
+        candidates = ents.mean[lo : min(num_entities, lo + CANDIDATE_ROWS)]
+        fixed = ents.mean[known_id].expand_as(candidates)
+        s, o = (fixed, candidates) if tails else (candidates, fixed)
+        chunks.append(torch.sigmoid(model.scorer.score(s, rels.mean[r], o)))
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -40,27 +80,25 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
     if (head is None) == (tail is None):
         raise ValueError("give exactly one of --head and --tail")
     data, model = run.dataset, run.model
-    r = _lookup(data.relation_names, relation, "relation")
+    entity_names = data.names("entities")["name"]
+    r = _lookup(data.names("relations")["name"], relation, "relation")
     known_name = head if head is not None else tail
     assert known_name is not None
-    known_id = _lookup(data.entity_names, known_name, "entity")
-    ents, rels = model.entities.full(), model.relations.full()
-    candidates = torch.arange(data.num_entities)
-    fixed = torch.full_like(candidates, known_id)
-    facts = torch.stack([fixed, torch.full_like(candidates, r), candidates] if head is not None
-                        else [candidates, torch.full_like(candidates, r), fixed], dim=1)  # fmt: skip
-    magnitude = torch.sigmoid(model.scorer.score(ents.mean[facts[:, 0]], rels.mean[r], ents.mean[facts[:, 2]]))
-    top = torch.topk(magnitude, min(top_k, len(candidates))).indices
-    probs = uncertainty.fact_probabilities(model, facts[top], samples, run.config.train.seed)
-    known = {tuple(f) for f in data.all_known().tolist()}
+    known_id = _lookup(entity_names, known_name, "entity")
+    magnitude = _magnitudes(model, known_id, r, data.num_entities, tails=head is not None)
+    top = torch.topk(magnitude, min(top_k, data.num_entities)).indices
+    fixed, relations = torch.full_like(top, known_id), torch.full_like(top, r)
+    facts = torch.stack([fixed, relations, top] if head is not None else [top, relations, fixed], dim=1)
+    probs = uncertainty.fact_probabilities(model, facts, samples, run.config.train.seed)
+    known = uncertainty.known_mask(facts, data.known_chunks())
     missing = "tail" if head is not None else "head"
     rows = [
         {
-            missing: data.entity_names[int(facts[i, 2 if head is not None else 0])],
+            missing: entity_names[i].as_py(),
             "probability": float(magnitude[i]),
             "mc_mean": float(probs.mean[k]),
             "mc_std": float(probs.std[k]),
-            "known": tuple(facts[i].tolist()) in known,
+            "known": bool(known[k]),
         }
         for k, i in enumerate(top.tolist())
     ]
@@ -79,42 +117,85 @@ def format_predictions(result: dict) -> str:
     return "\n".join(lines)
 
 
-def export(run: Run, out: Path, fmt: str = "parquet") -> Path:
-    """Names, kinds, train frequencies, means and variances of every entity and relation."""
-    data, model = run.dataset, run.model
-    rows: dict[str, list] = {"kind": [], "id": [], "name": [], "frequency": [], "mean": [], "variance": []}
-    relation_freq = data.store.names("relations")["frequency"].to_pylist()
-    tables = (
-        ("entity", model.entities.full(), data.entity_names, data.entity_frequency.tolist()),
-        ("relation", model.relations.full(), data.relation_names, relation_freq),
-    )
-    for kind, table, names, frequency in tables:
-        count = len(names)
-        variance = table.logvar[:count].exp() if table.logvar is not None else torch.zeros_like(table.mean[:count])
-        rows["kind"] += [kind] * count
-        rows["id"] += list(range(count))
-        rows["name"] += names
-        rows["frequency"] += frequency[:count]
-        rows["mean"] += table.mean[:count].tolist()
-        rows["variance"] += variance.tolist()
-    out = Path(out)
-    if fmt == "parquet":
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(pa.table(rows), tmp)
-        tmp.replace(out)
-    elif fmt == "tsv":
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("id", pa.int64()),
+        ("name", pa.string()),
+        ("frequency", pa.int64()),
+        ("mean", pa.list_(pa.float64())),
+        ("variance", pa.list_(pa.float64())),
+    ]
+)
 
-        def vector(v: list[float]) -> str:
-            return ",".join(f"{x:.6g}" for x in v)
 
-        lines = ["kind\tid\tname\tfrequency\tmean\tvariance"]
-        lines += [
-            f"{k}\t{i}\t{n}\t{f}\t{vector(m)}\t{vector(v)}" for k, i, n, f, m, v in zip(*rows.values(), strict=True)
-        ]
-        atomic_write_text(out, "\n".join(lines) + "\n")
-    else:
+def export(run: Run, out: Path, fmt: str = "parquet", *, chunk_rows: int = EXPORT_ROWS) -> Path:
+    """Names, kinds, train frequencies, means and variances of every entity and relation, written
+    ``chunk_rows`` rows at a time (the file is the same for any ``chunk_rows``)."""
+    if fmt not in ("parquet", "tsv"):
         raise ValueError(f"--format {fmt!r}: expected parquet or tsv")
+    out = Path(out)
+    chunks = _export_chunks(run, chunk_rows)
+    with _replacing(out) as tmp:
+        if fmt == "parquet":
+            with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
+                for chunk in chunks:
+                    writer.write_table(chunk)
+        else:
+            with open(tmp, "w") as handle:
+                handle.write("kind\tid\tname\tfrequency\tmean\tvariance\n")
+                for chunk in chunks:
+                    handle.writelines(_tsv_lines(chunk))
     return out
+
+
+def _export_chunks(run: Run, chunk_rows: int) -> Iterator[pa.Table]:
+    data, model = run.dataset, run.model
+    for kind, table, names in (
+        ("entity", model.entities.full(), data.names("entities")),
+        ("relation", model.relations.full(), data.names("relations")),
+    ):
+        for lo in range(0, len(names), chunk_rows):
+            hi = min(len(names), lo + chunk_rows)
+            mean = table.mean[lo:hi]
+            variance = table.logvar[lo:hi].exp() if table.logvar is not None else torch.zeros_like(mean)
+            yield pa.table(
+                {
+                    "kind": pa.array([kind] * (hi - lo), pa.string()),
+                    "id": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                    "name": names["name"].slice(lo, hi - lo),
+                    "frequency": names["frequency"].slice(lo, hi - lo).cast(pa.int64()),
+                    "mean": _vectors(mean),
+                    "variance": _vectors(variance),
+                },
+                schema=EXPORT_SCHEMA,
+            )
+
+
+def _vectors(rows: torch.Tensor) -> pa.ListArray:
+    """[n, D] float rows as a list<double> column (float32 widened exactly, as Python floats were)."""
+    offsets = np.arange(len(rows) + 1, dtype=np.int32) * rows.shape[1]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows.double().numpy().reshape(-1)))
+
+
+def _tsv_lines(chunk: pa.Table) -> Iterator[str]:
+    def vector(v: list[float]) -> str:
+        return ",".join(f"{x:.6g}" for x in v)
+
+    columns = [chunk[name].to_pylist() for name in EXPORT_SCHEMA.names]
+    for k, i, n, f, m, v in zip(*columns, strict=True):
+        yield f"{k}\t{i}\t{n}\t{f}\t{vector(m)}\t{vector(v)}\n"
+
+
+@contextmanager
+def _replacing(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out`` that replaces it once written: a reader never sees half a file."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        yield tmp
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -123,8 +204,9 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
     data, model = run.dataset, run.model
     generator = torch.Generator().manual_seed(seed)
     positives = data.test
-    negatives = uncertainty.sampled_negatives(positives, data.all_known(), data.num_entities, data.num_relations,
-                                              generator)  # fmt: skip
+    negatives = uncertainty.sampled_negatives(
+        positives, lambda facts: uncertainty.known_mask(facts, data.known_chunks()), data.num_entities, generator
+    )
     facts = torch.cat([positives, negatives])
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
     probs = uncertainty.fact_probabilities(model, facts, samples, seed)
@@ -157,10 +239,12 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
     }
 
 
-def variance_vs_frequency(run: Run) -> dict:
+def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: int = 0) -> dict:
+    """Paper Figure 1: the correlation over every row, and the scatter's points (every row up to
+    ``max_points``, else a seeded uniform sample of them: report.json stays small on Freebase86m)."""
     data, model = run.dataset, run.model
     result = {}
-    relation_freq = np.array(data.store.names("relations")["frequency"].to_pylist()[: data.num_relations])
+    relation_freq = data.names("relations")["frequency"].to_numpy()
     for kind, table, frequency in (
         ("entities", model.entities.full(), data.entity_frequency.numpy()),
         ("relations", model.relations.full(), relation_freq),
@@ -169,10 +253,14 @@ def variance_vs_frequency(run: Run) -> dict:
             continue
         variance = table.logvar[: len(frequency)].exp().mean(1).numpy()
         log_frequency = np.log(np.maximum(frequency, 1))
+        shown = np.arange(len(frequency))
+        if len(shown) > max_points:
+            shown = np.sort(np.random.default_rng(seed).choice(len(shown), max_points, replace=False))
         result[kind] = {
-            "log_frequency": log_frequency.tolist(),
-            "mean_variance": variance.tolist(),
+            "log_frequency": log_frequency[shown].tolist(),
+            "mean_variance": variance[shown].tolist(),
             "correlation": uncertainty.pearson(log_frequency, np.log(variance)),
+            **({"points_of": len(frequency)} if len(shown) < len(frequency) else {}),
         }
     return result
 
@@ -191,12 +279,13 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
         raise ValueError(f"--fact {fact_index}: the test split has facts 0 to {len(data.test) - 1}")
     s, r, o = data.test[fact_index].tolist()
     rng = np.random.default_rng(seed)
-    corrupted = int(rng.choice([e for e in range(data.num_entities) if e not in (s, o)]))
+    corrupted = _uniform_other(rng, data.num_entities, {s, o})
+    entity_names, relation_names = data.names("entities")["name"], data.names("relations")["name"]
     symbols = {
-        f"subject {data.entity_names[s]}": s,
-        f"relation {data.relation_names[r]}": data.num_entities + r,
-        f"object {data.entity_names[o]}": o,
-        f"corrupted {data.entity_names[corrupted]}": corrupted,
+        f"subject {entity_names[s].as_py()}": s,
+        f"relation {relation_names[r].as_py()}": data.num_entities + r,
+        f"object {entity_names[o].as_py()}": o,
+        f"corrupted {entity_names[corrupted].as_py()}": corrupted,
     }
     out = {}
     for label, row in symbols.items():
@@ -205,6 +294,15 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
         samples = rng.normal(mean2, np.sqrt(var2), size=(points, 2))
         out[label] = {"mean": mean2.tolist(), "variance": var2.tolist(), "samples": samples.tolist()}
     return out
+
+
+def _uniform_other(rng: np.random.Generator, num_entities: int, excluded: set[int]) -> int:
+    """A uniform entity outside ``excluded``, drawing what ``rng.choice`` of the list of the others
+    would (the same report as before), without building that list of every entity."""
+    index = int(rng.integers(0, num_entities - len(excluded)))
+    for entity in sorted(excluded):
+        index += index >= entity
+    return index
 
 
 def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index: int = 0) -> dict:

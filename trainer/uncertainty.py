@@ -9,22 +9,58 @@ entity, never a known fact), so half the facts are true.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from sharding.rng import splitmix64
 from trainer.model import KGModel
 
 EPS = 1e-12
 
 
+def _fact_hash(facts: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each (head, relation, tail) row. Not (h * R + r) * E + t: on Freebase86m that
+    needs 67 bits, and int64 arithmetic would wrap and make distinct facts equal."""
+    h, r, t = (facts[:, i].astype(np.uint64) for i in range(3))
+    return splitmix64(splitmix64(splitmix64(h) ^ r) ^ t)
+
+
+def known_mask(facts: torch.Tensor, known_chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Whether each fact of ``facts`` [N, 3] occurs among ``known_chunks`` (pieces [n, 3]), exactly.
+
+    The chunks are streamed: memory is O(N + one chunk), however many facts are known. A chunk's row
+    is compared with the facts of equal hash (a sorted search), so a hash collision costs a
+    comparison, never a wrong answer.
+    """
+    queries = facts.numpy()
+    hashes = _fact_hash(queries)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    found = np.zeros(len(queries), dtype=bool)
+    for chunk in known_chunks:
+        rows = chunk.numpy()
+        chunk_hashes = _fact_hash(rows)
+        start = np.searchsorted(sorted_hashes, chunk_hashes, side="left")
+        counts = np.searchsorted(sorted_hashes, chunk_hashes, side="right") - start
+        # Usually 0 or 1 query per row; more only for repeated queries or colliding hashes.
+        row = np.repeat(np.arange(len(rows)), counts)
+        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        query = order[np.repeat(start, counts) + offset]
+        found[query[(queries[query] == rows[row]).all(1)]] = True
+    return torch.from_numpy(found)
+
+
 def sampled_negatives(
-    facts: torch.Tensor, known: torch.Tensor, num_entities: int, num_relations: int, generator: torch.Generator
+    facts: torch.Tensor,
+    is_known: Callable[[torch.Tensor], torch.Tensor],
+    num_entities: int,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """One corruption per fact (head or tail, uniformly), redrawn until it is not a known fact."""
-    key = lambda t: (t[:, 0] * num_relations + t[:, 1]) * num_entities + t[:, 2]  # noqa: E731
-    known_keys = torch.sort(key(known)).values
+    """One corruption per fact (head or tail, uniformly), redrawn until ``is_known`` says it is not a
+    known fact (e.g. ``known_mask`` over a dataset's ``known_chunks``)."""
     out = facts.clone()
     todo = torch.ones(len(facts), dtype=torch.bool)
     while todo.any():
@@ -32,8 +68,7 @@ def sampled_negatives(
         side = torch.randint(2, (len(rows),), generator=generator) * 2  # column 0 (head) or 2 (tail)
         candidate = facts[rows].clone()
         candidate[torch.arange(len(rows)), side] = torch.randint(num_entities, (len(rows),), generator=generator)
-        position = torch.searchsorted(known_keys, key(candidate)).clamp(max=len(known_keys) - 1)
-        clash = known_keys[position] == key(candidate)
+        clash = is_known(candidate)
         out[rows[~clash]] = candidate[~clash]
         todo[rows[~clash]] = False
     return out

@@ -19,6 +19,12 @@ SETTINGS = [
 CASES = {
     "softmax": ["objective.likelihood=softmax"],
     "bernoulli": ["objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence"],
+    "bernoulli_weighted": [
+        "objective.likelihood=bernoulli",
+        "objective.kl_estimator=per_occurrence",
+        "objective.exclude_positives=true",
+        "objective.adversarial_temperature=1",
+    ],
     "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
 }
 

@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 from tests.sharding.conftest import ROOT, free_port, read_jsonl
+from trainer.checkpoint import INDEX
+from trainer.ray_launch import POINTER, follow_pointer, write_pointer
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,29 @@ def test_ray_train_runs_two_sharded_workers(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and set(metrics["test"]["filtered"]) >= {"mrr", "hits@10"}
     assert len(list((tmp_path / "run" / "checkpoint").glob("entities-*.pt"))) == 2
-    assert list((tmp_path / "run" / "ray").rglob("index.json")), "no checkpoint reported to Ray Train"
+    # Ray Train's storage holds pointers to the run directory's checkpoint, never a copy of it.
+    pointers = list((tmp_path / "run" / "ray").rglob(POINTER))
+    assert pointers, "no checkpoint reported to Ray Train"
+    for pointer in pointers:
+        assert json.loads(pointer.read_text())["checkpoint"] == str((tmp_path / "run" / "checkpoint").resolve())
+    copies = [p.name for p in (tmp_path / "run" / "ray").rglob("*") if p.name.endswith(".pt") or p.name == INDEX]
+    assert copies == [], f"checkpoint files copied into Ray's storage: {copies}"
+
+
+def test_a_pointer_is_followed_in_place_and_a_dangling_one_is_refused(tmp_path):
+    from ray.train import Checkpoint
+
+    run_checkpoint = tmp_path / "run" / "checkpoint"
+    run_checkpoint.mkdir(parents=True)
+    (run_checkpoint / INDEX).write_text("{}")
+    reported = tmp_path / "reported"
+    reported.mkdir()
+    write_pointer(reported, run_checkpoint, epoch=3)
+    assert [p.name for p in reported.iterdir()] == [POINTER]
+    assert follow_pointer(Checkpoint.from_directory(str(reported))) == run_checkpoint.resolve()
+    (run_checkpoint / INDEX).unlink()
+    with pytest.raises(ValueError, match="holds no checkpoint on this machine"):
+        follow_pointer(Checkpoint.from_directory(str(reported)))
 
 
 def _train_workers():
@@ -73,7 +97,8 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, output[-4000:]
-    assert "resumed from" in output and "at epoch" in output
+    # The restarted workers read the run directory's checkpoint where it is, not a copy of it.
+    assert f"resumed from {(out / 'checkpoint').resolve()} at epoch" in output, output[-4000:]
     assert [r["epoch"] for r in read_jsonl(out / "log.jsonl")] == list(range(1, 26))
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
 
@@ -141,6 +166,7 @@ def test_make_train_freebase_end_to_end(tmp_path):
                  "data.verify_checksums=true"]  # fmt: skip
     make_args = [
         f"FREEBASE_URL={server.url}/Freebase.zip", f"FREEBASE_DIR={tmp_path / 'fb'}",
+        f"FREEBASE_DOWNLOADS={tmp_path / 'dl'}", "FREEBASE_DOWNLOAD_ARGS=--skip-count-check", "FREEBASE_CHECK=",
         f"FREEBASE_RUN={tmp_path / 'run'}", f"RAY_ADDRESS=http://127.0.0.1:{dashboard}",
         "FREEBASE_ARGS=--wait --timeout 240 " + " ".join(f"--set {o}" for o in overrides),
     ]  # fmt: skip
@@ -153,4 +179,5 @@ def test_make_train_freebase_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
     assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["num_entities"] == 300
+    assert (tmp_path / "dl" / "Freebase.zip").is_file()  # the archive stays under the test's directory
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2

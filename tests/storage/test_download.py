@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.download import DownloadError, fetch
+from storage import download as download_module
+from storage.convert import ExpectedCounts
+from storage.download import DownloadError, Remote, download, fetch, record_path
 from storage.reader import TripleStore
 
 ROOT = Path(__file__).parents[2]
@@ -108,32 +110,84 @@ def _freebase_like_zip() -> bytes:
     return buffer.getvalue()
 
 
-def test_download_command_fetches_extracts_and_converts(server, tmp_path):
+def _storage_download(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "storage", "download", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_download_command_refuses_other_counts_then_converts_a_sample_reusing_the_recorded_download(server, tmp_path):
     body = _freebase_like_zip()
     server.files["/Freebase.zip"] = body
-    args = ["--url", f"{server.url}/Freebase.zip", "--downloads", str(tmp_path / "dl"), "--out", str(tmp_path / "fb")]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "storage",
-            "download",
-            "freebase86m",
-            *args,
-            "--sha256",
-            hashlib.sha256(body).hexdigest(),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["freebase86m", "--url", f"{server.url}/Freebase.zip", "--downloads", str(tmp_path / "dl"),
+            "--out", str(tmp_path / "fb"), "--sha256", hashlib.sha256(body).hexdigest()]  # fmt: skip
+    refused = _storage_download(*args)
+    assert refused.returncode == 2
+    assert "entities: expected 86,054,151, found 4" in refused.stderr, refused.stderr
+    assert "train triples: expected 304,727,650, found 4" in refused.stderr
+    assert not (tmp_path / "fb").exists() and [p.name for p in tmp_path.iterdir()] == ["dl"]
+
+    result = _storage_download(*args, "--skip-count-check")
     assert result.returncode == 0, result.stderr
+    assert len(server.ranges) == 1, "the completed, recorded download was fetched again"
     store = TripleStore(tmp_path / "fb")
     assert store.manifest.num_entities == 4 and store.num_triples("train") == 4
     assert store.manifest.source["archive"]["sha256"] == hashlib.sha256(body).hexdigest()
     assert sorted(store.read_split("train").tolist()) == [[0, 0, 1], [1, 1, 2], [2, 0, 3], [3, 1, 0]]
-    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["Freebase.zip"]  # extraction cleaned up
+    # Extraction cleaned up; the archive and its download record stay.
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["Freebase.zip", "Freebase.zip.download.json"]
+
+    # The sample now in the directory is no Freebase86m to `make train-freebase` (storage info --expect).
+    command = [sys.executable, "-m", "storage", "info", str(tmp_path / "fb"), "--expect", "freebase86m"]
+    info = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert info.returncode == 2
+    assert f"{tmp_path / 'fb'}: does not hold the published 'freebase86m'" in info.stderr, info.stderr
+    assert "relations: expected 14,824, found 2" in info.stderr
+
+
+def test_only_a_recorded_unchanged_download_is_reused(server, tmp_path):
+    url, dest, body = f"{server.url}/blob.bin", tmp_path / "blob.bin", server.files["/blob.bin"]
+    dest.write_bytes(b"a file someone left here")  # no record: not trusted
+    fetch(url, dest)
+    assert dest.read_bytes() == body and len(server.ranges) == 1
+    fetch(url, dest)
+    assert len(server.ranges) == 1  # recorded and unchanged: reused
+    fetch(url.replace("127.0.0.1", "localhost"), dest)
+    assert len(server.ranges) == 2  # recorded for another URL, no pinned checksum: downloaded again
+    dest.write_bytes(body[:-1] + b"x")  # same size, other bytes
+    fetch(url.replace("127.0.0.1", "localhost"), dest)
+    assert dest.read_bytes() == body and len(server.ranges) == 3
+    record_path(dest).write_text("{not json")
+    fetch(url, dest)
+    assert len(server.ranges) == 4
+
+
+def _write_sample_zip(path: Path) -> Path:
+    path.write_bytes(_freebase_like_zip())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("counts", "refusal"),
+    [
+        (ExpectedCounts(num_entities=4, num_relations=2, num_train_triples=4), None),
+        (
+            ExpectedCounts(num_entities=4, num_relations=3, num_train_triples=5),
+            r"dataset 'tiny'.*relations: expected 3, found 2; train triples: expected 5, found 4",
+        ),
+    ],
+)
+def test_registry_counts_are_checked_before_anything_is_written(tmp_path, monkeypatch, counts, refusal):
+    remote = Remote("http://127.0.0.1:9/tiny.zip", "dglke", counts=counts)
+    monkeypatch.setitem(download_module.REGISTRY, "tiny", remote)
+    archive, out = _write_sample_zip(tmp_path / "tiny.zip"), tmp_path / "datasets" / "tiny"
+    if refusal is None:
+        manifest = download("tiny", out, downloads=tmp_path / "dl", archive=archive)
+        assert manifest.num_entities == 4 and TripleStore(out).num_triples("train") == 4
+        return
+    with pytest.raises(ValueError, match=refusal):
+        download("tiny", out, downloads=tmp_path / "dl", archive=archive)
+    assert not (tmp_path / "datasets").exists()  # refused before even the output's parent was made
+    assert list((tmp_path / "dl").iterdir()) == []  # the extraction is removed too
 
 
 def test_archive_escaping_the_directory_is_refused(server, tmp_path):

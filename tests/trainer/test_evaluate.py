@@ -1,8 +1,22 @@
 import pytest
 import torch
 
+from storage.dataset import open_dataset
 from tests.trainer.conftest import make_config
-from trainer.evaluate import FilterIndex, build_filters, evaluate, predictive_scores
+from trainer.config import EvalConfig
+from trainer.evaluate import (
+    BYTES_PER_PAIR,
+    CandidateSampler,
+    FilterIndex,
+    build_filters,
+    evaluate,
+    evaluate_split,
+    evaluation_cost,
+    predictive_scores,
+    rank_filters,
+    sample_facts,
+    summarise,
+)
 from trainer.model import build_model
 
 
@@ -95,3 +109,159 @@ def test_reciprocal_head_queries_use_the_inverse_relation(tiny_dataset):
     expected = torch.stack([model.scorer.score(ent[3], rel[0 + 2], ent[c]) for c in range(6)])
     torch.testing.assert_close(scores[0], expected)
     assert scores.shape == (1, 6)
+
+
+@pytest.fixture(scope="module")
+def nations(tmp_path_factory):
+    return open_dataset("nations", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _sampled(uniform: int, degree: int = 0, **extra) -> EvalConfig:
+    return EvalConfig(protocol="sampled", uniform_candidates=uniform, degree_candidates=degree, **extra)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.scorer=distmult", "objective.likelihood=bernoulli"),
+        ("model.scorer=complex", "objective.likelihood=softmax"),
+    ],
+)
+def test_sampled_evaluation_with_every_entity_is_the_exact_one(nations, overrides):
+    config = make_config("model.dim=8", *overrides)
+    model = build_model(config, nations.num_entities, nations.num_relations)
+    filters = rank_filters(nations, (0, nations.num_entities))
+    exact = evaluate_split(EvalConfig(batch_size=64), 0, model, nations, nations.valid, filters, final=False)
+    for uniform, degree in ((nations.num_entities, 0), (3, nations.num_entities), (10**6, 0)):
+        cfg = _sampled(uniform, degree, batch_size=64)
+        assert evaluate_split(cfg, 0, model, nations, nations.valid, filters, final=False) == exact
+    # Not only the shortcut: every entity drawn once, through the sampled path's columns and weights.
+    every = _EveryEntityDrawn(nations.num_entities, (0, nations.num_entities), num_uniform=1, num_degree=0,
+                              frequency=None, seed=0)  # fmt: skip
+    assert evaluate(model, nations.valid, filters, batch_size=64, candidates=every) == exact
+
+
+class _EveryEntityDrawn(CandidateSampler):
+    every_entity = False
+
+    def local(self, batch: int, side: int) -> torch.Tensor:
+        return torch.arange(self.num_entities)
+
+
+def _brute_force_sampled(model, facts, known, sampler, batch_size):
+    """Rank each answer against its batch's drawn candidates one score at a time."""
+    ent, rel = model.entities.full().mean, model.relations.full().mean
+    known_set = {tuple(f) for f in known.tolist()}
+    ranks = {"raw": [], "filtered": []}
+    for index, batch in enumerate(facts.split(batch_size)):
+        drawn = {side: sampler.local(index, side).tolist() for side in (0, 1)}
+        for side, direction in ((0, "tail"), (1, "head")):  # evaluate's order: every tail, then every head
+            for s, r, o in batch.tolist():
+                true = o if direction == "tail" else s
+                score = {}
+                for c in (*drawn[side], true):
+                    h, _, t = _fact(s, r, o, direction, c)
+                    score[c] = model.scorer.score(ent[h], rel[r], ent[t]).item()
+                for kind in ranks:
+                    keep = [
+                        c for c in drawn[side]
+                        if c != true and not (kind == "filtered" and _fact(s, r, o, direction, c) in known_set)
+                    ]  # fmt: skip
+                    better = sum(score[c] > score[true] for c in keep)
+                    equal = sum(score[c] == score[true] for c in keep)
+                    ranks[kind].append(1 + better + equal / 2)
+    return {kind: torch.tensor(values, dtype=torch.float64) for kind, values in ranks.items()}
+
+
+@pytest.mark.parametrize(("uniform", "degree"), [(4, 0), (0, 5), (2, 3)])
+def test_sampled_ranks_match_brute_force_with_ties(tiny_dataset, uniform, degree):
+    config = make_config("model.scorer=distmult", "objective.likelihood=bernoulli")
+    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
+    g = torch.Generator().manual_seed(0)
+    model.entities.full().mean.copy_(torch.randint(-1, 2, model.entities.full().mean.shape, generator=g).float())
+    model.relations.full().mean.copy_(torch.randint(-1, 2, model.relations.full().mean.shape, generator=g).float())
+    known = tiny_dataset.all_known()
+    facts = torch.cat([tiny_dataset.test, tiny_dataset.valid])
+    sampler = CandidateSampler(
+        tiny_dataset.num_entities, (0, tiny_dataset.num_entities), num_uniform=uniform, num_degree=degree,
+        frequency=tiny_dataset.entity_frequency, seed=3,
+    )  # fmt: skip
+    got = evaluate(model, facts, build_filters(known, tiny_dataset.num_relations), batch_size=3, candidates=sampler)
+    expected = _brute_force_sampled(model, facts, known, sampler, batch_size=3)
+    for kind, ranks in expected.items():
+        assert got[kind] == pytest.approx(summarise(ranks))
+
+
+def test_degree_candidates_follow_training_frequency_and_not_the_sharding():
+    frequency = torch.tensor([5, 0, 1, 0, 30, 2, 2, 0, 60])
+    whole = CandidateSampler(9, (0, 9), num_uniform=7, num_degree=4000, frequency=frequency, seed=1)
+    drawn = whole.local(2, 1)
+    counts = torch.bincount(drawn[7:], minlength=9).double()
+    assert counts[frequency == 0].sum() == 0
+    torch.testing.assert_close(counts / counts.sum(), frequency.double() / frequency.sum(), atol=0.03, rtol=0)
+    # Two shards keep between them exactly the candidates one process draws.
+    parts = [
+        CandidateSampler(9, (lo, hi), num_uniform=7, num_degree=4000, frequency=frequency, seed=1).local(2, 1) + lo
+        for lo, hi in ((0, 4), (4, 9))
+    ]
+    assert torch.equal(torch.cat(parts).sort().values, drawn.sort().values)
+
+
+def test_filter_contains_matches_a_set_and_a_sharded_filter_keeps_its_answers():
+    g = torch.Generator().manual_seed(2)
+    facts = torch.stack([torch.randint(0, 5, (300,), generator=g), torch.randint(0, 3, (300,), generator=g),
+                         torch.randint(0, 40, (300,), generator=g)], dim=1)  # fmt: skip
+    known = {tuple(f) for f in facts.tolist()}
+    index = build_filters(facts, 3)["tail"]
+    queries_B = torch.tensor([[0, 1], [4, 2], [3, 0], [9, 9]])
+    answers_BC = torch.randint(0, 40, (4, 25), generator=g)
+    got = index.contains(queries_B[:, 0] * 3 + queries_B[:, 1], answers_BC)
+    expected = [
+        [(s, r, int(a)) in known for a in row] for (s, r), row in zip(queries_B.tolist(), answers_BC, strict=True)
+    ]
+    assert got.tolist() == expected
+    shard = build_filters(facts, 3, answer_range=(10, 20))
+    assert ((shard["tail"].answers >= 10) & (shard["tail"].answers < 20)).all()
+    assert ((shard["head"].answers >= 10) & (shard["head"].answers < 20)).all()
+    assert len(shard["tail"].keys) == int(((facts[:, 2] >= 10) & (facts[:, 2] < 20)).sum())
+
+
+def test_fact_sample_is_seeded_and_in_stored_order(nations):
+    a, b = sample_facts(nations.valid, 50, seed=4), sample_facts(nations.valid, 50, seed=4)
+    assert torch.equal(a, b) and len(a) == 50
+    assert not torch.equal(a, sample_facts(nations.valid, 50, seed=5))
+    assert sample_facts(nations.valid, None, seed=4) is nations.valid
+
+
+def test_block_noise_is_the_dense_noise_of_those_rows():
+    config = make_config("sharding.block_rows=4")
+    model = build_model(config, 14, 2)
+    rows = torch.tensor([13, 0, 5, 5, 9])
+    dense = model.entities.dense_noise((1, 2))
+    torch.testing.assert_close(model.entities.block_noise(rows, (1, 2)), dense[rows], rtol=0, atol=0)
+
+
+def test_evaluation_cost_by_hand():
+    exact = evaluation_cost(num_entities=1000, dim=10, workers=4, facts=20, candidates=None, batch=8, known_facts=400)
+    assert exact.pairs == 2 * 20 * 250 and exact.flops == 2 * 10 * exact.pairs
+    assert exact.batch_bytes == BYTES_PER_PAIR["exact"] * 8 * 250
+    assert exact.filter_bytes == 2 * 16 * 100
+    sampled = evaluation_cost(num_entities=1000, dim=10, workers=4, facts=20, candidates=92, batch=8, known_facts=400)
+    assert sampled.pairs == 2 * 20 * 25 and sampled.batch_bytes == BYTES_PER_PAIR["sampled"] * 8 * 25
+    assert sampled.seconds(pairs_per_second=100.0) == 10.0
+    assert evaluation_cost(num_entities=1000, dim=10, workers=4, facts=20, candidates=1000, batch=8,
+                           known_facts=400) == exact  # fmt: skip
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "softmax"])
+def test_sampled_candidates_with_vanishing_variance_rank_as_the_means(nations, likelihood):
+    config = make_config(f"objective.likelihood={likelihood}", "model.dim=8")
+    model = build_model(config, nations.num_entities, nations.num_relations)
+    model.entities.full().logvar.fill_(-30.0)
+    model.relations.full().logvar.fill_(-30.0)
+    filters = rank_filters(nations, (0, nations.num_entities))
+    means = evaluate_split(_sampled(4, 3, batch_size=32), 0, model, nations, nations.test, filters, final=False)
+    sampled = _sampled(4, 3, batch_size=32, num_samples=2, final_protocol="sampled")
+    probabilities = evaluate_split(sampled, 0, model, nations, nations.test, filters, final=True)
+    for kind in ("raw", "filtered"):
+        assert probabilities[kind] == pytest.approx(means[kind])

@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from sharding.kernels import native
+from trainer.likelihood import Bernoulli, FactRows
 from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,
     chunk_negatives,
     kl_share,
     local_log_partition,
+    negative_weights,
     softmax_nll,
 )
 from trainer.scorers import ComplEx, DistMult, Scorer
@@ -40,6 +42,35 @@ def test_bernoulli_weights_on_a_hand_computed_case():
         + softplus(-1.0 * 2.0 * 1.5)  # positive 2, chunk 1 (padding ignored)
     )
     assert got == pytest.approx(positives + w * negatives, rel=1e-6)
+
+
+def test_excluded_negatives_leave_the_data_term():
+    # The hand-computed case above, with positive 1's tail corruption and positive 2's head corruption
+    # marked as their own positive: those two terms drop out.
+    s = torch.tensor([[1.0], [2.0], [-1.0]])
+    r = torch.tensor([[0.5], [1.0], [2.0]])
+    o = torch.tensor([[2.0], [-1.0], [1.0]])
+    neg = torch.tensor([[[3.0], [0.5]], [[-2.0], [1.5]]])
+    keep = torch.tensor([[[True, True], [True, False]], [[False, True], [True, True]]])  # [C, chunk, k]
+    w = 7.0
+    got = bernoulli_nll(DistMult(), s, r, o, neg, chunk=2, negative_weight=w, keep_CBK=keep).item()
+    positives = softplus(-1.0) + softplus(2.0) + softplus(2.0)
+    negatives = softplus(3.0) + softplus(0.25) + softplus(-3.0) + softplus(-3.0)
+    assert got == pytest.approx(positives + w * negatives, rel=1e-6)
+
+
+def test_self_adversarial_weights_split_the_uniform_total_by_softmax():
+    scores = torch.tensor([[[1.0, 2.0, -1.0], [0.0, 0.0, 5.0]]])  # [C=1, B=2, H=3]
+    keep = torch.tensor([[[True, True, True], [True, False, False]]])
+    w = negative_weights(scores, None, 2.0, 0.5)
+    expected = torch.softmax(scores * 0.5, -1) * 3 * 2.0
+    torch.testing.assert_close(w, expected)
+    w = negative_weights(scores, keep, 2.0, 0.5)
+    torch.testing.assert_close(w[0, 0], expected[0, 0])
+    torch.testing.assert_close(w[0, 1], torch.tensor([2.0, 0.0, 0.0]))  # one kept: it carries 1 x weight
+    none_kept = negative_weights(scores, torch.zeros_like(keep), 2.0, 0.5)
+    assert torch.equal(none_kept, torch.zeros_like(scores))
+    assert negative_weights(scores, None, 2.0, 0.0) == 2.0
 
 
 def test_negative_weight_is_the_inverse_sampling_rate():
@@ -101,14 +132,18 @@ def test_local_log_partition_matches_logsumexp_and_its_gradient():
 
 @pytest.mark.parametrize("scorer", [DistMult(), ComplEx()], ids=["distmult", "complex"])
 @pytest.mark.parametrize("num_pos", [8, 5])  # 5: the second chunk is partly padding
-def test_bilinear_bernoulli_backward_matches_autograd_of_the_scores(scorer, num_pos):
+@pytest.mark.parametrize(("exclude", "temperature"), [(False, 0.0), (True, 0.0), (True, 1.5)])
+def test_bilinear_bernoulli_backward_matches_autograd_of_the_scores(scorer, num_pos, exclude, temperature):
     """The written backward of the bilinear path against autograd through the generic scorer path."""
     g = torch.Generator().manual_seed(0)
     s, r, o = (torch.randn(num_pos, 6, generator=g, dtype=torch.float64) for _ in range(3))
     neg = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    keep = torch.rand(2, 4, 4, generator=g) > 0.3 if exclude else None
 
     def loss(scorer_used, *tensors):
-        return bernoulli_nll(scorer_used, *tensors, chunk=4, negative_weight=3.0)
+        return bernoulli_nll(
+            scorer_used, *tensors, chunk=4, negative_weight=3.0, keep_CBK=keep, adversarial_temperature=temperature
+        )
 
     generic = Scorer.__new__(type("Generic", (Scorer,), {"score": scorer.score}))  # not bilinear: autograd
     fused_inputs = [t.clone().requires_grad_(True) for t in (s, r, o, neg)]
@@ -119,7 +154,8 @@ def test_bilinear_bernoulli_backward_matches_autograd_of_the_scores(scorer, num_
     torch.testing.assert_close(fused, plain)
     for a, b in zip(fused_inputs, plain_inputs, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
-    assert torch.autograd.gradcheck(lambda *t: loss(scorer, *t), tuple(fused_inputs))
+    if temperature == 0:  # self-adversarial weights are constants to the gradient, not to finite differences
+        assert torch.autograd.gradcheck(lambda *t: loss(scorer, *t), tuple(fused_inputs))
 
 
 class _OffsetDistMult(DistMult):
@@ -255,3 +291,21 @@ def test_sampled_softmax_of_a_padded_chunk_matches_a_direct_computation():
             terms = [positive] + [(q * ent[c]).sum() - math.log(k / n + rate) for c in candidates if c != answer]
             expected = expected + torch.logsumexp(torch.stack(terms), 0) - positive
     torch.testing.assert_close(got, expected)
+
+
+def test_bernoulli_keeps_every_negative_but_the_positives_own_entities():
+    bernoulli = Bernoulli(
+        negative_weight=1.0, exclude_positives=True, num_negatives=4, chunk=2, num_entities=10,
+        source="global", shard=(0, 10), device=torch.device("cpu"),
+    )  # fmt: skip
+    positives = torch.tensor([[1, 0, 2], [3, 0, 4], [5, 1, 6]])
+    negative_ids = torch.tensor([[1, 3, 4, 9], [5, 0, 6, 6]])  # [C=2, k=4]: two heads, then two tails
+    facts = FactRows(*(torch.empty(0),) * 4, torch.empty(0), negative_ids.shape, positives, negative_ids)
+    keep = bernoulli._keep(facts)
+    expected = torch.tensor(
+        [
+            [[False, True, True, True], [True, False, False, True]],  # head 1 is fact 0's; tail 4 is fact 1's
+            [[False, True, False, False], [True, True, True, True]],  # fact 2: head 5, tail 6 twice; padding
+        ]
+    )
+    assert torch.equal(keep, expected)

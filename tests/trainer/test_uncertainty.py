@@ -8,7 +8,7 @@ import torch
 from tests.trainer.conftest import make_config
 from trainer import uncertainty
 from trainer.loop import train
-from trainer.report import export, predict, write_report
+from trainer.report import _uniform_other, export, predict, variance_vs_frequency, write_report
 from trainer.runs import load_run
 
 
@@ -49,7 +49,8 @@ def test_brier_entropy_and_mutual_information_hand_values():
 
 def test_sampled_negatives_are_never_known_facts():
     known = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 0, 0], [0, 0, 2]])
-    negatives = uncertainty.sampled_negatives(known, known, 3, 1, torch.Generator().manual_seed(0))
+    is_known = lambda facts: uncertainty.known_mask(facts, [known])  # noqa: E731
+    negatives = uncertainty.sampled_negatives(known, is_known, 3, torch.Generator().manual_seed(0))
     known_set = {tuple(f) for f in known.tolist()}
     assert not any(tuple(f) in known_set for f in negatives.tolist())
     assert ((known != negatives).sum(1) == 1).all()  # exactly one side corrupted
@@ -121,3 +122,47 @@ def test_export_parquet_and_tsv(nations_run, tmp_path):
     assert len(table["mean"][usa]) == 16 and all(v > 0 for v in table["variance"][usa])
     lines = export(run, tmp_path / "emb.tsv", "tsv").read_text().splitlines()
     assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance" and len(lines) == 1 + 14 + 55
+
+
+def test_known_mask_is_exact_streamed_and_survives_hash_collisions(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    known = torch.randint(0, 6, (300, 3), generator=g)
+    queries = torch.randint(0, 6, (200, 3), generator=g)
+    known_set = {tuple(f) for f in known.tolist()}
+    expected = [tuple(f) in known_set for f in queries.tolist()]
+    assert uncertainty.known_mask(queries, known.split(7)).tolist() == expected
+    # Every fact hashing alike: the row comparison alone decides.
+    monkeypatch.setattr(uncertainty, "_fact_hash", lambda facts: np.zeros(len(facts), np.uint64))
+    assert uncertainty.known_mask(queries, known.split(50)).tolist() == expected
+
+
+def test_export_in_small_chunks_writes_the_same_files(nations_run, tmp_path):
+    run = load_run(nations_run)
+    for fmt in ("parquet", "tsv"):
+        whole = export(run, tmp_path / f"whole.{fmt}", fmt)
+        chunked = export(run, tmp_path / f"chunked.{fmt}", fmt, chunk_rows=4)  # 14 entities: a short last chunk
+        if fmt == "tsv":
+            assert chunked.read_text() == whole.read_text()
+        else:
+            assert pq.read_table(chunked).equals(pq.read_table(whole))
+            assert pq.ParquetFile(chunked).metadata.num_row_groups > 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_variance_scatter_keeps_a_sample_of_a_large_table_and_the_full_correlation(nations_run):
+    run = load_run(nations_run)
+    full = variance_vs_frequency(run)["entities"]
+    sampled = variance_vs_frequency(run, max_points=5)["entities"]
+    assert len(full["log_frequency"]) == 14 and "points_of" not in full
+    assert len(sampled["mean_variance"]) == 5 and sampled["points_of"] == 14
+    assert sampled["correlation"] == full["correlation"]
+    assert set(sampled["mean_variance"]) <= set(full["mean_variance"])
+
+
+def test_the_corrupted_entity_is_the_one_a_choice_from_the_list_of_others_gives():
+    for seed in range(50):
+        for num_entities, excluded in ((14, {3, 7}), (14, {5}), (3, {0, 2})):
+            others = [e for e in range(num_entities) if e not in excluded]
+            listed, counted = np.random.default_rng(seed), np.random.default_rng(seed)
+            assert _uniform_other(counted, num_entities, excluded) == int(listed.choice(others))
+            assert counted.random() == listed.random()  # the generator is left in the same state
