@@ -52,6 +52,10 @@ TARGETS = {
 }
 
 
+SLUG = str.maketrans("(,/", "---", " )")
+"""A model label as part of a run directory's name: no spaces, parentheses or slashes."""
+
+
 @dataclass
 class Experiment:
     group: str
@@ -63,7 +67,7 @@ class Experiment:
 
     @property
     def name(self) -> str:
-        slug = self.model.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(",", "-").replace("/", "-")
+        slug = self.model.lower().translate(SLUG)
         return f"{self.dataset}-{slug}"
 
 

@@ -136,7 +136,8 @@ def main() -> None:
         "out as valid/test facts. Popularity MRR: ranking by popularity alone.\n"
     )
     payload = {"result": row, "graph": info, "epochs": epochs, "metrics": metrics, "settings": overrides}
-    write_results("scale", {**payload, "machine": machine()}, markdown)
+    name = "scale" if args.epochs == 1 else f"scale-{args.epochs}epochs"
+    write_results(name, {**payload, "machine": machine()}, markdown)
 
 
 if __name__ == "__main__":

@@ -74,14 +74,6 @@ class KGDataset:
         """Occurrences of each entity in train (as head or tail), [num_entities]."""
         return torch.from_numpy(self.store.names("entities")["frequency"].to_numpy()[: self.num_entities].copy())
 
-    @cached_property
-    def entity_names(self) -> list[str]:
-        return self.store.names("entities")["name"].to_pylist()[: self.num_entities]
-
-    @cached_property
-    def relation_names(self) -> list[str]:
-        return self.store.names("relations")["name"].to_pylist()[: self.num_relations]
-
     def all_known(self) -> torch.Tensor:
         """Every known true fact (train + valid + test), used to filter rankings."""
         return torch.cat([self.train, self.valid, self.test])

@@ -17,7 +17,8 @@ def _open(directory, tmp_path):
 
 def test_loads_a_directory_with_ids_from_train(tmp_path):
     data = _open(_write(tmp_path / "g"), tmp_path)
-    assert data.entity_names == ["a", "b", "c"] and data.relation_names == ["r"]
+    assert data.names("entities")["name"].to_pylist() == ["a", "b", "c"]
+    assert data.names("relations")["name"].to_pylist() == ["r"]
     assert sorted(data.train.tolist()) == [[0, 0, 1], [1, 0, 2]]
     assert data.test.tolist() == [[2, 0, 0]]
     assert data.dropped == {"valid": 0, "test": 0}

@@ -44,14 +44,19 @@ def brute_force_ranks(model, facts, known, filtered):
     return torch.tensor(ranks, dtype=torch.float64)
 
 
+def _tied_model(dataset, scorer):
+    """A model whose small integer embeddings make many candidates tie exactly."""
+    config = make_config(f"model.scorer={scorer}", "objective.likelihood=bernoulli")
+    model = build_model(config, dataset.num_entities, dataset.num_relations)
+    g = torch.Generator().manual_seed(0)
+    for table in (model.entities.full(), model.relations.full()):
+        table.mean.copy_(torch.randint(-1, 2, table.mean.shape, generator=g).float())
+    return model
+
+
 @pytest.mark.parametrize("scorer", ["distmult", "complex"])
 def test_filtered_and_raw_ranks_match_brute_force_with_ties(tiny_dataset, scorer):
-    config = make_config(f"model.scorer={scorer}", "objective.likelihood=bernoulli")
-    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
-    # Small integer embeddings make many candidates tie exactly.
-    g = torch.Generator().manual_seed(0)
-    model.entities.full().mean.copy_(torch.randint(-1, 2, model.entities.full().mean.shape, generator=g).float())
-    model.relations.full().mean.copy_(torch.randint(-1, 2, model.relations.full().mean.shape, generator=g).float())
+    model = _tied_model(tiny_dataset, scorer)
     known = tiny_dataset.all_known()
     facts = torch.cat([tiny_dataset.test, tiny_dataset.valid])
     got = evaluate(model, facts, build_filters(known, tiny_dataset.num_relations), batch_size=3)
@@ -175,11 +180,7 @@ def _brute_force_sampled(model, facts, known, sampler, batch_size):
 
 @pytest.mark.parametrize(("uniform", "degree"), [(4, 0), (0, 5), (2, 3)])
 def test_sampled_ranks_match_brute_force_with_ties(tiny_dataset, uniform, degree):
-    config = make_config("model.scorer=distmult", "objective.likelihood=bernoulli")
-    model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations)
-    g = torch.Generator().manual_seed(0)
-    model.entities.full().mean.copy_(torch.randint(-1, 2, model.entities.full().mean.shape, generator=g).float())
-    model.relations.full().mean.copy_(torch.randint(-1, 2, model.relations.full().mean.shape, generator=g).float())
+    model = _tied_model(tiny_dataset, "distmult")
     known = tiny_dataset.all_known()
     facts = torch.cat([tiny_dataset.test, tiny_dataset.valid])
     sampler = CandidateSampler(

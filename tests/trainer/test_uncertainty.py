@@ -104,9 +104,10 @@ def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_
     assert len(rows) == 5 and all(0 <= r["probability"] <= 1 and r["mc_std"] >= 0 for r in rows)
     assert rows == sorted(rows, key=lambda r: -r["probability"])
     known = {tuple(f) for f in run.dataset.all_known().tolist()}
-    usa, embassy = run.dataset.entity_names.index("usa"), run.dataset.relation_names.index("embassy")
+    entity_names = run.dataset.names("entities")["name"].to_pylist()
+    usa, embassy = entity_names.index("usa"), run.dataset.names("relations")["name"].to_pylist().index("embassy")
     for row in rows:
-        fact = (usa, embassy, run.dataset.entity_names.index(row["tail"]))
+        fact = (usa, embassy, entity_names.index(row["tail"]))
         assert row["known"] == (fact in known)
     heads = predict(run, head=None, relation="embassy", tail="usa", top_k=3, samples=5)
     assert len(heads["predictions"]) == 3 and "head" in heads["predictions"][0]
