@@ -28,6 +28,7 @@ from storage.layout import Manifest
 from storage.reader import TripleStore
 
 ROOT = Path(__file__).parents[1]
+DEFAULT_ENTITIES = 10_000_000
 EVAL_ELEMENTS = 2**26
 """Queries x local candidates per evaluation batch: ~10 bytes each across the evaluation's score and masks."""
 
@@ -81,7 +82,7 @@ def settings(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entities", type=int, default=10_000_000)
+    parser.add_argument("--entities", type=int, default=DEFAULT_ENTITIES)
     parser.add_argument("--triples", type=int, default=130_000_000, help="train draws (duplicates are dropped)")
     parser.add_argument("--relations", type=int, default=1000)
     parser.add_argument("--eval-facts", type=int, default=1000, help="valid and test draws each")
@@ -132,11 +133,14 @@ def main() -> None:
         f"filtered test MRR)\n\n"
         + markdown_table([row], list(row))
         + f"\nPlanted model: {spec}. Generated in {info['generate_seconds']:.0f} s "
-        f"(peak RSS {info['generate_peak_rss_mib']:.0f} MiB); {info['train_draws_held_out']:,} train draws left "
+        f"(peak RSS of generation and ceiling {info['generate_peak_rss_mib']:.0f} MiB); "
+        f"{info['train_draws_held_out']:,} train draws left "
         "out as valid/test facts. Popularity MRR: ranking by popularity alone.\n"
     )
     payload = {"result": row, "graph": info, "epochs": epochs, "metrics": metrics, "settings": overrides}
-    name = "scale" if args.epochs == 1 else f"scale-{args.epochs}epochs"
+    # Runs of other sizes or lengths keep their own results beside the default's.
+    name = "scale" + (f"-{args.entities}" if args.entities != DEFAULT_ENTITIES else "")
+    name += f"-{args.epochs}epochs" if args.epochs != 1 else ""
     write_results(name, {**payload, "machine": machine()}, markdown)
 
 

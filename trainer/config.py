@@ -295,6 +295,12 @@ class RunConfig:
             raise ValueError("objective.num_negatives must be even: k/2 heads and k/2 tails are corrupted")
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
+        obj = self.objective
+        if (obj.exclude_positives or obj.adversarial_temperature) and obj.likelihood != "bernoulli":
+            raise ValueError(
+                "objective.exclude_positives and objective.adversarial_temperature weigh Bernoulli negatives: "
+                f"they do nothing with objective.likelihood={obj.likelihood}"
+            )
         if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
             raise ValueError("objective.kl_estimator=per_occurrence spreads the KL itself; use kl_schedule=uniform")
         sampled = "sampled" in (self.eval.protocol, self.eval.final_protocol)

@@ -150,10 +150,6 @@ class CandidateSampler:
         """K reaches the number of entities: rank against every entity, which is the exact protocol."""
         return self.num_uniform + self.num_degree >= self.num_entities
 
-    @property
-    def num_candidates(self) -> int:
-        return min(self.num_uniform + self.num_degree, self.num_entities)
-
     def local(self, batch: int, side: int) -> torch.Tensor:
         """Local row indices of this rank's candidates for batch ``batch``, side ``side`` (0 tail, 1 head),
         repeated as often as they were drawn."""
@@ -238,7 +234,9 @@ def candidate_columns(
     owned_true = true_B[(true_B >= lo) & (true_B < hi)] - lo
     columns_C, inverse = torch.unique(torch.cat([drawn_K, owned_true]), return_inverse=True)
     weights_C = torch.zeros(len(columns_C), dtype=torch.float64, device=drawn_K.device)
-    weights_C.index_add_(0, inverse[: len(drawn_K)], torch.ones(len(drawn_K), dtype=torch.float64))
+    weights_C.index_add_(
+        0, inverse[: len(drawn_K)], torch.ones(len(drawn_K), dtype=torch.float64, device=drawn_K.device)
+    )
     return columns_C, weights_C
 
 

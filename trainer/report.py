@@ -251,7 +251,7 @@ def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: i
     ):
         if table.logvar is None:
             continue
-        variance = table.logvar[: len(frequency)].exp().mean(1).numpy()
+        variance = _mean_variance(table.logvar[: len(frequency)])
         log_frequency = np.log(np.maximum(frequency, 1))
         shown = np.arange(len(frequency))
         if len(shown) > max_points:
@@ -263,6 +263,14 @@ def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: i
             **({"points_of": len(frequency)} if len(shown) < len(frequency) else {}),
         }
     return result
+
+
+def _mean_variance(logvar: torch.Tensor) -> np.ndarray:
+    """Mean variance of each row, CANDIDATE_ROWS rows at a time (the whole [N, D] exp of Freebase86m's
+    table would be ~69 GB)."""
+    return torch.cat(
+        [logvar[lo : lo + CANDIDATE_ROWS].exp().mean(1) for lo in range(0, len(logvar), CANDIDATE_ROWS)]
+    ).numpy()
 
 
 def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000) -> dict:

@@ -115,6 +115,13 @@ def test_out_of_range_values_are_refused_before_anything_runs(override, message)
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("option", ["objective.exclude_positives=true", "objective.adversarial_temperature=1"])
+def test_bernoulli_options_are_refused_with_another_likelihood(option):
+    with pytest.raises(ValueError, match=r"do nothing with objective\.likelihood=sampled_softmax"):
+        load_config(None, ["objective.likelihood=sampled_softmax", option])
+    assert load_config(None, ["objective.likelihood=bernoulli", option]).objective.likelihood == "bernoulli"
+
+
 def test_exponents_without_a_dot_are_floats(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 1e-2\n")
