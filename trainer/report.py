@@ -63,14 +63,16 @@ def _hint_pool(names: pa.ChunkedArray, name: str) -> list[str]:
 
 
 def _magnitudes(model: KGModel, known_id: int, r: int, num_entities: int, tails: bool) -> torch.Tensor:
-    """sigmoid(score) with the means of (known, r, e) (``tails``) or (e, r, known) for every entity e."""
+    """sigmoid(score) with the means for the missing tail (``tails``) or head of every entity e, scored as
+    evaluation ranks them: a head query of a reciprocal model is the tail query (known, r^-1, e)."""
     ents, rels = model.entities.full(), model.relations.full()
+    query, relation, side = model.query(
+        ents.mean[known_id].unsqueeze(0), rels.mean, torch.tensor([r]), "tail" if tails else "head"
+    )
     chunks = []
     for lo in range(0, num_entities, CANDIDATE_ROWS):
         candidates = ents.mean[lo : min(num_entities, lo + CANDIDATE_ROWS)]
-        fixed = ents.mean[known_id].expand_as(candidates)
-        s, o = (fixed, candidates) if tails else (candidates, fixed)
-        chunks.append(torch.sigmoid(model.scorer.score(s, rels.mean[r], o)))
+        chunks.append(torch.sigmoid(model.score_candidates(query, relation, side, candidates)[0]))
     return torch.cat(chunks)
 
 
@@ -89,9 +91,9 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
     top = torch.topk(magnitude, min(top_k, data.num_entities)).indices
     fixed, relations = torch.full_like(top, known_id), torch.full_like(top, r)
     facts = torch.stack([fixed, relations, top] if head is not None else [top, relations, fixed], dim=1)
-    probs = uncertainty.fact_probabilities(model, facts, samples, run.config.train.seed)
-    known = uncertainty.known_mask(facts, data.known_chunks())
     missing = "tail" if head is not None else "head"
+    probs = uncertainty.fact_probabilities(model, facts, samples, run.config.train.seed, missing=missing)
+    known = uncertainty.known_mask(facts, data.known_chunks())
     rows = [
         {
             missing: entity_names[i].as_py(),
@@ -150,15 +152,23 @@ def export(run: Run, out: Path, fmt: str = "parquet", *, chunk_rows: int = EXPOR
 
 
 def _export_chunks(run: Run, chunk_rows: int) -> Iterator[pa.Table]:
+    """Entities, relations and, for a reciprocal model, each relation's reciprocal r^-1 (kind
+    ``reciprocal_relation``, the id and name of r): the row head queries are scored with."""
     data, model = run.dataset, run.model
-    for kind, table, names in (
-        ("entity", model.entities.full(), data.names("entities")),
-        ("relation", model.relations.full(), data.names("relations")),
-    ):
+    relations = data.names("relations")
+    parts = [
+        ("entity", model.entities.full(), data.names("entities"), 0),
+        ("relation", model.relations.full(), relations, 0),
+    ]
+    if model.reciprocal:
+        parts.append(("reciprocal_relation", model.relations.full(), relations, model.num_relations))
+    for kind, table, names, offset in parts:
         for lo in range(0, len(names), chunk_rows):
             hi = min(len(names), lo + chunk_rows)
-            mean = table.mean[lo:hi]
-            variance = table.logvar[lo:hi].exp() if table.logvar is not None else torch.zeros_like(mean)
+            mean = table.mean[offset + lo : offset + hi]
+            variance = (
+                table.logvar[offset + lo : offset + hi].exp() if table.logvar is not None else torch.zeros_like(mean)
+            )
             yield pa.table(
                 {
                     "kind": pa.array([kind] * (hi - lo), pa.string()),

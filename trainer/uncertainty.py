@@ -91,10 +91,16 @@ class FactProbabilities:
 
 
 @torch.no_grad()
-def fact_probabilities(model: KGModel, facts: torch.Tensor, num_samples: int, seed: int) -> FactProbabilities:
-    """Probabilities of ``facts`` [N, 3] with the posterior means and over ``num_samples`` draws."""
+def fact_probabilities(
+    model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail"
+) -> FactProbabilities:
+    """Probabilities of ``facts`` [N, 3] with the posterior means and over ``num_samples`` draws. As answers
+    to head queries (``missing="head"``) a reciprocal model scores them as evaluation ranks them:
+    (o, r^-1, s)."""
     ents, rels = model.entities.full(), model.relations.full()
     s, r, o = facts.unbind(-1)
+    if missing == "head" and model.reciprocal:
+        s, r, o = o, r + model.num_relations, s
 
     def probability(entity: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(model.scorer.score(entity[s], relation[r], entity[o]))

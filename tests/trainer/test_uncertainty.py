@@ -111,6 +111,14 @@ def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_
         assert row["known"] == (fact in known)
     heads = predict(run, head=None, relation="embassy", tail="usa", top_k=3, samples=5)
     assert len(heads["predictions"]) == 3 and "head" in heads["predictions"][0]
+    # Head answers are ranked as evaluation ranks them: the tail query (usa, embassy^-1, ?).
+    model, rels = run.model, run.model.relations.full().mean
+    assert model.reciprocal
+    ents = model.entities.full().mean
+    scores = model.scorer.score_tails(ents[[usa]], rels[[embassy + model.num_relations]], ents)[0]
+    expected = torch.sigmoid(scores).topk(3)
+    assert [entity_names.index(row["head"]) for row in heads["predictions"]] == expected.indices.tolist()
+    assert [row["probability"] for row in heads["predictions"]] == pytest.approx(expected.values.tolist())
     with pytest.raises(ValueError, match=r"unknown entity 'uas'; close matches: usa"):
         predict(run, head="uas", relation="embassy", tail=None, top_k=5, samples=10)
 
@@ -119,10 +127,16 @@ def test_export_parquet_and_tsv(nations_run, tmp_path):
     run = load_run(nations_run)
     table = pq.read_table(export(run, tmp_path / "emb.parquet")).to_pydict()
     assert table["kind"].count("entity") == 14 and table["kind"].count("relation") == 55
+    assert table["kind"].count("reciprocal_relation") == 55  # a 1-vs-all model: head queries use r^-1
     usa = table["name"].index("usa")
     assert len(table["mean"][usa]) == 16 and all(v > 0 for v in table["variance"][usa])
+    inverse = table["kind"].index("reciprocal_relation") + 7  # reciprocal of relation 7
+    assert table["id"][inverse] == 7 and table["name"][inverse] == table["name"][14 + 7]
+    torch.testing.assert_close(
+        torch.tensor(table["mean"][inverse], dtype=torch.float64), run.model.relations.full().mean[7 + 55].double()
+    )
     lines = export(run, tmp_path / "emb.tsv", "tsv").read_text().splitlines()
-    assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance" and len(lines) == 1 + 14 + 55
+    assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance" and len(lines) == 1 + 14 + 2 * 55
 
 
 def test_known_mask_is_exact_streamed_and_survives_hash_collisions(monkeypatch):
