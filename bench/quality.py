@@ -4,11 +4,16 @@ Groups (``--groups``, default all):
   small   umls, kinships, nations: V-ComplEx / V-DistMult (LIM, LFM), point ComplEx / DistMult, the
           paper's Bernoulli objective; 3 seeds each, a few minutes in all.
   wn18rr  V-ComplEx (LIM) with the 1-vs-all likelihood, under a 60-minute budget on 2 CPU cores.
-  paper   the four Table 1 rows with the authors' setup (configs/paper-*.yaml), 500 epochs each.
+  paper   the four Table 1 rows with the authors' setup as the paper describes it (configs/paper-*.yaml),
+          500 epochs each.
+  paper-quirks  the two Table 1 rows the issue names (WN18 V-ComplEx LIM, WN18RR V-ComplEx LFM) with the
+          quirks of the authors' code (one tail corruption per positive, rows weighed by position, an
+          N(0, I/d) prior, sigma's norm clipped at 1), and on WN18RR without the position split and with a
+          relation bias instead; 500 epochs each.
   scalable  umls, kinships, nations: V-ComplEx (LIM) with the objectives that scale (sampled softmax with
           and without in-batch negatives, per-occurrence KL) against 1-vs-all; 3 seeds, a few minutes.
   bernoulli  what makes the Bernoulli ELBO learn: the paper's negative weight, weight 1, negatives that
-          exclude their positive, self-adversarial weighting, a tempered KL, and all three; the small
+          exclude their positive, self-adversarial weighting, a tempered KL, all three, a relation bias; the small
           graphs (3 seeds, 300 epochs) and WN18RR (1 seed, 50 epochs, 256 negatives).
   freebase-config  configs/freebase.yaml on WN18RR (batch 4096, 60 epochs): its sampled softmax against
           the Bernoulli objective it had before.
@@ -17,6 +22,7 @@ Groups (``--groups``, default all):
 
     make bench-quality ARGS="--groups small"      # or: python -m bench.quality --groups small wn18rr
     make bench-quality ARGS="--groups small --datasets nations"   # one graph of a group
+    make bench-quality ARGS="--groups bernoulli --models 'relation bias'"   # the rows whose model has this
 
 Each run writes into bench/results/runs/<name>-seed<k>/; the table goes to bench/results/quality.{json,md}.
 """
@@ -52,7 +58,7 @@ TARGETS = {
 }
 
 
-SLUG = str.maketrans("(,/", "---", " )")
+SLUG = str.maketrans("(,/", "---", " )'")
 """A model label as part of a run directory's name: no spaces, parentheses or slashes."""
 
 
@@ -64,11 +70,13 @@ class Experiment:
     config: str
     overrides: list[str] = field(default_factory=list)
     seeds: tuple[int, ...] = (0, 1, 2)
+    variant: str = ""
+    """How a paper row's setup departs from configs/paper-*.yaml (group paper-quirks)."""
 
     @property
     def name(self) -> str:
         slug = self.model.lower().translate(SLUG)
-        return f"{self.dataset}-{slug}"
+        return f"{self.dataset}-{slug}" + (f"-{self.variant.lower().translate(SLUG)}" if self.variant else "")
 
 
 BERNOULLI = ["objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "train.epochs=300"]
@@ -108,6 +116,7 @@ BERNOULLI_STUDY = [
     ("Bernoulli, weight 1, exclude positives", ["objective.negative_weight=1", "objective.exclude_positives=true"]),
     ("Bernoulli, weight 1, self-adversarial 1", ["objective.negative_weight=1", "objective.adversarial_temperature=1"]),
     ("Bernoulli, weight 1, KL x 0.1", ["objective.negative_weight=1", "objective.kl_weight=0.1"]),
+    ("Bernoulli, weight 1, relation bias", ["objective.negative_weight=1", "objective.relation_bias=true"]),
     (
         "Bernoulli, weight 1, all three",
         [
@@ -147,6 +156,30 @@ FREEBASE_OBJECTIVES = [
             "objective.negative_weight=1",
         ],
     ),
+]
+
+
+# The authors' code as it ran (shared/paper.md, "Bugs"; read from their repository): one corruption per
+# positive, of the tail (k = 1), drawn for each positive; rows weighed by position, so most positives
+# carry the negatives' weight; an N(0, I/d) prior; sigma's norm clipped at 1 after every batch.
+AUTHORS_CODE = [
+    "objective.num_negatives=1",
+    "objective.negative_chunk=1",
+    "objective.split_by_position=true",
+    "model.prior=1/dim",
+    "optim.clip_sigma_norm=1.0",
+]
+PAPER_QUIRKS = [  # (dataset, model, config, variant, overrides)
+    ("wn18", "V-ComplEx (LIM)", "paper-wn18-vcomplex-lim.yaml", "authors' code", AUTHORS_CODE),
+    ("wn18rr", "V-ComplEx (LFM)", "paper-wn18rr-vcomplex-lfm.yaml", "authors' code", AUTHORS_CODE),
+    (
+        "wn18rr",
+        "V-ComplEx (LFM)",
+        "paper-wn18rr-vcomplex-lfm.yaml",
+        "authors' code without the position split",
+        [o for o in AUTHORS_CODE if "split_by_position" not in o],
+    ),
+    ("wn18rr", "V-ComplEx (LFM)", "paper-wn18rr-vcomplex-lfm.yaml", "relation bias", ["objective.relation_bias=true"]),
 ]
 
 
@@ -220,6 +253,10 @@ EXPERIMENTS = [
     Experiment("paper", "wn18", "V-ComplEx (LIM)", "paper-wn18-vcomplex-lim.yaml", seeds=(0,)),
     Experiment("paper", "wn18rr", "V-DistMult (LIM)", "paper-wn18rr-vdistmult-lim.yaml", seeds=(0,)),
     Experiment("paper", "wn18rr", "V-ComplEx (LFM)", "paper-wn18rr-vcomplex-lfm.yaml", seeds=(0,)),
+    *(
+        Experiment("paper-quirks", dataset, model, config, overrides, seeds=(0,), variant=variant)
+        for dataset, model, config, variant, overrides in PAPER_QUIRKS
+    ),
 ]
 
 
@@ -237,6 +274,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
         "group": experiment.group,
         "dataset": experiment.dataset,
         "model": experiment.model,
+        "variant": experiment.variant,
         "config": experiment.config + "".join(f" {o}" for o in experiment.overrides + extra),
         "seeds": list(experiment.seeds),
         "valid_mrr": statistics.mean(r["valid"]["filtered"]["mrr"] for r in runs),
@@ -250,7 +288,7 @@ def run(experiment: Experiment, extra: list[str]) -> dict:
         row[key] = statistics.mean(values)
         row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     paper = PAPER.get((experiment.dataset, experiment.model))
-    if paper and experiment.group == "paper":
+    if paper and experiment.group in ("paper", "paper-quirks"):
         row["paper_hits@10"] = paper["hits@10"]
     target = TARGETS.get((experiment.dataset, experiment.model))
     if target and experiment.group in ("small", "wn18rr"):
@@ -263,6 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", default=["small", "scalable", "wn18rr", "paper"])
     parser.add_argument("--datasets", nargs="+", help="only these datasets (default: every one of the groups)")
+    parser.add_argument("--models", nargs="+", help="only the experiments whose model label contains one of these")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -274,13 +313,15 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for experiment in EXPERIMENTS:
-        if experiment.group in args.groups and (not args.datasets or experiment.dataset in args.datasets):
+        chosen = not args.models or any(part in experiment.model for part in args.models)
+        if chosen and experiment.group in args.groups and (not args.datasets or experiment.dataset in args.datasets):
             rows.append(run(experiment, args.overrides))
             print({k: rows[-1][k] for k in ("dataset", "model", "mrr", "hits@10", "train_seconds")}, flush=True)
     compare_to_one_vs_all(rows)
     columns = [
         "dataset",
         "model",
+        "variant",
         "mrr",
         "mrr_std",
         "vs_1vsall",
@@ -304,6 +345,8 @@ def main() -> None:
     )
     if args.datasets:
         name += "-" + "-".join(args.datasets)
+    if args.models:
+        name += "-" + "-".join(part.lower().translate(SLUG) for part in args.models)
     if args.overrides:
         name += "-custom"
     write_results(name, {"machine": machine(), "rows": rows}, header + markdown_table(rows, columns))

@@ -1,5 +1,6 @@
 """Diagonal Gaussian rows q = N(mean, diag(exp(logvar))): the reparameterised sample, the KL to the
-N(0, I) prior, and what an owner sends for its rows in a training step (``encoder``).
+N(0, v I) prior (v = 1 unless ``model.prior`` says otherwise), and what an owner sends for its rows in a
+training step (``encoder``).
 
 A table row is [mean | logvar] side by side; point-estimate rows are [mean] alone. The variance is
 stored as its logarithm (as the authors' code did): it is unconstrained, so the optimiser can move it
@@ -12,6 +13,7 @@ function with a written backward (``sample_and_kl``). Evaluation draws with ``Ga
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -53,22 +55,27 @@ class Gaussian(NamedTuple):
 
 
 class _SampleAndKL(torch.autograd.Function):
-    """Reparameterised sample and per-row KL of [mean | logvar] rows in one pass each way.
+    """Reparameterised sample and per-row KL to N(0, v I) of [mean | logvar] rows in one pass each way.
 
     The analytic backward (d sample/d mean = 1, d sample/d logvar = eps * sigma / 2,
-    d KL/d mean = mean, d KL/d logvar = (sigma^2 - 1) / 2) replaces a dozen autograd nodes over the
-    batch's rows.
+    d KL/d mean = mean / v, d KL/d logvar = (sigma^2 / v - 1) / 2) replaces a dozen autograd nodes over
+    the batch's rows.
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, rows: torch.Tensor, eps: torch.Tensor, prior_var: float) -> tuple[torch.Tensor, torch.Tensor]:
         dim = eps.shape[-1]
         mean, logvar = rows[:, :dim], rows[:, dim:]
         std = torch.exp(0.5 * logvar)
         sample = torch.addcmul(mean, std, eps)
         # Row sums as dot products: no [U, D] temporaries for mean^2 and sigma^2.
-        kl = 0.5 * (torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std) - logvar.sum(-1) - dim)
+        squares = torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std)
+        if prior_var == 1.0:
+            kl = 0.5 * (squares - logvar.sum(-1) - dim)
+        else:
+            kl = 0.5 * (squares / prior_var - logvar.sum(-1) - dim + dim * math.log(prior_var))
         ctx.save_for_backward(mean, std, eps)
+        ctx.prior_var = prior_var
         return sample, kl
 
     @staticmethod
@@ -80,22 +87,26 @@ class _SampleAndKL(torch.autograd.Function):
         weight = grad_kl.unsqueeze(-1) if grad_kl is not None else mean.new_zeros(mean.shape[0], 1)
         if grad_sample is None:
             grad_sample = mean.new_zeros(())
-        # d/d mean = g + w mean;  d/d logvar = (g eps sigma + w (sigma^2 - 1)) / 2 = sigma (g eps + w sigma) / 2 - w / 2
-        torch.addcmul(grad_sample, weight, mean, out=grad_mean)
-        inner = torch.addcmul(grad_sample * eps, weight, std)
+        # d/d mean = g + w mean / v;  d/d logvar = (g eps sigma + w (sigma^2 / v - 1)) / 2
+        #                                        = sigma (g eps + (w / v) sigma) / 2 - w / 2
+        scaled = weight if ctx.prior_var == 1.0 else weight / ctx.prior_var
+        torch.addcmul(grad_sample, scaled, mean, out=grad_mean)
+        inner = torch.addcmul(grad_sample * eps, scaled, std)
         torch.addcmul(weight * -0.5, inner, std, value=0.5, out=grad_logvar)
-        return grad, None
+        return grad, None, None
 
 
-def sample_and_kl(rows: torch.Tensor, dim: int, eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The draw mean + sigma * eps [U, dim] and the KL to N(0, I) per row [U] of table rows
+def sample_and_kl(
+    rows: torch.Tensor, dim: int, eps: torch.Tensor | None, prior_var: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw mean + sigma * eps [U, dim] and the KL to N(0, prior_var I) per row [U] of table rows
     [U, 2*dim] = [mean | logvar], given standard normal ``eps`` [U, dim].
 
     Point-estimate rows ([U, dim]) are returned as they are, with zero KL (``eps`` is then None).
     """
     if rows.shape[-1] == dim:
         return rows, rows.new_zeros(rows.shape[0])
-    return _SampleAndKL.apply(rows, eps)
+    return _SampleAndKL.apply(rows, eps, prior_var)
 
 
 class _StreamSampleAndKL(torch.autograd.Function):
@@ -147,7 +158,9 @@ def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -
     return rows
 
 
-def training_encoder(dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
+def training_encoder(
+    dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool, prior_var: float = 1.0
+) -> Encoder:
     """What an owner sends for its Gaussian rows in training step ``key`` = (seed, epoch, step):
     [sample | KL | mean if ``keep_mean``], the sample drawn with the rows' dense noise ``dense_eps`` [local
     rows, dim] when given, else with the noise stream (key, stream, NOISE) at the row's position in the
@@ -159,7 +172,8 @@ def training_encoder(dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | N
             eps = dense_eps.index_select(0, local)
         else:
             spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
-            packed = stream_sample_and_kl(rows, dim, spans)
+            # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
+            packed = stream_sample_and_kl(rows, dim, spans) if prior_var == 1.0 else None
             if packed is not None:
                 return torch.cat([packed, *means], dim=1) if means else packed
             eps, start = rows.new_empty(len(rows), dim), 0
@@ -167,7 +181,7 @@ def training_encoder(dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | N
                 span = (s.offset, s.offset + s.count)
                 rng.row_normal(span, dim, (*key, s.tag, rng.NOISE), eps[start : start + s.count])
                 start += s.count
-        sample, row_kl = sample_and_kl(rows, dim, eps)
+        sample, row_kl = sample_and_kl(rows, dim, eps, prior_var)
         return torch.cat([sample, row_kl.unsqueeze(1), *means], dim=1)
 
     return encode

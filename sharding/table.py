@@ -184,6 +184,21 @@ class ShardedTable:
         if ids is None or len(ids):
             self.optimizer.step(self.weight, ids, grad)
 
+    @torch.no_grad()
+    def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float) -> None:
+        """Scale sigma of local rows ``ids`` (all when None) so that its L2 norm over the row is at most
+        ``max_norm``, as the authors' code did after every batch; point-estimate rows have none."""
+        if not self.variational or (ids is not None and not len(ids)):
+            return
+        logvar = self.weight[:, self.dim :] if ids is None else self.weight[ids, self.dim :]
+        # ||sigma|| = sqrt(sum exp(logvar)); scaling sigma by c adds 2 log c to every logvar of the row.
+        log_norm = 0.5 * torch.logsumexp(logvar, dim=1, keepdim=True)
+        shift = 2.0 * (math.log(max_norm) - log_norm).clamp(max=0.0)
+        if ids is None:
+            self.weight[:, self.dim :] += shift
+        else:
+            self.weight[ids, self.dim :] = logvar + shift
+
     def dense_noise(self, key: tuple[int, ...]) -> torch.Tensor:
         """Noise for every local row, the same per row whatever the sharding (see ``rng.block_normal``)."""
         return rng.block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows, self.device)

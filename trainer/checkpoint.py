@@ -33,6 +33,7 @@ LATEST = "checkpoint"
 BEST = "best"
 INDEX = "index.json"
 RELATIONS = "relations.pt"
+RELATION_BIAS = "relation_bias.pt"
 _SHARD = re.compile(r"entities-(\d+)-(\d+)\.pt")
 # Settings that must match for a checkpoint to be continued; train.epochs, data.prefetch etc. may change.
 FROZEN_KEYS = ("data.dataset", "model", "objective")
@@ -63,6 +64,8 @@ def write_files(directory: Path, model: KGModel, state: RunState, config: RunCon
     fault_point("checkpoint.shard_written")
     if lead:
         atomic_torch_save(directory / RELATIONS, model.relations.state_dict())
+        if model.bias is not None:
+            atomic_torch_save(directory / RELATION_BIAS, model.bias.state_dict())
         index = {
             "format": FORMAT,
             "state": dataclasses.asdict(state),
@@ -161,6 +164,8 @@ def load_into(directory: Path, model: KGModel) -> RunState:
             parts.append(_load(path))
     ents.load_ranges(parts)
     model.relations.load_ranges([_load(directory / RELATIONS)])
+    if model.bias is not None:
+        model.bias.load_ranges([_load(directory / RELATION_BIAS)])
     return RunState(**index["state"])
 
 

@@ -39,6 +39,9 @@ class ModelConfig:
     """Real numbers per embedding mean (ComplEx uses dim/2 complex dimensions)."""
     init_logvar: float | None = None
     """Initial log-variance of every posterior; None means log(1/dim), as the authors' code did."""
+    prior: Literal["unit", "1/dim"] = "unit"
+    """The prior of every embedding: unit, N(0, I) (the paper's); 1/dim, N(0, I/dim), what the authors'
+    published runs used (a flag parsed wrongly)."""
     init_std: float | None = None
     """Std of the normal init of the means; None means Xavier/Glorot, sqrt(2/(rows+dim))."""
 
@@ -50,7 +53,8 @@ class ObjectiveConfig:
     softmax: 1-vs-all multinomial over all entities with reciprocal relations; sampled_softmax: the same
     multinomial with log Z estimated from sampled and in-batch negatives (what scales)."""
     num_negatives: int = 32
-    """Bernoulli: k corruptions per positive, k/2 heads and k/2 tails (k must be even); sampled_softmax:
+    """Bernoulli: k corruptions per positive, k//2 heads and the rest tails (k = 1 corrupts tails only, as
+    the authors' code did); sampled_softmax:
     k uniform candidates shared by a chunk's head and tail queries."""
     negative_chunk: int = 256
     """Positives sharing one draw of negatives (Bernoulli, sampled_softmax), so scoring is one matrix product."""
@@ -65,6 +69,14 @@ class ObjectiveConfig:
     """Bernoulli: self-adversarial weighting (Sun et al., 2019, RotatE): a positive's negatives on each side
     share their total weight in proportion to softmax(temperature * score), held constant in the gradient,
     so the hard negatives carry it; 0 weighs them equally (the ELBO's estimator)."""
+    split_by_position: bool = False
+    """Bernoulli, for reproducing the authors' published runs (not the ELBO): their code lays a batch out as
+    each positive followed by its k negatives and weighs the first B rows 1 and every later row 1/b-, by
+    position, not by label, so most positives carry the negatives' weight (``position_weights``)."""
+    relation_bias: bool = False
+    """Bernoulli: add a learned bias per relation (a point estimate) to every score, so a relation can call
+    all corruptions unlikely without moving its embeddings; it cancels in a softmax, so it leaves ranks as
+    they are and moves only the probabilities."""
     kl_estimator: KLEstimator = "full"
     """LIM only. full: KL of the whole entity table each batch, weighted by the schedule;
     per_occurrence: each positive's entities carry KL/frequency, so an epoch sums to the full KL
@@ -95,6 +107,9 @@ class OptimConfig:
     lr_patience: int = 1
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None disables."""
+    clip_sigma_norm: float | None = None
+    """After every update, scale each updated row's sigma so its L2 norm is at most this, as the authors'
+    code did with 1.0 (with log(1/dim) as the initial log-variance, sigma starts at norm 1); None disables."""
 
 
 @dataclass(kw_only=True)
@@ -237,6 +252,7 @@ RANGES: dict[str, Interval] = {
     "optim.lr_decay": Interval(0, 1, lo_open=True),
     "optim.lr_patience": Interval(1),
     "optim.grad_clip": POSITIVE,
+    "optim.clip_sigma_norm": POSITIVE,
     "train.epochs": POSITIVE,
     "train.batch_size": POSITIVE,
     "train.seed": NON_NEGATIVE,
@@ -291,16 +307,18 @@ class RunConfig:
                 raise ValueError(f"{key}={value}: must be {interval}")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
-        if self.objective.num_negatives % 2:
-            raise ValueError("objective.num_negatives must be even: k/2 heads and k/2 tails are corrupted")
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         obj = self.objective
-        if (obj.exclude_positives or obj.adversarial_temperature) and obj.likelihood != "bernoulli":
-            raise ValueError(
-                "objective.exclude_positives and objective.adversarial_temperature weigh Bernoulli negatives: "
-                f"they do nothing with objective.likelihood={obj.likelihood}"
-            )
+        bernoulli_only = ("exclude_positives", "adversarial_temperature", "split_by_position", "relation_bias")
+        for option in bernoulli_only:
+            if getattr(obj, option) and obj.likelihood != "bernoulli":
+                raise ValueError(
+                    f"objective.{option} belongs to the Bernoulli likelihood: "
+                    f"it does nothing with objective.likelihood={obj.likelihood}"
+                )
+        if obj.split_by_position and obj.adversarial_temperature:
+            raise ValueError("objective.split_by_position fixes each row's weight: it excludes adversarial_temperature")
         if self.objective.kl_estimator == "per_occurrence" and self.objective.kl_schedule != "uniform":
             raise ValueError("objective.kl_estimator=per_occurrence spreads the KL itself; use kl_schedule=uniform")
         sampled = "sampled" in (self.eval.protocol, self.eval.final_protocol)

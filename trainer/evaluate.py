@@ -220,7 +220,8 @@ def predictive_scores(
             drawn = logits if weights_C is None else logits + weights_C.log().to(logits.dtype)
             probs = torch.exp(logits - sharded_log_partition(drawn, model.exchange).unsqueeze(-1))
         else:
-            probs = logits.sigmoid()
+            bias = model.relation_bias(r)
+            probs = (logits + bias.unsqueeze(-1) if isinstance(bias, torch.Tensor) else logits).sigmoid()
         total = total + probs
     return total / num_samples
 

@@ -2,7 +2,7 @@
 (``objective.likelihood``).
 
 * ``bernoulli``: the paper's sigmoid likelihood. Each chunk of positives shares k uniform negatives
-  (k/2 replace heads, k/2 tails), weighted 1/b- (Propositions 2 and 4); only the batch's rows are touched.
+  (k//2 replace heads, the rest tails), weighted 1/b- (Propositions 2 and 4); only the batch's rows are touched.
 * ``softmax``: the 1-vs-all multinomial over every entity, with reciprocal relations (the head query
   (?, r, o) becomes the tail query (o, r^-1, ?)); it needs every local entity row as a candidate.
 * ``sampled_softmax``: the same multinomial with log Z estimated from candidates: k uniform negatives
@@ -27,6 +27,7 @@ from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,
     chunk_negatives,
+    position_weights,
     sampled_softmax_nll,
     sharded_log_z,
     softmax_nll,
@@ -55,6 +56,8 @@ class FactRows:
     """The batch's facts [B, 3] (entity and relation ids)."""
     negative_ids: torch.Tensor | None
     """Entity ids of the negatives [C, k], or None."""
+    bias: torch.Tensor | None = None
+    """The positives' relation biases [B] (``objective.relation_bias``), or None."""
 
 
 class Likelihood:
@@ -110,6 +113,7 @@ class Bernoulli(SampledNegatives):
         negative_weight: float | None,
         exclude_positives: bool = False,
         adversarial_temperature: float = 0.0,
+        split_by_position: bool = False,
         **negatives: Any,
     ):
         super().__init__(**negatives)
@@ -119,6 +123,7 @@ class Bernoulli(SampledNegatives):
             else negative_weight
         )
         self.exclude_positives, self.adversarial_temperature = exclude_positives, adversarial_temperature
+        self.split_by_position = split_by_position
 
     def nll(
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
@@ -126,10 +131,26 @@ class Bernoulli(SampledNegatives):
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
         neg = facts.neg.view(*facts.neg_layout, -1)
         keep = self._keep(facts) if self.exclude_positives else None
+        weight, positive_weight = self.weight, None
+        if self.split_by_position:
+            positive_weight, scale = position_weights(len(facts.s), self.num_negatives, weight)
+            positive_weight, scale = (
+                positive_weight.to(neg.device),
+                self._chunked(scale.to(neg.device), facts.negative_ids),
+            )
+            keep, weight = (scale if keep is None else scale * keep), 1.0
         return bernoulli_nll(
-            scorer, facts.s, facts.r, facts.o, neg, self.chunk, self.weight,
+            scorer, facts.s, facts.r, facts.o, neg, self.chunk, weight,
             keep_CBK=keep, adversarial_temperature=self.adversarial_temperature,
+            positive_weight_B=positive_weight, bias_B=facts.bias,
         )  # fmt: skip
+
+    def _chunked(self, per_positive: torch.Tensor, negative_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, k] -> [C, chunk, k], padded with zeros."""
+        assert negative_ids is not None
+        num_chunks = negative_ids.shape[0]
+        pad = num_chunks * self.chunk - len(per_positive)
+        return F.pad(per_positive, (0, 0, 0, pad)).view(num_chunks, self.chunk, -1)
 
     def _keep(self, facts: FactRows) -> torch.Tensor:
         """[C, chunk, k]: False where a head corruption is the positive's own head or a tail corruption
@@ -252,5 +273,6 @@ def build_likelihood(
         )  # fmt: skip
     return Bernoulli(
         negative_weight=objective.negative_weight, exclude_positives=objective.exclude_positives,
-        adversarial_temperature=objective.adversarial_temperature, **sampling,
+        adversarial_temperature=objective.adversarial_temperature, split_by_position=objective.split_by_position,
+        **sampling,
     )  # fmt: skip

@@ -41,6 +41,7 @@ class Forward:
     relation_leaf: torch.Tensor
     entity_leaf: torch.Tensor | None
     encoded: list[Encoded]
+    bias_leaf: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Gradients:
     entities: torch.Tensor
     relations: torch.Tensor
     relations_pending: Pending
+    bias: tuple[torch.Tensor, Pending] | None = None
 
 
 class KGModel:
@@ -64,10 +66,15 @@ class KGModel:
         likelihood: Likelihood,
         num_relations: int,
         n3_weight: float = 0.0,
+        bias: ReplicatedTable | None = None,
+        clip_sigma_norm: float | None = None,
     ):
         self.entities, self.relations, self.scorer = entities, relations, scorer
         self.posterior, self.likelihood, self.num_relations = posterior, likelihood, num_relations
         self.n3_weight = n3_weight
+        self.bias = bias
+        """A point-estimate bias per relation [Nr, 1] added to every score (``objective.relation_bias``)."""
+        self.clip_sigma_norm = clip_sigma_norm
         # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
         self.dense = likelihood.dense or posterior.dense_kl
 
@@ -91,6 +98,8 @@ class KGModel:
         """The learning rate of every row optimiser (entities and relations)."""
         self.entities.optimizer.lr = lr
         self.relations.table.optimizer.lr = lr
+        if self.bias is not None:
+            self.bias.table.optimizer.lr = lr
 
     def forward(self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...]) -> Forward:
         """The negative ELBO's terms of this rank's ``batches`` (stream, positives [B, 3]) in step ``key`` =
@@ -98,12 +107,13 @@ class KGModel:
         ents, rels, posterior = self.entities, self.relations, self.posterior
         relation_leaf = rels.local()
         relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
-        relations, relation_kl = sample_and_kl(relation_leaf, rels.dim, relation_eps)
+        relations, relation_kl = sample_and_kl(relation_leaf, rels.dim, relation_eps, posterior.prior_var)
+        bias_leaf = self.bias.local() if self.bias is not None else None
         entity_leaf = dense_eps = candidates = dense_kl = None
         if self.dense:
             entity_leaf = ents.local()
             dense_eps = ents.dense_noise(key) if self.variational else None
-            candidates, dense_kl = sample_and_kl(entity_leaf, ents.dim, dense_eps)
+            candidates, dense_kl = sample_and_kl(entity_leaf, ents.dim, dense_eps, posterior.prior_var)
 
         encoder = posterior.encoder(ents.dim, key, dense_eps, keep_mean=self.n3_weight > 0)
         encoded: list[Encoded] = []
@@ -115,34 +125,54 @@ class KGModel:
             item = ents.encode(rows.ids, encoder, tag=stream)
             encoded.append(item)
             sample, entity_kl, mean = posterior.split(item.values, ents.dim)
+            bias = bias_leaf[:, 0].index_select(0, r) if bias_leaf is not None else None
             nll = nll + self.likelihood.nll(
-                self.scorer, _fact_rows(sample, relations, rows, positives), relations, candidates
+                self.scorer, _fact_rows(sample, relations, rows, positives, bias), relations, candidates
             )
             kl = kl + posterior.fact_kl(entity_kl, relation_kl, rows, r)
             if self.n3_weight > 0:
                 reg = reg + self.n3_weight * self._n3(mean, relation_leaf, rows, r)
         kl = kl + posterior.table_kl(dense_kl, relation_kl, share, self.exchange.rank)
-        return Forward(nll, kl, reg, relation_leaf, entity_leaf, encoded)
+        return Forward(nll, kl, reg, relation_leaf, entity_leaf, encoded, bias_leaf)
 
     @staticmethod
     def finite_gradients(forward: Forward) -> bool:
         """Whether every gradient this rank computed (relations, its dense entity rows, the encoded rows it
         asked for) is finite."""
-        leaves = [forward.relation_leaf, forward.entity_leaf, *(item.values for item in forward.encoded)]
+        leaves = [
+            forward.relation_leaf, forward.entity_leaf, forward.bias_leaf, *(item.values for item in forward.encoded)
+        ]  # fmt: skip
         return all(t is None or t.grad is None or bool(torch.isfinite(t.grad).all()) for t in leaves)
 
     def gradients(self, forward: Forward) -> Gradients:
         """After the backward: start summing the relation gradients over ranks and send the entity
         gradients back to their owners."""
         relation_grad, pending = self.relations.collect(forward.relation_leaf)
+        bias = None
+        if self.bias is not None and forward.bias_leaf is not None:
+            bias = self.bias.collect(forward.bias_leaf)
         entity_ids, entity_grad = self.entities.collect(forward.encoded, forward.entity_leaf)
-        return Gradients(entity_ids, entity_grad, relation_grad, pending)
+        return Gradients(entity_ids, entity_grad, relation_grad, pending, bias)
 
     def update(self, grads: Gradients) -> None:
         """The row optimisers' step; the entity update runs while the relation gradients travel."""
         self.entities.step(grads.entity_ids, grads.entities)
+        if self.clip_sigma_norm is not None:
+            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm)
         grads.relations_pending.wait()
         self.relations.step(grads.relations)
+        if self.clip_sigma_norm is not None:
+            self.relations.table.clip_sigma_norm(None, self.clip_sigma_norm)
+        if self.bias is not None and grads.bias is not None:
+            bias_grad, bias_pending = grads.bias
+            bias_pending.wait()
+            self.bias.step(bias_grad)
+
+    def relation_bias(self, r: torch.Tensor) -> torch.Tensor | float:
+        """The score bias of relations ``r`` (0 without ``objective.relation_bias``)."""
+        if self.bias is None:
+            return 0.0
+        return self.bias.table.weight[:, 0].index_select(0, r)
 
     @torch.no_grad()
     def health(self) -> tuple[float, float, float]:
@@ -188,7 +218,9 @@ class KGModel:
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
 
 
-def _fact_rows(sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, positives: torch.Tensor) -> FactRows:
+def _fact_rows(
+    sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, positives: torch.Tensor, bias: torch.Tensor | None
+) -> FactRows:
     r = positives[:, 1]
     batch = len(r)
     gathered = sample.index_select(0, rows.flat)
@@ -196,7 +228,7 @@ def _fact_rows(sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, po
     s, o, neg = gathered.split([batch, batch, len(gathered) - 2 * batch])
     layout = rows.neg.shape if rows.neg is not None else None
     negative_ids = rows.ids[rows.neg] if rows.neg is not None else None
-    return FactRows(s, relations.index_select(0, r), o, r, neg, layout, positives, negative_ids)
+    return FactRows(s, relations.index_select(0, r), o, r, neg, layout, positives, negative_ids, bias)
 
 
 def build_model(
@@ -231,7 +263,18 @@ def build_model(
     frequency = entity_frequency.to(entities.device) if entity_frequency is not None else None
     posterior = build_posterior(
         model_cfg.latent, obj.kl_estimator, num_relations=num_relations, reciprocal=likelihood.reciprocal,
-        entity_frequency=frequency,
+        entity_frequency=frequency, prior_var=1.0 / model_cfg.dim if model_cfg.prior == "1/dim" else 1.0,
     )  # fmt: skip
     n3_weight = obj.reg_weight if obj.reg == "n3" else 0.0
-    return KGModel(entities, relations, build_scorer(model_cfg.scorer), posterior, likelihood, num_relations, n3_weight)
+    bias = None
+    if obj.relation_bias:
+        # Starts at 0 (no bias), a point estimate with the relations' optimiser.
+        bias_table = ShardedTable(
+            num_relations, 1, LocalExchange(), variational=False, optimizer=optim.optimizer, lr=optim.lr,
+            seed=config.train.seed + 2, init_std=0.0, block_rows=config.sharding.block_rows, device=device,
+        )  # fmt: skip
+        bias = ReplicatedTable(bias_table, exchange)
+    return KGModel(
+        entities, relations, build_scorer(model_cfg.scorer), posterior, likelihood, num_relations, n3_weight, bias,
+        optim.clip_sigma_norm,
+    )  # fmt: skip

@@ -53,12 +53,24 @@ def chunk_negatives(
     return torch.randint(num_entities, (num_chunks, num_negatives), generator=generator, device=generator.device)
 
 
+def position_weights(num_positives: int, num_negatives: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights the authors' code gave a batch's positives [B] and negatives [B, k] (for
+    ``objective.split_by_position``): it lays the batch out as each positive followed by its k negatives,
+    then weighs rows by position, not by label: the first B rows 1 and every later row ``weight``, so only
+    the first ~B/(k+1) positives keep weight 1 and most positives carry the negatives' weight."""
+    row = torch.arange(num_positives, dtype=torch.float64).unsqueeze(1) * (num_negatives + 1)
+    rows = row + torch.arange(num_negatives + 1, dtype=torch.float64)  # [B, 1 + k]: the positive, then its negatives
+    weights = torch.where(rows < num_positives, 1.0, weight).float()
+    return weights[:, 0], weights[:, 1:]
+
+
 def negative_weights(
     scores_CBH: torch.Tensor, keep_CBH: torch.Tensor | None, weight: float, temperature: float
 ) -> torch.Tensor | float:
     """The weight of each of a positive's H negatives on one side [C, B, H] (a float when all are equal).
 
-    Uniform: ``weight`` each, 0 where ``keep`` is False. Self-adversarial (``temperature`` > 0, RotatE):
+    Uniform: ``weight`` each, times ``keep`` (a bool mask: 0 where False; or float multipliers).
+    Self-adversarial (``temperature`` > 0, RotatE):
     the kept negatives share weight * (#kept) in proportion to softmax(temperature * score), so the
     side's total weight is the uniform one and only its split changes. Constants to the gradient.
     """
@@ -106,13 +118,18 @@ def bernoulli_nll(
     *,
     keep_CBK: torch.Tensor | None = None,
     adversarial_temperature: float = 0.0,
+    positive_weight_B: torch.Tensor | None = None,
+    bias_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-sum log sigmoid(x_pos) - sum_neg w_neg log sigmoid(-x_neg) for a batch of B positives.
+    """-sum w_pos log sigmoid(x_pos) - sum_neg w_neg log sigmoid(-x_neg) for a batch of B positives.
 
     ``neg_CKD`` holds the sampled negative embeddings of the C = ceil(B/chunk) chunks; positives are
     padded to C*chunk so each chunk's scoring is one batched matrix product, and padding is masked.
-    w_neg is ``negative_weight`` unless ``keep_CBK`` [C, chunk, k] drops some negatives of a positive
-    (False: not counted) or ``adversarial_temperature`` reweights them (``negative_weights``).
+    The first k//2 negatives replace heads, the rest tails. w_neg is ``negative_weight`` unless
+    ``keep_CBK`` [C, chunk, k] scales the negatives of a positive (a bool mask: False is not counted) or
+    ``adversarial_temperature`` reweights them (``negative_weights``); w_pos is 1 unless
+    ``positive_weight_B`` gives it. ``bias_B`` is added to every score of a positive's facts (its
+    relation's bias).
     """
     num_pos, dim = s_BD.shape
     num_chunks, num_neg, _ = neg_CKD.shape
@@ -121,18 +138,29 @@ def bernoulli_nll(
     def chunked(x: torch.Tensor) -> torch.Tensor:
         return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(num_chunks, chunk, dim)
 
+    def chunked_values(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else (F.pad(x, (0, pad)) if pad else x).view(num_chunks, chunk)
+
     s, r, o = chunked(s_BD), chunked(r_BD), chunked(o_BD)
+    pos_weight, bias = chunked_values(positive_weight_B), chunked_values(bias_B)
     half = num_neg // 2
     keep_heads, keep_tails = (None, None) if keep_CBK is None else (keep_CBK[..., :half], keep_CBK[..., half:])
     weigh = NegativeWeighting(negative_weight, keep_heads, keep_tails, adversarial_temperature)
     if isinstance(scorer, BilinearScorer):
         query_tail, query_head = scorer.tail_query(s, r), scorer.head_query(r, o)
-        return _BilinearBernoulli.apply(query_tail, query_head, o, neg_CKD, weigh, num_pos)
-    pos_scores, tail_scores = scorer.score_and_tails(s, r, o, neg_CKD[:, half:])  # [C, chunk], [C, chunk, k/2]
+        return _BilinearBernoulli.apply(query_tail, query_head, o, neg_CKD, weigh, num_pos, pos_weight, bias)
+    pos_scores, tail_scores = scorer.score_and_tails(s, r, o, neg_CKD[:, half:])  # [C, chunk], [C, chunk, k - k//2]
     head_scores = scorer.score_heads(r, o, neg_CKD[:, :half])
+    if bias is not None:
+        pos_scores, tail_scores, head_scores = (
+            pos_scores + bias,
+            tail_scores + bias.unsqueeze(-1),
+            head_scores + bias.unsqueeze(-1),
+        )
     w_heads, w_tails = weigh(head_scores, tail_scores)
     neg_nll = (F.softplus(head_scores) * w_heads).sum(-1) + (F.softplus(tail_scores) * w_tails).sum(-1)
-    nll = F.softplus(-pos_scores) + neg_nll  # [C, chunk]
+    pos_nll = F.softplus(-pos_scores)
+    nll = (pos_nll if pos_weight is None else pos_nll * pos_weight) + neg_nll  # [C, chunk]
     return (nll.view(-1)[:num_pos] if pad else nll).sum()
 
 
@@ -141,22 +169,29 @@ class _BilinearBernoulli(torch.autograd.Function):
     <q_tail, o>, the tail corruptions q_tail . c and the head corruptions q_head . c, with a written
     backward (sigmoids and four batched products) in place of autograd's ~50 small nodes.
 
-    Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k/2 replace heads), how the
-    negatives are weighed, and how many of the C*chunk rows are real facts (the rest is padding).
+    Inputs [C, chunk, D] (queries, objects), negatives [C, k, D] (the first k//2 replace heads), how the
+    negatives are weighed, how many of the C*chunk rows are real facts (the rest is padding), and
+    optionally the positives' weights and score biases [C, chunk].
     """
 
     @staticmethod
-    def forward(ctx, query_tail, query_head, o, neg, weigh: NegativeWeighting, num_pos: int):
+    def forward(ctx, query_tail, query_head, o, neg, weigh: NegativeWeighting, num_pos: int, pos_weight, bias):
         half = neg.shape[1] // 2
         neg_head, neg_tail = neg[:, :half], neg[:, half:]
         pos = torch.linalg.vecdot(query_tail, o)  # [C, chunk]
-        tails = torch.bmm(query_tail, neg_tail.transpose(1, 2))  # [C, chunk, k/2]
+        tails = torch.bmm(query_tail, neg_tail.transpose(1, 2))  # [C, chunk, k - k//2]
         heads = torch.bmm(query_head, neg_head.transpose(1, 2))
+        if bias is not None:
+            pos.add_(bias)
+            tails.add_(bias.unsqueeze(-1))
+            heads.add_(bias.unsqueeze(-1))
         w_heads, w_tails = weigh(heads, tails)
         neg_nll = (F.softplus(tails) * w_tails).sum(-1).add_((F.softplus(heads) * w_heads).sum(-1))
-        nll = F.softplus(-pos).add_(neg_nll)
+        pos_nll = F.softplus(-pos)
+        nll = (pos_nll if pos_weight is None else pos_nll.mul_(pos_weight)).add_(neg_nll)
         ctx.save_for_backward(query_tail, query_head, o, neg, pos, tails, heads)
-        ctx.w_heads, ctx.w_tails, ctx.num_pos = w_heads, w_tails, num_pos
+        ctx.w_heads, ctx.w_tails, ctx.num_pos, ctx.pos_weight = w_heads, w_tails, num_pos, pos_weight
+        ctx.has_bias = bias is not None
         return nll.view(-1)[:num_pos].sum()
 
     @staticmethod
@@ -165,17 +200,21 @@ class _BilinearBernoulli(torch.autograd.Function):
         half = neg.shape[1] // 2
         # d softplus(-x)/dx = -sigmoid(-x);  d softplus(x)/dx = sigmoid(x); the weights are constants.
         g_pos = torch.sigmoid(-pos).mul_(-grad)
+        if ctx.pos_weight is not None:
+            g_pos.mul_(ctx.pos_weight)
         g_tails = torch.sigmoid(tails).mul_(ctx.w_tails).mul_(grad)
         g_heads = torch.sigmoid(heads).mul_(ctx.w_heads).mul_(grad)
         if ctx.num_pos < pos.numel():  # padding carries no gradient
             for g in (g_pos, g_tails, g_heads):
                 g.view(pos.numel(), -1)[ctx.num_pos :] = 0
+        # A bias enters every score of its positive's facts with derivative 1.
+        grad_bias = g_pos + g_tails.sum(-1) + g_heads.sum(-1) if ctx.has_bias else None
         g_pos = g_pos.unsqueeze(-1)
         grad_tail = torch.baddbmm(g_pos * o, g_tails, neg[:, half:])
         grad_head = torch.bmm(g_heads, neg[:, :half])
         grad_o = g_pos * query_tail
         grad_neg = torch.cat([g_heads.transpose(1, 2) @ query_head, g_tails.transpose(1, 2) @ query_tail], dim=1)
-        return grad_tail, grad_head, grad_o, grad_neg, None, None
+        return grad_tail, grad_head, grad_o, grad_neg, None, None, None, grad_bias
 
 
 def local_log_partition(logits_BN: torch.Tensor) -> torch.Tensor:

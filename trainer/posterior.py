@@ -56,6 +56,8 @@ class Posterior:
     variational = False
     dense_kl = False
     """Whether the KL needs every local entity row in every step."""
+    prior_var = 1.0
+    """Variance of the N(0, prior_var I) prior (``model.prior``)."""
 
     def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
         return identity
@@ -79,7 +81,7 @@ class GaussianPosterior(Posterior):
     variational = True
 
     def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
-        return training_encoder(dim, key, dense_eps, keep_mean)
+        return training_encoder(dim, key, dense_eps, keep_mean, self.prior_var)
 
     def split(self, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return split_encoding(values, dim)
@@ -139,10 +141,13 @@ def build_posterior(
     num_relations: int,
     reciprocal: bool,
     entity_frequency: torch.Tensor | None,
+    prior_var: float = 1.0,
 ) -> Posterior:
-    return POSTERIORS[latent](
+    posterior = POSTERIORS[latent](
         kl_estimator=kl_estimator,
         num_relations=num_relations,
         reciprocal=reciprocal,
         entity_frequency=entity_frequency,
     )
+    posterior.prior_var = prior_var
+    return posterior

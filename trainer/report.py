@@ -69,10 +69,11 @@ def _magnitudes(model: KGModel, known_id: int, r: int, num_entities: int, tails:
     query, relation, side = model.query(
         ents.mean[known_id].unsqueeze(0), rels.mean, torch.tensor([r]), "tail" if tails else "head"
     )
+    bias = model.relation_bias(torch.tensor([r])) if not model.reciprocal else 0.0
     chunks = []
     for lo in range(0, num_entities, CANDIDATE_ROWS):
         candidates = ents.mean[lo : min(num_entities, lo + CANDIDATE_ROWS)]
-        chunks.append(torch.sigmoid(model.score_candidates(query, relation, side, candidates)[0]))
+        chunks.append(torch.sigmoid(model.score_candidates(query, relation, side, candidates)[0] + bias))
     return torch.cat(chunks)
 
 

@@ -102,8 +102,10 @@ def fact_probabilities(
     if missing == "head" and model.reciprocal:
         s, r, o = o, r + model.num_relations, s
 
+    bias = model.relation_bias(r)  # a reciprocal model has none: only the Bernoulli likelihood learns one
+
     def probability(entity: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(model.scorer.score(entity[s], relation[r], entity[o]))
+        return torch.sigmoid(model.scorer.score(entity[s], relation[r], entity[o]) + bias)
 
     magnitude = probability(ents.mean, rels.mean)
     if not model.variational:

@@ -24,6 +24,7 @@ CASES = {
         "objective.kl_estimator=per_occurrence",
         "objective.exclude_positives=true",
         "objective.adversarial_temperature=1",
+        "objective.relation_bias=true",
     ],
     "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
 }

@@ -22,7 +22,6 @@ def test_overrides_are_typed(tmp_path):
         (["model.dimension=3"], "unknown config key.*model.dimension"),
         (["model.dim=big"], "model.dim: expected int"),
         (["model.latent=gaussian"], "model.latent='gaussian': expected one of lim, lfm, point"),
-        (["objective.num_negatives=3"], "must be even"),
         (["model.scorer=complex", "model.dim=5"], "even dim"),
         (["train.progress=3"], "train.progress: expected true/false"),
         (["nonsense"], "expected key=value"),
@@ -115,9 +114,17 @@ def test_out_of_range_values_are_refused_before_anything_runs(override, message)
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("option", ["objective.exclude_positives=true", "objective.adversarial_temperature=1"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "objective.exclude_positives=true",
+        "objective.adversarial_temperature=1",
+        "objective.split_by_position=true",
+        "objective.relation_bias=true",
+    ],
+)
 def test_bernoulli_options_are_refused_with_another_likelihood(option):
-    with pytest.raises(ValueError, match=r"do nothing with objective\.likelihood=sampled_softmax"):
+    with pytest.raises(ValueError, match=r"does nothing with objective\.likelihood=sampled_softmax"):
         load_config(None, ["objective.likelihood=sampled_softmax", option])
     assert load_config(None, ["objective.likelihood=bernoulli", option]).objective.likelihood == "bernoulli"
 

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from sharding.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
@@ -55,10 +58,22 @@ def test_fused_sample_and_kl_matches_autograd_of_the_composition():
     torch.testing.assert_close(fused_rows.grad, plain_rows.grad)
 
 
-def test_fused_sample_and_kl_passes_gradcheck():
+@pytest.mark.parametrize("prior_var", [1.0, 0.05])
+def test_fused_sample_and_kl_passes_gradcheck(prior_var):
     rows = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     eps = torch.randn(4, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: _SampleAndKL.apply(x, eps), (rows,))
+    assert torch.autograd.gradcheck(lambda x: _SampleAndKL.apply(x, eps, prior_var), (rows,))
+
+
+def test_kl_to_a_narrow_prior_is_the_closed_form():
+    # KL(N(m, s^2) || N(0, v)) = 0.5 (s^2/v + m^2/v - 1 - log s^2 + log v), per dimension.
+    mean, logvar, v = torch.tensor([[0.3, -1.0]]), torch.tensor([[-2.0, 0.5]]), 0.1
+    _, kl = sample_and_kl(torch.cat([mean, logvar], dim=1), 2, torch.zeros(1, 2), prior_var=v)
+    expected = sum(
+        0.5 * (math.exp(lv) / v + m * m / v - 1 - lv + math.log(v))
+        for m, lv in zip(mean[0].tolist(), logvar[0].tolist(), strict=True)
+    )
+    assert kl.item() == pytest.approx(expected, rel=1e-6)
 
 
 SPANS = [(100, 77, 5 * 128), (37, 78, 0), (163, 79, 1234 * 128)]  # (rows, stream seed, first value)

@@ -13,6 +13,7 @@ from trainer.objective import (
     kl_share,
     local_log_partition,
     negative_weights,
+    position_weights,
     softmax_nll,
 )
 from trainer.scorers import ComplEx, DistMult, Scorer
@@ -41,6 +42,35 @@ def test_bernoulli_weights_on_a_hand_computed_case():
         + softplus(-2.0 * 2.0 * 1.0)
         + softplus(-1.0 * 2.0 * 1.5)  # positive 2, chunk 1 (padding ignored)
     )
+    assert got == pytest.approx(positives + w * negatives, rel=1e-6)
+
+
+def test_position_weights_follow_the_authors_interleaved_layout():
+    # B = 3 positives, k = 1: rows p0 n0 p1 | n1 p2 n2. The first B = 3 rows weigh 1, the rest w.
+    positive, negative = position_weights(3, 1, 50.0)
+    assert positive.tolist() == [1.0, 1.0, 50.0]
+    assert negative.tolist() == [[1.0], [50.0], [50.0]]
+    # k = 2, B = 4: p0 n n p1 | n n p2 n n p3 n n
+    positive, negative = position_weights(4, 2, 9.0)
+    assert positive.tolist() == [1.0, 1.0, 9.0, 9.0]
+    assert negative.tolist() == [[1.0, 1.0], [9.0, 9.0], [9.0, 9.0], [9.0, 9.0]]
+
+
+def test_relation_bias_and_positive_weights_on_the_hand_computed_case():
+    # The hand-computed case below with weights (1, 2, 0.5) on the positives and a bias per positive.
+    s = torch.tensor([[1.0], [2.0], [-1.0]])
+    r = torch.tensor([[0.5], [1.0], [2.0]])
+    o = torch.tensor([[2.0], [-1.0], [1.0]])
+    neg = torch.tensor([[[3.0], [0.5]], [[-2.0], [1.5]]])
+    bias, weights, w = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 2.0, 0.5]), 7.0
+    got = bernoulli_nll(
+        DistMult(), s, r, o, neg, chunk=2, negative_weight=w, positive_weight_B=weights, bias_B=bias
+    ).item()
+    positives = softplus(-1.5) + 2 * softplus(3.0) + 0.5 * softplus(0.0)  # scores 1 + 0.5, -2 - 1, -2 + 2
+    negatives = (
+        softplus(3.0 + 0.5) + softplus(0.25 + 0.5) + softplus(-3.0 - 1.0) + softplus(1.0 - 1.0)
+        + softplus(-4.0 + 2.0) + softplus(-3.0 + 2.0)
+    )  # fmt: skip
     assert got == pytest.approx(positives + w * negatives, rel=1e-6)
 
 
@@ -132,22 +162,31 @@ def test_local_log_partition_matches_logsumexp_and_its_gradient():
 
 @pytest.mark.parametrize("scorer", [DistMult(), ComplEx()], ids=["distmult", "complex"])
 @pytest.mark.parametrize("num_pos", [8, 5])  # 5: the second chunk is partly padding
-@pytest.mark.parametrize(("exclude", "temperature"), [(False, 0.0), (True, 0.0), (True, 1.5)])
-def test_bilinear_bernoulli_backward_matches_autograd_of_the_scores(scorer, num_pos, exclude, temperature):
-    """The written backward of the bilinear path against autograd through the generic scorer path."""
+@pytest.mark.parametrize(
+    ("exclude", "temperature", "extras"),
+    [(False, 0.0, False), (True, 0.0, False), (True, 1.5, False), (False, 0.0, True), (True, 1.5, True)],
+)
+def test_bilinear_bernoulli_backward_matches_autograd_of_the_scores(scorer, num_pos, exclude, temperature, extras):
+    """The written backward of the bilinear path against autograd through the generic scorer path; ``extras``:
+    with positive weights and relation biases."""
     g = torch.Generator().manual_seed(0)
     s, r, o = (torch.randn(num_pos, 6, generator=g, dtype=torch.float64) for _ in range(3))
-    neg = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
-    keep = torch.rand(2, 4, 4, generator=g) > 0.3 if exclude else None
+    neg = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)  # k = 3: one head and two tail corruptions
+    keep = torch.rand(2, 4, 3, generator=g) > 0.3 if exclude else None
+    positive_weight = torch.rand(num_pos, generator=g, dtype=torch.float64) * 4 if extras else None
+    bias = torch.randn(num_pos, generator=g, dtype=torch.float64) if extras else None
 
     def loss(scorer_used, *tensors):
+        s_, r_, o_, neg_, *rest = tensors
         return bernoulli_nll(
-            scorer_used, *tensors, chunk=4, negative_weight=3.0, keep_CBK=keep, adversarial_temperature=temperature
-        )
+            scorer_used, s_, r_, o_, neg_, chunk=4, negative_weight=3.0, keep_CBK=keep,
+            adversarial_temperature=temperature, positive_weight_B=positive_weight, bias_B=rest[0] if rest else None,
+        )  # fmt: skip
 
     generic = Scorer.__new__(type("Generic", (Scorer,), {"score": scorer.score}))  # not bilinear: autograd
-    fused_inputs = [t.clone().requires_grad_(True) for t in (s, r, o, neg)]
-    plain_inputs = [t.clone().requires_grad_(True) for t in (s, r, o, neg)]
+    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
+    fused_inputs = [t.clone().requires_grad_(True) for t in tensors]
+    plain_inputs = [t.clone().requires_grad_(True) for t in tensors]
     fused, plain = loss(scorer, *fused_inputs), loss(generic, *plain_inputs)
     fused.backward()
     plain.backward()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sharding.exchange import LocalExchange
+from sharding.table import ShardedTable
 from tests.trainer.conftest import make_config
 from trainer.loop import train
 from trainer.model import build_model
@@ -53,3 +54,18 @@ def test_local_negatives_come_from_the_workers_own_shard():
     assert (lo, hi) == (16, 40)
     negatives = model.likelihood.negatives(500, (0, 0, 0), stream=0)
     assert negatives.min() >= lo and negatives.max() < hi and len(negatives.unique()) > 15
+
+
+def test_clip_sigma_norm_scales_only_the_rows_above_the_bound():
+    table = ShardedTable(
+        3, 2, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4, init_logvar=0.0
+    )  # sigma = (1, 1): norm sqrt(2)
+    table.weight[1, 2:] = torch.tensor([-4.0, -5.0])  # norm well below 1
+    before = table.weight.clone()
+    table.clip_sigma_norm(torch.tensor([0, 1]), 1.0)
+    norms = torch.exp(0.5 * table.weight[:, 2:]).norm(dim=1)
+    assert norms[0].item() == pytest.approx(1.0)
+    assert torch.equal(table.weight[1], before[1]) and torch.equal(table.weight[2], before[2])  # in bound; not asked
+    assert torch.equal(table.weight[:, :2], before[:, :2])  # means untouched
+    table.clip_sigma_norm(None, 0.5)
+    assert torch.exp(0.5 * table.weight[:, 2:]).norm(dim=1).max().item() == pytest.approx(0.5)

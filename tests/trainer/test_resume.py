@@ -19,9 +19,17 @@ def _final_tables(out_dir, config, dataset):
     return model.entities.state_dict(), model.relations.state_dict()
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "softmax"])
+AUTHORS_SETUP = [  # the quirks of the authors' published runs, with a relation bias
+    "objective.likelihood=bernoulli", "objective.num_negatives=1", "objective.negative_chunk=1",
+    "objective.split_by_position=true", "objective.relation_bias=true", "model.prior=1/dim",
+    "optim.clip_sigma_norm=1.0", "optim.optimizer=adam",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "softmax", "authors"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_dataset, likelihood):
-    settings = [f"objective.likelihood={likelihood}", "train.eval_every=2", "train.checkpoint_every=1"]
+    settings = AUTHORS_SETUP if likelihood == "authors" else [f"objective.likelihood={likelihood}"]
+    settings = [*settings, "train.eval_every=2", "train.checkpoint_every=1"]
     full = make_config("train.epochs=6", *settings)
     train(full, tmp_path / "full", tiny_dataset)
 
@@ -38,6 +46,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_datas
     assert torch.equal(a_ent["weight"], b_ent["weight"]) and torch.equal(a_rel["weight"], b_rel["weight"])
     assert a_ent["optim"]["num_steps"] == b_ent["optim"]["num_steps"] > 0
     assert torch.equal(a_ent["optim"]["exp_avg_sq"], b_ent["optim"]["exp_avg_sq"])
+    if likelihood == "authors":
+        a_bias, b_bias = (
+            torch.load(out / checkpoint.LATEST / checkpoint.RELATION_BIAS)["weight"]
+            for out in (tmp_path / "full", tmp_path / "resumed")
+        )
+        assert torch.equal(a_bias, b_bias) and a_bias.abs().sum() > 0  # the bias learned, and resumed exactly
+        sigma_norm = torch.exp(0.5 * a_ent["weight"][:, 4:]).norm(dim=1)
+        assert float(sigma_norm.max()) <= 1.0 + 1e-5
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dataset):
