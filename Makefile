@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 
-.PHONY: install train train-freebase test test-faults lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty bench-scale docker clean
+.PHONY: install train train-freebase test test-faults lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty bench-scale docker docker-gpu clean
 
 install: $(STAMP)
 
@@ -61,7 +61,8 @@ lint: install
 	$(VENV)/bin/mypy
 	$(PY) -m sharding.kernels.native --check
 
-# The Dockerfile, with dockerfilelint from the npm registry (hadolint is not packaged where we build).
+# The Dockerfile (both images: `docker` and `docker-gpu` differ only in a build argument), with
+# dockerfilelint from the npm registry (hadolint is not packaged where we build).
 lint-docker:
 	npx --yes dockerfilelint@1.8.0 Dockerfile
 
@@ -91,7 +92,11 @@ bench-scale: install
 	$(PY) -m bench.scale $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build nvkg.egg-info
 
+# The trainer image with CPU torch, and with CUDA torch for GPU nodes (deploy/ray/cluster.yaml's gpu_worker).
 docker:
 	docker build -t nvkg:latest .
+
+docker-gpu:
+	docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t nvkg:latest-gpu .

@@ -2,7 +2,7 @@
 
 Named inputs (TSV, N-Triples) take two passes over the files:
   1. vocabulary: the distinct entity and relation names of train (sorted: the same files always give
-     the same ids), then those only valid/test use, appended after them;
+     the same ids), then those only valid/test (or the negative splits) use, appended after them;
   2. encoding: each chunk's names become int32 ids (one hash lookup per column, pyarrow's ``index_in``)
      and its rows are appended to per-partition spill files by a seeded hash of the triple.
 Id inputs (DGL-KE) skip pass 1. Finally each spill file (one partition, ``partition_rows`` triples on
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,9 +32,11 @@ from sharding.rng import splitmix64
 from storage.atomic import recover_swap, remove_stale_temps, swap_dir, temp_dir_beside
 from storage.faults import fault_point
 from storage.layout import (
+    ALL_SPLITS,
     COLUMNS,
     ENTITIES,
     MANIFEST,
+    NEGATIVE_SPLITS,
     RELATIONS,
     SPLITS,
     Manifest,
@@ -41,7 +44,7 @@ from storage.layout import (
     describe_file,
     partition_name,
 )
-from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line
+from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line, open_text
 
 # pyarrow rebuilds the lookup table of ``index_in`` for every chunk; chunks at least this many bytes
 # per vocabulary entry keep that rebuild a small share of the work on large vocabularies.
@@ -208,7 +211,7 @@ def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:
     train_entities, train_relations = _collect_names(source, ("train",), rows)
     if rows["train"] == 0:
         raise ValueError(f"{source.files['train']}: split is empty")
-    eval_splits = tuple(s for s in ("valid", "test") if s in source.files)
+    eval_splits = tuple(s for s in ("valid", "test", *NEGATIVE_SPLITS) if s in source.files)
     eval_entities, eval_relations = _collect_names(source, eval_splits, rows)
     vocab = Vocabulary(
         entities=_append_unseen(train_entities, eval_entities),
@@ -311,7 +314,7 @@ def _write_split(source: Source, vocab: Vocabulary, split: str, num_rows: int, t
     relation_freq = np.zeros(len(vocab.relations), np.int64)
     (tmp / split).mkdir()
     for index in range(counts.partitions):
-        rng = np.random.default_rng([options.seed, SPLITS.index(split), index])
+        rng = np.random.default_rng([options.seed, ALL_SPLITS.index(split), index])
         out = tmp / partition_name(split, index)
         head, relation, tail = _finish_partition(spill.path(index), out, counts, rng, vocab, options.row_group_rows)
         if split == "train":
@@ -324,6 +327,79 @@ def _write_split(source: Source, vocab: Vocabulary, split: str, num_rows: int, t
     if counts.triples == 0:
         raise ValueError(f"{path}: split is empty")
     return counts, entity_freq, relation_freq
+
+
+def _fact_keys(ids: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each [n, 3] (head, relation, tail) row (equal facts, equal keys)."""
+    h, r, t = (ids[:, i].astype(np.uint64) for i in range(3))
+    return splitmix64(splitmix64(splitmix64(h) ^ r) ^ t)
+
+
+def _written_rows(tmp: Path, split: str, counts: SplitCounts) -> Iterator[np.ndarray]:
+    """The rows of a split written under ``tmp``, one row group at a time, as [n, 3] int32."""
+    for index in range(counts.partitions):
+        handle = pq.ParquetFile(tmp / partition_name(split, index))
+        for group in range(handle.metadata.num_row_groups):
+            table = handle.read_row_group(group, columns=list(COLUMNS))
+            yield np.stack([table[name].to_numpy() for name in COLUMNS], axis=1)
+
+
+def _refuse_true_negatives(tmp: Path, source: Source, vocab: Vocabulary, splits: dict[str, SplitCounts]) -> None:
+    """A negative split must hold no train, valid or test fact: a fact labelled both true and false is
+    an input error (either label makes triple classification's accuracy wrong), refused naming the
+    file, the line of the first such fact and how many there are. Streams the true splits one row group
+    at a time against the (small) negatives' hashes; a hash match is confirmed exactly."""
+    for split in NEGATIVE_SPLITS:
+        if split not in splits:
+            continue
+        negatives = np.concatenate(list(_written_rows(tmp, split, splits[split])))
+        keys = np.sort(_fact_keys(negatives))
+        exact: set[tuple[int, ...]] | None = None
+        clashes: dict[tuple[int, ...], str] = {}
+        for true_split in SPLITS:
+            for rows in _written_rows(tmp, true_split, splits[true_split]):
+                row_keys = _fact_keys(rows)
+                position = np.minimum(np.searchsorted(keys, row_keys), len(keys) - 1)
+                candidates = rows[keys[position] == row_keys]
+                if len(candidates):
+                    exact = exact if exact is not None else set(map(tuple, negatives.tolist()))
+                    for fact in map(tuple, candidates.tolist()):
+                        if fact in exact:
+                            clashes.setdefault(fact, true_split)
+        if clashes:
+            raise ValueError(_true_negative_message(source, vocab, split, clashes))
+
+
+def _true_negative_message(source: Source, vocab: Vocabulary, split: str, clashes: dict) -> str:
+    """Names the line of the first clash in the negatives' file (when it is a file: not an array)."""
+    path = source.files[split]
+    if vocab.named:
+        entity, relation = vocab.entities, vocab.relations
+        names: dict[tuple[str, ...], str] = {
+            (entity[h].as_py(), relation[r].as_py(), entity[t].as_py()): s for (h, r, t), s in clashes.items()
+        }
+
+        def true_split(line: bytes) -> str | None:
+            return names.get(tuple(line.decode("utf-8", errors="replace").split("\t")))
+    else:
+
+        def true_split(line: bytes) -> str | None:
+            try:
+                h, t, r = (int(f) for f in line.split(b"\t"))  # DGL-KE order
+            except ValueError:
+                return None
+            return clashes.get((h, r, t))
+
+    rule = f"{split} must hold only facts known to be false ({len(clashes):,} known true fact(s) in it; remove them)"
+    if Path(path).is_file():
+        with open_text(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                line = raw.rstrip(b"\n").rstrip(b"\r")
+                if (found := true_split(line)) is not None:
+                    text = line[:120].decode("utf-8", errors="replace")
+                    return f"{path}:{number}: {text!r} is a fact of {found}, but {rule}"
+    (h, r, t), found = next(iter(clashes.items()))
+    return f"{path}: the fact of ids ({h}, {r}, {t}) is a fact of {found}, but {rule}"
 
 
 def _write_names(path: Path, names: pa.Array, frequency: np.ndarray) -> None:
@@ -398,7 +474,11 @@ def _fill(
     fault_point("convert.split_written")
     for split in ("valid", "test"):
         splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
+    for split in NEGATIVE_SPLITS:
+        if split in source.files:  # optional: absent from the manifest when the input has none
+            splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
     shutil.rmtree(tmp / "_spill", ignore_errors=True)
+    _refuse_true_negatives(tmp, source, vocab, splits)
     _write_names(tmp / ENTITIES, vocab.entities, entity_freq)
     _write_names(tmp / RELATIONS, vocab.relations, relation_freq)
     manifest = Manifest(
@@ -418,7 +498,7 @@ def _fill(
         },
         splits=splits,
     )
-    files = [ENTITIES, RELATIONS] + [p for split in SPLITS for p in manifest.partitions(split)]
+    files = [ENTITIES, RELATIONS] + [p for split in manifest.splits for p in manifest.partitions(split)]
     manifest.files = {relative: describe_file(tmp, relative) for relative in files}
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest

@@ -1,7 +1,8 @@
 """A dataset as the trainer sees it: ids, frequencies, evaluation facts, and streamed training batches.
 
 ``open_dataset`` takes a converted dataset directory (``manifest.json``), or a bundled name or a
-directory of ``train.txt``/``valid.txt``/``test.txt``, which it converts once into a cache directory
+directory of ``train.txt``/``valid.txt``/``test.txt`` (and optionally ``valid_negatives.txt``,
+``test_negatives.txt``: facts known to be false), which it converts once into a cache directory
 keyed by the files' sha256, so there is one read path: Parquet through storage/reader.py.
 """
 
@@ -47,7 +48,9 @@ class KGDataset:
     """The scorable part of a dataset: entities and relations that occur in train.
 
     ``valid``/``test`` are int64 [N, 3] (head, relation, tail) facts whose symbols all occur in train;
-    ``dropped`` counts, per split, the facts left out because one does not.
+    ``dropped`` counts, per split, the facts left out because one does not. ``negative_facts`` holds, by
+    split (``valid``, ``test``), the facts known to be false of the optional negative splits, filtered
+    alike (``dropped_negatives`` counts what was left out); see ``negatives``.
     """
 
     name: str
@@ -55,6 +58,8 @@ class KGDataset:
     valid: torch.Tensor
     test: torch.Tensor
     dropped: dict[str, int] = field(default_factory=dict)
+    negative_facts: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped_negatives: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_entities(self) -> int:
@@ -73,6 +78,18 @@ class KGDataset:
     def entity_frequency(self) -> torch.Tensor:
         """Occurrences of each entity in train (as head or tail), [num_entities]."""
         return torch.from_numpy(self.store.names("entities")["frequency"].to_numpy()[: self.num_entities].copy())
+
+    def negatives(self, split: str) -> torch.Tensor | None:
+        """Facts known to be false for ``split`` (``valid`` or ``test``), int64 [N, 3], or None when the
+        dataset has no ``{split}_negatives`` file."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"negatives of {split!r}: expected valid or test")
+        return self.negative_facts.get(split)
+
+    def negatives_file(self, split: str) -> str:
+        """The name of the file ``split``'s negatives were converted from (``test_negatives.txt``)."""
+        source = self.store.manifest.source.get("files", {}).get(f"{split}_negatives")
+        return Path(source).name if source else f"{split}_negatives"
 
     def all_known(self) -> torch.Tensor:
         """Every known true fact (train + valid + test), used to filter rankings."""
@@ -173,4 +190,13 @@ def open_dataset(
         dropped[split] = len(facts) - len(evaluation[split])
         if len(evaluation[split]) == 0:
             raise ValueError(f"{store.root}: the {split} split has no fact whose symbols all occur in train")
-    return KGDataset(name=manifest.name, store=store, dropped=dropped, **evaluation)
+    negatives, dropped_negatives = {}, {}
+    for split in store.negative_splits():
+        facts = torch.from_numpy(store.read_split(split))
+        kept = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
+        if len(kept) == 0:
+            raise ValueError(f"{store.root}: the {split} split has no fact whose symbols all occur in train")
+        evaluated = split.removesuffix("_negatives")
+        negatives[evaluated], dropped_negatives[evaluated] = kept, len(facts) - len(kept)
+    return KGDataset(name=manifest.name, store=store, dropped=dropped, negative_facts=negatives,
+                     dropped_negatives=dropped_negatives, **evaluation)  # fmt: skip

@@ -7,12 +7,19 @@
       train/part-00000.parquet head, relation, tail (int32), row groups of ``row_group_rows``
       valid/part-00000.parquet
       test/part-00000.parquet
+      valid_negatives/part-00000.parquet   optional: facts known to be false (same columns)
+      test_negatives/part-00000.parquet
 
 Entity ids ``[0, num_train_entities)`` occur in train; ids past it occur only in valid/test (their
 facts are kept in the files and counted as ``unseen_facts``; a model cannot score them). The same
 holds for relations. A triple's partition is a seeded hash of (head, relation, tail), so each
 partition is a uniform sample of its split and duplicates meet in one partition, where they are
 dropped; rows are shuffled inside a partition.
+
+The negative splits are optional: a manifest lists them under ``splits`` only when the input had them,
+so a dataset without them is the format-1 dataset it always was, and a reader that predates them
+ignores them. Their symbols follow valid/test (unseen ones get ids past the train ranges, their facts
+are counted as ``unseen_facts``), and none of their facts is a train, valid or test fact.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ MANIFEST = "manifest.json"
 ENTITIES = "entities.parquet"
 RELATIONS = "relations.parquet"
 SPLITS = ("train", "valid", "test")
+NEGATIVE_SPLITS = ("valid_negatives", "test_negatives")
+"""Optional splits of facts known to be false, for triple classification."""
+ALL_SPLITS = SPLITS + NEGATIVE_SPLITS
 COLUMNS = ("head", "relation", "tail")
 
 
@@ -48,7 +58,7 @@ class SplitCounts:
     filtered: int = 0
     """N-Triples only: triples whose predicate is not in the relation allow-list."""
     unseen_facts: int = 0
-    """valid/test: facts with an entity or relation that never occurs in train."""
+    """valid/test and the negative splits: facts with an entity or relation that never occurs in train."""
     partitions: int = 0
 
 

@@ -22,7 +22,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import COLUMNS, ENTITIES, MANIFEST, RELATIONS, SPLITS, Manifest, verify_files
+from storage.layout import (
+    ALL_SPLITS,
+    COLUMNS,
+    ENTITIES,
+    MANIFEST,
+    NEGATIVE_SPLITS,
+    RELATIONS,
+    SPLITS,
+    Manifest,
+    verify_files,
+)
 
 Engine = Literal["pyarrow", "fastparquet"]
 ENGINES: tuple[Engine, ...] = typing.get_args(Engine)
@@ -95,11 +105,16 @@ class TripleStore:
         self._check_manifest()
 
     def _check_listing(self) -> None:
-        """Every split's partitions are the files in its directory, and listed with their checksums."""
+        """Every split's partitions are the files in its directory, and listed with their checksums; the
+        negative splits are optional, but not on disk without the manifest listing them."""
         m, problems = self.manifest, []
-        for split in SPLITS:
+        problems += [f"unknown split {split!r}" for split in m.splits if split not in ALL_SPLITS]
+        for split in ALL_SPLITS:
             if split not in m.splits:
-                problems.append(f"split {split!r} missing")
+                if split in SPLITS:
+                    problems.append(f"split {split!r} missing")
+                elif any((self.root / split).glob("*.parquet")):
+                    problems.append(f"{split}/ holds files, but the split is not listed")
                 continue
             listed = set(m.partitions(split))
             on_disk = {f"{split}/{p.name}" for p in (self.root / split).glob("*.parquet")}
@@ -121,7 +136,7 @@ class TripleStore:
             rows = self._parquet(relative).metadata.num_rows
             if rows != expected:
                 problems.append(f"num_{which}={expected}, {relative} has {rows} rows")
-        for split in SPLITS:
+        for split in m.splits:
             if self.num_triples(split) != m.splits[split].triples:
                 problems.append(
                     f"{split}: {m.splits[split].triples} triples listed, the files hold {self.num_triples(split)}"
@@ -151,6 +166,10 @@ class TripleStore:
             return pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise ValueError(f"{path}: unreadable Parquet file ({err})") from None
+
+    def negative_splits(self) -> list[str]:
+        """The optional splits of facts known to be false that this dataset has."""
+        return [split for split in NEGATIVE_SPLITS if split in self.manifest.splits]
 
     def row_groups(self, split: str) -> list[RowGroup]:
         return self._groups[split]

@@ -1,12 +1,13 @@
 """Input formats, read in bounded chunks of Arrow columns (never the whole file at once).
 
-* ``TsvSource``: a directory of ``train.txt``, ``valid.txt``, ``test.txt``, one
+* ``TsvSource``: a directory of ``train.txt``, ``valid.txt``, ``test.txt`` and optionally
+  ``valid_negatives.txt``, ``test_negatives.txt`` (facts known to be false), one
   ``head<TAB>relation<TAB>tail`` per line (plain or gzipped), names as strings.
 * ``NTriplesSource``: N-Triples files (``<s> <p> <o> .``), plain or gzipped, as in the Freebase RDF
   dump. Triples with a literal object are skipped and counted; an optional predicate allow-list.
 * ``DglKeSource``: the DGL-KE / OpenKE layout of Freebase86m: ``entity2id.txt`` and
   ``relation2id.txt`` (first line a count, then ``name<TAB>id``) and integer triples in
-  **head, tail, relation** order.
+  **head, tail, relation** order; optional ``valid_negatives.txt``, ``test_negatives.txt`` alike.
 
 Parsing is vectorised (pyarrow's CSV reader, RE2 regexes over whole blocks). When a chunk holds a
 malformed line, the file is scanned once more line by line to name the exact line number: the slow
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from storage.layout import SPLITS, SplitCounts
+from storage.layout import ALL_SPLITS, SPLITS, SplitCounts
 
 BLOCK_BYTES = 1 << 24
 
@@ -73,6 +74,18 @@ def _find_split_file(directory: Path, split: str, suffixes: tuple[str, ...]) -> 
     return None
 
 
+def find_split_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Each split's file in ``directory``: train, valid and test must exist, the negative splits may."""
+    files = {}
+    for split in ALL_SPLITS:
+        path = _find_split_file(directory, split, suffixes)
+        if path is not None:
+            files[split] = path
+        elif split in SPLITS:
+            raise ValueError(f"missing file: {directory / (split + '.txt')}")
+    return files
+
+
 class TsvSource:
     """Tab-separated names; every line must have three non-empty fields."""
 
@@ -82,12 +95,7 @@ class TsvSource:
         self.directory, self.skip_bad_lines, self.block_bytes = Path(directory), skip_bad_lines, block_bytes
         if not self.directory.is_dir():
             raise ValueError(f"{directory}: not a directory")
-        self.files: dict[str, Path] = {}
-        for split in SPLITS:
-            path = _find_split_file(self.directory, split, (".txt", ".tsv", ".txt.gz", ".tsv.gz"))
-            if path is None:
-                raise ValueError(f"missing file: {self.directory / (split + '.txt')}")
-            self.files[split] = path
+        self.files = find_split_files(self.directory, (".txt", ".tsv", ".txt.gz", ".tsv.gz"))
 
     @staticmethod
     def _problem(line: bytes) -> str | None:
@@ -344,12 +352,7 @@ class DglKeSource:
         self.directory, self.block_bytes = Path(directory), block_bytes
         if not self.directory.is_dir():
             raise ValueError(f"{directory}: not a directory")
-        self.files = {}
-        for split in SPLITS:
-            path = _find_split_file(self.directory, split, (".txt", ".tsv"))
-            if path is None:
-                raise ValueError(f"missing file: {self.directory / (split + '.txt')}")
-            self.files[split] = path
+        self.files = find_split_files(self.directory, (".txt", ".tsv"))
 
     def vocabularies(self) -> tuple[IdVocabulary, IdVocabulary]:
         return (

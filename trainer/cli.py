@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--out", type=Path, help="default: RUN_DIR/report")
     report_cmd.add_argument("--samples", type=_count(1), default=100)
     report_cmd.add_argument("--fact", type=_count(0), default=0, help="test fact drawn in fact.png")
+    calibrate_cmd = commands.add_parser("calibrate", help="fit fact probabilities on valid: RUN_DIR/calibration.json")
+    calibrate_cmd.add_argument("run_dir", type=Path)
+    calibrate_cmd.add_argument("--method", choices=("platt", "isotonic"), default="platt")
+    scope = calibrate_cmd.add_mutually_exclusive_group()
+    scope.add_argument("--per-relation", dest="per_relation", action="store_true", default=None,
+                       help="Platt scaling per relation, shrunk toward the global fit (platt's default)")  # fmt: skip
+    scope.add_argument("--global", dest="per_relation", action="store_false", help="one map for every relation")
+    calibrate_cmd.add_argument("--seed", type=_count(0), help="negatives and draws (default: the run's train.seed)")
+    calibrate_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
+    classify_cmd = commands.add_parser("classify", help="triple classification: thresholds on valid, accuracy on test")
+    classify_cmd.add_argument("run_dir", type=Path)
+    classify_cmd.add_argument("--seed", type=_count(0), help="sampled negatives (default: the run's train.seed)")
     export_cmd = commands.add_parser("export", help="means and variances with names, to Parquet or TSV")
     export_cmd.add_argument("run_dir", type=Path)
     export_cmd.add_argument("--out", type=Path, required=True)
@@ -190,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from trainer.report import write_report
+    from trainer.report import format_calibration, write_report
     from trainer.runs import load_run
 
     run = load_run(args.run_dir)
@@ -199,8 +211,28 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {', '.join(summary['figures'].values())}, report.json")
     for key in ("precision_coverage_area", "selective_prediction_area"):
         print(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary[key].items()))
-    print("calibration: " + ", ".join(f"{k} ECE {v['ece']:.4f} Brier {v['brier']:.4f}"
-                                      for k, v in summary["calibration"].items()))  # fmt: skip
+    print(format_calibration(summary))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from trainer.calibration import calibrate, format_calibrated
+    from trainer.runs import load_run
+
+    run = load_run(args.run_dir)
+    seed = run.config.train.seed if args.seed is None else args.seed
+    path, stored = calibrate(run, method=args.method, per_relation=args.per_relation, seed=seed, samples=args.samples)
+    print(format_calibrated(path, stored))
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from trainer.classify import format_classification, write_classification
+    from trainer.runs import load_run
+
+    run = load_run(args.run_dir)
+    out = args.run_dir / "classification.json"
+    seed = run.config.train.seed if args.seed is None else args.seed
+    print(format_classification(write_classification(run, out, seed=seed)))
+    print(f"wrote {out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -221,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "submit": cmd_submit,
         "predict": cmd_predict,
         "report": cmd_report,
+        "calibrate": cmd_calibrate,
         "export": cmd_export,
+        "classify": cmd_classify,
     }
     try:
         commands[args.command](args)

@@ -365,6 +365,11 @@ def evaluate_run(eval_cfg: EvalConfig, seed: int, model: KGModel, dataset: KGDat
             "name": eval_cfg.final_protocol,
             "candidates": candidates if sampled else dataset.num_entities,
             "max_facts": eval_cfg.final_max_facts,
+            # What was ranked: a split smaller than max_facts is evaluated whole.
+            "facts": {
+                split: min(len(facts), eval_cfg.final_max_facts or len(facts))
+                for split, facts in (("valid", dataset.valid), ("test", dataset.test))
+            },
         },
         "dropped_facts": sum(dataset.dropped.values()),
         "dropped_by_split": dataset.dropped,

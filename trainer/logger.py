@@ -99,7 +99,8 @@ class RunLogger:
             f"nll={record['nll']:.6g} ({record['seconds']:.2f}s)"
         )
         if "valid_mrr" in record:
-            line += f" valid_mrr={record['valid_mrr']:.4f}"
+            sampled = " (sampled candidates)" if record.get("valid_protocol") == "sampled" else ""
+            line += f" valid_mrr={record['valid_mrr']:.4f}{sampled}"
         if self.bar is not None:
             self.bar.set_postfix(elbo=f"{record['elbo']:.5g}", kl=f"{record['kl']:.4g}", nll=f"{record['nll']:.5g}")
             self.bar.write(line)

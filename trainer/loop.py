@@ -233,6 +233,8 @@ class Training:
                 final=False,
             )  # fmt: skip
             record["valid_mrr"] = valid["filtered"]["mrr"]
+            # Sampled MRRs run higher than exact ones: the log says which this is.
+            record["valid_protocol"] = self.config.eval.protocol
             record["lr"] = state.lr
             # A NaN MRR compares false either way; a non-finite evaluation is never the best.
             improved = math.isfinite(record["valid_mrr"]) and record["valid_mrr"] > state.best_mrr

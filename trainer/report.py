@@ -2,11 +2,13 @@
 
 * predict: the top-k completions of (head, relation, ?) or (?, relation, tail), by name, with the
   probability of the mean embeddings, the Monte-Carlo mean and standard deviation of sigmoid(score),
-  and whether each completed fact is already known.
+  whether each completed fact is already known, its calibrated probabilities when the run has a
+  calibration (trainer/calibration.py) and, for a 1-vs-all model, its own softmax p(answer | query).
 * report: the paper's three analyses plus calibration, as PNG figures and ``report.json``:
   variance against log frequency (Figure 1), precision against coverage (Figure 2) for several
-  confidence measures, a reliability diagram with ECE and Brier score, and a fact visualisation
-  (Figure 3). Definitions are in trainer/uncertainty.py and docs/uncertainty.md.
+  confidence measures, a reliability diagram with ECE, Brier score and log loss before and after
+  calibration, and a fact visualisation (Figure 3). Definitions are in trainer/uncertainty.py and
+  docs/uncertainty.md.
 * export: every entity's and relation's mean and variance, with names, to Parquet (or TSV).
 """
 
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.atomic import atomic_write_json
-from trainer import uncertainty
+from trainer import calibration, uncertainty
 from trainer.model import KGModel
 from trainer.runs import Run
 
@@ -62,9 +64,9 @@ def _hint_pool(names: pa.ChunkedArray, name: str) -> list[str]:
     return pool.slice(0, HINT_POOL).to_pylist()
 
 
-def _magnitudes(model: KGModel, known_id: int, r: int, num_entities: int, tails: bool) -> torch.Tensor:
-    """sigmoid(score) with the means for the missing tail (``tails``) or head of every entity e, scored as
-    evaluation ranks them: a head query of a reciprocal model is the tail query (known, r^-1, e)."""
+def _candidate_scores(model: KGModel, known_id: int, r: int, num_entities: int, tails: bool) -> torch.Tensor:
+    """Scores with the means for the missing tail (``tails``) or head of every entity e, scored as evaluation
+    ranks them: a head query of a reciprocal model is the tail query (known, r^-1, e)."""
     ents, rels = model.entities.full(), model.relations.full()
     query, relation, side = model.query(
         ents.mean[known_id].unsqueeze(0), rels.mean, torch.tensor([r]), "tail" if tails else "head"
@@ -73,13 +75,19 @@ def _magnitudes(model: KGModel, known_id: int, r: int, num_entities: int, tails:
     chunks = []
     for lo in range(0, num_entities, CANDIDATE_ROWS):
         candidates = ents.mean[lo : min(num_entities, lo + CANDIDATE_ROWS)]
-        chunks.append(torch.sigmoid(model.score_candidates(query, relation, side, candidates)[0] + bias))
+        chunks.append(model.score_candidates(query, relation, side, candidates)[0] + bias)
     return torch.cat(chunks)
 
 
 @torch.no_grad()
 def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_k: int, samples: int) -> dict:
-    """Top-k completions of the one missing side (give exactly one of ``head`` and ``tail``)."""
+    """Top-k completions of the one missing side (give exactly one of ``head`` and ``tail``).
+
+    With a calibration stored with the run (``trainer calibrate``), each completed fact also has its
+    calibrated probabilities of being true (``calibrated_probability`` from the means, ``calibrated_mc_mean``
+    from the Monte-Carlo mean), of the fact (s, r, o) whichever side is missing. A reciprocal (1-vs-all)
+    model also gives its own p(answer | query): the softmax of the query's scores over every entity.
+    """
     if (head is None) == (tail is None):
         raise ValueError("give exactly one of --head and --tail")
     data, model = run.dataset, run.model
@@ -88,12 +96,15 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
     known_name = head if head is not None else tail
     assert known_name is not None
     known_id = _lookup(entity_names, known_name, "entity")
-    magnitude = _magnitudes(model, known_id, r, data.num_entities, tails=head is not None)
+    scores = _candidate_scores(model, known_id, r, data.num_entities, tails=head is not None)
+    magnitude = torch.sigmoid(scores)
     top = torch.topk(magnitude, min(top_k, data.num_entities)).indices
     fixed, relations = torch.full_like(top, known_id), torch.full_like(top, r)
     facts = torch.stack([fixed, relations, top] if head is not None else [top, relations, fixed], dim=1)
     missing = "tail" if head is not None else "head"
-    probs = uncertainty.fact_probabilities(model, facts, samples, run.config.train.seed, missing=missing)
+    seed = run.config.train.seed
+    fact_scores = uncertainty.fact_scores(model, facts, samples, seed, missing=missing)
+    probs = fact_scores.probabilities()
     known = uncertainty.known_mask(facts, data.known_chunks())
     rows = [
         {
@@ -105,18 +116,47 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
         }
         for k, i in enumerate(top.tolist())
     ]
-    query = {"head": head, "relation": relation, "tail": tail, "samples": samples if model.variational else 0}
+    if model.reciprocal:  # the 1-vs-all likelihood's own distribution over answers
+        softmax = torch.exp(scores[top] - torch.logsumexp(scores, 0))
+        for row, p in zip(rows, softmax.tolist(), strict=True):
+            row["softmax_probability"] = p
+    found, note = calibration.stored(run)
+    if found is not None:
+        # The calibrators map triple scores (s, r, o): a reciprocal model's head answers are rescored so.
+        triple = fact_scores if missing == "tail" or not model.reciprocal else uncertainty.fact_scores(
+            model, facts, samples, seed)  # fmt: skip
+        calibrated = found.probabilities(calibration.measure_logits(triple, model.variational), facts[:, 1].numpy())
+        for k, row in enumerate(rows):
+            row["calibrated_probability"] = float(calibrated["magnitude"][k])
+            if "mc_mean" in calibrated:
+                row["calibrated_mc_mean"] = float(calibrated["mc_mean"][k])
+    query = {"head": head, "relation": relation, "tail": tail, "samples": samples if model.variational else 0,
+             "calibration": note, "calibrated": found is not None}  # fmt: skip
     return {"query": query, "predictions": rows}
 
 
 def format_predictions(result: dict) -> str:
-    q = result["query"]
+    q, rows = result["query"], result["predictions"]
     missing = "tail" if q["tail"] is None else "head"
+    softmax = bool(rows) and "softmax_probability" in rows[0]
+    mc = bool(rows) and "calibrated_mc_mean" in rows[0]
     lines = [f"({q['head'] or '?'}, {q['relation']}, {q['tail'] or '?'}), {q['samples']} samples"]
-    lines.append(f"{'rank':>4}  {missing:30s} {'p(mean)':>8} {'mc_mean':>8} {'mc_std':>8}  known")
-    for i, row in enumerate(result["predictions"], start=1):
-        lines.append(f"{i:>4}  {row[missing][:30]:30s} {row['probability']:8.4f} {row['mc_mean']:8.4f} "
-                     f"{row['mc_std']:8.4f}  {'yes' if row['known'] else ''}")  # fmt: skip
+    if "calibration" in q:
+        shown = "cal(p), cal(mc): the probability that the fact is true, " if q["calibrated"] else "p(mean), mc_mean: "
+        lines.append(f"{shown}{q['calibration']}")
+    answer = "p(t|h,r)" if missing == "tail" else "p(h|r,t)"
+    if softmax:
+        lines.append(f"{answer}: the model's own probability of this {missing} among all entities (softmax)")
+    header = f"{'rank':>4}  {missing:30s} {'p(mean)':>8} {'mc_mean':>8} {'mc_std':>8}"
+    header += (f" {'cal(p)':>8}" + (f" {'cal(mc)':>8}" if mc else "")) if q.get("calibrated") else ""
+    lines.append(header + (f" {answer:>8}" if softmax else "") + "  known")
+    for i, row in enumerate(rows, start=1):
+        line = f"{i:>4}  {row[missing][:30]:30s} {row['probability']:8.4f} {row['mc_mean']:8.4f} {row['mc_std']:8.4f}"
+        if q.get("calibrated"):
+            line += f" {row['calibrated_probability']:8.4f}" + (f" {row['calibrated_mc_mean']:8.4f}" if mc else "")
+        if softmax:
+            line += f" {row['softmax_probability']:8.4f}"
+        lines.append(f"{line}  {'yes' if row['known'] else ''}")
     return "\n".join(lines)
 
 
@@ -212,15 +252,11 @@ def _replacing(out: Path) -> Iterator[Path]:
 @torch.no_grad()
 def analyse(run: Run, *, samples: int, seed: int) -> dict:
     """The numbers behind every figure of the report."""
-    data, model = run.dataset, run.model
-    generator = torch.Generator().manual_seed(seed)
-    positives = data.test
-    negatives = uncertainty.sampled_negatives(
-        positives, lambda facts: uncertainty.known_mask(facts, data.known_chunks()), data.num_entities, generator
-    )
-    facts = torch.cat([positives, negatives])
-    labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
-    probs = uncertainty.fact_probabilities(model, facts, samples, seed)
+    model = run.model
+    test = calibration.judged(run, "test", seed)
+    labels = test.labels
+    scores = uncertainty.fact_scores(model, test.facts, samples, seed)
+    probs = scores.probabilities()
     coverage = uncertainty.coverage_grid()
     precision = {name: uncertainty.precision_at_coverage(c, labels, coverage)
                  for name, c in uncertainty.truth_confidences(probs).items()}  # fmt: skip
@@ -230,12 +266,14 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
     for name, confidence in uncertainty.prediction_confidences(probs).items():
         own_correct = ((probs.magnitude > 0.5) == labels.astype(bool)) if name == "magnitude" else correct
         selective[name] = uncertainty.precision_at_coverage(confidence, own_correct, coverage)
-    calibration = {}
+    calibrator, calibrated = _calibrated(run, scores, test.relations, seed=seed, samples=samples)
+    calibration_numbers = {}
     for name, p in (("magnitude", probs.magnitude), ("mc_mean", probs.mean)):
-        ece, bins = uncertainty.expected_calibration_error(p, labels)
-        calibration[name] = {"ece": ece, "brier": uncertainty.brier_score(p, labels), "bins": bins}
+        calibration_numbers[name] = calibration.quality(p, labels)
+        if name in calibrated:
+            calibration_numbers[name]["calibrated"] = calibration.quality(calibrated[name], labels)
     return {
-        "facts": {"positives": len(positives), "negatives": len(negatives), "samples": samples},
+        "facts": {**test.counts(), "samples": samples},
         "variance_vs_frequency": variance_vs_frequency(run),
         "precision_coverage": {
             "coverage": coverage.tolist(),
@@ -246,8 +284,26 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
             "curves": {k: v.tolist() for k, v in selective.items()},
             "area": {k: uncertainty.area(coverage, v) for k, v in selective.items()},
         },
-        "calibration": calibration,
+        "calibration": calibration_numbers,
+        "calibrator": calibrator,
     }
+
+
+def _calibrated(
+    run: Run, scores: uncertainty.FactScores, relations: np.ndarray, *, seed: int, samples: int
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The calibration stored with the run, else one fitted here on validation with the defaults and not
+    written (the report shows what calibration would do; ``trainer calibrate`` stores it): what it is,
+    and the calibrated probabilities of the facts scored (of relations ``relations``)."""
+    found, note = calibration.stored(run)
+    is_stored = found is not None
+    if found is None:
+        found = calibration.fit(run, seed=seed, samples=samples)
+        note = f"{found.describe()}, fitted for this report and not stored ({note})"
+    logits = calibration.measure_logits(scores, run.model.variational)
+    about = {"description": note, "stored": is_stored, "method": found.method,
+             "per_relation": found.per_relation, "fitted_on": found.fitted_on}  # fmt: skip
+    return about, found.probabilities(logits, relations)
 
 
 def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: int = 0) -> dict:
@@ -358,11 +414,16 @@ def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for name, values in numbers["calibration"].items():
-        bins = values["bins"]
-        ax.plot([b["mean_probability"] for b in bins], [b["fraction_true"] for b in bins], "o-",
-                label=f"{name}: ECE {values['ece']:.3f}, Brier {values['brier']:.3f}")  # fmt: skip
-    ax.set(xlabel="predicted probability", ylabel="fraction of true facts", title="Reliability diagram")
+    for colour, (name, measure) in zip(("C0", "C1"), numbers["calibration"].items(), strict=True):
+        for values, style, label in ((measure, "o-", name), (measure.get("calibrated"), "s--", f"{name} calibrated")):
+            if values is None:
+                continue
+            bins = values["bins"]
+            ax.plot([b["mean_probability"] for b in bins], [b["fraction_true"] for b in bins], style, color=colour,
+                    label=f"{label}: ECE {values['ece']:.3f}, Brier {values['brier']:.3f}")  # fmt: skip
+    calibrated_on = "stored" if numbers["calibrator"]["stored"] else "fitted for this report"
+    ax.set(xlabel="predicted probability", ylabel="fraction of true facts",
+           title=f"Reliability diagram (calibrated: {numbers['calibrator']['method']}, {calibrated_on})")  # fmt: skip
     ax.legend(fontsize=8)
     figures["reliability"] = _save(fig, out_dir / "reliability.png")
 
@@ -376,6 +437,17 @@ def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index
     summary["selective_prediction_area"] = numbers["selective_prediction"]["area"]
     atomic_write_json(out_dir / "report.json", {**numbers, "figures": figures})
     return {**summary, "figures": figures}
+
+
+def format_calibration(summary: dict) -> str:
+    """The report's calibration lines: each measure's ECE, Brier score and log loss, before -> after."""
+    lines = [f"calibration on test ({summary['calibrator']['description']}), before -> after:"]
+    for name, before in summary["calibration"].items():
+        after = before.get("calibrated", {})
+        numbers = [f"{label} {before[key]:.4f}" + (f" -> {after[key]:.4f}" if after else "")
+                   for key, label in (("ece", "ECE"), ("brier", "Brier"), ("log_loss", "log loss"))]  # fmt: skip
+        lines.append(f"  {name:10s} " + "   ".join(numbers))
+    return "\n".join(lines)
 
 
 def _plot_fact(plt, visual: dict, path: Path) -> str:

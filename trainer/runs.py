@@ -21,6 +21,10 @@ class Run:
     config: RunConfig
     dataset: KGDataset
     model: KGModel
+    directory: Path | None = None
+    """The run directory (None: a run built in memory), where ``calibration.json`` is kept."""
+    checkpoint: Path | None = None
+    """The checkpoint directory the model was loaded from."""
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -47,4 +51,4 @@ def load_run(
     dataset = load_data(config.data, lead=exchange.rank == 0, barrier=exchange.barrier)
     model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device, dataset.entity_frequency)
     checkpoint.load_into(reporter.path(name), model)
-    return Run(config, dataset, model)
+    return Run(config, dataset, model, run_dir, reporter.path(name))

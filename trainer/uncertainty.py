@@ -90,13 +90,23 @@ class FactProbabilities:
         return self.samples.std(0)
 
 
+@dataclass
+class FactScores:
+    """Scores (logits) of each fact: with the means (``magnitude``, [N]) and per sample ``samples`` [S, N]."""
+
+    magnitude: np.ndarray
+    samples: np.ndarray
+
+    def probabilities(self) -> FactProbabilities:
+        magnitude, samples = (torch.sigmoid(torch.from_numpy(x)).numpy() for x in (self.magnitude, self.samples))
+        return FactProbabilities(magnitude, samples)
+
+
 @torch.no_grad()
-def fact_probabilities(
-    model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail"
-) -> FactProbabilities:
-    """Probabilities of ``facts`` [N, 3] with the posterior means and over ``num_samples`` draws. As answers
-    to head queries (``missing="head"``) a reciprocal model scores them as evaluation ranks them:
-    (o, r^-1, s)."""
+def fact_scores(model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail") -> FactScores:
+    """Scores of ``facts`` [N, 3] with the posterior means and over ``num_samples`` draws (one draw, the
+    means, for a point model). As answers to head queries (``missing="head"``) a reciprocal model scores
+    them as evaluation ranks them: (o, r^-1, s)."""
     ents, rels = model.entities.full(), model.relations.full()
     s, r, o = facts.unbind(-1)
     if missing == "head" and model.reciprocal:
@@ -104,19 +114,35 @@ def fact_probabilities(
 
     bias = model.relation_bias(r)  # a reciprocal model has none: only the Bernoulli likelihood learns one
 
-    def probability(entity: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(model.scorer.score(entity[s], relation[r], entity[o]) + bias)
+    def score(entity: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        return model.scorer.score(entity[s], relation[r], entity[o]) + bias
 
-    magnitude = probability(ents.mean, rels.mean)
-    if not model.variational:
-        return FactProbabilities(magnitude.numpy(), magnitude.numpy()[None])
+    magnitude = score(ents.mean, rels.mean)
+    if not model.variational or num_samples == 0:  # 0: the means alone (triple classification)
+        return FactScores(magnitude.numpy(), magnitude.numpy()[None])
     generator = torch.Generator().manual_seed(seed)
-    draws = [probability(ents.sample(generator), rels.sample(generator)) for _ in range(num_samples)]
-    return FactProbabilities(magnitude.numpy(), torch.stack(draws).numpy())
+    draws = [score(ents.sample(generator), rels.sample(generator)) for _ in range(num_samples)]
+    return FactScores(magnitude.numpy(), torch.stack(draws).numpy())
+
+
+def fact_probabilities(
+    model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail"
+) -> FactProbabilities:
+    """sigmoid of ``fact_scores``: the probabilities of ``facts`` with the means and per draw."""
+    return fact_scores(model, facts, num_samples, seed, missing).probabilities()
+
+
+def logit_of_mean_probability(samples: np.ndarray) -> np.ndarray:
+    """logit(mean_s sigmoid(z_s)) of scores ``samples`` [S, N], in float64 without rounding the mean to 0
+    or 1: log mean sigmoid(z) - log mean sigmoid(-z), each a log-sum-exp of log-sigmoids."""
+    z = torch.from_numpy(np.asarray(samples, dtype=np.float64))
+    log_true = torch.logsumexp(torch.nn.functional.logsigmoid(z), 0)
+    log_false = torch.logsumexp(torch.nn.functional.logsigmoid(-z), 0)
+    return (log_true - log_false).numpy()
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, 1 - EPS)
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)  # float32 would round 1 - EPS back to 1
     return -(p * np.log(p) + (1 - p) * np.log(1 - p))
 
 
@@ -188,6 +214,13 @@ def expected_calibration_error(p: np.ndarray, labels: np.ndarray, num_bins: int 
 
 def brier_score(p: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((p - labels) ** 2))
+
+
+def log_loss(p: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of ``labels`` under probabilities ``p`` (clipped to [EPS, 1 - EPS], so a
+    confident mistake costs -log EPS ~ 27.6 nats rather than infinity)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:

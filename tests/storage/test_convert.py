@@ -1,5 +1,6 @@
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -243,3 +244,57 @@ def test_lookup_agrees_whichever_side_is_hashed():
     for values in (small, large):
         expected = [int(v.as_py()[1:]) for v in values.chunk(0)]
         assert lookup(values, vocabulary).tolist() == expected
+
+
+def _with_negatives(tmp_path, valid_negatives, test_negatives=None):
+    directory = _tsv_dir(tmp_path, "a\tr\tb\nb\tr\tc\nc\ts\ta\n", valid="a\tr\tc\n", test="c\tr\ta\n")
+    (directory / "valid_negatives.txt").write_text(valid_negatives)
+    if test_negatives is not None:
+        (directory / "test_negatives.tsv").write_text(test_negatives)
+    return directory
+
+
+def test_negative_splits_are_converted_like_valid_and_test(tmp_path):
+    # A duplicate, a blank line, an entity (zz) and a relation (q) train never has.
+    directory = _with_negatives(tmp_path, "b\tr\ta\nzz\tr\ta\n\nb\tr\ta\na\tq\tb\n", test_negatives="a\ts\tc\n")
+    manifest = convert(TsvSource(directory), tmp_path / "ds")
+    store = TripleStore(tmp_path / "ds")
+    assert list(manifest.splits) == ["train", "valid", "test", "valid_negatives", "test_negatives"]
+    counts = manifest.splits["valid_negatives"]
+    assert (counts.lines, counts.triples, counts.duplicates, counts.unseen_facts) == (4, 3, 1, 2)
+    assert _facts(store, "valid_negatives") == [("a", "q", "b"), ("b", "r", "a"), ("zz", "r", "a")]
+    assert _facts(store, "test_negatives") == [("a", "s", "c")]
+    assert "valid_negatives/part-00000.parquet" in manifest.files and manifest.format_version == 1
+    assert _names(tmp_path / "ds", "entities")[manifest.num_train_entities :] == ["zz"]
+    assert store.negative_splits() == ["valid_negatives", "test_negatives"]
+
+
+def test_bad_line_in_a_negatives_file_names_file_and_line(tmp_path):
+    directory = _with_negatives(tmp_path, "b\tr\ta\nc\tr\n")
+    with pytest.raises(ValueError, match=r"valid_negatives\.txt:2: expected 3 non-empty tab-separated fields"):
+        convert(TsvSource(directory), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_negative_that_is_a_known_fact_is_refused_naming_its_line(tmp_path):
+    directory = _with_negatives(tmp_path, "b\tr\ta\n", test_negatives="x\tr\ty\n\nc\tr\ta\na\tr\tb\n")
+    with pytest.raises(ValueError, match=r"test_negatives\.tsv:3: 'c\\tr\\ta' is a fact of test, but test_negatives "
+                       r"must hold only facts known to be false \(2 known true fact\(s\) in it"):  # fmt: skip
+        convert(TsvSource(directory), tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    dglke = _dglke_dir(tmp_path)
+    (dglke / "valid_negatives.txt").write_text("0\t0\t1\n1\t2\t1\n")  # (b, y, c) is a train fact, in h t r order
+    with pytest.raises(ValueError, match=r"valid_negatives\.txt:2: '1\\t2\\t1' is a fact of train"):
+        convert(DglKeSource(dglke), tmp_path / "fb")
+    with pytest.raises(ValueError, match=r"<valid_negatives array>: the fact of ids \(0, 0, 1\) is a fact of train"):
+        write_id_dataset(tmp_path / "ids", entity_names=["a", "b"], relation_names=["r"],
+                         splits={"train": [[0, 0, 1]], "valid": [[1, 0, 0]], "test": [[1, 0, 0]],
+                                 "valid_negatives": [[0, 0, 1]]})  # fmt: skip
+
+
+def test_negative_files_on_disk_must_be_listed(tmp_path):
+    convert(TsvSource(_tsv_dir(tmp_path, "a\tr\tb\n")), tmp_path / "ds")
+    (tmp_path / "ds" / "test_negatives").mkdir()
+    shutil.copy(tmp_path / "ds" / "train" / "part-00000.parquet", tmp_path / "ds" / "test_negatives")
+    with pytest.raises(ValueError, match=r"test_negatives/ holds files, but the split is not listed"):
+        TripleStore(tmp_path / "ds")

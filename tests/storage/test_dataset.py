@@ -83,3 +83,30 @@ def test_bundled_datasets(tmp_path, name, entities, relations, train, dropped):
     data = _open(name, tmp_path)
     assert (data.num_entities, data.num_relations, len(data.train)) == (entities, relations, train)
     assert sum(data.dropped.values()) == dropped
+
+
+def test_a_dataset_without_negatives_loads_as_before(tmp_path):
+    data = _open(_write(tmp_path / "g"), tmp_path)
+    assert list(data.store.manifest.splits) == ["train", "valid", "test"]
+    assert not any(p.name.endswith("_negatives") for p in data.store.root.iterdir())
+    assert data.negatives("valid") is None and data.negatives("test") is None and data.dropped_negatives == {}
+
+
+def test_negatives_are_loaded_with_unseen_symbols_dropped_and_counted(tmp_path):
+    directory = _write(tmp_path / "g")
+    first = resolve_store(directory, tmp_path / "cache")
+    (directory / "test_negatives.txt").write_text("b\tr\ta\nzzz\tr\ta\nc\tr\tb\n")
+    data = _open(directory, tmp_path)
+    assert data.store.root != first  # the negatives file is part of the input: a new conversion
+    assert sorted(data.negatives("test").tolist()) == [[1, 0, 0], [2, 0, 1]]
+    assert data.negatives("valid") is None
+    assert data.dropped_negatives == {"test": 1} and data.dropped == {"valid": 0, "test": 0}
+    assert data.negatives_file("test") == "test_negatives.txt"
+    assert len(data.all_known()) == 4  # negatives are never known facts
+
+
+def test_negatives_with_no_scorable_fact_are_an_error(tmp_path):
+    directory = _write(tmp_path / "g")
+    (directory / "valid_negatives.txt").write_text("zzz\tr\ta\n")
+    with pytest.raises(ValueError, match=r"the valid_negatives split has no fact whose symbols all occur in train"):
+        _open(directory, tmp_path)

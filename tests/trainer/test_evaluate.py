@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from trainer.evaluate import (
     sample_facts,
     summarise,
 )
+from trainer.loop import train
 from trainer.model import build_model
 
 
@@ -266,3 +269,15 @@ def test_sampled_candidates_with_vanishing_variance_rank_as_the_means(nations, l
     probabilities = evaluate_split(sampled, 0, model, nations, nations.test, filters, final=True)
     for kind in ("raw", "filtered"):
         assert probabilities[kind] == pytest.approx(means[kind])
+
+
+def test_a_run_records_which_protocol_its_numbers_come_from(tmp_path, tiny_dataset):
+    config = make_config(
+        "train.epochs=2", "train.eval_every=1", "eval.protocol=sampled", "eval.uniform_candidates=3",
+        "eval.final_max_facts=1",
+    )  # fmt: skip
+    metrics = train(config, tmp_path, tiny_dataset)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["valid_protocol"] for r in records] == ["sampled", "sampled"]
+    assert metrics["protocol"]["max_facts"] == 1
+    assert metrics["protocol"]["facts"] == {"valid": 1, "test": 1}

@@ -91,7 +91,8 @@ def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     assert set(summary["precision_coverage_area"]) == {"magnitude", "mc_mean", "mc_lower_bound"}
     assert set(summary["selective_prediction_area"]) == {"magnitude", "mc_mean", "mc_std", "entropy",
                                                          "mutual_information"}  # fmt: skip
-    assert set(summary["calibration"]["mc_mean"]) == {"ece", "brier", "bins"}
+    assert set(summary["calibration"]["mc_mean"]) == {"ece", "brier", "log_loss", "bins", "calibrated"}
+    assert not summary["calibrator"]["stored"]  # no calibration.json: fitted for the report, not written
     assert -1 <= summary["variance_vs_frequency"]["entities"]["correlation"] <= 1
     assert len(summary["fact_visualisation"]) == 4
     assert summary["facts"]["positives"] == summary["facts"]["negatives"] > 0

@@ -1,0 +1,223 @@
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.conftest import make_config
+from trainer import calibration, uncertainty
+from trainer.calibration import Calibration, Isotonic, Platt, pava
+from trainer.cli import main
+from trainer.loop import train
+from trainer.report import format_predictions, predict, write_report
+from trainer.runs import load_run
+
+
+def _bernoulli(rng: np.random.Generator, x: np.ndarray, a: float, b: float) -> np.ndarray:
+    return (rng.random(len(x)) < 1 / (1 + np.exp(-(a * x + b)))).astype(np.float64)
+
+
+def test_platt_recovers_the_parameters_labels_were_drawn_with():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1.5, 50_000)
+    fitted = Platt.fit(x, _bernoulli(rng, x, 2.0, -1.0))
+    assert fitted.a == pytest.approx(2.0, abs=0.06) and fitted.b == pytest.approx(-1.0, abs=0.06)
+    assert fitted.relation_a is None
+    # Per relation, with plenty of facts each: each relation's own law.
+    r = np.repeat([0, 1], 20_000)
+    x2 = rng.normal(0, 1.5, 40_000)
+    y2 = np.concatenate([_bernoulli(rng, x2[:20_000], 2.0, -1.0), _bernoulli(rng, x2[20_000:], 0.5, 1.0)])
+    per = Platt.fit(x2, y2, r, 2)
+    assert per.relation_a is not None and per.relation_b is not None
+    np.testing.assert_allclose(per.relation_a, [2.0, 0.5], atol=0.1)
+    np.testing.assert_allclose(per.relation_b, [-1.0, 1.0], atol=0.1)
+
+
+def test_platt_stays_finite_on_separable_data():
+    fitted = Platt.fit(np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0.0, 0.0, 1.0, 1.0]))
+    assert math.isfinite(fitted.a) and 0 < fitted.a < 20  # Platt's targets (N+ + 1)/(N+ + 2), 1/(N- + 2)
+
+
+def test_shrinkage_pulls_a_rare_relation_to_the_global_fit_and_leaves_a_common_one_its_own():
+    rng = np.random.default_rng(1)
+    x_common, x_big = rng.normal(0, 1.5, 2000), rng.normal(0, 1.5, 20_000)
+    x = np.concatenate([x_big, x_common, [-1.0, 0.0, 1.0]])
+    y = np.concatenate([_bernoulli(rng, x_big, 2.0, -1.0), _bernoulli(rng, x_common, 0.5, 1.0), [1.0, 0.0, 1.0]])
+    r = np.concatenate([np.zeros(20_000, int), np.ones(2000, int), np.full(3, 2)])
+    shrunk, own = Platt.fit(x, y, r, 4), Platt.fit(x, y, r, 4, pseudo_facts=0.0)
+    assert shrunk.relation_a is not None and shrunk.relation_b is not None
+    assert own.relation_a is not None and own.relation_b is not None
+    glob = np.array([shrunk.a, shrunk.b])
+    theta = np.stack([shrunk.relation_a, shrunk.relation_b], 1)
+    alone = np.stack([own.relation_a, own.relation_b], 1)
+    distance = lambda u, v: float(np.linalg.norm(u - v))  # noqa: E731
+    assert distance(theta[2], glob) < 0.2 * distance(alone[2], glob)  # 3 facts: near the global fit
+    assert distance(theta[1], alone[1]) < 0.05 * distance(alone[1], glob)  # 2,000 facts: near its own
+    np.testing.assert_allclose(theta[3], glob)  # no facts: the global fit
+    assert shrunk.relation_facts is not None and shrunk.relation_facts.tolist() == [20_000, 2000, 3, 0]
+
+
+def test_pava_and_isotonic_on_hand_cases():
+    np.testing.assert_allclose(pava(np.array([1.0, 3, 2, 4, 3, 5]), np.ones(6)), [1, 2.5, 2.5, 3.5, 3.5, 5])
+    np.testing.assert_allclose(pava(np.array([3.0, 1.0]), np.array([1.0, 3.0])), [1.5, 1.5])  # weighted mean
+    # Labels 0 1 0 1 1 0 at logits 0..5: blocks [0], [1, 0] -> 1/2, [1, 1, 0] -> 2/3; 0 is clipped to 1/12.
+    iso = Isotonic.fit(np.arange(6.0), np.array([0.0, 1, 0, 1, 1, 0]))
+    np.testing.assert_allclose(iso.x, [0, 1, 2, 3, 5])
+    np.testing.assert_allclose(iso.y, [1 / 12, 0.5, 0.5, 2 / 3, 2 / 3])
+    np.testing.assert_allclose(iso.probability(np.array([-9.0, 1.5, 2.5, 9.0]), np.zeros(4, int)),
+                               [1 / 12, 0.5, 7 / 12, 2 / 3])  # fmt: skip
+    tied = Isotonic.fit(np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 1.0]))  # equal logits pooled first
+    np.testing.assert_allclose(tied.y, [0.5, 5 / 6])
+
+
+def test_isotonic_is_monotone():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=3000)
+    iso = Isotonic.fit(x, _bernoulli(rng, x, 1.5, 0.0))
+    grid = np.linspace(-5, 5, 1001)
+    p = iso.probability(grid, np.zeros(len(grid), int))
+    assert (np.diff(p) >= 0).all() and (np.diff(iso.x) > 0).all()
+    assert p[0] < 0.2 and p[-1] > 0.8
+
+
+def test_calibration_round_trips_through_json():
+    rng = np.random.default_rng(3)
+    x, r = rng.normal(size=500), rng.integers(0, 3, 500)
+    y = _bernoulli(rng, x, 1.0, 0.2)
+    original = Calibration(
+        "platt", True, {"magnitude": Platt.fit(x, y, r, 3), "mc_mean": Isotonic.fit(x, y)},
+        {"split": "valid", "positives": 250}, {"name": "best", "epoch": 3, "train_seconds": 1.5},
+    )  # fmt: skip
+    text = json.dumps(original.to_dict())
+    loaded = Calibration.from_dict(json.loads(text))
+    assert json.dumps(loaded.to_dict()) == text
+    logits = {"magnitude": x, "mc_mean": x}
+    for name, p in original.probabilities(logits, r).items():
+        np.testing.assert_array_equal(loaded.probabilities(logits, r)[name], p)
+    with pytest.raises(ValueError, match="format"):
+        Calibration.from_dict({**original.to_dict(), "format": 99})
+
+
+def test_log_loss_and_the_logit_of_the_mean_probability():
+    assert uncertainty.log_loss(np.array([0.8, 0.3]), np.array([1.0, 0.0])) == pytest.approx(
+        -(math.log(0.8) + math.log(0.7)) / 2
+    )
+    assert uncertainty.log_loss(np.array([0.0]), np.array([1.0])) == pytest.approx(-math.log(uncertainty.EPS))
+    samples = np.array([[40.0, -1.0], [38.0, 2.0]])
+    mean = 1 / (1 + np.exp(-samples))
+    logit = uncertainty.logit_of_mean_probability(samples)
+    assert logit[1] == pytest.approx(math.log(mean[:, 1].mean() / (1 - mean[:, 1].mean())))
+    assert 38 < logit[0] < 40  # far beyond float64's sigmoid(x) = 1 rounding of the mean
+
+
+@pytest.fixture(scope="module")
+def overconfident_run(tmp_path_factory):
+    """A short nations run (1-vs-all, variational DistMult) whose relation means are then scaled by 100:
+    its scores are 100 times too large, so sigmoid(score) is overconfident."""
+    out = tmp_path_factory.mktemp("calibration") / "run"
+    config = make_config("data.dataset=nations", "model.dim=16", "train.epochs=10", "train.batch_size=256",
+                         "model.scorer=distmult")  # fmt: skip
+    train(config, out)
+    checkpoint = load_run(out).checkpoint
+    assert checkpoint is not None
+    state = torch.load(checkpoint / "relations.pt")
+    state["weight"][:, :16] *= 100  # the means; the log-variances follow
+    torch.save(state, checkpoint / "relations.pt")
+    return out
+
+
+@pytest.fixture
+def run_dir(overconfident_run, tmp_path):
+    """A fresh copy of the run, without calibration.json."""
+    return shutil.copytree(overconfident_run, tmp_path / "run")
+
+
+def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(run_dir, capsys):
+    assert main(["calibrate", str(run_dir), "--samples", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {run_dir / 'calibration.json'}: calibrated on validation (platt, per relation)" in out
+    stored = json.loads((run_dir / "calibration.json").read_text())
+    assert stored["format"] == 1 and set(stored["measures"]) == {"magnitude", "mc_mean"}
+    assert stored["fitted_on"]["positives"] == stored["fitted_on"]["negatives"] == 199
+    assert len(stored["measures"]["magnitude"]["relations"]["a"]) == 55
+    for name in ("magnitude", "mc_mean"):
+        before, after = stored["test"][name]["before"], stored["test"][name]["after"]
+        assert after["ece"] < before["ece"] / 2, name
+        assert after["log_loss"] < before["log_loss"] and after["brier"] < before["brier"]
+    assert stored["test"]["magnitude"]["before"]["ece"] > 0.2
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # written atomically, nothing left
+    assert main(["calibrate", str(run_dir), "--method", "isotonic", "--samples", "10"]) == 0
+    stored = json.loads((run_dir / "calibration.json").read_text())
+    assert stored["method"] == "isotonic" and not stored["per_relation"]
+    assert stored["measures"]["magnitude"]["kind"] == "isotonic"
+    assert main(["calibrate", str(run_dir), "--method", "isotonic", "--per-relation"]) == 2
+    assert "isotonic regression is fitted globally" in capsys.readouterr().err
+
+
+def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run_dir):
+    before = predict(load_run(run_dir), head="usa", relation="embassy", tail=None, top_k=5, samples=10)
+    assert not before["query"]["calibrated"] and "calibrated_probability" not in before["predictions"][0]
+    assert "uncalibrated: sigmoid(score)" in format_predictions(before)
+    assert f"python -m trainer calibrate {run_dir}" in format_predictions(before)
+
+    run = load_run(run_dir)
+    calibration.calibrate(run, seed=0, samples=10)
+    after = predict(run, head="usa", relation="embassy", tail=None, top_k=5, samples=10)
+    text = format_predictions(after)
+    assert "calibrated on validation (platt, per relation)" in text and "cal(p)" in text and "p(t|h,r)" in text
+    for old, new in zip(before["predictions"], after["predictions"], strict=True):
+        assert {k: new[k] for k in old} == old  # the existing fields, unchanged
+    # The calibrated column is the stored map of the fact's score; the softmax is over every entity.
+    found, _ = calibration.stored(run)
+    assert found is not None
+    names = run.dataset.names("entities")["name"].to_pylist()
+    usa, embassy = names.index("usa"), run.dataset.names("relations")["name"].to_pylist().index("embassy")
+    facts = torch.tensor([[usa, embassy, names.index(row["tail"])] for row in after["predictions"]])
+    scores = uncertainty.fact_scores(run.model, facts, 10, run.config.train.seed)
+    expected = found.probabilities(calibration.measure_logits(scores, True), facts[:, 1].numpy())
+    assert [row["calibrated_probability"] for row in after["predictions"]] == pytest.approx(expected["magnitude"])
+    assert [row["calibrated_mc_mean"] for row in after["predictions"]] == pytest.approx(expected["mc_mean"])
+    by_means = calibration.magnitude_probability(run, found)(facts)  # classify's calibrated_probability
+    np.testing.assert_allclose(by_means, expected["magnitude"])
+    ents, rels = run.model.entities.full().mean, run.model.relations.full().mean
+    softmax = torch.softmax(run.model.scorer.score_tails(ents[[usa]], rels[[embassy]], ents)[0], 0)
+    assert [row["softmax_probability"] for row in after["predictions"]] == pytest.approx(
+        softmax[facts[:, 2]].tolist(), rel=1e-5
+    )
+    # Head answers: the calibrated probability is of the fact (s, r, o), as for tail answers.
+    heads = predict(run, head=None, relation="embassy", tail="usa", top_k=3, samples=10)
+    assert "p(h|r,t)" in format_predictions(heads) and "calibrated_probability" in heads["predictions"][0]
+
+
+def test_a_calibration_of_another_checkpoint_is_not_used(run_dir):
+    run = load_run(run_dir)
+    calibration.calibrate(run, seed=0, samples=5)
+    stored = json.loads((run_dir / "calibration.json").read_text())
+    stored["checkpoint"]["epoch"] = 99
+    (run_dir / "calibration.json").write_text(json.dumps(stored))
+    found, note = calibration.stored(run)
+    assert found is None and "fitted on the checkpoint of epoch 99" in note
+    (run_dir / "calibration.json").write_text("{")
+    with pytest.raises(ValueError, match="not an nvkg calibration"):
+        calibration.stored(run)
+
+
+def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
+    fitted_here = write_report(load_run(run_dir), tmp_path / "a", samples=10, seed=0)
+    assert not fitted_here["calibrator"]["stored"] and not (run_dir / "calibration.json").exists()
+    assert "fitted for this report and not stored" in fitted_here["calibrator"]["description"]
+    _, stored = calibration.calibrate(load_run(run_dir), seed=0, samples=10)
+    summary = write_report(load_run(run_dir), tmp_path / "b", samples=10, seed=0)
+    assert summary["calibrator"]["stored"] and summary["calibrator"]["description"] == (
+        "calibrated on validation (platt, per relation)"
+    )
+    for name in ("magnitude", "mc_mean"):
+        numbers = summary["calibration"][name]
+        assert set(numbers) == {"ece", "brier", "log_loss", "bins", "calibrated"}
+        # The same test facts, draws and calibrator as `trainer calibrate`: the same numbers.
+        for key in ("ece", "brier", "log_loss"):
+            assert numbers[key] == pytest.approx(stored["test"][name]["before"][key])
+            assert numbers["calibrated"][key] == pytest.approx(stored["test"][name]["after"][key])
+    assert (tmp_path / "b" / "reliability.png").stat().st_size > 1000

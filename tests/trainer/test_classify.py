@@ -1,0 +1,157 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storage.dataset import open_dataset
+from tests.trainer.conftest import make_config
+from trainer.classify import (
+    Thresholds,
+    best_threshold,
+    binary_metrics,
+    choose_thresholds,
+    classify,
+    write_classification,
+)
+from trainer.loop import train
+from trainer.report import analyse
+from trainer.runs import load_run
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_best_threshold_is_the_accuracy_maximising_midpoint():
+    p = np.array([0.1, 0.3, 0.35, 0.6, 0.7, 0.9])
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    # Right, cut by cut from "all true": 3, 4, 5 (wrong on 0.6), 4, 5 (wrong on 0.35), 4, 3. The two
+    # best, 0.2 and 0.65, tie at 5 of 6: the one nearer 0.5 is chosen.
+    assert best_threshold(p, labels) == (pytest.approx(0.65), pytest.approx(5 / 6))
+    assert best_threshold(p[1:], labels[1:]) == (pytest.approx(0.65), pytest.approx(4 / 5))
+    # All true: any threshold below the lowest is right; the one chosen is the midpoint with 0.
+    assert best_threshold(np.array([0.8, 0.9]), np.array([1, 1])) == (pytest.approx(0.4), 1.0)
+    # Equal values are never split; equally accurate thresholds go to the one nearest 0.5.
+    assert best_threshold(np.array([0.2, 0.2, 0.9]), np.array([1, 0, 1]))[0] == pytest.approx(0.55)
+
+
+def test_per_relation_thresholds_are_chosen_on_each_relation_with_a_global_fallback():
+    p = np.array([0.2, 0.4, 0.6, 0.8, 0.1, 0.3, 0.5, 0.7])
+    labels = np.array([0, 0, 1, 1, 0, 1, 1, 1])
+    relations = np.array([0, 0, 0, 0, 3, 3, 3, 3])
+    thresholds = choose_thresholds(p, labels, relations)
+    # Relation 0 splits between 0.4 and 0.6, relation 3 between 0.1 and 0.3: each is right 4 of 4.
+    assert thresholds.by_relation == {0: pytest.approx(0.5), 3: pytest.approx(0.2)}
+    # One threshold for all is right at most 7 of 8: at 0.25 (wrong on 0.4) or at 0.45 (wrong on 0.3),
+    # the one nearer 0.5.
+    assert thresholds.fallback == pytest.approx(0.45)
+    assert thresholds.judge(p, relations).tolist() == labels.astype(bool).tolist()
+    # A relation without validation facts (1) is judged at the fallback.
+    assert thresholds.of(np.array([1, 0, 3])).tolist() == pytest.approx([0.45, 0.5, 0.2])
+    assert Thresholds(0.5, {}).judge(np.array([0.4, 0.6]), np.array([2, 2])).tolist() == [False, True]
+
+
+def test_binary_metrics_hand_values():
+    predicted = np.array([True, True, False, False, True])
+    labels = np.array([1, 0, 1, 0, 1])
+    metrics = binary_metrics(predicted, labels)
+    assert metrics == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
+
+
+def _planted(directory: Path, negatives: bool) -> Path:
+    """40 entities in 4 groups of 10; (h, r, t) is true iff h and t share a group, for 2 relations. Train,
+    valid and test are disjoint samples of the true facts; the negatives files hold cross-group facts."""
+    rng = np.random.default_rng(0)
+    group = np.arange(40) // 10
+    true = [(h, r, t) for r in range(2) for h in range(40) for t in range(40) if group[h] == group[t]]
+    true = [true[i] for i in rng.permutation(len(true))]
+    false = [(h, r, t) for r in range(2) for h in range(40) for t in range(40) if group[h] != group[t]]
+    false = [false[i] for i in rng.permutation(len(false))[:200]]
+
+    def write(name: str, facts: list) -> None:
+        (directory / f"{name}.txt").write_text("".join(f"e{h}\tr{r}\te{t}\n" for h, r, t in facts))
+
+    directory.mkdir()
+    write("train", true[:600])
+    write("valid", true[600:700])
+    write("test", true[700:800])
+    if negatives:
+        write("valid_negatives", false[:100])
+        write("test_negatives", false[100:])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def planted_runs(tmp_path_factory) -> dict[bool, Path]:
+    """One short run on the planted graph with its negatives files, one without (same training facts)."""
+    root = tmp_path_factory.mktemp("planted")
+    runs = {}
+    for negatives in (True, False):
+        dataset = _planted(root / f"data-{negatives}", negatives)
+        config = make_config(f"data.dataset={dataset}", f"data.cache_dir={root / 'cache'}", "model.dim=8",
+                             "model.scorer=distmult", "train.epochs=15", "train.batch_size=128",
+                             "optim.lr=0.05")  # fmt: skip
+        runs[negatives] = root / f"run-{negatives}"
+        train(config, runs[negatives])
+    return runs
+
+
+def test_classify_with_verified_negatives(planted_runs):
+    run = load_run(planted_runs[True])
+    result = classify(run, seed=0)
+    assert result["valid"]["negative_source"] == "verified negatives from valid_negatives.txt"
+    assert result["test"]["negative_source"] == "verified negatives from test_negatives.txt"
+    assert (result["test"]["positives"], result["test"]["negatives"]) == (100, 100)
+    assert result["test"]["accuracy"] > 0.8 and result["test"]["f1"] > 0.8
+    assert result["thresholds"]["num_per_relation"] == 2 and set(result["thresholds"]["per_relation"]) == {"r0", "r1"}
+    assert result["test"]["facts_at_global_threshold"] == 0
+    # The report judges the same verified negatives and says so.
+    report = analyse(run, samples=2, seed=0)
+    assert report["facts"]["negative_source"] == "verified negatives from test_negatives.txt"
+    assert report["facts"]["negatives"] == 100
+
+
+def test_classify_samples_negatives_without_files_and_writes_json_from_the_cli(planted_runs):
+    run_dir = planted_runs[False]
+    done = subprocess.run([sys.executable, "-m", "trainer", "classify", str(run_dir), "--seed", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((run_dir / "classification.json").read_text())
+    assert result["seed"] == 3 and "sampled" in done.stdout
+    assert result["valid"]["negative_source"] == result["test"]["negative_source"] == "sampled"
+    assert result["test"]["positives"] == result["test"]["negatives"] == 100
+    # Every same-group fact is in train, valid or test: sampled corruptions are cross-group facts too.
+    assert result["test"]["accuracy"] > 0.8
+    # Sampled negatives are those the report judges with the same seed.
+    run = load_run(run_dir)
+    report = analyse(run, samples=2, seed=3)
+    assert report["facts"]["negative_source"] == "sampled"
+
+
+def test_calibrated_probabilities_are_judged_at_one_half(planted_runs):
+    run = load_run(planted_runs[True])
+    names = run.dataset.names("entities")["name"].to_pylist()
+    group = torch.tensor([int(name[1:]) // 10 for name in names])
+    perfect = lambda facts: (group[facts[:, 0]] == group[facts[:, 2]]).double().numpy()  # noqa: E731
+    result = classify(run, seed=0, calibrated_probability=perfect)
+    assert result["calibrated"] == {"threshold": 0.5, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
+
+
+def test_dataset_negatives_are_none_without_files(tmp_path):
+    data = open_dataset(_planted(tmp_path / "g", negatives=False), cache_dir=tmp_path / "cache")
+    assert data.negatives("valid") is None and data.negatives("test") is None
+    with pytest.raises(ValueError, match="expected valid or test"):
+        data.negatives("train")
+
+
+def test_a_stored_calibration_is_reported_at_one_half(planted_runs, tmp_path):
+    from trainer.calibration import calibrate
+
+    run = load_run(planted_runs[True])
+    calibrate(run, method="platt", seed=0, samples=2)
+    result = write_classification(run, tmp_path / "classification.json", seed=0)
+    assert result["calibration"].startswith("calibrated on validation (platt")
+    assert result["calibrated"]["threshold"] == 0.5 and result["calibrated"]["accuracy"] > 0.8
+    assert json.loads((tmp_path / "classification.json").read_text()) == result

@@ -1,0 +1,453 @@
+"""Calibration: a map from a fact's score (logit) to the probability that the fact is true, fitted on
+validation and stored with the run as ``RUN/calibration.json``.
+
+sigmoid(score) is a probability only under the Bernoulli likelihood, and even then it is fitted against
+uniform negatives weighted 1/b-, not against how often a fact of that score is true. A calibrator is
+fitted on the validation facts (label 1) and as many corruptions (label 0), one calibrator per measure:
+
+* ``magnitude``: the score with the posterior means (plus the relation's bias, as in
+  ``uncertainty.fact_scores``);
+* ``mc_mean`` (variational models): the logit of the Monte-Carlo mean probability, logit(mean_s sigmoid(z_s)).
+
+Methods: Platt scaling p = sigmoid(a x + b), globally or per relation with shrinkage toward the global
+fit (``Platt``), or isotonic regression (``Isotonic``, global only). Both are judged on test facts and
+corruptions drawn the way ``report`` draws them (``judged``), by ECE, Brier score and log loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from storage.atomic import atomic_write_json
+from trainer import checkpoint, classify, uncertainty
+from trainer.runs import Run
+
+FILE = "calibration.json"
+FORMAT = 1
+METHODS = ("platt", "isotonic")
+MEASURES = ("magnitude", "mc_mean")
+
+PSEUDO_FACTS = 50.0
+"""Strength of the pull of a relation's (a_r, b_r) toward the global (a, b), in facts: the Gaussian prior
+is worth this many validation facts like the average one (its precision is PSEUDO_FACTS times the global
+fit's Fisher information per fact), so a relation with n such facts moves about n / (n + 50) of the way
+from the global fit to its own: a relation with 3 facts stays near the global fit, one with 2,000 gets
+nearly its own. 50 because a logistic fit of 2 parameters needs some 10-20 facts of its rarer class per
+parameter before its slope is stable (the events-per-variable rule of thumb), i.e. ~50 facts at the
+half true, half corrupted mix fitted here."""
+
+
+def pava(y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``y`` in weighted squared error (pool adjacent violators):
+    each run of values that would decrease is replaced by its weighted mean, until none does."""
+    means: list[float] = []
+    totals: list[float] = []
+    sizes: list[int] = []
+    for value, weight in zip(y.tolist(), weights.tolist(), strict=True):
+        size = 1
+        while means and means[-1] >= value:
+            previous, previous_weight = means.pop(), totals.pop()
+            value = (previous * previous_weight + value * weight) / (previous_weight + weight)
+            weight += previous_weight
+            size += sizes.pop()
+        means.append(value)
+        totals.append(weight)
+        sizes.append(size)
+    return np.repeat(np.array(means, dtype=np.float64), sizes)
+
+
+@dataclass
+class Isotonic:
+    """A non-decreasing map from logit to probability: linear between ``x`` (increasing logits) and
+    ``y`` (their probabilities), constant beyond the ends."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def fit(cls, logits: np.ndarray, labels: np.ndarray) -> Isotonic:
+        """PAVA over the facts sorted by logit (facts of equal logit pooled first). The probabilities are
+        clipped to [1/(2N), 1 - 1/(2N)] for N facts: a run of validation facts that are all false is
+        evidence of a low probability, not of an impossible fact (its log loss would be infinite)."""
+        distinct, group = np.unique(logits, return_inverse=True)
+        counts = np.bincount(group).astype(np.float64)
+        values = pava(np.bincount(group, weights=labels) / counts, counts)
+        # Each constant run is kept by its two ends: interpolation between runs, flat within one.
+        ends = np.flatnonzero(np.diff(values))
+        keep = np.unique(np.concatenate([[0], ends, ends + 1, [len(values) - 1]]))
+        bound = 1 / (2 * len(logits))
+        return cls(distinct[keep], np.clip(values[keep], bound, 1 - bound))
+
+    def probability(self, logits: np.ndarray, relations: np.ndarray) -> np.ndarray:
+        return np.interp(logits, self.x, self.y)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "isotonic", "x": self.x.tolist(), "y": self.y.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Isotonic:
+        x, y = np.asarray(d["x"], dtype=np.float64), np.asarray(d["y"], dtype=np.float64)
+        if x.ndim != 1 or x.shape != y.shape or len(x) == 0 or np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
+            raise ValueError("isotonic: 'x' and 'y' must be equally long, x increasing and y non-decreasing")
+        return cls(x, y)
+
+
+@dataclass
+class Platt:
+    """p = sigmoid(a x + b): one (a, b), and per relation r its own (a_r, b_r) when ``relation_a`` is set."""
+
+    a: float
+    b: float
+    relation_a: np.ndarray | None = None
+    relation_b: np.ndarray | None = None
+    relation_facts: np.ndarray | None = None
+    """Facts of each relation the per-relation fit saw (0: the relation has the global (a, b))."""
+    pseudo_facts: float = PSEUDO_FACTS
+
+    @classmethod
+    def fit(
+        cls,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        relations: np.ndarray | None = None,
+        num_relations: int = 0,
+        pseudo_facts: float = PSEUDO_FACTS,
+    ) -> Platt:
+        """Minimise the log loss (Newton's method in float64) against Platt's (1999) targets: a true fact
+        counts as (N+ + 1)/(N+ + 2), a false one as 1/(N- + 2), so the fit stays finite on separable data.
+
+        With ``relations`` (each fact's relation id, < ``num_relations``), each relation's (a_r, b_r) is
+        the MAP under a Gaussian prior centred on the global fit whose precision is ``pseudo_facts`` times
+        the global fit's Fisher information per fact (see PSEUDO_FACTS).
+        """
+        x = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+        positives = float(labels.sum())
+        negatives = len(labels) - positives
+        y = torch.from_numpy(np.asarray(labels, dtype=np.float64))
+        targets = y * (positives + 1) / (positives + 2) + (1 - y) / (negatives + 2)
+        features = torch.stack([x, torch.ones_like(x)], 1)
+        one_group = torch.zeros(len(x), dtype=torch.long)
+        no_prior = torch.zeros(2, 2, dtype=torch.float64)
+        theta = _newton(features, targets, one_group, torch.zeros(1, 2, dtype=torch.float64), no_prior)
+        a, b = (float(v) for v in theta[0])
+        if relations is None:
+            return cls(a, b, pseudo_facts=pseudo_facts)
+        fisher = _hessian(features, targets, one_group, theta, 1)[0] / len(x)
+        groups = torch.from_numpy(np.asarray(relations, dtype=np.int64))
+        prior_mean = theta.expand(num_relations, 2)
+        per_relation = _newton(features, targets, groups, prior_mean, pseudo_facts * fisher)
+        facts = np.bincount(relations, minlength=num_relations)
+        return cls(a, b, per_relation[:, 0].numpy(), per_relation[:, 1].numpy(), facts, pseudo_facts)
+
+    def probability(self, logits: np.ndarray, relations: np.ndarray) -> np.ndarray:
+        if self.relation_a is None or self.relation_b is None:
+            a, b = np.float64(self.a), np.float64(self.b)
+        else:
+            a, b = self.relation_a[relations], self.relation_b[relations]
+        return torch.sigmoid(torch.from_numpy(a * np.asarray(logits, dtype=np.float64) + b)).numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        relations = None
+        if self.relation_a is not None and self.relation_b is not None and self.relation_facts is not None:
+            relations = {"a": self.relation_a.tolist(), "b": self.relation_b.tolist(),
+                         "facts": self.relation_facts.tolist()}  # fmt: skip
+        return {"kind": "platt", "a": self.a, "b": self.b, "pseudo_facts": self.pseudo_facts, "relations": relations}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Platt:
+        relations = d["relations"]
+        if relations is None:
+            return cls(float(d["a"]), float(d["b"]), pseudo_facts=float(d["pseudo_facts"]))
+        a, b = (np.asarray(relations[k], dtype=np.float64) for k in ("a", "b"))
+        facts = np.asarray(relations["facts"], dtype=np.int64)
+        if a.ndim != 1 or a.shape != b.shape or a.shape != facts.shape:
+            raise ValueError("platt: 'relations' needs equally long lists 'a', 'b' and 'facts'")
+        return cls(float(d["a"]), float(d["b"]), a, b, facts, float(d["pseudo_facts"]))
+
+
+Calibrator = Platt | Isotonic
+
+
+def _objective(features, targets, groups, theta, prior_mean, precision) -> torch.Tensor:
+    """Per group: sum of the log losses of its facts against ``targets`` plus the prior's
+    0.5 (theta - mean)^T precision (theta - mean)."""
+    z = (features * theta[groups]).sum(1)
+    data = torch.zeros(len(theta), dtype=torch.float64).index_add_(0, groups, F.softplus(z) - targets * z)
+    offset = theta - prior_mean
+    return data + 0.5 * ((offset @ precision) * offset).sum(1)
+
+
+def _hessian(features, targets, groups, theta, num_groups: int) -> torch.Tensor:
+    p = torch.sigmoid((features * theta[groups]).sum(1))
+    outer = (p * (1 - p))[:, None, None] * features[:, :, None] * features[:, None, :]
+    return torch.zeros(num_groups, 2, 2, dtype=torch.float64).index_add_(0, groups, outer)
+
+
+def _newton(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    prior_mean: torch.Tensor,
+    precision: torch.Tensor,
+    max_steps: int = 100,
+) -> torch.Tensor:
+    """(a_g, b_g) [G, 2] minimising each group's ``_objective``: Newton steps, halved per group until the
+    objective does not increase (the groups are independent, so they are solved side by side)."""
+    num_groups = len(prior_mean)
+    theta = prior_mean.clone()
+    current = _objective(features, targets, groups, theta, prior_mean, precision)
+    # A tiny ridge keeps the solve defined when a group's logits are all equal (a is then unidentified).
+    ridge = 1e-9 * (1 + torch.bincount(groups, minlength=num_groups)).to(torch.float64)[:, None, None] * torch.eye(2)
+    for _ in range(max_steps):
+        p = torch.sigmoid((features * theta[groups]).sum(1))
+        residual = (p - targets)[:, None] * features
+        gradient = torch.zeros(num_groups, 2, dtype=torch.float64).index_add_(0, groups, residual)
+        gradient += (theta - prior_mean) @ precision
+        hessian = _hessian(features, targets, groups, theta, num_groups) + precision + ridge
+        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+        scale = torch.ones(num_groups, dtype=torch.float64)
+        for _ in range(50):
+            candidate = theta - scale[:, None] * step
+            value = _objective(features, targets, groups, candidate, prior_mean, precision)
+            worse = value > current
+            if not worse.any():
+                break
+            scale = torch.where(worse, scale / 2, scale)
+        better = value <= current
+        theta = torch.where(better[:, None], candidate, theta)
+        current = torch.where(better, value, current)
+        if float((scale[:, None] * step).abs().max()) < 1e-10:
+            break
+    return theta
+
+
+_CALIBRATORS: dict[str, type[Platt] | type[Isotonic]] = {"platt": Platt, "isotonic": Isotonic}
+
+
+@dataclass
+class Calibration:
+    """One calibrator per measure, fitted on a run's validation facts with its checkpoint."""
+
+    method: str
+    per_relation: bool
+    calibrators: dict[str, Calibrator]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    """split, positives, negatives, negative_source (``sampled``, ``verified negatives from FILE`` or
+    ``given``), seed, samples."""
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint fitted: its directory name, epoch and train seconds (a later one makes this stale)."""
+
+    def describe(self) -> str:
+        return f"calibrated on validation ({self.method}, {'per relation' if self.per_relation else 'global'})"
+
+    def probabilities(self, logits: dict[str, np.ndarray], relations: np.ndarray) -> dict[str, np.ndarray]:
+        """Calibrated probabilities of the measures in ``logits`` that have a calibrator."""
+        return {name: self.calibrators[name].probability(x, relations) for name, x in logits.items()
+                if name in self.calibrators}  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "method": self.method,
+            "per_relation": self.per_relation,
+            "fitted_on": self.fitted_on,
+            "checkpoint": self.checkpoint,
+            "measures": {name: c.to_dict() for name, c in self.calibrators.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format {d.get('format')!r}, this nvkg reads format {FORMAT}")
+        if d["method"] not in METHODS:
+            raise ValueError(f"method {d['method']!r}: expected one of {', '.join(METHODS)}")
+        calibrators: dict[str, Calibrator] = {}
+        for name, values in d["measures"].items():
+            if name not in MEASURES or values.get("kind") not in _CALIBRATORS:
+                raise ValueError(f"measure {name!r} of kind {values.get('kind')!r}: not a known calibrator")
+            calibrators[name] = _CALIBRATORS[values["kind"]].from_dict(values)
+        return cls(d["method"], bool(d["per_relation"]), calibrators, d["fitted_on"], d["checkpoint"])
+
+
+def judged(run: Run, split: str, seed: int, negatives: torch.Tensor | None = None) -> classify.LabelledFacts:
+    """The facts of ``split`` (label 1) and ``negatives`` (label 0). Without ``negatives``, the split's as
+    ``classify`` and ``report`` judge it: the dataset's verified negatives when it has them, else one
+    corruption of each fact (head or tail, uniformly), redrawn until it is not a known fact, from a
+    generator seeded with ``seed``."""
+    data = run.dataset
+    if negatives is None:
+        return classify.labelled_facts(data, split, seed)
+    if negatives.ndim != 2 or negatives.shape[1] != 3 or len(negatives) == 0:
+        raise ValueError(f"negatives: expected facts [M, 3] with M > 0, got shape {list(negatives.shape)}")
+    if not _scorable(negatives, data.num_entities, data.num_relations):
+        raise ValueError("negatives: an entity or relation id outside the trained model's")
+    positives = data.valid if split == "valid" else data.test
+    labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+    return classify.LabelledFacts(torch.cat([positives, negatives.to(positives.dtype)]), labels, "given")
+
+
+def _scorable(facts: torch.Tensor, num_entities: int, num_relations: int) -> bool:
+    entities, relations = facts[:, [0, 2]], facts[:, 1]
+    return bool((entities >= 0).all() and (entities < num_entities).all() and (relations >= 0).all()
+                and (relations < num_relations).all())  # fmt: skip
+
+
+def measure_logits(scores: uncertainty.FactScores, variational: bool) -> dict[str, np.ndarray]:
+    """The logit each calibrated measure is a function of (float64)."""
+    logits = {"magnitude": scores.magnitude.astype(np.float64)}
+    if variational:
+        logits["mc_mean"] = uncertainty.logit_of_mean_probability(scores.samples)
+    return logits
+
+
+def raw_probabilities(scores: uncertainty.FactScores, variational: bool) -> dict[str, np.ndarray]:
+    """The uncalibrated probabilities of the measures ``measure_logits`` gives (as ``report`` has them)."""
+    probs = scores.probabilities()
+    return {"magnitude": probs.magnitude, **({"mc_mean": probs.mean} if variational else {})}
+
+
+def fit(
+    run: Run,
+    *,
+    method: str = "platt",
+    per_relation: bool | None = None,
+    seed: int,
+    samples: int = 100,
+    negatives: torch.Tensor | None = None,
+    pseudo_facts: float = PSEUDO_FACTS,
+) -> Calibration:
+    """Calibrators of ``run``'s measures fitted on its validation facts and ``negatives`` (default: one
+    sampled, filtered corruption per fact, seeded with ``seed``). ``per_relation`` defaults to True for
+    Platt scaling; isotonic regression is fitted globally only (a step function per relation would need
+    far more facts than most relations have)."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if per_relation is None:
+        per_relation = method == "platt"
+    if per_relation and method == "isotonic":
+        raise ValueError("--per-relation: isotonic regression is fitted globally; use --global or --method platt")
+    data, model = run.dataset, run.model
+    if len(data.valid) == 0:
+        raise ValueError(f"{data.name}: no validation facts to calibrate on")
+    valid = judged(run, "valid", seed, negatives)
+    scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
+    calibrators: dict[str, Calibrator] = {}
+    for name, logits in measure_logits(scores, model.variational).items():
+        if method == "isotonic":
+            calibrators[name] = Isotonic.fit(logits, valid.labels)
+        elif per_relation:
+            calibrators[name] = Platt.fit(logits, valid.labels, valid.relations, data.num_relations, pseudo_facts)
+        else:
+            calibrators[name] = Platt.fit(logits, valid.labels, pseudo_facts=pseudo_facts)
+    fitted_on = {"split": "valid", **valid.counts(), "seed": seed, "samples": samples if model.variational else 0}
+    return Calibration(method, per_relation, calibrators, fitted_on, checkpoint_identity(run))
+
+
+def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:
+    """facts [N, 3] -> their calibrated probabilities with the posterior means (no draws): the
+    ``calibrated_probability`` that ``classify`` judges at 0.5."""
+    calibrator = calibration.calibrators["magnitude"]
+
+    def probability(facts: torch.Tensor) -> np.ndarray:
+        logits = uncertainty.fact_scores(run.model, facts, 0, 0).magnitude.astype(np.float64)
+        return calibrator.probability(logits, facts[:, 1].numpy())
+
+    return probability
+
+
+def checkpoint_identity(run: Run) -> dict[str, Any]:
+    """What tells ``run``'s checkpoint from a later one of the same run."""
+    if run.checkpoint is None:
+        return {}
+    state = checkpoint.read_index(run.checkpoint)["state"]
+    return {"name": run.checkpoint.name, "epoch": state["epoch"], "train_seconds": state["train_seconds"]}
+
+
+def quality(p: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """ECE (with the reliability diagram's bins), Brier score and log loss of probabilities ``p``."""
+    ece, bins = uncertainty.expected_calibration_error(p, labels)
+    return {"ece": ece, "brier": uncertainty.brier_score(p, labels), "log_loss": uncertainty.log_loss(p, labels),
+            "bins": bins}  # fmt: skip
+
+
+def compare(
+    calibration: Calibration, scores: uncertainty.FactScores, facts: classify.LabelledFacts, variational: bool
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``quality`` of each calibrated measure before and after calibration."""
+    before = raw_probabilities(scores, variational)
+    after = calibration.probabilities(measure_logits(scores, variational), facts.relations)
+    return {name: {"before": quality(before[name], facts.labels), "after": quality(p, facts.labels)}
+            for name, p in after.items()}  # fmt: skip
+
+
+def calibrate(
+    run: Run,
+    *,
+    method: str = "platt",
+    per_relation: bool | None = None,
+    seed: int,
+    samples: int = 100,
+    negatives: torch.Tensor | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """``trainer calibrate``: fit on validation, judge on test (its positives and sampled corruptions, as
+    ``report`` draws them), write RUN/calibration.json atomically. Returns its path and contents."""
+    if run.directory is None:
+        raise ValueError("calibrate: the run has no directory to store calibration.json in")
+    calibration = fit(run, method=method, per_relation=per_relation, seed=seed, samples=samples, negatives=negatives)
+    test = judged(run, "test", seed)
+    scores = uncertainty.fact_scores(run.model, test.facts, samples, seed)
+    compared = compare(calibration, scores, test, run.model.variational)
+    stored = calibration.to_dict()
+    stored["test"] = {
+        **test.counts(),
+        "seed": seed,
+        **{name: {when: {k: v for k, v in q.items() if k != "bins"} for when, q in result.items()}
+           for name, result in compared.items()},
+    }  # fmt: skip
+    path = run.directory / FILE
+    atomic_write_json(path, stored)
+    return path, stored
+
+
+def format_calibrated(path: Path, stored: dict[str, Any]) -> str:
+    fitted, test = stored["fitted_on"], stored["test"]
+    calibration = Calibration.from_dict(stored)
+    lines = [
+        f"wrote {path}: {calibration.describe()}, {fitted['positives']:,} facts + {fitted['negatives']:,} "
+        f"negatives ({fitted['negative_source']})",
+        f"test ({test['positives']:,} facts + {test['negatives']:,} negatives, {test['negative_source']}), "
+        "before -> after:",
+    ]
+    metrics = (("ece", "ECE"), ("brier", "Brier"), ("log_loss", "log loss"))
+    for name in calibration.calibrators:
+        before, after = test[name]["before"], test[name]["after"]
+        numbers = [f"{label} {before[key]:.4f} -> {after[key]:.4f}" for key, label in metrics]
+        lines.append(f"  {name:10s} " + "   ".join(numbers))
+    return "\n".join(lines)
+
+
+def stored(run: Run) -> tuple[Calibration | None, str]:
+    """The run's calibration.json, if there is one fitted on the checkpoint loaded, and a line saying
+    what the probabilities shown are."""
+    how = f"`python -m trainer calibrate {run.directory or 'RUN'}` fits one on validation"
+    path = None if run.directory is None else run.directory / FILE
+    if path is None or not path.is_file():
+        return None, f"uncalibrated: sigmoid(score), not fitted to how often facts are true ({how})"
+    try:
+        calibration = Calibration.from_dict(json.loads(path.read_text()))
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not an nvkg calibration ({err})") from None
+    current = checkpoint_identity(run)
+    if calibration.checkpoint != current:
+        fitted = calibration.checkpoint.get("epoch", "?")
+        return None, (f"uncalibrated: {path} was fitted on the checkpoint of epoch {fitted}, this one is of "
+                      f"epoch {current.get('epoch', '?')} ({how} again)")  # fmt: skip
+    return calibration, calibration.describe()

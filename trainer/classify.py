@@ -1,0 +1,236 @@
+"""Triple classification: is a fact true? ``python -m trainer classify RUN [--seed N]``.
+
+A fact is judged true when its probability, sigmoid(score + relation bias) with the posterior means, is
+above its relation's threshold. Thresholds are chosen on validation: the positives are the valid facts,
+the negatives the dataset's facts known to be false (``valid_negatives.txt``) when it has them, else one
+sampled corruption per positive (head or tail replaced by a uniform entity, never a known fact, drawn as
+``report`` draws them). Each relation with validation facts gets the threshold that maximises its
+validation accuracy; a relation without any gets the one that maximises accuracy over all of them.
+Accuracy and F1 are then measured on the test facts against ``test_negatives.txt``, or sampled negatives.
+
+A calibration step plugs in through ``calibrated_probability`` (facts -> calibrated probabilities),
+judged at 0.5 beside the thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from storage.atomic import atomic_write_json
+from storage.dataset import KGDataset
+from trainer import uncertainty
+from trainer.model import KGModel
+from trainer.runs import Run
+
+SAMPLED = "sampled"
+"""``negative_source`` of negatives drawn as corruptions of the positives."""
+# Facts scored at a time: the gathered embeddings stay bounded whatever the size of the split.
+CHUNK_ROWS = 1 << 20
+# The probability a calibrated model is judged at.
+CALIBRATED_THRESHOLD = 0.5
+
+CalibratedProbability = Callable[[torch.Tensor], np.ndarray]
+"""Calibrated probabilities [N] of facts [N, 3] (e.g. trainer/calibration.py's calibrator of a run)."""
+
+
+@dataclass
+class LabelledFacts:
+    """The facts judged on one split: positives (label 1) then negatives (label 0)."""
+
+    facts: torch.Tensor
+    """[N, 3] (head, relation, tail)."""
+    labels: np.ndarray
+    """[N] 1.0 for a true fact, 0.0 for a false one."""
+    negative_source: str
+    """``sampled`` or ``verified negatives from FILE``."""
+
+    @property
+    def relations(self) -> np.ndarray:
+        return self.facts[:, 1].numpy()
+
+    def counts(self) -> dict:
+        positives = int(self.labels.sum())
+        return {"positives": positives, "negatives": len(self.labels) - positives,
+                "negative_source": self.negative_source}  # fmt: skip
+
+
+def labelled_facts(data: KGDataset, split: str, seed: int) -> LabelledFacts:
+    """``split``'s facts and its negatives: the dataset's verified ones (``{split}_negatives.txt``), else
+    one corruption per fact (head or tail, uniformly), redrawn until it is not a known fact, from a
+    generator seeded with ``seed`` (``classify``, ``calibrate`` and ``report`` judge the same facts)."""
+    positives = data.valid if split == "valid" else data.test
+    negatives = data.negatives(split)
+    source = f"verified negatives from {data.negatives_file(split)}"
+    if negatives is None:
+        is_known = lambda facts: uncertainty.known_mask(facts, data.known_chunks())  # noqa: E731
+        generator = torch.Generator().manual_seed(seed)
+        negatives, source = uncertainty.sampled_negatives(positives, is_known, data.num_entities, generator), SAMPLED
+    labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+    return LabelledFacts(torch.cat([positives, negatives]), labels, source)
+
+
+def mean_scores(model: KGModel, facts: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """score + relation bias of ``facts`` [N, 3] with the posterior means (the ``magnitude`` logit), [N]
+    float64, ``chunk_rows`` facts at a time."""
+    chunks = [uncertainty.fact_scores(model, facts[lo : lo + chunk_rows], 0, 0).magnitude
+              for lo in range(0, len(facts), chunk_rows)]  # fmt: skip
+    return np.concatenate(chunks).astype(np.float64) if chunks else np.empty(0)
+
+
+def mean_probabilities(model: KGModel, facts: torch.Tensor) -> np.ndarray:
+    """sigmoid(score + relation bias) of ``facts`` [N, 3] with the posterior means, [N] float64."""
+    return torch.sigmoid(torch.from_numpy(mean_scores(model, facts))).numpy()
+
+
+def stored_calibration(run: Run) -> tuple[CalibratedProbability | None, str]:
+    """The calibrated probability of the posterior means' score (the ``magnitude`` measure) from the run's
+    calibration.json, when one is fitted on the checkpoint loaded, and a line saying which."""
+    from trainer import calibration  # imported here: calibration builds on this module's labelled facts
+
+    fitted, description = calibration.stored(run)
+    if fitted is None or "magnitude" not in fitted.calibrators:
+        return None, description
+    calibrator = fitted.calibrators["magnitude"]
+    return lambda facts: calibrator.probability(mean_scores(run.model, facts), facts[:, 1].numpy()), description
+
+
+def best_threshold(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The threshold t for which "true iff p > t" labels (``p``, ``labels``) right most often, and that
+    accuracy. The candidates are the midpoints between consecutive distinct values of 0, ``p`` and 1 (a
+    threshold anywhere between two values labels alike); equally accurate ones go to the one nearest
+    0.5, then the lower. O(N log N): one sort, then the accuracy of every cut from cumulative sums."""
+    if len(p) == 0:
+        raise ValueError("no facts to choose a threshold on")
+    order = np.argsort(p, kind="stable")
+    sorted_p, sorted_y = np.asarray(p, np.float64)[order], np.asarray(labels, np.float64)[order]
+    # Cut i judges the i lowest facts false: right on the negatives below it and the positives above.
+    negatives_below = np.concatenate([[0.0], np.cumsum(1.0 - sorted_y)])
+    positives_below = np.concatenate([[0.0], np.cumsum(sorted_y)])
+    right = negatives_below + (positives_below[-1] - positives_below)
+    bounds = np.concatenate([[0.0], sorted_p, [1.0]])
+    lower, upper = bounds[:-1], bounds[1:]  # cut i lies between lower[i] and upper[i]
+    cut = upper > lower  # not inside a run of equal values
+    best = np.flatnonzero(cut & (right == right[cut].max()))
+    thresholds = (lower[best] + upper[best]) / 2
+    pick = np.lexsort((thresholds, np.abs(thresholds - 0.5)))[0]
+    return float(thresholds[pick]), float(right[best[pick]] / len(p))
+
+
+@dataclass
+class Thresholds:
+    """Per-relation thresholds, with a global one for relations that have none."""
+
+    fallback: float
+    """Chosen on every validation fact together."""
+    by_relation: dict[int, float]
+    """Relation id -> threshold chosen on that relation's validation facts."""
+
+    def of(self, relations: np.ndarray) -> np.ndarray:
+        """The threshold of each fact's relation [N]."""
+        top = max(int(relations.max(initial=-1)), max(self.by_relation, default=-1)) + 1
+        table = np.full(top, self.fallback)
+        table[list(self.by_relation)] = list(self.by_relation.values())
+        return table[relations]
+
+    def judge(self, p: np.ndarray, relations: np.ndarray) -> np.ndarray:
+        """True where ``p`` is above its relation's threshold."""
+        return p > self.of(relations)
+
+
+def choose_thresholds(p: np.ndarray, labels: np.ndarray, relations: np.ndarray) -> Thresholds:
+    """The accuracy-maximising threshold (``best_threshold``) of each relation with facts in
+    (``p``, ``labels``, ``relations``), and of all of them together as the fallback."""
+    fallback, _ = best_threshold(p, labels)
+    order = np.argsort(relations, kind="stable")
+    ids, starts = np.unique(relations[order], return_index=True)
+    by_relation = {
+        int(r): best_threshold(p[rows], labels[rows])[0]
+        for r, rows in zip(ids, np.split(order, starts[1:]), strict=True)
+    }
+    return Thresholds(fallback, by_relation)
+
+
+def binary_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, and precision, recall and F1 of the true class (0 where undefined)."""
+    truth = np.asarray(labels).astype(bool)
+    tp = int((predicted & truth).sum())
+    fp, fn = int((predicted & ~truth).sum()), int((~predicted & truth).sum())
+    return {
+        "accuracy": float((predicted == truth).mean()),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    }
+
+
+@torch.no_grad()
+def classify(run: Run, *, seed: int, calibrated_probability: CalibratedProbability | None = None) -> dict:
+    """Thresholds chosen on validation, accuracy and F1 on test; with ``calibrated_probability``, also
+    accuracy and F1 of its probabilities on test at 0.5 (``calibrated``)."""
+    data, model = run.dataset, run.model
+    valid, test = labelled_facts(data, "valid", seed), labelled_facts(data, "test", seed)
+    valid_p, test_p = mean_probabilities(model, valid.facts), mean_probabilities(model, test.facts)
+    thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
+    names = data.names("relations")["name"].to_pylist()
+    own = np.isin(test.relations, list(thresholds.by_relation))
+    result = {
+        "seed": seed,
+        "probability": "sigmoid(score + relation bias) with the posterior means",
+        "valid": {**valid.counts(), **binary_metrics(thresholds.judge(valid_p, valid.relations), valid.labels)},
+        "thresholds": {
+            "global": thresholds.fallback,
+            "num_per_relation": len(thresholds.by_relation),
+            "num_relations": data.num_relations,
+            "per_relation": {names[r]: t for r, t in sorted(thresholds.by_relation.items())},
+        },
+        "test": {
+            **test.counts(),
+            **({"dropped_negatives": data.dropped_negatives["test"]} if "test" in data.dropped_negatives else {}),
+            **binary_metrics(thresholds.judge(test_p, test.relations), test.labels),
+            "facts_at_global_threshold": int((~own).sum()),
+            "global_threshold_only": binary_metrics(test_p > thresholds.fallback, test.labels),
+        },
+    }
+    if calibrated_probability is not None:
+        calibrated = np.asarray(calibrated_probability(test.facts))
+        result["calibrated"] = {
+            "threshold": CALIBRATED_THRESHOLD,
+            **binary_metrics(calibrated > CALIBRATED_THRESHOLD, test.labels),
+        }
+    return result
+
+
+def write_classification(run: Run, out: Path, *, seed: int) -> dict:
+    """``classify`` the run, with its stored calibration when there is one, and write the result to
+    ``out`` (atomically); returns it."""
+    calibrated_probability, description = stored_calibration(run)
+    result = {**classify(run, seed=seed, calibrated_probability=calibrated_probability), "calibration": description}
+    atomic_write_json(out, result)
+    return result
+
+
+def format_classification(result: dict) -> str:
+    valid, test, thresholds = result["valid"], result["test"], result["thresholds"]
+    lines = [
+        f"probability: {result['probability']} (seed {result['seed']})",
+        f"valid: {valid['positives']:,} facts, {valid['negatives']:,} negatives ({valid['negative_source']}); "
+        f"thresholds for {thresholds['num_per_relation']:,} of {thresholds['num_relations']:,} relations, "
+        f"global {thresholds['global']:.4f}; valid accuracy {valid['accuracy']:.4f}",
+        f"test: {test['positives']:,} facts, {test['negatives']:,} negatives ({test['negative_source']}); "
+        f"{test['facts_at_global_threshold']:,} judged at the global threshold",
+        f"  per-relation thresholds: accuracy {test['accuracy']:.4f}  F1 {test['f1']:.4f}",
+        f"  global threshold only:   accuracy {test['global_threshold_only']['accuracy']:.4f}  "
+        f"F1 {test['global_threshold_only']['f1']:.4f}",
+    ]
+    if "calibrated" in result:
+        calibrated = result["calibrated"]
+        lines.append(f"  calibrated, at {calibrated['threshold']}:   accuracy {calibrated['accuracy']:.4f}  "
+                     f"F1 {calibrated['f1']:.4f}")  # fmt: skip
+    if "calibration" in result:
+        lines.append(f"calibration: {result['calibration']}")
+    return "\n".join(lines)
