@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from sharding.rng import splitmix64
 from storage.atomic import recover_swap, remove_stale_temps, swap_dir, temp_dir_beside
@@ -50,6 +51,10 @@ from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line, open_text
 # per vocabulary entry keep that rebuild a small share of the work on large vocabularies.
 BYTES_PER_NAME = 64
 MAX_BLOCK_BYTES = 1 << 30
+
+
+def _ignore(rows: int) -> None:
+    """The progress callback of a conversion without a progress bar."""
 
 
 @dataclass(kw_only=True)
@@ -150,7 +155,9 @@ def _distinct(arrays: list[pa.Array]) -> pa.Array:
     return pc.unique(pa.chunked_array(arrays, pa.string())) if arrays else pa.array([], pa.string())
 
 
-def _collect_names(source: Source, splits: tuple[str, ...], rows: dict[str, int]) -> tuple[pa.Array, pa.Array]:
+def _collect_names(
+    source: Source, splits: tuple[str, ...], rows: dict[str, int], advance: Callable[[int], None] = _ignore
+) -> tuple[pa.Array, pa.Array]:
     """Distinct entity and relation names over ``splits``; adds the triples read per split to ``rows``."""
     entities: list[pa.Array] = []
     relations: list[pa.Array] = []
@@ -159,6 +166,7 @@ def _collect_names(source: Source, splits: tuple[str, ...], rows: dict[str, int]
         rows[split] = 0
         for table in source.chunks(split):
             rows[split] += table.num_rows
+            advance(table.num_rows)
             entities.append(pc.unique(pa.chunked_array(table["head"].chunks + table["tail"].chunks)))
             relations.append(pc.unique(table["relation"]))
             # Merge the per-chunk sets once they outgrow the merged set: memory stays O(vocabulary).
@@ -201,18 +209,19 @@ def _append_unseen(train: pa.Array, other: pa.Array) -> pa.Array:
     return pa.concat_arrays([_sorted(train), _sorted(pc.filter(other, pc.invert(seen)))])
 
 
-def build_vocabulary(source: Source) -> tuple[Vocabulary, dict[str, int]]:
-    """The vocabulary of a source, and the triples per split (to size the partitions)."""
+def build_vocabulary(source: Source, advance: Callable[[int], None] = _ignore) -> tuple[Vocabulary, dict[str, int]]:
+    """The vocabulary of a source, and the triples per split (to size the partitions); ``advance`` is told
+    of the triples read."""
     if isinstance(source, DglKeSource):
         entities, relations = source.vocabularies()
         counts = {split: sum(t.num_rows for t in source.chunks(split)) for split in source.files}
         return Vocabulary(entities.names, relations.names, len(entities.names), len(relations.names), False), counts
     rows: dict[str, int] = {}
-    train_entities, train_relations = _collect_names(source, ("train",), rows)
+    train_entities, train_relations = _collect_names(source, ("train",), rows, advance)
     if rows["train"] == 0:
         raise ValueError(f"{source.files['train']}: split is empty")
     eval_splits = tuple(s for s in ("valid", "test", *NEGATIVE_SPLITS) if s in source.files)
-    eval_entities, eval_relations = _collect_names(source, eval_splits, rows)
+    eval_entities, eval_relations = _collect_names(source, eval_splits, rows, advance)
     vocab = Vocabulary(
         entities=_append_unseen(train_entities, eval_entities),
         relations=_append_unseen(train_relations, eval_relations),
@@ -298,7 +307,10 @@ def _finish_partition(
     return columns
 
 
-def _write_split(source: Source, vocab: Vocabulary, split: str, num_rows: int, tmp: Path, options: ConvertOptions):
+def _write_split(
+    source: Source, vocab: Vocabulary, split: str, num_rows: int, tmp: Path, options: ConvertOptions,
+    advance: Callable[[int], None] = _ignore,
+):  # fmt: skip
     counts = SplitCounts()
     path = source.files.get(split)
     if path is None:
@@ -308,6 +320,7 @@ def _write_split(source: Source, vocab: Vocabulary, split: str, num_rows: int, t
     try:
         for table in source.chunks(split, counts):
             spill.add(vocab.encode(table, path))
+            advance(table.num_rows)
     finally:
         spill.close()
     entity_freq = np.zeros(len(vocab.entities), np.int64)
@@ -418,16 +431,26 @@ def convert(
     overwrite: bool = False,
     provenance: dict | None = None,
     expect: ExpectedCounts | None = None,
+    progress: bool = False,
 ) -> Manifest:
     """Convert ``source`` into the dataset directory ``out`` (atomically) and return its manifest;
     ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``;
-    counts other than ``expect`` are refused before anything is written."""
+    counts other than ``expect`` are refused before anything is written. ``progress``: a progress bar of
+    the triples read, on a terminal."""
     _check_out(Path(out), overwrite)
-    vocab, rows = build_vocabulary(source)
     name = name or Path(out).name
-    if expect is not None:
-        expect.check(name, vocab, rows)
-    return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    bar = tqdm(desc=f"{name}: vocabulary", unit="triples", unit_scale=True, leave=False,
+               disable=None if progress else True)  # fmt: skip
+    with bar:
+        vocab, rows = build_vocabulary(source, bar.update)
+        if expect is not None:
+            expect.check(name, vocab, rows)
+        bar.reset(total=sum(rows.values()))
+        bar.set_description(f"{name}: writing")
+        return _write_dataset(
+            source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {}, bar.update
+        )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -444,13 +467,14 @@ def _write_dataset(
     name: str,
     options: ConvertOptions,
     provenance: dict,
+    advance: Callable[[int], None] = _ignore,
 ) -> Manifest:
     options.validate()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     with temp_dir_beside(out) as tmp:
         try:
-            manifest = _fill(tmp, source, vocab, rows, name, options, provenance)
+            manifest = _fill(tmp, source, vocab, rows, name, options, provenance, advance)
             swap_dir(tmp, out)
             return manifest
         except BaseException:
@@ -466,17 +490,20 @@ def _fill(
     name: str,
     options: ConvertOptions,
     provenance: dict,
+    advance: Callable[[int], None] = _ignore,
 ) -> Manifest:
     """Write the whole dataset into ``tmp``, its manifest last."""
     source.block_bytes = min(MAX_BLOCK_BYTES, max(BLOCK_BYTES, BYTES_PER_NAME * len(vocab.entities)))
     splits: dict[str, SplitCounts] = {}
-    splits["train"], entity_freq, relation_freq = _write_split(source, vocab, "train", rows["train"], tmp, options)
+    splits["train"], entity_freq, relation_freq = _write_split(
+        source, vocab, "train", rows["train"], tmp, options, advance
+    )
     fault_point("convert.split_written")
     for split in ("valid", "test"):
-        splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
+        splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options, advance)
     for split in NEGATIVE_SPLITS:
         if split in source.files:  # optional: absent from the manifest when the input has none
-            splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options)
+            splits[split], _, _ = _write_split(source, vocab, split, rows.get(split, 0), tmp, options, advance)
     shutil.rmtree(tmp / "_spill", ignore_errors=True)
     _refuse_true_negatives(tmp, source, vocab, splits)
     _write_names(tmp / ENTITIES, vocab.entities, entity_freq)

@@ -1,30 +1,40 @@
-"""Downloading public benchmark graphs: resumable HTTP, size and sha256 checks, safe extraction, conversion.
+"""Downloading public benchmark graphs: transfers through pooch, resumable over HTTP, size and sha256
+checks, a record of each completed download, safe extraction, conversion.
 
-``fetch`` downloads into ``NAME.part`` and renames to ``NAME`` once the whole body has arrived and its
-size (Content-Length) and sha256 (when known) match; a later call continues a ``.part`` file with an
-HTTP Range request, or starts over when the server ignores ranges. A completed download is recorded in
-``NAME.download.json`` (url, size, sha256), written after the rename: a later call reuses ``NAME`` only
-when that record exists and the file still matches it, so a file that merely sits in the downloads
-directory (copied there, left by a test, truncated) is downloaded again rather than trusted.
+``fetch`` hands the transfer to pooch (a ``Pooch`` of one file): retries with a growing wait, a temporary
+file moved into place only when the transfer completed, and ftp, sftp and ``doi:`` URLs through pooch's own
+downloaders. For http(s) it plugs in ``ResumingHTTP``, a pooch downloader that keeps what arrived in
+``NAME.part`` and continues it with an HTTP Range request, on pooch's next attempt or on the next run (or
+starts over when the server ignores ranges): pooch's own HTTP downloader starts every attempt from byte 0
+(README, "Download"). The sha256 is checked after the transfer rather than by pooch, which would retry a
+mismatch as if it were a network failure; the same pass gives the digest recorded in
+``NAME.download.json`` (url, size, sha256), written last: a later call reuses ``NAME`` only when that
+record exists and the file still matches it, so a file that merely sits in the downloads directory
+(copied there, left by a test, truncated) is downloaded again rather than trusted.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
+import sys
 import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import HTTPError, URLError
-from urllib.request import Request, urlopen
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
 
 from storage.atomic import atomic_write_json
 from storage.convert import ConvertOptions, ExpectedCounts, convert
 from storage.layout import Manifest, sha256_file
 from storage.sources import DglKeSource, TsvSource
+
+if TYPE_CHECKING:
+    import requests
 
 CHUNK = 1 << 20
 
@@ -59,56 +69,95 @@ class DownloadError(ValueError):
     pass
 
 
-def fetch(url: str, dest: Path, *, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``); return ``dest``."""
-    dest = Path(dest)
-    if _reusable(dest, url, sha256):
-        return dest
-    record_path(dest).unlink(missing_ok=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    request = Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urlopen(request, timeout=timeout)
-    except HTTPError as err:
-        if err.code == 416 and offset:  # the part file already holds the whole body
-            return _finish(part, dest, sha256, url)
-        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(
-            f"cannot reach {url} ({reason}). Offline? Download it by other means and pass --archive PATH"
-        ) from None
-    with response:
-        resumed = offset and response.status == 206
-        if offset and not resumed:
-            offset = 0  # the server ignored the range: start over
-        length = response.headers.get("Content-Length")
-        expected = None if length is None else offset + int(length)
-        with open(part, "ab" if resumed else "wb") as handle:
+class ResumingHTTP:
+    """A pooch downloader for http(s) that resumes: the body accumulates in ``part``, which becomes pooch's
+    output file only once it is complete, so a failed attempt leaves it for the next one to continue."""
+
+    def __init__(self, part: Path, *, timeout: float, progress: bool):
+        self.part, self.timeout, self.progress = part, timeout, progress
+
+    def __call__(self, url: str, output_file: str, pooch_: object, check_only: bool = False) -> None:
+        import requests  # here, not at the top: the command lines import this module to list the registry
+
+        offset = self.part.stat().st_size if self.part.exists() else 0
+        try:
+            response = requests.get(
+                url, headers={"Range": f"bytes={offset}-"} if offset else {}, stream=True, timeout=self.timeout
+            )
+        except requests.RequestException as err:
+            raise DownloadError(
+                f"cannot reach {url} ({err}). Offline? Download it by other means and pass --archive PATH"
+            ) from None
+        with response:
+            if response.status_code == 416 and offset:
+                pass  # the part file already holds the whole body
+            elif response.status_code >= 400:
+                raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+            else:
+                start = offset if response.status_code == 206 else 0  # 200: the server ignored the range
+                length = response.headers.get("Content-Length")
+                self._receive(response, url, start, None if length is None else start + int(length))
+        os.replace(self.part, output_file)
+
+    def _receive(self, response: requests.Response, url: str, start: int, expected: int | None) -> None:
+        import requests
+        import urllib3
+
+        # disable=None: tqdm shows the bar only when stderr is a terminal.
+        bar = tqdm(total=expected, initial=start, unit="B", unit_scale=True, desc=Path(url).name, leave=False,
+                   disable=None if self.progress else True)  # fmt: skip
+        with bar, open(self.part, "ab" if start else "wb") as handle:
             try:
-                while chunk := response.read(CHUNK):
+                # The bytes as sent (no content decoding), so a Range offset is an offset into the file.
+                for chunk in response.raw.stream(CHUNK, decode_content=False):
                     handle.write(chunk)
-            except (OSError, http.client.HTTPException) as err:
+                    bar.update(len(chunk))
+            except (OSError, requests.RequestException, urllib3.exceptions.HTTPError) as err:
                 raise DownloadError(
                     f"{url}: connection lost after {handle.tell()} bytes ({err!r}); run again to resume"
                 ) from None
-    size = part.stat().st_size
-    if expected is not None and size != expected:
-        raise DownloadError(f"{url}: got {size} of {expected} bytes; run again to resume")
-    return _finish(part, dest, sha256, url)
+            size = handle.tell()
+        if expected is not None and size != expected:
+            raise DownloadError(f"{url}: got {size} of {expected} bytes; run again to resume")
 
 
-def _finish(part: Path, dest: Path, sha256: str | None, url: str) -> Path:
-    actual = sha256_file(part)
+def fetch(
+    url: str, dest: Path, *, sha256: str | None = None, timeout: float = 60.0, retries: int = 2, progress: bool = False
+) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part`` over http(s)), trying ``retries`` more times
+    after a failed transfer; return ``dest``. ``progress``: a progress bar on a terminal."""
+    if retries < 0:
+        raise ValueError(f"retries={retries}: must be at least 0")
+    dest = Path(dest)
+    if _reusable(dest, url, sha256):
+        return dest
+    import pooch
+    import requests
+
+    record_path(dest).unlink(missing_ok=True)
+    dest.unlink(missing_ok=True)  # pooch would keep any file it finds there; only a recorded one is trusted
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    if urlsplit(url).scheme in ("http", "https"):
+        downloader = ResumingHTTP(part, timeout=timeout, progress=progress)
+    else:
+        downloader = pooch.choose_downloader(url, progressbar=progress and sys.stderr.isatty())
+    fetcher = pooch.Pooch(path=dest.parent, base_url="", registry={dest.name: None}, urls={dest.name: url},
+                          retry_if_failed=retries)  # fmt: skip
+    try:
+        fetcher.fetch(dest.name, downloader=downloader)
+    except requests.RequestException as err:  # from pooch's own downloaders (doi: resolves over HTTP)
+        raise DownloadError(f"{url}: {err}") from None
+    return _finish(dest, sha256, url)
+
+
+def _finish(dest: Path, sha256: str | None, url: str) -> Path:
+    actual = sha256_file(dest)
     if sha256 is not None and actual != sha256:
-        part.unlink()
+        dest.unlink()
         raise DownloadError(f"{url}: sha256 {actual} does not match the expected {sha256}; deleted, run again")
-    size = part.stat().st_size
-    os.replace(part, dest)
     # Written last: killed before this, the next call finds no record and downloads again.
-    atomic_write_json(record_path(dest), {"url": url, "size": size, "sha256": actual})
+    atomic_write_json(record_path(dest), {"url": url, "size": dest.stat().st_size, "sha256": actual})
     return dest
 
 
@@ -186,16 +235,19 @@ def download(
     options: ConvertOptions | None = None,
     overwrite: bool = False,
     check_counts: bool = True,
+    retries: int = 2,
+    progress: bool = False,
 ) -> Manifest:
     """Fetch (or take ``archive``), extract and convert the dataset ``name`` into ``out``; with
     ``check_counts``, a conversion whose counts differ from the registry's is refused before ``out``
-    is written."""
+    is written. ``progress``: progress bars of the download and the conversion, on a terminal."""
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(REGISTRY))}")
     remote = REGISTRY[name]
     url = url or remote.url
     if archive is None:
-        archive = fetch(url, Path(downloads) / Path(url).name, sha256=sha256 or remote.sha256)
+        dest = Path(downloads) / Path(url).name
+        archive = fetch(url, dest, sha256=sha256 or remote.sha256, retries=retries, progress=progress)
         digest = recorded_sha256(archive) or sha256_file(archive)
     elif not Path(archive).is_file():
         raise ValueError(f"--archive {archive}: no such file")
@@ -210,5 +262,6 @@ def download(
         provenance = {"archive": {"url": url, "sha256": digest}}
         expect = remote.counts if check_counts else None
         return convert(
-            source, Path(out), name=name, options=options, overwrite=overwrite, provenance=provenance, expect=expect
-        )
+            source, Path(out), name=name, options=options, overwrite=overwrite, provenance=provenance,
+            expect=expect, progress=progress,
+        )  # fmt: skip

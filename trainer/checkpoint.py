@@ -50,7 +50,11 @@ class RunState:
     lr: float | None = None
     """The learning rate in use (None: optim.lr); reduce-on-plateau lowers it."""
     stale_evals: int = 0
-    """Evaluations in a row without a better validation MRR."""
+    """Evaluations in a row without a better validation MRR (reduce-on-plateau; 0 again after a decay)."""
+    evals_since_best: int = 0
+    """Evaluations since the last better validation MRR (early stopping)."""
+    restarts: int = 0
+    """Times this run was resumed from a checkpoint (nvkg_restarts_total)."""
 
 
 def shard_name(lo: int, hi: int) -> str:
@@ -95,6 +99,10 @@ class Reporter:
 
     def latest(self) -> Path | None:
         return self.path(LATEST) if self.has(LATEST) else None
+
+    def evaluated(self, record: dict) -> None:
+        """Called on every rank after each periodic validation, with the epoch's log record (``valid_mrr``),
+        once the checkpoints of that epoch are written; a launcher reports it (Ray Tune: trainer/tune.py)."""
 
     def save(self, name: str, model: KGModel, state: RunState, config: RunConfig, metrics: dict | None = None) -> None:
         lead = self.exchange.rank == 0

@@ -1,9 +1,11 @@
-"""``python -m trainer train|evaluate|ray-train|submit``: parse, build, run, report.
+"""``python -m trainer train|evaluate|ray-train|submit|tune|config|...`` (``nvkg ...``): parse, build, run, report.
 
 python -m trainer train --config configs/default.yaml                     # one process
 torchrun --standalone --nproc-per-node 2 -m trainer train --config ... --out runs/x   # 2 workers
 python -m trainer ray-train --config ... --set launch.workers=2 --out runs/x   # Ray Train, on this Ray cluster
 python -m trainer submit --address http://127.0.0.1:8265 --config ... --set launch.workers=2 --out /shared/runs/x
+python -m trainer tune --config ... --space space.yaml --trials 16 --out runs/search   # Ray Tune + ASHA
+python -m trainer config --show --config ... --set model.dim=64                        # every key, value, default
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import yaml
+
 from sharding.launch import choose_device, process_group
-from trainer.config import RunConfig, load_config
+from storage.cli import HelpFormatter, add_command, version_text
+from trainer.config import RunConfig, describe, load_config
 from trainer.evaluate import evaluate_run, rank_filters
 from trainer.loop import train
 
@@ -56,59 +62,114 @@ def _run_dir(path: Path | None) -> Path | None:
     return path
 
 
-def _config_args(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--config", type=Path, help="YAML config (see configs/)")
+def _config_args(cmd: argparse.ArgumentParser, out: str | None = "run directory (resumes if it holds a checkpoint)"):
+    cmd.add_argument("--config", type=Path, help="YAML run config (configs/; `nvkg configs` prints where they are)")
     cmd.add_argument("--dataset", help="bundled dataset name or directory; overrides data.dataset")
-    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    cmd.add_argument("--out", type=Path, help="run directory (resumes if it holds a checkpoint)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Variational knowledge-graph embeddings")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _config_args(commands.add_parser("train", help="train a model and evaluate it (plain or under torchrun)"))
-    eval_cmd = commands.add_parser("evaluate", help="evaluate a run directory's best checkpoint")
-    eval_cmd.add_argument("run_dir", type=Path)
-    eval_cmd.add_argument("--samples", type=_count(0), help="average the predictive probability over S samples")
-    ray_cmd = commands.add_parser(
-        "ray-train", help="train with Ray Train (workers, CPUs, GPUs from the config's launch section)"
+    cmd.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. optim.lr=0.003 (repeatable; `config --show` lists them)",
     )
-    _config_args(ray_cmd)
-    predict_cmd = commands.add_parser("predict", help="top-k completions of a query, with their uncertainty")
-    predict_cmd.add_argument("run_dir", type=Path)
+    if out is not None:
+        cmd.add_argument("--out", type=Path, help=out)
+
+
+def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Variational knowledge-graph embeddings", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=version_text())
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="COMMAND --help: its options"
+    )
+    _config_args(
+        add_command(commands, "train", "train a model and evaluate it (plain or under torchrun)"),
+        out="run directory, resumed if it holds a checkpoint (default: runs/DATASET-LATENT-SCORER-TIME)",
+    )
+    eval_cmd = add_command(commands, "evaluate", "evaluate a run directory's best checkpoint")
+    eval_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
+    eval_cmd.add_argument(
+        "--samples",
+        type=_count(0),
+        help="average the predictive probability over S samples (default: the run's eval.num_samples)",
+    )
+    ray_cmd = add_command(
+        commands, "ray-train", "train with Ray Train (workers, CPUs, GPUs from the config's launch section)"
+    )
+    _config_args(
+        ray_cmd, out="run directory on storage every worker reaches (default: runs/DATASET-LATENT-SCORER-TIME)"
+    )
+    predict_cmd = add_command(commands, "predict", "top-k completions of a query, with their uncertainty")
+    predict_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     predict_cmd.add_argument("--head", help="known head: predict tails")
     predict_cmd.add_argument("--tail", help="known tail: predict heads")
-    predict_cmd.add_argument("--relation", required=True)
-    predict_cmd.add_argument("--top-k", type=_count(1), default=10)
+    predict_cmd.add_argument("--relation", required=True, help="the query's relation, by name")
+    predict_cmd.add_argument("--top-k", type=_count(1), default=10, help="completions to list")
     predict_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
     predict_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    report_cmd = commands.add_parser("report", help="uncertainty figures (PNG) and report.json")
-    report_cmd.add_argument("run_dir", type=Path)
-    report_cmd.add_argument("--out", type=Path, help="default: RUN_DIR/report")
-    report_cmd.add_argument("--samples", type=_count(1), default=100)
-    report_cmd.add_argument("--fact", type=_count(0), default=0, help="test fact drawn in fact.png")
-    calibrate_cmd = commands.add_parser("calibrate", help="fit fact probabilities on valid: RUN_DIR/calibration.json")
-    calibrate_cmd.add_argument("run_dir", type=Path)
-    calibrate_cmd.add_argument("--method", choices=("platt", "isotonic"), default="platt")
+    report_cmd = add_command(commands, "report", "uncertainty figures (PNG) and report.json")
+    report_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
+    report_cmd.add_argument(
+        "--out", type=Path, help="directory for the figures and report.json (default: RUN_DIR/report)"
+    )
+    report_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
+    report_cmd.add_argument("--fact", type=_count(0), default=0, help="index of the test fact drawn in fact.png")
+    calibrate_cmd = add_command(commands, "calibrate", "fit fact probabilities on valid: RUN_DIR/calibration.json")
+    calibrate_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
+    calibrate_cmd.add_argument(
+        "--method",
+        choices=("platt", "isotonic"),
+        default="platt",
+        help="platt: a logistic map of the score; isotonic: a monotone step map",
+    )
     scope = calibrate_cmd.add_mutually_exclusive_group()
-    scope.add_argument("--per-relation", dest="per_relation", action="store_true", default=None,
-                       help="Platt scaling per relation, shrunk toward the global fit (platt's default)")  # fmt: skip
+    scope.add_argument(
+        "--per-relation",
+        dest="per_relation",
+        action="store_true",
+        default=None,
+        help="Platt scaling per relation, shrunk toward the global fit (platt's default)",
+    )
     scope.add_argument("--global", dest="per_relation", action="store_false", help="one map for every relation")
     calibrate_cmd.add_argument("--seed", type=_count(0), help="negatives and draws (default: the run's train.seed)")
     calibrate_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
-    classify_cmd = commands.add_parser("classify", help="triple classification: thresholds on valid, accuracy on test")
-    classify_cmd.add_argument("run_dir", type=Path)
+    classify_cmd = add_command(commands, "classify", "triple classification: thresholds on valid, accuracy on test")
+    classify_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     classify_cmd.add_argument("--seed", type=_count(0), help="sampled negatives (default: the run's train.seed)")
-    export_cmd = commands.add_parser("export", help="means and variances with names, to Parquet or TSV")
-    export_cmd.add_argument("run_dir", type=Path)
-    export_cmd.add_argument("--out", type=Path, required=True)
-    export_cmd.add_argument("--format", choices=("parquet", "tsv"), default="parquet")
-    submit_cmd = commands.add_parser("submit", help="submit a ray-train run to a Ray cluster as a job")
-    submit_cmd.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
+    export_cmd = add_command(commands, "export", "means and variances with names, to Parquet or TSV")
+    export_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
+    export_cmd.add_argument("--out", type=Path, required=True, help="the file to write")
+    export_cmd.add_argument("--format", choices=("parquet", "tsv"), default="parquet", help="file format")
+    submit_cmd = add_command(commands, "submit", "submit a ray-train run to a Ray cluster as a job")
+    submit_cmd.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's job server (dashboard) URL; the default is $RAY_ADDRESS if set",
+    )
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the job and fail if it fails")
     submit_cmd.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait with --wait")
     submit_cmd.add_argument("--grafana", default="http://127.0.0.1:3000/d/nvkg", help="dashboard URL to print")
-    _config_args(submit_cmd)
+    _config_args(submit_cmd, out="run directory on storage the cluster's workers reach (required)")
+    config_cmd = add_command(commands, "config", "check a config (YAML and --set overrides); --show prints every key")
+    config_cmd.add_argument("--show", action="store_true", help="print every key: its value, default and meaning")
+    _config_args(config_cmd, out=None)
+    tune_cmd = add_command(commands, "tune", "search config values with Ray Tune and ASHA (trainer/tune.py)")
+    _config_args(tune_cmd, out="where trials, best.yaml, best.json and trials.json go (default: runs/tune-TIME)")
+    tune_cmd.add_argument(
+        "--space",
+        type=Path,
+        required=True,
+        help="YAML search space: section.key: {loguniform|uniform|choice|grid|...: [...]} or a value",
+    )
+    tune_cmd.add_argument("--trials", type=_count(1), default=8, help="samples of the space (each grid combination)")
+    tune_cmd.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster (auto, HOST:PORT, ray://HOST:10001); none: a local Ray started here",
+    )
     return parser
 
 
@@ -154,7 +215,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     with process_group(config.sharding.backend) as exchange:
         run = load_run(args.run_dir, config=config, exchange=exchange, device=choose_device(config.train.device))
         filters = rank_filters(run.dataset, (run.model.entities.lo, run.model.entities.hi))
-        metrics = evaluate_run(config.eval, config.train.seed, run.model, run.dataset, filters)
+        metrics = evaluate_run(
+            config.eval, config.train.seed, run.model, run.dataset, filters, progress=config.train.progress
+        )
         if exchange.rank == 0:
             print(json.dumps(metrics, indent=2))
 
@@ -186,7 +249,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     config = _load(args)  # refuse a bad config here, not on the cluster
     job_id = submit(args.address, forwarded, working_dir=ROOT)
     print(f"submitted job {job_id} to {args.address}", flush=True)
-    print(f"grafana: {args.grafana}?var-job={config.metrics.job or Path(args.out).name}", flush=True)
+    print(f"grafana: {args.grafana}?var-run={config.metrics.run or Path(args.out).name}", flush=True)
     if args.wait:
         wait_for(args.address, job_id, args.timeout)
         print(f"job {job_id} succeeded")
@@ -244,8 +307,44 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {export(load_run(args.run_dir), args.out, args.format)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _scalar(value) -> str:
+    """A config value as YAML writes it (null, true, 0.001, a string unquoted)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    config = _load(args)
+    keys = describe(config)
+    changed = [k for k in keys if k.value != k.default]
+    if args.show:
+        for k in keys:
+            print(f"{k.key} = {_scalar(k.value)}  (default: {_scalar(k.default)})")
+            print(textwrap.fill(k.doc, width=100, initial_indent="    ", subsequent_indent="    "))
+        return
+    print(f"{args.config or 'the defaults'}: valid; {len(changed)} of {len(keys)} keys differ from the defaults")
+    for k in changed:
+        print(f"  {k.key} = {_scalar(k.value)}  (default: {_scalar(k.default)})")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    import ray
+
+    from trainer.tune import load_space, search
+
+    config = _load(args)
+    space = load_space(args.space, config)  # refuse a bad space before Ray starts
+    out = _run_dir(args.out) or RUNS_DIR / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    ray.init(address=args.address, log_to_driver=True)
+    print(f"tune: {args.trials} trial(s) of {', '.join(space)} into {out}", flush=True)
+    best = search(config, space, out, trials=args.trials)
+    values = ", ".join(f"{key}={_scalar(value)}" for key, value in best["params"].items())
+    print(f"best: valid MRR {best['valid_mrr']:.4f} with {values}")
+    print(f"best run directory: {best['run_dir']}")
+    print(f"best config: {Path(out).resolve() / 'best.yaml'}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
+    args = _parser(prog).parse_args(argv)
     commands = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
@@ -256,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate": cmd_calibrate,
         "export": cmd_export,
         "classify": cmd_classify,
+        "config": cmd_config,
+        "tune": cmd_tune,
     }
     try:
         commands[args.command](args)

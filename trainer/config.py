@@ -6,8 +6,11 @@ The allowed values of a choice field are the ``Literal`` type of the registry th
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -105,6 +108,8 @@ class OptimConfig:
     """Multiply the learning rate by this when the validation MRR has not improved for ``lr_patience``
     evaluations in a row (reduce-on-plateau; 1.0 keeps it constant)."""
     lr_patience: int = 1
+    """Evaluations in a row without a better validation MRR before the learning rate is multiplied by
+    ``lr_decay``."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None disables."""
     clip_sigma_norm: float | None = None
@@ -140,6 +145,9 @@ class TrainConfig:
     """Rollbacks allowed in one process before the run stops (on_divergence=rollback)."""
     log_steps: bool = False
     """Also write steps.jsonl: one line per global step (epoch, step, nll, kl, loss, summed over workers)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without a better validation MRR (None: never); the
+    final evaluation uses the best checkpoint either way."""
 
 
 @dataclass(kw_only=True)
@@ -168,6 +176,7 @@ class LaunchConfig:
     workers: int = 1
     """Ray Train workers (ranks); each owns 1/workers of the entity rows."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker (a fraction shares a core); also each ``tune`` trial's."""
     gpus_per_worker: float = 0.0
     """0: CPU workers over gloo; > 0: GPU workers over NCCL."""
     memory_per_worker_gb: float | None = None
@@ -182,12 +191,15 @@ class MetricsConfig:
     """Prometheus endpoint of worker 0; worker r serves port + r. None: no endpoint."""
     host: str = "127.0.0.1"
     """Address the endpoints bind to: loopback unless a scraper on another machine must reach them."""
-    job: str | None = None
-    """The ``job`` label of every series; None: the run directory's name."""
+    run: str | None = None
+    """The ``run`` label of every series; None: the run directory's name."""
     discovery_dir: str | None = None
     """Directory where each worker writes a Prometheus file_sd target file (for workers Ray places anywhere)."""
     variance_every: int = 50
     """Steps between updates of the mean entity variance (it reads every local row)."""
+    tensorboard: bool = False
+    """Also write each epoch's ELBO, KL, NLL, learning rate and validation MRR as TensorBoard scalars to
+    RUN/tensorboard/ (worker 0 only)."""
 
 
 @dataclass(kw_only=True)
@@ -261,6 +273,7 @@ RANGES: dict[str, Interval] = {
     "train.time_budget_s": NON_NEGATIVE,
     "train.num_threads": POSITIVE,
     "train.max_rollbacks": NON_NEGATIVE,
+    "train.early_stopping_patience": POSITIVE,
     "sharding.block_rows": POSITIVE,
     "sharding.streams": POSITIVE,
     "launch.workers": POSITIVE,
@@ -307,6 +320,8 @@ class RunConfig:
                 raise ValueError(f"{key}={value}: must be {interval}")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
+        if self.train.early_stopping_patience is not None and not self.train.eval_every:
+            raise ValueError("train.early_stopping_patience counts evaluations: it needs train.eval_every > 0")
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         obj = self.objective
@@ -419,3 +434,40 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of a config dataclass: the string literal right below the field, read
+    from the class's source, where it is written once."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs = {}
+    for node, below in zip(body.body, body.body[1:], strict=False):
+        doc = below.value.value if isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant) else None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, str):
+            docs[node.target.id] = " ".join(doc.split())
+    return docs
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``config --show`` prints it."""
+
+    key: str
+    value: Any
+    default: Any
+    doc: str
+
+
+def describe(config: RunConfig) -> list[KeyInfo]:
+    """Every key of ``config`` (``section.field``) with its value, its default and its docstring."""
+    defaults, keys = RunConfig(), []
+    for section in dataclasses.fields(RunConfig):
+        part = getattr(config, section.name)
+        docs = field_docs(type(part))
+        for item in dataclasses.fields(part):
+            default = getattr(getattr(defaults, section.name), item.name)
+            keys.append(
+                KeyInfo(f"{section.name}.{item.name}", getattr(part, item.name), default, docs.get(item.name, ""))
+            )
+    return keys

@@ -9,7 +9,6 @@ nvkg --version
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 USAGE = """usage: nvkg COMMAND ...          the trainer's commands (train, evaluate, predict, ...: nvkg --help)
@@ -32,15 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     if head == "storage":
         from storage.cli import main as storage_main
 
-        return storage_main(rest)
+        return storage_main(rest, prog="nvkg storage")
     if head == "configs" and not rest:
         print(configs_dir())
         return 0
     if head == "--version":
-        try:
-            print(f"nvkg {version('nvkg')}")
-        except PackageNotFoundError:  # imported from a checkout that was never installed
-            print("nvkg (not installed: no package metadata)")
+        from storage.cli import version_text
+
+        print(version_text())
         return 0
     if head in (None, "-h", "--help"):
         print(USAGE)
@@ -48,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from trainer.cli import main as trainer_main
 
-    return trainer_main(args)
+    return trainer_main(args, prog="nvkg")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from tqdm import tqdm
 
 from sharding import rng
 from sharding.exchange import sharded_log_partition
@@ -296,13 +297,18 @@ def evaluate(
     num_samples: int = 0,
     seed: int = 0,
     candidates: CandidateSampler | None = None,
+    progress: str | None = None,
 ) -> dict:
     """Raw and filtered metrics over both directions of every fact in ``facts`` [N, 3] (same on every rank),
-    against every entity, or against the ``candidates`` of each batch."""
+    against every entity, or against the ``candidates`` of each batch. ``progress``: the label of a progress
+    bar over the batches, shown by rank 0 on a terminal (None: no bar)."""
     ents, device = model.entities, model.device
     sampled = candidates is not None and not candidates.every_entity
     ranks: dict[str, list[torch.Tensor]] = {"raw": [], "filtered": []}
-    for index, batch in enumerate(facts.split(batch_size)):
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    shown = progress is not None and model.exchange.rank == 0
+    batches = tqdm(facts.split(batch_size), desc=progress, unit="batch", leave=False, disable=None if shown else True)
+    for index, batch in enumerate(batches):
         batch = batch.to(device)
         s, r, o = batch.unbind(-1)
         for side, (direction, known, true_B, keys_B) in enumerate(
@@ -329,9 +335,10 @@ def evaluate_split(
     filters: dict[str, FilterIndex],
     *,
     final: bool,
+    progress: str | None = None,
 ) -> dict:
     """Metrics of ``facts`` under the periodic protocol (posterior means) or, ``final``, the final one
-    (with ``eval.num_samples``)."""
+    (with ``eval.num_samples``); ``progress`` labels a progress bar (``evaluate``)."""
     protocol, max_facts = eval_cfg.protocol, eval_cfg.max_facts
     if final:
         protocol, max_facts = eval_cfg.final_protocol, eval_cfg.final_max_facts
@@ -350,17 +357,24 @@ def evaluate_split(
         num_samples=eval_cfg.num_samples if final else 0,
         seed=seed,
         candidates=candidates,
+        progress=progress,
     )
 
 
-def evaluate_run(eval_cfg: EvalConfig, seed: int, model: KGModel, dataset: KGDataset, filters: dict) -> dict:
-    """Validation and test metrics of a trained model under the final protocol, as ``metrics.json`` holds them."""
+def evaluate_run(
+    eval_cfg: EvalConfig, seed: int, model: KGModel, dataset: KGDataset, filters: dict, *, progress: bool = False
+) -> dict:
+    """Validation and test metrics of a trained model under the final protocol, as ``metrics.json`` holds them;
+    ``progress``: a progress bar per split, on a terminal."""
     sampled = eval_cfg.final_protocol == "sampled"
     candidates = min(eval_cfg.uniform_candidates + eval_cfg.degree_candidates, dataset.num_entities)
+    metrics = {}
+    for split, facts in (("valid", dataset.valid), ("test", dataset.test)):
+        label = f"evaluating {split}" if progress else None
+        metrics[split] = evaluate_split(eval_cfg, seed, model, dataset, facts, filters, final=True, progress=label)
     return {
         "dataset": dataset.name,
-        "valid": evaluate_split(eval_cfg, seed, model, dataset, dataset.valid, filters, final=True),
-        "test": evaluate_split(eval_cfg, seed, model, dataset, dataset.test, filters, final=True),
+        **metrics,
         "protocol": {
             "name": eval_cfg.final_protocol,
             "candidates": candidates if sampled else dataset.num_entities,

@@ -1,13 +1,17 @@
-"""Where training numbers go: the per-epoch JSON-lines log, the per-step log, the progress bar, stdout
-and the Prometheus exporter. One small interface (start / step / epoch / close) with those backends.
+"""Where training numbers go: the per-epoch JSON-lines log, the per-step log, the progress bar, stdout,
+TensorBoard and the Prometheus exporter. One small interface (start / step / timed / epoch / close) with
+those backends.
 
-The files and the bar belong to rank 0 (``enabled``); every rank feeds its own metrics endpoint.
+The files, TensorBoard and the bar belong to rank 0 (``enabled``); every rank feeds its own metrics endpoint.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +22,9 @@ from trainer.metrics import MetricsExporter
 
 LOG_NAME = "log.jsonl"
 STEPS_NAME = "steps.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+SCALARS = {"train/elbo": "elbo", "train/kl": "kl", "train/nll": "nll", "valid/mrr": "valid_mrr", "train/lr": "lr"}
+"""TensorBoard tag -> log.jsonl key of the per-epoch scalars (the step is the epoch)."""
 
 
 class RunLogger:
@@ -32,20 +39,23 @@ class RunLogger:
         exporter: MetricsExporter | None = None,
         variance_every: int = 50,
         lr: float = 0.0,
+        tensorboard: bool = False,
     ):
         self.path = Path(out_dir) / LOG_NAME
         self.steps_path = Path(out_dir) / STEPS_NAME if log_steps and enabled else None
+        self.tensorboard_dir = Path(out_dir) / TENSORBOARD_DIR if tensorboard and enabled else None
         self.total_steps, self.progress, self.enabled = total_steps, progress, enabled
         self.exporter, self.variance_every, self.lr = exporter, variance_every, lr
         self.bar: tqdm | None = None
+        self.board: TensorBoard | None = None
 
-    def start(self, done_steps: int, done_epochs: int, resumed: bool = False) -> None:
+    def start(self, done_steps: int, done_epochs: int) -> None:
         """Open the logs, dropping records past the checkpoint a resumed run starts from."""
-        if self.exporter is not None and resumed:
-            self.exporter.observe_restart()
         if not self.enabled:
             return
         self._truncate(done_epochs)
+        if self.tensorboard_dir is not None:
+            self.board = TensorBoard(self.tensorboard_dir, done_epochs)
         if self.progress:
             self.bar = tqdm(
                 total=self.total_steps, initial=done_steps, unit="step", dynamic_ncols=True, mininterval=1.0
@@ -57,6 +67,9 @@ class RunLogger:
         if not self.enabled:
             return
         self._truncate(done_epochs)
+        if self.board is not None:
+            self.board.close()
+            self.board = TensorBoard(self.board.directory, done_epochs)
         if self.bar is not None:
             self.bar.reset(total=self.total_steps)
             self.bar.update(done_steps)
@@ -87,6 +100,14 @@ class RunLogger:
             self.bar.update(1)
             self.bar.set_postfix(nll=f"{totals.nll:.4g}", kl=f"{totals.kl:.4g}", refresh=False)
 
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """Time the block into the ``what`` (evaluation, checkpoint) duration histogram."""
+        started = time.perf_counter()
+        yield
+        if self.exporter is not None:
+            self.exporter.observe_duration(what, time.perf_counter() - started)
+
     def epoch(self, record: dict, valid: dict | None = None) -> None:
         if self.exporter is not None:
             self.exporter.observe_epoch(record["epoch"], valid, record.get("collapsed_fraction"))
@@ -94,6 +115,9 @@ class RunLogger:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            # The learning rate is in the record when it evaluated (before a reduce-on-plateau changed it).
+            self.board.write({"lr": self.lr, **record})
         line = (
             f"epoch {record['epoch']}: elbo={record['elbo']:.6g} kl={record['kl']:.6g} "
             f"nll={record['nll']:.6g} ({record['seconds']:.2f}s)"
@@ -110,8 +134,33 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.board is not None:
+            self.board.close()
         if self.exporter is not None:
             self.exporter.close()
+
+
+class TensorBoard:
+    """Per-epoch scalars as TensorBoard event files (tensorboardX: protobuf and numpy only, no TensorFlow)."""
+
+    def __init__(self, directory: Path, done_epochs: int):
+        from tensorboardX import SummaryWriter
+
+        self.directory = directory
+        # Every start (fresh, resumed, rolled back) opens a new event file that tells TensorBoard to drop the
+        # older files' points past the checkpoint, as log.jsonl drops its records. tensorboardX names a file
+        # by the second it was opened: the suffix keeps a rollback's file within the same second apart, and
+        # after the older one in TensorBoard's (name) order.
+        self.writer = SummaryWriter(str(directory), purge_step=done_epochs + 1, filename_suffix=f".{time.time_ns()}")
+
+    def write(self, record: dict) -> None:
+        for tag, key in SCALARS.items():
+            if key in record:
+                self.writer.add_scalar(tag, record[key], record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _records(path: Path) -> list[str]:

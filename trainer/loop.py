@@ -47,7 +47,7 @@ def train(
     launcher (Ray Train) instead of only to ``out_dir``.
     """
     run = Training.set_up(config, Path(out_dir), dataset, exchange or LocalExchange(), reporter)
-    while run.state.epoch < config.train.epochs:
+    while run.state.epoch < config.train.epochs and not run.patience_spent:
         try:
             record = run.train_epoch(run.state.epoch)
         except Divergence as err:
@@ -115,6 +115,12 @@ class Training:
         return self.exchange.rank == 0
 
     @property
+    def patience_spent(self) -> bool:
+        """Early stopping: ``train.early_stopping_patience`` evaluations in a row without a better MRR."""
+        patience = self.config.train.early_stopping_patience
+        return patience is not None and self.state.evals_since_best >= patience
+
+    @property
     def lr(self) -> float:
         return self.config.optim.lr if self.state.lr is None else self.state.lr
 
@@ -142,8 +148,10 @@ class Training:
         reporter = reporter or checkpoint.Reporter(out_dir, exchange)
         latest = reporter.latest()
         state = checkpoint.resume(latest, config, model)
-        if latest is not None and lead:
-            print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
+        if latest is not None:
+            state.restarts += 1
+            if lead:
+                print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
         state.lr = state.lr or config.optim.lr
         model.set_lr(state.lr)
         schedule = Schedule(
@@ -156,11 +164,12 @@ class Training:
             progress=config.train.progress,
             enabled=lead,
             log_steps=config.train.log_steps,
-            exporter=start_exporter(config.metrics, out_dir, exchange.rank),
+            exporter=start_exporter(config.metrics, out_dir, exchange.rank, restarts=state.restarts),
             variance_every=config.metrics.variance_every,
             lr=state.lr,
+            tensorboard=config.metrics.tensorboard,
         )
-        logger.start(state.epoch * schedule.num_steps, state.epoch, resumed=latest is not None)
+        logger.start(state.epoch * schedule.num_steps, state.epoch)
         filters = rank_filters(dataset, (model.entities.lo, model.entities.hi))
         step = Step(model, config.optim.grad_clip)
         return cls(config, out_dir, exchange, dataset, model, filters, reporter, state, schedule, step, logger)
@@ -218,7 +227,8 @@ class Training:
         return record
 
     def end_epoch(self, record: dict) -> bool:
-        """Evaluate, keep the best, checkpoint and log after an epoch; whether to stop (the time budget)."""
+        """Evaluate, keep the best, checkpoint and log after an epoch; whether to stop (the time budget, or
+        early stopping)."""
         train_cfg, state = self.config.train, self.state
         state.train_seconds += record["seconds"]
         state.epoch = record["epoch"]
@@ -228,28 +238,43 @@ class Training:
         last = state.epoch == train_cfg.epochs or out_of_time
         valid = None
         if train_cfg.eval_every and (state.epoch % train_cfg.eval_every == 0 or last):
-            valid = evaluate_split(
-                self.config.eval, train_cfg.seed, self.model, self.dataset, self.dataset.valid, self.filters,
-                final=False,
-            )  # fmt: skip
+            with self.logger.timed("evaluation"):
+                valid = evaluate_split(
+                    self.config.eval, train_cfg.seed, self.model, self.dataset, self.dataset.valid, self.filters,
+                    final=False, progress="evaluating valid" if train_cfg.progress else None,
+                )  # fmt: skip
             record["valid_mrr"] = valid["filtered"]["mrr"]
             # Sampled MRRs run higher than exact ones: the log says which this is.
             record["valid_protocol"] = self.config.eval.protocol
             record["lr"] = state.lr
             # A NaN MRR compares false either way; a non-finite evaluation is never the best.
             improved = math.isfinite(record["valid_mrr"]) and record["valid_mrr"] > state.best_mrr
+            state.evals_since_best = 0 if improved else state.evals_since_best + 1
             if improved:
                 state.best_mrr, state.best_epoch = valid["filtered"]["mrr"], state.epoch
-                self.reporter.save(checkpoint.BEST, self.model, state, self.config)
+                with self.logger.timed("checkpoint"):
+                    self.reporter.save(checkpoint.BEST, self.model, state, self.config)
             if reduce_on_plateau(state, improved, self.config.optim):
                 self.model.set_lr(self.lr)
                 self.logger.lr = self.lr
+        stop_early = self.patience_spent and not last
+        if stop_early:
+            record["early_stopped"] = True
         self.logger.epoch(record, valid)
-        if state.epoch % train_cfg.checkpoint_every == 0 or last:
-            self.reporter.save(checkpoint.LATEST, self.model, state, self.config, metrics=record)
+        if state.epoch % train_cfg.checkpoint_every == 0 or last or stop_early:
+            with self.logger.timed("checkpoint"):
+                self.reporter.save(checkpoint.LATEST, self.model, state, self.config, metrics=record)
+        if valid is not None:
+            self.reporter.evaluated(record)
         if out_of_time and self.lead:
             print(f"time budget {budget:.0f}s: stopping after epoch {state.epoch}", flush=True)
-        return out_of_time
+        if stop_early and self.lead:
+            print(
+                f"early stopping: no better validation MRR in {state.evals_since_best} evaluations; stopping after "
+                f"epoch {state.epoch} (best: epoch {state.best_epoch}, MRR {state.best_mrr:.4f})",
+                flush=True,
+            )
+        return out_of_time or stop_early
 
     def roll_back(self, err: Divergence) -> None:
         """After a divergence: stop with a clear error, or (``train.on_divergence=rollback``) start again from
@@ -272,7 +297,7 @@ class Training:
         # best/ on disk may be newer than the checkpoint: keep its MRR, so a worse model never replaces it.
         if self.state.best_mrr > state.best_mrr:
             state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch
-        state.lr, state.train_seconds = lr, self.state.train_seconds
+        state.lr, state.train_seconds, state.restarts = lr, self.state.train_seconds, self.state.restarts
         self.state = state
         self.model.set_lr(lr)
         self.step = Step(self.model, self.config.optim.grad_clip)
@@ -286,10 +311,15 @@ class Training:
         self.logger.close()
         if self.reporter.has(checkpoint.BEST):
             checkpoint.load_into(self.reporter.path(checkpoint.BEST), self.model)
-        metrics = evaluate_run(self.config.eval, self.config.train.seed, self.model, self.dataset, self.filters)
+        metrics = evaluate_run(
+            self.config.eval, self.config.train.seed, self.model, self.dataset, self.filters,
+            progress=self.config.train.progress,
+        )  # fmt: skip
         metrics.update(
             train_seconds=self.state.train_seconds,
             best_epoch=self.state.best_epoch or self.state.epoch,
+            epochs_trained=self.state.epoch,
+            stopped_early=self.patience_spent and self.state.epoch < self.config.train.epochs,
             world_size=self.exchange.world_size,
             config=to_dict(self.config),
         )

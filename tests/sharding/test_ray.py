@@ -140,7 +140,7 @@ def test_job_submitted_to_a_ray_head_on_localhost(tmp_path):
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
+    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-run=run" in result.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
 
 
@@ -177,7 +177,7 @@ def test_make_train_freebase_end_to_end(tmp_path):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
         server.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-job=run" in result.stdout
+    assert "submitted job" in result.stdout and "grafana: http://127.0.0.1:3000/d/nvkg?var-run=run" in result.stdout
     assert json.loads((tmp_path / "fb" / "manifest.json").read_text())["num_entities"] == 300
     assert (tmp_path / "dl" / "Freebase.zip").is_file()  # the archive stays under the test's directory
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2

@@ -73,12 +73,21 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
     body = server.files["/blob.bin"]
     server.cut_after = 300_000
     with pytest.raises(DownloadError, match="run again to resume"):
-        fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+        fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", retries=0)
     assert (tmp_path / "blob.bin.part").stat().st_size == 300_000 and not (tmp_path / "blob.bin").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["blob.bin.part"]  # pooch removed its temporary file
     digest = hashlib.sha256(body).hexdigest()
     fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", sha256=digest)
     assert server.ranges[-1] == "bytes=300000-"
     assert (tmp_path / "blob.bin").read_bytes() == body and not (tmp_path / "blob.bin.part").exists()
+
+
+def test_a_retry_resumes_the_interrupted_transfer_in_the_same_call(server, tmp_path):
+    server.cut_after = 300_000
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", retries=1)
+    assert server.ranges == [None, "bytes=300000-"]
+    assert (tmp_path / "blob.bin").read_bytes() == server.files["/blob.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "blob.bin.download.json"]
 
 
 def test_server_ignoring_ranges_restarts_from_zero(server, tmp_path):

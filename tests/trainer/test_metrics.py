@@ -1,4 +1,5 @@
-"""The Prometheus exporter, the Grafana dashboard's queries, and a real Prometheus scraping a real run."""
+"""The Prometheus exporter, the Grafana dashboard's queries against what a real run serves, the restart
+count across resumes, and a real Prometheus scraping a real run."""
 
 import json
 import re
@@ -9,14 +10,20 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from sharding.exchange import LocalExchange
 from tests.sharding.conftest import free_port
 from tests.trainer.conftest import make_config
-from trainer.loop import train
+from trainer import checkpoint
+from trainer.config import RunConfig
+from trainer.loop import Training, train
 from trainer.metrics import MetricsExporter
 
 ROOT = Path(__file__).parents[2]
@@ -25,11 +32,13 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "nvkg.json"
 
 @pytest.fixture
 def exporter(tmp_path):
-    exp = MetricsExporter(job="run-a", rank=1, host="127.0.0.1", port=free_port() - 1, discovery_dir=str(tmp_path))
+    exp = MetricsExporter(
+        run="run-a", rank=1, host="127.0.0.1", port=free_port() - 1, discovery_dir=str(tmp_path), restarts=3
+    )
     exp.observe_step(nll=10.0, kl=2.5, kl_weight=0.5, positives=100, seconds=0.5, lr=0.01, step=7)
     exp.observe_variance(0.25)
     exp.observe_epoch(3, {"filtered": {"mrr": 0.5, "hits@1": 0.4, "hits@3": 0.6, "hits@10": 0.8}})
-    exp.observe_restart()
+    exp.observe_duration("evaluation", 42.0)
     yield exp
     exp.close()
 
@@ -42,13 +51,26 @@ def _scrape(address: str) -> str:
 def test_exporter_serves_labelled_series_on_loopback(exporter, tmp_path):
     text = _scrape(exporter.address)
     assert exporter.address.startswith("127.0.0.1:")
-    assert 'nvkg_negative_elbo{job="run-a",worker="1"} 12.5' in text
-    assert 'nvkg_expected_log_likelihood{job="run-a",worker="1"} -10.0' in text
-    assert 'nvkg_positives_per_second{job="run-a",worker="1"} 200.0' in text
-    assert 'nvkg_eval_hits_ratio{job="run-a",k="10",split="valid",worker="1"} 0.8' in text
-    assert 'nvkg_restarts_total{job="run-a",worker="1"} 1.0' in text
+    assert 'nvkg_negative_elbo{run="run-a",worker="1"} 12.5' in text
+    assert 'nvkg_expected_log_likelihood{run="run-a",worker="1"} -10.0' in text
+    assert 'nvkg_positives_per_second{run="run-a",worker="1"} 200.0' in text
+    assert 'nvkg_eval_hits_ratio{k="10",run="run-a",split="valid",worker="1"} 0.8' in text
+    assert 'nvkg_restarts_total{run="run-a",worker="1"} 3.0' in text
+    # 0.5 s falls in the 0.5 bucket, not the 0.25 one; 42 s between 25 and 60.
+    assert 'nvkg_step_duration_seconds_bucket{le="0.25",run="run-a",worker="1"} 0.0' in text
+    assert 'nvkg_step_duration_seconds_bucket{le="0.5",run="run-a",worker="1"} 1.0' in text
+    assert 'nvkg_evaluation_duration_seconds_bucket{le="25.0",run="run-a",worker="1"} 0.0' in text
+    assert 'nvkg_evaluation_duration_seconds_bucket{le="60.0",run="run-a",worker="1"} 1.0' in text
+    assert 'nvkg_evaluation_duration_seconds_sum{run="run-a",worker="1"} 42.0' in text
+    # The process's own series come back from the private registry, with the worker's labels.
+    resident = re.search(r'^process_resident_memory_bytes\{run="run-a",worker="1"\} (\S+)$', text, re.M)
+    assert resident and float(resident.group(1)) > 10e6
+    assert re.search(r'^python_info\{.*run="run-a".*worker="1"\} 1\.0$', text, re.M)
+    assert re.search(r'^python_gc_collections_total\{generation="0",run="run-a",worker="1"\} ', text, re.M)
+    assert "job=" not in text
+    # No target labels in the discovery file: the series carry run and worker (no exported_* collisions).
     (target,) = json.loads((tmp_path / "nvkg-run-a-worker1.json").read_text())
-    assert target == {"targets": [exporter.address], "labels": {"job": "run-a", "worker": "1"}}
+    assert target == {"targets": [exporter.address]}
 
 
 def _expressions(node) -> list[str]:
@@ -60,15 +82,104 @@ def _expressions(node) -> list[str]:
     return []
 
 
-def test_dashboard_queries_only_metrics_the_trainer_exports(exporter):
-    exported = {sample.name for metric in exporter.registry.collect() for sample in metric.samples}
-    expressions = _expressions(json.loads(DASHBOARD.read_text()))
-    used = {name for expr in expressions for name in re.findall(r"\bnvkg_[a-z0-9_]+", expr)}
-    assert len(expressions) >= 12 and used, expressions
-    assert used <= exported, used - exported
-    for required in ("nvkg_negative_elbo", "nvkg_kl_divergence", "nvkg_positives_per_second", "nvkg_eval_mrr",
-                     "nvkg_entity_variance_mean", "nvkg_restarts_total"):  # fmt: skip
+@contextmanager
+def _live_run(config: RunConfig, out: Path, dataset) -> Iterator[Training]:
+    """A run set up (resuming when ``out`` has a checkpoint) and trained to its last epoch, its endpoint
+    still serving until the block ends."""
+    run = Training.set_up(config, out, dataset, LocalExchange(), None)
+    try:
+        while run.state.epoch < config.train.epochs:
+            run.end_epoch(run.train_epoch(run.state.epoch))
+        yield run
+    finally:
+        run.close()
+
+
+def _served(address: str) -> dict[str, set[str]]:
+    """Sample name -> its label names, as the endpoint serves them (parsed by prometheus-client's parser)."""
+    served: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(_scrape(address)):
+        for sample in family.samples:
+            served.setdefault(sample.name, set()).update(sample.labels)
+    return served
+
+
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+METRIC = re.compile(r"\b(?:nvkg|process|python)_[a-z0-9_]+")
+LABEL_VALUES = re.compile(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*([a-zA-Z_]+)\s*\)")
+
+
+def _targets(node) -> list[dict]:
+    if isinstance(node, dict):
+        found = [node] if "expr" in node else []
+        return found + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def test_dashboard_queries_only_series_a_real_run_serves(tmp_path, tiny_dataset):
+    """Every metric, label matcher, grouping label and legend label of every dashboard query exists in what
+    a real run's endpoint serves after training and evaluating; every selector filters on $run."""
+    settings = ["train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1", f"metrics.port={free_port()}"]
+    config = make_config(*settings)
+    with _live_run(config, tmp_path, tiny_dataset) as run:
+        assert run.logger.exporter is not None
+        served = _served(run.logger.exporter.address)
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = _expressions(dashboard)
+    assert len(expressions) >= 17, expressions
+    used = set[str]()
+    for expr in expressions:
+        names = set(METRIC.findall(expr))
+        assert names <= set(served), (expr, names - set(served))
+        used |= names
+        for name, label in LABEL_VALUES.findall(expr):
+            assert label in served[name], expr
+        selectors = SELECTOR.findall(expr)
+        available = set().union(*(served[name] for name, _ in selectors)) if selectors else set()
+        for name, matchers in selectors:
+            labels = set(MATCHER.findall(matchers))
+            assert "run" in labels and labels <= served[name], (expr, name, labels - served[name])
+        groupings = [{g.strip() for g in group.split(",")} for group in GROUPING.findall(expr)]
+        for group in groupings:
+            assert group <= available, (expr, group - available)
+        result_labels = (set.intersection(*groupings) if groupings else available) - {"le"}
+        for target in (t for t in _targets(dashboard) if t["expr"] == expr):
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= result_labels, (expr, legend - result_labels)
+    for required in (
+        "nvkg_negative_elbo", "nvkg_kl_divergence", "nvkg_positives_per_second", "nvkg_eval_mrr",
+        "nvkg_entity_variance_mean", "nvkg_restarts_total", "process_resident_memory_bytes",
+        "nvkg_step_duration_seconds_bucket", "nvkg_evaluation_duration_seconds_count",
+        "nvkg_checkpoint_write_duration_seconds_count",
+    ):  # fmt: skip
         assert required in used
+    assert not any(re.search(r"\bjob\b", expr) for expr in expressions)
+
+
+def _value(address: str, name: str) -> float:
+    (value,) = [
+        sample.value
+        for family in text_string_to_metric_families(_scrape(address))
+        for sample in family.samples
+        if sample.name == name
+    ]
+    return value
+
+
+def test_restart_count_survives_resumes(tmp_path, tiny_dataset):
+    settings = ["train.checkpoint_every=1", f"metrics.port={free_port()}"]
+    for restarts, epochs in enumerate((1, 2, 3)):
+        with _live_run(make_config(f"train.epochs={epochs}", *settings), tmp_path, tiny_dataset) as run:
+            assert run.logger.exporter is not None
+            assert run.state.restarts == restarts
+            assert _value(run.logger.exporter.address, "nvkg_restarts_total") == restarts
+            # ... and each resumed run went on to its new last epoch.
+            assert _value(run.logger.exporter.address, "nvkg_epoch") == epochs
+    assert checkpoint.read_index(tmp_path / checkpoint.LATEST)["state"]["restarts"] == 2
 
 
 def test_provisioning_points_grafana_at_the_dashboards():
@@ -104,12 +215,11 @@ def _wait_ready(url: str, timeout: float = 60.0) -> None:
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Prometheus server not installed (.ci/run installs it)")
 def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
+    """A default scrape config (no honor_labels): the trainer's run and worker labels arrive as they are."""
     port, prom_port = free_port(), free_port()
     config = {
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": "nvkg", "honor_labels": True, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-        ],
+        "scrape_configs": [{"job_name": "nvkg", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     server = subprocess.Popen(
@@ -126,8 +236,8 @@ def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
-        for metric in ("nvkg_negative_elbo", "nvkg_kl_divergence"):
-            query = urllib.parse.urlencode({"query": f'max_over_time({metric}{{job="run"}}[10m])'})
+        for metric in ("nvkg_negative_elbo", "nvkg_kl_divergence", "process_resident_memory_bytes"):
+            query = urllib.parse.urlencode({"query": f'max_over_time({metric}{{run="run"}}[10m])'})
             deadline = time.monotonic() + 30
             while True:
                 with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/query?{query}", timeout=10) as r:
@@ -136,7 +246,8 @@ def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
                     break
                 time.sleep(1)
             assert result and float(result[0]["value"][1]) > 0, (metric, result)
-            assert result[0]["metric"]["worker"] == "0"
+            labels = result[0]["metric"]
+            assert (labels["worker"], labels["job"]) == ("0", "nvkg") and "exported_run" not in labels, labels
     finally:
         server.terminate()
         server.wait(timeout=30)
