@@ -1,75 +1,264 @@
-"""Uncertainty quality: does sampling the embeddings give better confidence than the probability's magnitude?
+"""Confidence a user can act on (#16): calibration, triple classification, and whether sampling the
+embeddings ranks right answers before the probability's magnitude does.
 
-For nations, umls, kinships and wn18rr, V-DistMult and V-ComplEx (LIM) are trained (the tuned small-graph
-configs; wn18rr under a shorter budget than its quality run), then `python -m trainer report`'s
-analyses run on test facts plus as many sampled negatives, with 100 samples of the embeddings:
-area under precision-coverage for each confidence measure (ranking true facts, paper Figure 2), area under
-selective-prediction accuracy, ECE and Brier score.
+For nations, umls, kinships and wn18rr, V-ComplEx (LIM) and V-DistMult (LIM), seeds 0-2: train (the tuned
+small-graph configs; wn18rr: configs/wn18rr-vcomplex-lim.yaml for a fixed number of epochs instead of its
+time budget, so the numbers do not depend on the machine's load), then on each run's best checkpoint:
 
-    make bench-uncertainty          # or: python -m bench.uncertainty --wn18rr-budget 600
+* calibrate on validation, judged on test (trainer/calibration.py): ECE, Brier score and log loss of
+  ``magnitude`` and ``mc_mean`` before -> after Platt scaling per relation (the default, stored as the run's
+  calibration.json) and global isotonic regression; target: ECE <= 0.03 after calibration;
+* classify (trainer/classify.py): test accuracy with per-relation thresholds, and of the calibrated
+  probability judged at 0.5;
+* the confidence study: each measure's area under precision against coverage, for the top-1 answers of
+  link prediction (``uncertainty.link_confidences``: right or wrong) and for facts
+  (``uncertainty.truth_confidences``: true or corrupted).
+
+Which sampling measure to set against ``magnitude`` is chosen per dataset and model on validation (the
+largest area difference, mean over seeds), so the test comparison is not a maximum over noisy test
+numbers. On test its difference is the mean over seeds, with a 95% percentile bootstrap interval over the
+test queries (facts): 1,000 resamples, seeded, each applied to every seed alike (every seed is judged on
+the same queries and facts: negatives and draws use EVAL_SEED whatever the training seed). That interval
+is of the seed-averaged difference; three seeds are too few to estimate the spread between trainings,
+which each seed's own interval (in the JSON) shows instead.
+
+    make bench-uncertainty                                                    # the full run (see --help)
+    python -m bench.uncertainty --datasets nations --seeds 0 --samples 10     # a short look
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from bench.common import RESULTS, machine, markdown_table, write_results
 from storage.dataset import load_data
+from trainer import calibration, classify, uncertainty
 from trainer.config import load_config
 from trainer.loop import train
-from trainer.report import write_report
-from trainer.runs import load_run
+from trainer.report import link_answers
+from trainer.runs import Run, load_run
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-MODELS = {"V-DistMult (LIM)": ["model.scorer=distmult"], "V-ComplEx (LIM)": ["model.scorer=complex"]}
-TRUTH = ("magnitude", "mc_mean", "mc_lower_bound")
-SELECTIVE = ("magnitude", "mc_mean", "mc_std", "entropy", "mutual_information")
+MODELS = {"V-ComplEx (LIM)": ["model.scorer=complex"], "V-DistMult (LIM)": ["model.scorer=distmult"]}
+DATASETS = ("nations", "umls", "kinships", "wn18rr")
+EVAL_SEED = 0
+"""Seed of the negatives and of the draws of every run: each training seed is judged on the same facts."""
+ECE_TARGET = 0.03
+METRICS = ("ece", "brier", "log_loss")
+WN18RR_EPOCHS = 5
+"""About 60 s an epoch on 2 idle cores (the config's 3,300 s budget fitted ~56), so a wn18rr run trains in
+~5 minutes plus its evaluations and the study."""
 
 
-def config_for(dataset: str, model: str, budget: float) -> tuple[Path, list[str]]:
+def config_for(dataset: str, model: str, seed: int, wn18rr_epochs: int) -> tuple[Path, list[str]]:
+    common = [f"data.dataset={dataset}", "train.progress=false", f"train.seed={seed}", *MODELS[model]]
     if dataset == "wn18rr":
-        return CONFIGS / "wn18rr-vcomplex-lim.yaml", [f"train.time_budget_s={budget}", *MODELS[model]]
-    return CONFIGS / f"small-{dataset}.yaml", MODELS[model]
+        fixed = [f"train.epochs={wn18rr_epochs}", "train.time_budget_s=null"]
+        return CONFIGS / "wn18rr-vcomplex-lim.yaml", [*common, *fixed]
+    return CONFIGS / f"small-{dataset}.yaml", common
+
+
+def calibration_numbers(run: Run, samples: int) -> tuple[dict[str, Any], calibration.Calibration]:
+    """Per measure, ECE / Brier / log loss on test before, after Platt per relation (stored with the run) and
+    after global isotonic regression; and the Platt calibration."""
+    _, stored = calibration.calibrate(run, seed=EVAL_SEED, samples=samples)
+    platt = calibration.Calibration.from_dict(stored)
+    isotonic = calibration.fit(run, method="isotonic", seed=EVAL_SEED, samples=samples)
+    test = calibration.judged(run, "test", EVAL_SEED)
+    scores = uncertainty.fact_scores(run.model, test.facts, samples, EVAL_SEED)
+    compared = calibration.compare(isotonic, scores, test, run.model.variational)
+    out: dict[str, Any] = {}
+    for name, result in compared.items():
+        before, after = stored["test"][name]["before"], stored["test"][name]["after"]
+        out[name] = {"before": before, "platt": after, "isotonic": {k: result["after"][k] for k in METRICS}}
+    return out, platt
+
+
+def study_inputs(run: Run, split: str, samples: int) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(confidences, right or wrong) of the link-prediction top-1 answers and of the facts of ``split``."""
+    answers = link_answers(run, split, samples=samples, seed=EVAL_SEED)
+    facts = calibration.judged(run, split, EVAL_SEED)
+    probs = uncertainty.fact_scores(run.model, facts.facts, samples, EVAL_SEED).probabilities()
+    return {
+        "link": (uncertainty.link_confidences(answers), answers.correct),
+        "triples": (uncertainty.truth_confidences(probs), facts.labels),
+    }
+
+
+def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    path, overrides = config_for(dataset, model, seed, args.wn18rr_epochs)
+    config = load_config(path, overrides)
+    out = RESULTS / "runs" / f"uncertainty-{dataset}-{model.split()[0].lower()}-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
+    start = time.perf_counter()
+    metrics = train(config, out, load_data(config.data))
+    trained = time.perf_counter()
+    run = load_run(out)
+    calibrated, platt = calibration_numbers(run, args.samples)
+    calibrated_probability = calibration.magnitude_probability(run, platt)
+    classified = classify.classify(run, seed=EVAL_SEED, calibrated_probability=calibrated_probability)
+    inputs = {split: study_inputs(run, split, args.samples) for split in ("valid", "test")}
+    return {
+        "seed": seed,
+        "test_mrr": metrics["test"]["filtered"]["mrr"],
+        "test_hits@1": metrics["test"]["filtered"]["hits@1"],
+        "calibration": calibrated,
+        "classification": {
+            "per_relation_thresholds": classified["test"]["accuracy"],
+            "global_threshold": classified["test"]["global_threshold_only"]["accuracy"],
+            "calibrated_at_0.5": classified["calibrated"]["accuracy"],
+        },
+        "inputs": inputs,
+        "seconds": {"train": trained - start, "after": time.perf_counter() - trained},
+    }
+
+
+def compare_measures(runs: list[dict[str, Any]], task: str, resamples: int) -> dict[str, Any]:
+    """The sampling measure chosen on validation, and its test area minus magnitude's: mean over seeds with
+    a pooled bootstrap interval, and each seed's own."""
+    valid = [r["inputs"]["valid"][task] for r in runs]
+    test = [r["inputs"]["test"][task] for r in runs]
+    measures = list(test[0][0])
+    sampling = [m for m in measures if m != "magnitude"]
+    coverage = uncertainty.coverage_grid()
+
+    def area(confidence: np.ndarray, correct: np.ndarray) -> float:
+        return uncertainty.area(coverage, uncertainty.precision_at_coverage(confidence, correct, coverage))
+
+    valid_area = {m: float(np.mean([area(c[m], y) for c, y in valid])) for m in measures}
+    test_area = {m: float(np.mean([area(c[m], y) for c, y in test])) for m in measures}
+    rate = float(np.mean([y.mean() for _, y in test]))
+    out: dict[str, Any] = {"valid_area": valid_area, "test_area": test_area,
+                           "top1_accuracy" if task == "link" else "positive_rate": rate}  # fmt: skip
+    if not sampling:
+        return out
+    chosen = max(sampling, key=lambda m: valid_area[m] - valid_area["magnitude"])
+    pair = [{"magnitude": c["magnitude"], chosen: c[chosen]} for c, _ in test]
+    correct = np.stack([y for _, y in test])
+    pooled = uncertainty.area_differences(
+        {k: np.stack([p[k] for p in pair]) for k in ("magnitude", chosen)}, correct, resamples=resamples,
+        seed=EVAL_SEED,
+    )[chosen]  # fmt: skip
+    each = [uncertainty.area_differences(p, y, resamples=resamples, seed=EVAL_SEED)[chosen]
+            for p, (_, y) in zip(pair, test, strict=True)]  # fmt: skip
+    out.update(chosen=chosen, difference=pooled["difference"], interval=pooled["interval"], per_seed=each)
+    return out
+
+
+def summarise(dataset: str, model: str, runs: list[dict[str, Any]], resamples: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": [r["seed"] for r in runs]}
+    row["test_mrr"] = float(np.mean([r["test_mrr"] for r in runs]))
+    for measure in runs[0]["calibration"]:
+        for when in ("before", "platt", "isotonic"):
+            for metric in METRICS:
+                values = [r["calibration"][measure][when][metric] for r in runs]
+                row[f"{metric}_{measure}_{when}"] = float(np.mean(values))
+                if metric == "ece" and when != "before":
+                    row[f"ece_{measure}_{when}_max"] = float(np.max(values))
+    for key in runs[0]["classification"]:
+        row[f"accuracy_{key}"] = float(np.mean([r["classification"][key] for r in runs]))
+    row["link"] = compare_measures(runs, "link", resamples)
+    row["triples"] = compare_measures(runs, "triples", resamples)
+    row["seconds"] = [r["seconds"] for r in runs]
+    return row
+
+
+def _ece_met(row: dict[str, Any]) -> bool:
+    """ECE <= ECE_TARGET on test after Platt scaling for every seed and calibrated measure."""
+    return all(v <= ECE_TARGET for k, v in row.items() if k.startswith("ece_") and k.endswith("_platt_max"))
+
+
+def _arrow(row: dict[str, Any], metric: str, measure: str) -> str:
+    if f"{metric}_{measure}_before" not in row:
+        return ""
+    values = [row[f"{metric}_{measure}_{when}"] for when in ("before", "platt", "isotonic")]
+    return f"{values[0]:.4f} → {values[1]:.4f} / {values[2]:.4f}"
+
+
+def _difference(result: dict[str, Any]) -> str:
+    if "chosen" not in result:
+        return "no sampling measure"
+    lo, hi = result["interval"]
+    return f"{result['chosen']}: {result['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    calibration_rows, study_rows = [], []
+    for row in rows:
+        name = {"dataset": row["dataset"], "model": row["model"]}
+        calibration_rows.append({
+            **name, "test_mrr": row["test_mrr"],
+            **{f"{m} {k}": _arrow(row, m, k) for k in ("magnitude", "mc_mean") for m in METRICS},
+            f"ECE ≤ {ECE_TARGET} (Platt, every seed)": "met" if _ece_met(row) else "missed",
+            "accuracy thresholds": row["accuracy_per_relation_thresholds"],
+            "accuracy calibrated@0.5": row["accuracy_calibrated_at_0.5"],
+        })  # fmt: skip
+        study_rows.append({
+            **name, "top-1 accuracy": row["link"]["top1_accuracy"],
+            "link: magnitude area": row["link"]["test_area"]["magnitude"],
+            "link: chosen − magnitude [95%]": _difference(row["link"]),
+            "facts: magnitude area": row["triples"]["test_area"]["magnitude"],
+            "facts: chosen − magnitude [95%]": _difference(row["triples"]),
+        })  # fmt: skip
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    lines = [
+        "# Confidence a user can act on: calibration, triple classification, sampling against magnitude\n",
+        f"Seeds {args.seeds}, {args.samples} draws of the embeddings, {args.resamples} bootstrap resamples; "
+        f"wn18rr trained {args.wn18rr_epochs} epochs. Means over seeds.\n",
+        "## Calibration on test (before → Platt per relation / global isotonic) and triple classification\n",
+        markdown_table(calibration_rows, list(calibration_rows[0])),
+        "## Area under precision against coverage: magnitude, and the sampling measure chosen on validation\n",
+        "Link prediction: the posterior means' top-1 answer of each test query (filtered), right or wrong. "
+        "Facts: test facts against as many negatives. Difference: mean over seeds, 95% bootstrap interval over "
+        "test queries (facts), resampled alike for every seed.\n",
+        markdown_table(study_rows, list(study_rows[0])),
+    ]
+    for task, label in (("link", "link prediction"), ("triples", "facts")):
+        wins = [row for row in rows if "chosen" in row[task] and row[task]["interval"][0] > 0]
+        won = sorted({row["dataset"] for row in wins})
+        if won:
+            pairs = ", ".join(f"{row['dataset']} {row['model']} ({row[task]['chosen']})" for row in wins)
+            verdict = (f"For {label}, a sampling-based confidence beats magnitude on {len(won)} of {len(datasets)} "
+                       f"datasets with the interval above 0 ({len(wins)} of {len(rows)} dataset-model pairs: "
+                       f"{pairs}).")  # fmt: skip
+        else:
+            verdict = (f"For {label}, a sampling-based confidence does not beat magnitude with the interval above 0 "
+                       f"on any of the {len(datasets)} datasets.")  # fmt: skip
+        lines.append(verdict + "\n")
+    missed = [f"{row['dataset']} {row['model']}" for row in rows if not _ece_met(row)]
+    outcome = f"missed by {', '.join(missed)}." if missed else "met for every dataset and model."
+    lines.append(f"Target ECE ≤ {ECE_TARGET} after calibration (Platt per relation) on test, every seed and "
+                 f"measure: {outcome}\n")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["nations", "umls", "kinships", "wn18rr"])
-    parser.add_argument("--wn18rr-budget", type=float, default=600.0, help="training seconds per wn18rr model")
-    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=50, help="draws of the embeddings (calibration, study)")
+    parser.add_argument("--wn18rr-epochs", type=int, default=WN18RR_EPOCHS, help="training epochs per wn18rr run")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args()
     rows = []
     for dataset in args.datasets:
-        for model in MODELS:
-            path, overrides = config_for(dataset, model, args.wn18rr_budget)
-            config = load_config(path, [f"data.dataset={dataset}", "train.progress=false", *overrides])
-            out = RESULTS / "runs" / f"uncertainty-{dataset}-{model.split()[0].lower()}"
-            metrics = train(config, out, load_data(config.data))
-            summary = write_report(load_run(out), out / "report", samples=args.samples, seed=0)
-            truth, selective = summary["precision_coverage_area"], summary["selective_prediction_area"]
-            row = {"dataset": dataset, "model": model, "test_mrr": metrics["test"]["filtered"]["mrr"]}
-            row.update({f"pc_{k}": truth[k] for k in TRUTH})
-            row.update({f"sel_{k}": selective[k] for k in SELECTIVE})
-            for kind in ("magnitude", "mc_mean"):
-                row[f"ece_{kind}"] = summary["calibration"][kind]["ece"]
-                row[f"brier_{kind}"] = summary["calibration"][kind]["brier"]
-            best_sampling = max((truth[k], k) for k in TRUTH[1:])
-            row["sampling_beats_magnitude"] = f"{best_sampling[1]}" if best_sampling[0] > truth["magnitude"] else "no"
-            rows.append(row)
-            print(row, flush=True)
-    wins = {r["dataset"] for r in rows if r["sampling_beats_magnitude"] != "no"}
-    columns = [
-        "dataset", "model", "test_mrr", *(f"pc_{k}" for k in TRUTH), *(f"sel_{k}" for k in SELECTIVE),
-        "ece_magnitude", "ece_mc_mean", "brier_magnitude", "brier_mc_mean", "sampling_beats_magnitude",
-    ]  # fmt: skip
-    markdown = (
-        "# Uncertainty: area under precision-coverage (pc_*), selective accuracy (sel_*), calibration\n\n"
-        + markdown_table(rows, columns)
-        + f"\nA sampling-based measure beats the magnitude's precision-coverage area on {len(wins)} of "
-        f"{len(args.datasets)} datasets (for at least one model): {', '.join(sorted(wins)) or 'none'}.\n"
-    )
-    write_results("uncertainty", {"machine": machine(), "rows": rows, "samples": args.samples}, markdown)
+        for model in args.models:
+            runs = []
+            for seed in args.seeds:
+                runs.append(one_run(dataset, model, seed, args))
+                print(f"{dataset} {model} seed {seed}: test MRR {runs[-1]['test_mrr']:.4f}, "
+                      f"{runs[-1]['seconds']}", flush=True)  # fmt: skip
+            rows.append(summarise(dataset, model, runs, args.resamples))
+    payload = {"machine": machine(), "seeds": args.seeds, "samples": args.samples, "resamples": args.resamples,
+               "wn18rr_epochs": args.wn18rr_epochs, "eval_seed": EVAL_SEED, "rows": rows}  # fmt: skip
+    write_results("uncertainty", payload, markdown(rows, args))
 
 
 if __name__ == "__main__":

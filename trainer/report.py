@@ -7,8 +7,9 @@
 * report: the paper's three analyses plus calibration, as PNG figures and ``report.json``:
   variance against log frequency (Figure 1), precision against coverage (Figure 2) for several
   confidence measures, a reliability diagram with ECE, Brier score and log loss before and after
-  calibration, and a fact visualisation (Figure 3). Definitions are in trainer/uncertainty.py and
-  docs/uncertainty.md.
+  calibration, the confidence study (which measure ranks right top-1 answers of link prediction, and
+  true facts, first: magnitude against sampling-based measures, with bootstrap intervals), and a fact
+  visualisation (Figure 3). Definitions are in trainer/uncertainty.py and docs/uncertainty.md.
 * export: every entity's and relation's mean and variance, with names, to Parquet (or TSV).
 """
 
@@ -26,12 +27,14 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.atomic import atomic_write_json
-from trainer import calibration, uncertainty
+from trainer import calibration, evaluate, uncertainty
 from trainer.model import KGModel
 from trainer.runs import Run
 
 # Points of the variance-against-frequency scatter kept in report.json and the figure.
 SCATTER_POINTS = 100_000
+# Bootstrap resamples of the confidence study's intervals.
+RESAMPLES = 1000
 
 
 # difflib over every name of a large graph takes minutes: a miss is compared with at most this many names.
@@ -250,8 +253,9 @@ def _replacing(out: Path) -> Iterator[Path]:
 
 
 @torch.no_grad()
-def analyse(run: Run, *, samples: int, seed: int) -> dict:
-    """The numbers behind every figure of the report."""
+def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = None, resamples: int = RESAMPLES) -> dict:
+    """The numbers behind every figure of the report: ``samples`` draws for the facts, ``link_samples``
+    (default ``samples``) for the link-prediction confidence study, ``resamples`` for its bootstrap."""
     model = run.model
     test = calibration.judged(run, "test", seed)
     labels = test.labels
@@ -272,6 +276,12 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
         calibration_numbers[name] = calibration.quality(p, labels)
         if name in calibrated:
             calibration_numbers[name]["calibrated"] = calibration.quality(calibrated[name], labels)
+    link_samples = samples if link_samples is None else link_samples
+    answers = link_answers(run, "test", samples=link_samples, seed=seed)
+    study = confidence_study(
+        answers, uncertainty.truth_confidences(probs), labels, samples=link_samples if model.variational else 0,
+        softmax=model.reciprocal, seed=seed, resamples=resamples,
+    )  # fmt: skip
     return {
         "facts": {**test.counts(), "samples": samples},
         "variance_vs_frequency": variance_vs_frequency(run),
@@ -286,6 +296,58 @@ def analyse(run: Run, *, samples: int, seed: int) -> dict:
         },
         "calibration": calibration_numbers,
         "calibrator": calibrator,
+        "confidence": study,
+    }
+
+
+def link_answers(run: Run, split: str, *, samples: int, seed: int) -> uncertainty.TopAnswers:
+    """``uncertainty.top_answers`` of the tail and head query of every fact of ``split`` ("valid" or
+    "test"), each ranked against every entity but its other known answers (train, valid and test)."""
+    data = run.dataset
+    facts = data.valid if split == "valid" else data.test
+    filters = evaluate.build_filters(data.known_chunks(), data.num_relations)
+    return uncertainty.top_answers(run.model, facts, filters, samples, seed)
+
+
+def confidence_study(
+    answers: uncertainty.TopAnswers,
+    truth: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    samples: int,
+    softmax: bool,
+    seed: int,
+    resamples: int = RESAMPLES,
+) -> dict:
+    """Which confidence ranks right answers first: for the top-1 answers of link prediction
+    (``uncertainty.link_confidences``) and for facts (``truth``: ``uncertainty.truth_confidences``, whose
+    true ones are ``labels``), each measure's area under precision against coverage, and each sampling
+    measure's difference from ``magnitude`` with a 95% bootstrap interval over the queries (facts)."""
+    coverage = uncertainty.coverage_grid()
+    link = uncertainty.link_confidences(answers)
+    curves = {name: uncertainty.precision_at_coverage(c, answers.correct, coverage) for name, c in link.items()}
+    fact_curves = {name: uncertainty.precision_at_coverage(c, labels, coverage) for name, c in truth.items()}
+    return {
+        "link_prediction": {
+            "queries": len(answers.correct),
+            "samples": samples,
+            "probability": "softmax over the candidates" if softmax else "sigmoid(score + relation bias)",
+            "top1_accuracy": float(answers.correct.mean()) if len(answers.correct) else float("nan"),
+            "curves": {k: v.tolist() for k, v in curves.items()},
+            "area": {k: uncertainty.area(coverage, v) for k, v in curves.items()},
+            "versus_magnitude": uncertainty.area_differences(link, answers.correct, resamples=resamples, seed=seed),
+        },
+        "triples": {
+            "facts": len(labels),
+            "area": {k: uncertainty.area(coverage, v) for k, v in fact_curves.items()},
+            "versus_magnitude": uncertainty.area_differences(truth, labels, resamples=resamples, seed=seed),
+        },
+        "bootstrap": {
+            "resamples": resamples,
+            "seed": seed,
+            "level": 0.95,
+            "resampled": "queries (link prediction), facts (triples)",
+        },
     }
 
 
@@ -380,7 +442,16 @@ def _uniform_other(rng: np.random.Generator, num_entities: int, excluded: set[in
     return index
 
 
-def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index: int = 0) -> dict:
+def write_report(
+    run: Run,
+    out_dir: Path,
+    *,
+    samples: int,
+    seed: int,
+    fact_index: int = 0,
+    link_samples: int | None = None,
+    resamples: int = RESAMPLES,
+) -> dict:
     """Figures (PNG) and report.json under ``out_dir``; returns the JSON written (without raw curves)."""
     import matplotlib
 
@@ -388,7 +459,7 @@ def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    numbers = analyse(run, samples=samples, seed=seed)
+    numbers = analyse(run, samples=samples, seed=seed, link_samples=link_samples, resamples=resamples)
     figures = {}
 
     vf = numbers["variance_vs_frequency"]
@@ -427,12 +498,16 @@ def write_report(run: Run, out_dir: Path, *, samples: int, seed: int, fact_index
     ax.legend(fontsize=8)
     figures["reliability"] = _save(fig, out_dir / "reliability.png")
 
+    figures["confidence"] = _plot_confidence(plt, numbers["confidence"], out_dir / "confidence.png")
+
     if run.model.variational:
         visual = fact_visualisation(run, fact_index, seed)
         numbers["fact_visualisation"] = {k: {"mean": v["mean"], "variance": v["variance"]} for k, v in visual.items()}
         figures["fact"] = _plot_fact(plt, visual, out_dir / "fact.png")
 
     summary = {k: v for k, v in numbers.items() if k not in ("precision_coverage", "selective_prediction")}
+    link = {k: v for k, v in numbers["confidence"]["link_prediction"].items() if k != "curves"}
+    summary["confidence"] = {**numbers["confidence"], "link_prediction": link}
     summary["precision_coverage_area"] = numbers["precision_coverage"]["area"]
     summary["selective_prediction_area"] = numbers["selective_prediction"]["area"]
     atomic_write_json(out_dir / "report.json", {**numbers, "figures": figures})
@@ -450,6 +525,30 @@ def format_calibration(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _plot_confidence(plt, study: dict, path: Path) -> str:
+    """Left: precision of the top-1 answers against coverage per measure. Right: each sampling measure's
+    area minus magnitude's, with its 95% bootstrap interval, for link prediction and for facts."""
+    link = study["link_prediction"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    coverage = uncertainty.coverage_grid()
+    for name, curve in link["curves"].items():
+        left.plot(coverage, curve, label=f"{name} (area {link['area'][name]:.3f})")
+    title = f"Link prediction: {link['queries']:,} queries, top-1 accuracy {link['top1_accuracy']:.3f}"
+    left.set(xlabel="coverage", ylabel="precision (top-1 answer right)", ylim=(0, 1.02), title=title)
+    left.legend(fontsize=8)
+    rows = [(f"{task}: {name}", d) for task, key in (("link", "link_prediction"), ("facts", "triples"))
+            for name, d in study[key]["versus_magnitude"].items()]  # fmt: skip
+    for y, (label, d) in enumerate(rows):
+        lo, hi = d["interval"]
+        right.errorbar(d["difference"], y, xerr=[[d["difference"] - lo], [hi - d["difference"]]], fmt="o",
+                       color="C0" if label.startswith("link") else "C1", capsize=3)  # fmt: skip
+    right.axvline(0, color="k", lw=1)
+    right.invert_yaxis()  # the first row on top
+    right.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    right.set(xlabel="area minus magnitude's (95% bootstrap interval)", title="Sampling against magnitude")
+    return _save(fig, path)
+
+
 def _plot_fact(plt, visual: dict, path: Path) -> str:
     everything = np.concatenate([np.array(v["samples"]) for v in visual.values()])
     lo, hi = everything.min(0), everything.max(0)
@@ -457,7 +556,9 @@ def _plot_fact(plt, visual: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 5))
     for (label, values), colour in zip(visual.items(), ("C0", "C1", "C2", "C3"), strict=True):
         density = uncertainty.kde_2d(np.array(values["samples"]), grid_x, grid_y)
-        ax.contour(grid_x, grid_y, density, levels=4, colors=colour)
+        levels = uncertainty.contour_levels(density)
+        if len(levels):
+            ax.contour(grid_x, grid_y, density, levels=levels, colors=colour)
         ax.plot(*values["mean"], "x", color=colour, label=label)
     ax.set(xlabel="PCA 1 of means", ylabel="PCA 2 of means", title="A test fact: KDE of 1,000 samples each")
     ax.legend(fontsize=8)
@@ -468,6 +569,8 @@ def _save(fig, path: Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
-    fig.clf()
+    import matplotlib.pyplot as plt  # imported by write_report already
+
+    plt.close(fig)  # clf alone leaves the figure open in pyplot: a process writing many reports would grow
     tmp.replace(path)
     return path.name

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from tests.trainer.conftest import make_config
 from trainer import uncertainty
+from trainer.evaluate import build_filters, evaluate
 from trainer.loop import train
 from trainer.report import _uniform_other, export, predict, variance_vs_frequency, write_report
 from trainer.runs import load_run
@@ -86,7 +88,7 @@ def nations_run(tmp_path_factory):
 def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     summary = write_report(load_run(nations_run), tmp_path, samples=20, seed=0)
     for name in ("variance_vs_frequency.png", "precision_coverage.png", "selective_prediction.png",
-                 "reliability.png", "fact.png", "report.json"):  # fmt: skip
+                 "reliability.png", "confidence.png", "fact.png", "report.json"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 1000, name
     assert set(summary["precision_coverage_area"]) == {"magnitude", "mc_mean", "mc_lower_bound"}
     assert set(summary["selective_prediction_area"]) == {"magnitude", "mc_mean", "mc_std", "entropy",
@@ -96,6 +98,32 @@ def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     assert -1 <= summary["variance_vs_frequency"]["entities"]["correlation"] <= 1
     assert len(summary["fact_visualisation"]) == 4
     assert summary["facts"]["positives"] == summary["facts"]["negatives"] > 0
+
+
+def test_report_json_holds_the_confidence_study(nations_run, tmp_path):
+    run = load_run(nations_run)
+    write_report(run, tmp_path, samples=10, seed=0, link_samples=8, resamples=50)
+    study = json.loads((tmp_path / "report.json").read_text())["confidence"]
+    link, triples = study["link_prediction"], study["triples"]
+    sampling = {"mc_mean", "mc_lower_bound", "stability", "rank_variance", "mc_reciprocal_rank"}
+    assert set(link["area"]) == set(link["curves"]) == {"magnitude"} | sampling
+    assert set(link["versus_magnitude"]) == sampling
+    assert set(triples["versus_magnitude"]) == {"mc_mean", "mc_lower_bound"}
+    assert link["queries"] == 2 * len(run.dataset.test) and link["samples"] == 8
+    assert link["probability"] == "softmax over the candidates"  # a 1-vs-all model
+    assert 0 < link["top1_accuracy"] < 1 and len(link["curves"]["stability"]) == 1000
+    for compared in (link["versus_magnitude"], triples["versus_magnitude"]):
+        for d in compared.values():
+            lo, hi = d["interval"]
+            assert lo <= hi and -1 <= d["difference"] <= 1
+    assert link["area"]["stability"] - link["area"]["magnitude"] == pytest.approx(
+        link["versus_magnitude"]["stability"]["difference"]
+    )
+    assert study["bootstrap"] == {"resamples": 50, "seed": 0, "level": 0.95,
+                                  "resampled": "queries (link prediction), facts (triples)"}  # fmt: skip
+    # A top-1 answer is right when evaluation ranks the answer first: the filtered Hits@1 of the means.
+    filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
+    assert link["top1_accuracy"] == pytest.approx(evaluate(run.model, run.dataset.test, filters)["filtered"]["hits@1"])
 
 
 def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_run):
