@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_examples import check_notebook_output, run_notebook
+
 ROOT = Path(__file__).parents[1]
 SOURCES = ("pyproject.toml", "README.md", "trainer", "sharding", "storage", "configs")  # the Dockerfile's COPYs
 DEV_TOOLS = {"pytest", "ruff", "mypy", "types-PyYAML"}
@@ -107,3 +109,8 @@ def test_installed_nvkg_trains_outside_the_checkout(installed, tmp_path):
     info = run([bin_dir / "nvkg", "storage", "info", next((Path(env["HOME"]) / ".cache/nvkg/datasets").iterdir())],
                cwd=tmp_path, env=env)  # fmt: skip
     assert "nations" in info
+
+
+def test_installed_package_runs_the_notebook_example(installed, tmp_path):
+    bin_dir, env = installed
+    check_notebook_output(run_notebook(bin_dir / "python", tmp_path, env), tmp_path)
