@@ -80,17 +80,23 @@ class ResumingHTTP:
         import requests  # here, not at the top: the command lines import this module to list the registry
 
         offset = self.part.stat().st_size if self.part.exists() else 0
+        # identity: a server may gzip what it sends when asked (requests asks by default), and then the bytes
+        # written, and a Range offset into them, are not the file's.
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
         try:
-            response = requests.get(
-                url, headers={"Range": f"bytes={offset}-"} if offset else {}, stream=True, timeout=self.timeout
-            )
+            response = requests.get(url, headers=headers, stream=True, timeout=self.timeout)
         except requests.RequestException as err:
             raise DownloadError(
                 f"cannot reach {url} ({err}). Offline? Download it by other means and pass --archive PATH"
             ) from None
         with response:
             if response.status_code == 416 and offset:
-                pass  # the part file already holds the whole body
+                # The part file holds the whole body, unless the server says the file has another size
+                # (``Content-Range: bytes */SIZE``: it changed since): then start over.
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit() and int(total) != offset:
+                    self.part.unlink()
+                    raise DownloadError(f"{url}: is {total} bytes now, the partial download {offset}; starting over")
             elif response.status_code >= 400:
                 raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
             else:

@@ -57,6 +57,23 @@ class RunState:
     """Times this run was resumed from a checkpoint (nvkg_restarts_total)."""
 
 
+RESTARTS = "restarts.json"
+
+
+def read_restarts(run_dir: Path) -> int:
+    """Resumes counted in ``run_dir``'s restarts file (0 without one)."""
+    try:
+        return int(json.loads((run_dir / RESTARTS).read_text())["restarts"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_dir / RESTARTS}: not a restarts count ({err!r})") from None
+
+
+def write_restarts(run_dir: Path, restarts: int) -> None:
+    atomic_write_text(run_dir / RESTARTS, json.dumps({"restarts": restarts}) + "\n")
+
+
 def shard_name(lo: int, hi: int) -> str:
     return f"entities-{lo:010d}-{hi:010d}.pt"
 

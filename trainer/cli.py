@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -168,7 +170,8 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     tune_cmd.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster (auto, HOST:PORT, ray://HOST:10001); none: a local Ray started here",
+        help="Ray cluster (auto, local, HOST:PORT, ray://HOST:10001); none: the Ray last started on this machine "
+        "if one runs, else a new local one (ray.init)",
     )
     return parser
 
@@ -235,6 +238,17 @@ def cmd_ray_train(args: argparse.Namespace) -> None:
     print(_summary(json.loads((Path(out_dir) / "metrics.json").read_text())))
 
 
+def _job_sources(scratch: Path) -> Path:
+    """The job's working_dir (Ray uploads it on submit): a checkout's root, or for an installed package a copy
+    of its three packages in ``scratch``, since the directory they are installed in holds every other
+    installed library too."""
+    if (ROOT / "pyproject.toml").is_file():
+        return ROOT
+    for package in ("trainer", "sharding", "storage"):
+        shutil.copytree(ROOT / package, scratch / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return scratch
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from trainer.ray_launch import submit, wait_for
 
@@ -247,7 +261,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
         *["--out", str(args.out)],
     ]
     config = _load(args)  # refuse a bad config here, not on the cluster
-    job_id = submit(args.address, forwarded, working_dir=ROOT)
+    with tempfile.TemporaryDirectory(prefix="nvkg-job-") as scratch:
+        job_id = submit(args.address, forwarded, working_dir=_job_sources(Path(scratch)))
     print(f"submitted job {job_id} to {args.address}", flush=True)
     print(f"grafana: {args.grafana}?var-run={config.metrics.run or Path(args.out).name}", flush=True)
     if args.wait:

@@ -322,6 +322,12 @@ class RunConfig:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
         if self.train.early_stopping_patience is not None and not self.train.eval_every:
             raise ValueError("train.early_stopping_patience counts evaluations: it needs train.eval_every > 0")
+        patience = self.train.early_stopping_patience
+        if patience is not None and self.optim.lr_decay < 1.0 and patience <= self.optim.lr_patience:
+            raise ValueError(
+                f"train.early_stopping_patience={patience} stops the run before optim.lr_patience="
+                f"{self.optim.lr_patience} lets the learning rate decay: make it larger"
+            )
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         obj = self.objective

@@ -149,8 +149,10 @@ class Training:
         latest = reporter.latest()
         state = checkpoint.resume(latest, config, model)
         if latest is not None:
-            state.restarts += 1
+            # Counted on disk at once: a process that dies before its next checkpoint still counts.
+            state.restarts = max(state.restarts, checkpoint.read_restarts(out_dir)) + 1
             if lead:
+                checkpoint.write_restarts(out_dir, state.restarts)
                 print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
         state.lr = state.lr or config.optim.lr
         model.set_lr(state.lr)
@@ -297,6 +299,7 @@ class Training:
         # best/ on disk may be newer than the checkpoint: keep its MRR, so a worse model never replaces it.
         if self.state.best_mrr > state.best_mrr:
             state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch
+            state.evals_since_best = self.state.evals_since_best  # early stopping counts from that best
         state.lr, state.train_seconds, state.restarts = lr, self.state.train_seconds, self.state.restarts
         self.state = state
         self.model.set_lr(lr)

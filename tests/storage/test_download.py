@@ -1,5 +1,6 @@
 """Downloads against a real HTTP server on 127.0.0.1 that honours (or ignores) Range and can cut a body short."""
 
+import gzip
 import hashlib
 import io
 import subprocess
@@ -22,7 +23,9 @@ ROOT = Path(__file__).parents[2]
 class _Server:
     def __init__(self, files: dict[str, bytes]):
         self.files, self.honour_range, self.cut_after = files, True, None
+        self.gzip_if_asked = False  # as a server compressing on the fly does, when the client accepts gzip
         self.ranges: list[str | None] = []
+        self.encodings: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,18 +37,25 @@ class _Server:
                 start = 0
                 header = self.headers.get("Range")
                 server.ranges.append(header)
+                server.encodings.append(self.headers.get("Accept-Encoding"))
                 if header and server.honour_range:
                     start = int(header.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
-                        self.send_error(416)
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
                         return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
                 payload = body[start:]
+                if server.gzip_if_asked and "gzip" in self.headers.get("Accept-Encoding", ""):
+                    payload = gzip.compress(payload)
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
                 if server.cut_after is not None:
                     payload, server.cut_after = payload[: server.cut_after], None
                 self.wfile.write(payload)
@@ -88,6 +98,30 @@ def test_a_retry_resumes_the_interrupted_transfer_in_the_same_call(server, tmp_p
     assert server.ranges == [None, "bytes=300000-"]
     assert (tmp_path / "blob.bin").read_bytes() == server.files["/blob.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "blob.bin.download.json"]
+
+
+def test_a_complete_part_file_is_finished_without_a_transfer(server, tmp_path):
+    (tmp_path / "blob.bin.part").write_bytes(server.files["/blob.bin"])
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+    assert server.ranges == [f"bytes={len(server.files['/blob.bin'])}-"]  # answered 416, with the same size
+    assert (tmp_path / "blob.bin").read_bytes() == server.files["/blob.bin"]
+
+
+def test_a_part_file_longer_than_the_remote_file_starts_over(server, tmp_path):
+    body = server.files["/blob.bin"]
+    (tmp_path / "blob.bin.part").write_bytes(body + b"from an older, longer version")
+    with pytest.raises(DownloadError, match="starting over"):
+        fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin", retries=0)
+    assert not (tmp_path / "blob.bin").exists() and not (tmp_path / "blob.bin.part").exists()
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+    assert (tmp_path / "blob.bin").read_bytes() == body
+
+
+def test_the_file_arrives_as_stored_from_a_server_that_would_compress_it(server, tmp_path):
+    server.gzip_if_asked = True
+    fetch(f"{server.url}/blob.bin", tmp_path / "blob.bin")
+    assert server.encodings == ["identity"]
+    assert (tmp_path / "blob.bin").read_bytes() == server.files["/blob.bin"]
 
 
 def test_server_ignoring_ranges_restarts_from_zero(server, tmp_path):

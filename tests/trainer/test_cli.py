@@ -74,3 +74,31 @@ def test_cli_errors_are_one_clear_line(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["checkout", "installed"])
+def test_submit_uploads_only_nvkg_sources(tmp_path, monkeypatch, installed):
+    """A checkout is the job's working_dir; an installed package sits among every other library, so the job
+    gets a copy of its three packages instead of the whole site-packages."""
+    import trainer.cli
+    import trainer.ray_launch
+
+    root = ROOT
+    if installed:
+        root = tmp_path / "site-packages"
+        for package in ("trainer", "sharding", "storage", "torch"):
+            (root / package).mkdir(parents=True)
+            (root / package / "__init__.py").write_text("")
+        monkeypatch.setattr(trainer.cli, "ROOT", root)
+    uploaded = []
+
+    def fake_submit(address: str, args: list[str], *, working_dir: Path) -> str:
+        uploaded.append({p.name for p in Path(working_dir).iterdir()})
+        return "job-1"
+
+    monkeypatch.setattr(trainer.ray_launch, "submit", fake_submit)
+    assert trainer.cli.main(["submit", "--address", "http://127.0.0.1:1", "--out", str(tmp_path / "run")]) == 0
+    if installed:
+        assert uploaded == [{"trainer", "sharding", "storage"}]
+    else:
+        assert {"trainer", "sharding", "storage", "pyproject.toml"} <= uploaded[0]

@@ -160,6 +160,20 @@ def test_dashboard_queries_only_series_a_real_run_serves(tmp_path, tiny_dataset)
     assert not any(re.search(r"\bjob\b", expr) for expr in expressions)
 
 
+def test_the_run_variable_lists_a_run_from_its_first_scrape(tmp_path):
+    """The dashboard's $run choices come from a series every worker serves before its first step (an epoch
+    at Freebase scale takes hours, and memory is what to watch in it)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "run"]
+    ((name, label),) = LABEL_VALUES.findall(variable["definition"])
+    fresh = MetricsExporter(run="fresh", rank=0, host="127.0.0.1", port=free_port(), discovery_dir=None)
+    try:
+        served = _served(fresh.address)
+    finally:
+        fresh.close()
+    assert name in served and label in served[name], (name, sorted(served))
+
+
 def _value(address: str, name: str) -> float:
     (value,) = [
         sample.value
@@ -180,6 +194,17 @@ def test_restart_count_survives_resumes(tmp_path, tiny_dataset):
             # ... and each resumed run went on to its new last epoch.
             assert _value(run.logger.exporter.address, "nvkg_epoch") == epochs
     assert checkpoint.read_index(tmp_path / checkpoint.LATEST)["state"]["restarts"] == 2
+
+
+def test_a_restart_that_dies_before_its_next_checkpoint_still_counts(tmp_path, tiny_dataset):
+    config = make_config("train.epochs=1", "train.checkpoint_every=1")
+    train(config, tmp_path, tiny_dataset)
+    for expected in (1, 2):  # two starts that die before writing a checkpoint
+        run = Training.set_up(config, tmp_path, tiny_dataset, LocalExchange(), None)
+        assert run.state.restarts == expected
+        run.logger.close()
+    assert checkpoint.read_restarts(tmp_path) == 2
+    assert checkpoint.read_index(tmp_path / checkpoint.LATEST)["state"]["restarts"] == 0  # not rewritten
 
 
 def test_provisioning_points_grafana_at_the_dashboards():
