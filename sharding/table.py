@@ -185,15 +185,16 @@ class ShardedTable:
             self.optimizer.step(self.weight, ids, grad)
 
     @torch.no_grad()
-    def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float) -> None:
-        """Scale sigma of local rows ``ids`` (all when None) so that its L2 norm over the row is at most
-        ``max_norm``, as the authors' code did after every batch; point-estimate rows have none."""
+    def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float, parts: int = 1) -> None:
+        """Scale sigma of local rows ``ids`` (all when None) so that its L2 norm over each of a row's
+        ``parts`` equal slices (an entity's roles) is at most ``max_norm``, as the authors' code did to
+        each table after every batch; point-estimate rows have none."""
         if not self.variational or (ids is not None and not len(ids)):
             return
         logvar = self.weight[:, self.dim :] if ids is None else self.weight[ids, self.dim :]
-        # ||sigma|| = sqrt(sum exp(logvar)); scaling sigma by c adds 2 log c to every logvar of the row.
-        log_norm = 0.5 * torch.logsumexp(logvar, dim=1, keepdim=True)
-        shift = 2.0 * (math.log(max_norm) - log_norm).clamp(max=0.0)
+        # ||sigma|| = sqrt(sum exp(logvar)); scaling sigma by c adds 2 log c to every logvar of the slice.
+        log_norm = 0.5 * torch.logsumexp(logvar.unflatten(1, (parts, -1)), dim=2, keepdim=True)
+        shift = (2.0 * (math.log(max_norm) - log_norm).clamp(max=0.0)).expand(-1, -1, self.dim // parts).flatten(1)
         if ids is None:
             self.weight[:, self.dim :] += shift
         else:

@@ -148,7 +148,7 @@ def predict(
 def calibrate(
     run: RunLike,
     *,
-    method: Literal["platt", "isotonic"] = "platt",
+    method: Literal["platt-isotonic", "platt", "isotonic"] = "platt-isotonic",
     per_relation: bool | None = None,
     seed: int | None = None,
     samples: int = 100,

@@ -24,6 +24,7 @@ import yaml
 
 from sharding.launch import choose_device, process_group
 from storage.cli import HelpFormatter, add_command, version_text
+from trainer import calibration
 from trainer.config import RunConfig, describe, load_config
 from trainer.evaluate import evaluate_run, rank_filters
 from trainer.loop import train
@@ -123,9 +124,10 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     calibrate_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     calibrate_cmd.add_argument(
         "--method",
-        choices=("platt", "isotonic"),
-        default="platt",
-        help="platt: a logistic map of the score; isotonic: a monotone step map",
+        choices=calibration.METHODS,
+        default=calibration.DEFAULT_METHOD,
+        help="platt-isotonic: Platt per relation, then a monotone map of its output; platt: a logistic "
+        "map of the score; isotonic: a monotone map",
     )
     scope = calibrate_cmd.add_mutually_exclusive_group()
     scope.add_argument(
@@ -133,7 +135,7 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
         dest="per_relation",
         action="store_true",
         default=None,
-        help="Platt scaling per relation, shrunk toward the global fit (platt's default)",
+        help="Platt scaling per relation, shrunk toward the global fit (the default but for isotonic)",
     )
     scope.add_argument("--global", dest="per_relation", action="store_false", help="one map for every relation")
     calibrate_cmd.add_argument("--seed", type=_count(0), help="negatives and draws (default: the run's train.seed)")

@@ -47,6 +47,10 @@ class ModelConfig:
     published runs used (a flag parsed wrongly)."""
     init_std: float | None = None
     """Std of the normal init of the means; None means Xavier/Glorot, sqrt(2/(rows+dim))."""
+    separate_roles: bool = False
+    """Give each entity a subject and an object embedding (2 x dim numbers per mean), scored as
+    scorer(s_subject, r, o_object): a CP model, what the authors' published runs trained (a flag parsed
+    wrongly). Off: one embedding per entity, the paper's model."""
 
 
 @dataclass(kw_only=True)
@@ -320,6 +324,8 @@ class RunConfig:
                 raise ValueError(f"{key}={value}: must be {interval}")
         if self.model.scorer == "complex" and self.model.dim % 2:
             raise ValueError(f"model.dim={self.model.dim}: ComplEx needs an even dim (real+imaginary)")
+        if self.model.separate_roles and self.objective.reg == "n3":
+            raise ValueError("model.separate_roles: objective.reg=n3 weighs one embedding per entity; use reg=none")
         if self.train.early_stopping_patience is not None and not self.train.eval_every:
             raise ValueError("train.early_stopping_patience counts evaluations: it needs train.eval_every > 0")
         patience = self.train.early_stopping_patience

@@ -24,7 +24,7 @@ from trainer.config import RunConfig
 from trainer.likelihood import FactRows, Likelihood, build_likelihood
 from trainer.objective import n3_penalty
 from trainer.posterior import Gathered, Posterior, build_posterior
-from trainer.scorers import Scorer, build_scorer
+from trainer.scorers import Scorer, SeparateRoles, build_scorer
 
 COLLAPSED_LOGVAR = -20.0
 """An entity whose mean log-variance is below this (sigma < 5e-5) has collapsed onto a point estimate."""
@@ -158,7 +158,8 @@ class KGModel:
         """The row optimisers' step; the entity update runs while the relation gradients travel."""
         self.entities.step(grads.entity_ids, grads.entities)
         if self.clip_sigma_norm is not None:
-            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm)
+            roles = 2 if isinstance(self.scorer, SeparateRoles) else 1
+            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm, parts=roles)
         grads.relations_pending.wait()
         self.relations.step(grads.relations)
         if self.clip_sigma_norm is not None:
@@ -245,14 +246,15 @@ def build_model(
     model_cfg, obj, optim = config.model, config.objective, config.optim
     variational = model_cfg.latent != "point"
 
-    def table(rows: int, table_exchange: Exchange, seed: int) -> ShardedTable:
+    def table(rows: int, table_exchange: Exchange, seed: int, dim: int = model_cfg.dim) -> ShardedTable:
         return ShardedTable(
-            rows, model_cfg.dim, table_exchange, variational=variational, optimizer=optim.optimizer, lr=optim.lr,
+            rows, dim, table_exchange, variational=variational, optimizer=optim.optimizer, lr=optim.lr,
             seed=seed, init_std=model_cfg.init_std, init_logvar=model_cfg.init_logvar,
             block_rows=config.sharding.block_rows, device=device,
         )  # fmt: skip
 
-    entities = table(num_entities, exchange, config.train.seed)
+    entity_dim = model_cfg.dim * (2 if model_cfg.separate_roles else 1)
+    entities = table(num_entities, exchange, config.train.seed, entity_dim)
     likelihood = build_likelihood(
         obj, negatives=config.sharding.negatives, num_entities=num_entities, num_relations=num_relations,
         shard=(entities.lo, entities.hi), exchange=exchange, device=entities.device,
@@ -274,7 +276,7 @@ def build_model(
             seed=config.train.seed + 2, init_std=0.0, block_rows=config.sharding.block_rows, device=device,
         )  # fmt: skip
         bias = ReplicatedTable(bias_table, exchange)
+    scorer = build_scorer(model_cfg.scorer, model_cfg.separate_roles)
     return KGModel(
-        entities, relations, build_scorer(model_cfg.scorer), posterior, likelihood, num_relations, n3_weight, bias,
-        optim.clip_sigma_norm,
-    )  # fmt: skip
+        entities, relations, scorer, posterior, likelihood, num_relations, n3_weight, bias, optim.clip_sigma_norm
+    )

@@ -131,12 +131,13 @@ def bernoulli_nll(
     ``positive_weight_B`` gives it. ``bias_B`` is added to every score of a positive's facts (its
     relation's bias).
     """
-    num_pos, dim = s_BD.shape
+    num_pos = len(s_BD)
     num_chunks, num_neg, _ = neg_CKD.shape
     pad = num_chunks * chunk - num_pos
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(num_chunks, chunk, dim)
+        # Its own width: with separate roles an entity row is twice a relation's.
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).view(num_chunks, chunk, x.shape[-1])
 
     def chunked_values(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else (F.pad(x, (0, pad)) if pad else x).view(num_chunks, chunk)

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from sharding.gaussian import Gaussian
 from storage.atomic import atomic_write_json
 from trainer import calibration, evaluate, uncertainty
 from trainer.model import KGModel
@@ -197,15 +198,24 @@ def export(run: Run, out: Path, fmt: str = "parquet", *, chunk_rows: int = EXPOR
 
 def _export_chunks(run: Run, chunk_rows: int) -> Iterator[pa.Table]:
     """Entities, relations and, for a reciprocal model, each relation's reciprocal r^-1 (kind
-    ``reciprocal_relation``, the id and name of r): the row head queries are scored with."""
+    ``reciprocal_relation``, the id and name of r): the row head queries are scored with. With
+    separate roles an entity is two rows, kinds ``entity_subject`` and ``entity_object``."""
     data, model = run.dataset, run.model
-    relations = data.names("relations")
-    parts = [
-        ("entity", model.entities.full(), data.names("entities"), 0),
-        ("relation", model.relations.full(), relations, 0),
-    ]
+    relations, entities = data.names("relations"), data.names("entities")
+    rels, ents = model.relations.full(), model.entities.full()
+    dim = rels.mean.shape[1]
+
+    def role(table: Gaussian, index: int) -> Gaussian:
+        columns = slice(index * dim, (index + 1) * dim)
+        return Gaussian(table.mean[:, columns], None if table.logvar is None else table.logvar[:, columns])
+
+    if ents.mean.shape[1] == dim:
+        parts = [("entity", ents, entities, 0)]
+    else:
+        parts = [("entity_subject", role(ents, 0), entities, 0), ("entity_object", role(ents, 1), entities, 0)]
+    parts.append(("relation", rels, relations, 0))
     if model.reciprocal:
-        parts.append(("reciprocal_relation", model.relations.full(), relations, model.num_relations))
+        parts.append(("reciprocal_relation", rels, relations, model.num_relations))
     for kind, table, names, offset in parts:
         for lo in range(0, len(names), chunk_rows):
             hi = min(len(names), lo + chunk_rows)
@@ -408,8 +418,12 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     ents, rels = model.entities.full(), model.relations.full()
     if ents.logvar is None or rels.logvar is None:
         raise ValueError("the fact visualisation needs a variational model")
-    means = torch.cat([ents.mean, rels.mean]).numpy()
-    variances = torch.cat([ents.logvar, rels.logvar]).exp().numpy()
+    # With separate roles an entity row holds its subject then its object embedding: each is a point.
+    dim = rels.mean.shape[1]
+    roles = ents.mean.shape[1] // dim
+    means = torch.cat([*ents.mean.split(dim, 1), rels.mean]).numpy()
+    variances = torch.cat([*ents.logvar.split(dim, 1), rels.logvar]).exp().numpy()
+    object_row = (roles - 1) * data.num_entities
     centre, projection = uncertainty.pca_2d(means)
     weights, _ = uncertainty.nmf_2d(variances, seed=seed)
     if not 0 <= fact_index < len(data.test):
@@ -420,9 +434,9 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     entity_names, relation_names = data.names("entities")["name"], data.names("relations")["name"]
     symbols = {
         f"subject {entity_names[s].as_py()}": s,
-        f"relation {relation_names[r].as_py()}": data.num_entities + r,
-        f"object {entity_names[o].as_py()}": o,
-        f"corrupted {entity_names[corrupted].as_py()}": corrupted,
+        f"relation {relation_names[r].as_py()}": roles * data.num_entities + r,
+        f"object {entity_names[o].as_py()}": object_row + o,
+        f"corrupted {entity_names[corrupted].as_py()}": object_row + corrupted,
     }
     out = {}
     for label, row in symbols.items():

@@ -104,10 +104,35 @@ class ComplEx(BilinearScorer):
         return _as_real(_as_complex(r).conj() * _as_complex(o))
 
 
+class SeparateRoles(BilinearScorer):
+    """Each entity a subject vector and an object vector, held side by side in one 2D-wide row:
+    score(s, r, o) = base(s_subject, r, o_object), a CP model (Hitchcock, 1927; Lacroix et al., 2018)
+    for DistMult. The authors' published runs trained this way (a flag parsed wrongly).
+
+    The queries are padded with zeros over the other role, so a candidate's whole row is still one
+    dot product and every bilinear path (shared negatives, 1-vs-all, evaluation) serves unchanged.
+    """
+
+    def __init__(self, base: BilinearScorer) -> None:
+        self.base, self.name = base, base.name
+
+    def tail_query(self, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        query = self.base.tail_query(s[..., : r.shape[-1]], r)
+        return torch.cat([torch.zeros_like(query), query], -1)
+
+    def head_query(self, r: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        query = self.base.head_query(r, o[..., r.shape[-1] :])
+        return torch.cat([query, torch.zeros_like(query)], -1)
+
+
 ScorerName = Literal["distmult", "complex"]
 SCORERS: dict[ScorerName, type[Scorer]] = {"distmult": DistMult, "complex": ComplEx}
 """The scorers by config name (``model.scorer``); a new one is added here and to ``ScorerName``."""
 
 
-def build_scorer(name: ScorerName) -> Scorer:
-    return SCORERS[name]()
+def build_scorer(name: ScorerName, separate_roles: bool = False) -> Scorer:
+    scorer = SCORERS[name]()
+    if separate_roles:
+        assert isinstance(scorer, BilinearScorer), f"{name}: separate roles need a bilinear scorer"
+        return SeparateRoles(scorer)
+    return scorer

@@ -395,6 +395,23 @@ def expected_calibration_error(p: np.ndarray, labels: np.ndarray, num_bins: int 
     return float(ece), bins
 
 
+def ece_if_calibrated(p: np.ndarray, num_bins: int = 15, draws: int = 200, seed: int = 0) -> dict[str, float]:
+    """The ECE that probabilities ``p`` would show if they were exactly calibrated: labels drawn from p
+    itself ``draws`` times (consistency resampling, Broecker and Smith 2007), their ECE's mean and 95th
+    percentile. On a few hundred facts it is far from 0 (some 0.05 for 400 facts spread over [0, 1]):
+    an ECE inside this band is what a calibrated model would show on that many facts."""
+    p = np.asarray(p, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, num_bins - 1)
+    rng = np.random.default_rng(seed)
+    ece = np.zeros(draws)
+    for b in np.unique(index):
+        in_bin = p[index == b]
+        true = (rng.random((draws, len(in_bin))) < in_bin).mean(1)
+        ece += len(in_bin) / len(p) * np.abs(in_bin.mean() - true)
+    return {"mean": float(ece.mean()), "p95": float(np.percentile(ece, 95))}
+
+
 def brier_score(p: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((p - labels) ** 2))
 

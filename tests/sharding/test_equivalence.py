@@ -25,6 +25,7 @@ CASES = {
         "objective.exclude_positives=true",
         "objective.adversarial_temperature=1",
         "objective.relation_bias=true",
+        "model.separate_roles=true",
     ],
     "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
 }

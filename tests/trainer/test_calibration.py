@@ -8,7 +8,7 @@ import torch
 
 from tests.trainer.conftest import make_config
 from trainer import calibration, uncertainty
-from trainer.calibration import Calibration, Isotonic, Platt, pava
+from trainer.calibration import Calibration, Isotonic, Platt, PlattIsotonic, pava
 from trainer.cli import main
 from trainer.loop import train
 from trainer.report import format_predictions, predict, write_report
@@ -82,12 +82,44 @@ def test_isotonic_is_monotone():
     assert p[0] < 0.2 and p[-1] > 0.8
 
 
+def test_platt_isotonic_learns_a_curve_platt_cannot_and_each_relation_s_offset():
+    """True probability: a relation's offset plus a step in the score, not a sigmoid of it."""
+    rng = np.random.default_rng(4)
+
+    def draw(n):
+        x, r = rng.normal(size=n), rng.integers(0, 2, n)
+        p = np.where(x + np.where(r == 1, 1.0, -1.0) > 0, 0.95, 0.05)
+        return x, r, (rng.random(n) < p).astype(np.float64), p
+
+    x, r, y, _ = draw(4000)
+    test_x, test_r, _, truth = draw(4000)
+    both = PlattIsotonic.fit(x, y, r, 2)
+    p = both.probability(test_x, test_r)
+    platt = Platt.fit(x, y, r, 2).probability(test_x, test_r)
+    isotonic = Isotonic.fit(x, y).probability(test_x, test_r)
+    error = {name: float(np.abs(q - truth).mean()) for name, q in
+             (("both", p), ("platt", platt), ("isotonic", isotonic))}  # fmt: skip
+    assert error["both"] < 0.5 * min(error["platt"], error["isotonic"]), error
+    for relation in (0, 1):  # monotone in the score within a relation
+        order = np.argsort(test_x[test_r == relation])
+        assert (np.diff(p[test_r == relation][order]) >= -1e-12).all()
+
+
+def test_ece_a_calibrated_model_shows_matches_its_closed_form():
+    # One bin at p = 0.5: ECE = |mean(y) - 0.5|, whose mean for n labels is sqrt(2 / pi) * sqrt(0.25 / n).
+    band = uncertainty.ece_if_calibrated(np.full(400, 0.5), draws=4000)
+    assert band["mean"] == pytest.approx(math.sqrt(2 / math.pi) * math.sqrt(0.25 / 400), rel=0.05)
+    # The 95th percentile of |N(0, sigma)| is 1.96 sigma.
+    assert band["p95"] == pytest.approx(1.96 * math.sqrt(0.25 / 400), rel=0.08)
+    assert uncertainty.ece_if_calibrated(np.full(400, 1.0))["p95"] == 0.0  # certain and right: no spread
+
+
 def test_calibration_round_trips_through_json():
     rng = np.random.default_rng(3)
     x, r = rng.normal(size=500), rng.integers(0, 3, 500)
     y = _bernoulli(rng, x, 1.0, 0.2)
     original = Calibration(
-        "platt", True, {"magnitude": Platt.fit(x, y, r, 3), "mc_mean": Isotonic.fit(x, y)},
+        "platt-isotonic", True, {"magnitude": PlattIsotonic.fit(x, y, r, 3), "mc_mean": Isotonic.fit(x, y)},
         {"split": "valid", "positives": 250}, {"name": "best", "epoch": 3, "train_seconds": 1.5},
     )  # fmt: skip
     text = json.dumps(original.to_dict())
@@ -137,11 +169,15 @@ def run_dir(overconfident_run, tmp_path):
 def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(run_dir, capsys):
     assert main(["calibrate", str(run_dir), "--samples", "10"]) == 0
     out = capsys.readouterr().out
-    assert f"wrote {run_dir / 'calibration.json'}: calibrated on validation (platt, per relation)" in out
+    assert f"wrote {run_dir / 'calibration.json'}: calibrated on validation (platt-isotonic, per relation)" in out
+    assert "(a calibrated model: " in out
     stored = json.loads((run_dir / "calibration.json").read_text())
     assert stored["format"] == 1 and set(stored["measures"]) == {"magnitude", "mc_mean"}
     assert stored["fitted_on"]["positives"] == stored["fitted_on"]["negatives"] == 199
-    assert len(stored["measures"]["magnitude"]["relations"]["a"]) == 55
+    assert stored["measures"]["magnitude"]["kind"] == "platt-isotonic"
+    assert len(stored["measures"]["magnitude"]["platt"]["relations"]["a"]) == 55
+    band = stored["test"]["magnitude"]["after"]["ece_if_calibrated"]
+    assert 0 < band["mean"] < band["p95"] < 0.2  # 402 test facts: a calibrated model's ECE is well above 0
     for name in ("magnitude", "mc_mean"):
         before, after = stored["test"][name]["before"], stored["test"][name]["after"]
         assert after["ece"] < before["ece"] / 2, name
@@ -154,6 +190,10 @@ def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(
     assert stored["measures"]["magnitude"]["kind"] == "isotonic"
     assert main(["calibrate", str(run_dir), "--method", "isotonic", "--per-relation"]) == 2
     assert "isotonic regression is fitted globally" in capsys.readouterr().err
+    assert main(["calibrate", str(run_dir), "--global"]) == 2
+    assert "platt-isotonic's Platt stage is per relation" in capsys.readouterr().err
+    assert main(["calibrate", str(run_dir), "--method", "platt", "--samples", "10"]) == 0
+    assert json.loads((run_dir / "calibration.json").read_text())["measures"]["magnitude"]["kind"] == "platt"
 
 
 def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run_dir):
@@ -166,7 +206,7 @@ def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run
     calibration.calibrate(run, seed=0, samples=10)
     after = predict(run, head="usa", relation="embassy", tail=None, top_k=5, samples=10)
     text = format_predictions(after)
-    assert "calibrated on validation (platt, per relation)" in text and "cal(p)" in text and "p(t|h,r)" in text
+    assert "calibrated on validation (platt-isotonic, per relation)" in text and "cal(p)" in text and "p(t|h,r)" in text
     for old, new in zip(before["predictions"], after["predictions"], strict=True):
         assert {k: new[k] for k in old} == old  # the existing fields, unchanged
     # The calibrated column is the stored map of the fact's score; the softmax is over every entity.
@@ -211,11 +251,11 @@ def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
     _, stored = calibration.calibrate(load_run(run_dir), seed=0, samples=10)
     summary = write_report(load_run(run_dir), tmp_path / "b", samples=10, seed=0)
     assert summary["calibrator"]["stored"] and summary["calibrator"]["description"] == (
-        "calibrated on validation (platt, per relation)"
+        "calibrated on validation (platt-isotonic, per relation)"
     )
     for name in ("magnitude", "mc_mean"):
         numbers = summary["calibration"][name]
-        assert set(numbers) == {"ece", "brier", "log_loss", "bins", "calibrated"}
+        assert set(numbers) == {"ece", "ece_if_calibrated", "brier", "log_loss", "bins", "calibrated"}
         # The same test facts, draws and calibrator as `trainer calibrate`: the same numbers.
         for key in ("ece", "brier", "log_loss"):
             assert numbers[key] == pytest.approx(stored["test"][name]["before"][key])

@@ -93,7 +93,8 @@ def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     assert set(summary["precision_coverage_area"]) == {"magnitude", "mc_mean", "mc_lower_bound"}
     assert set(summary["selective_prediction_area"]) == {"magnitude", "mc_mean", "mc_std", "entropy",
                                                          "mutual_information"}  # fmt: skip
-    assert set(summary["calibration"]["mc_mean"]) == {"ece", "brier", "log_loss", "bins", "calibrated"}
+    assert set(summary["calibration"]["mc_mean"]) == {"ece", "ece_if_calibrated", "brier", "log_loss", "bins",
+                                                      "calibrated"}  # fmt: skip
     assert not summary["calibrator"]["stored"]  # no calibration.json: fitted for the report, not written
     assert -1 <= summary["variance_vs_frequency"]["entities"]["correlation"] <= 1
     assert len(summary["fact_visualisation"]) == 4
@@ -210,3 +211,23 @@ def test_the_corrupted_entity_is_the_one_a_choice_from_the_list_of_others_gives(
             listed, counted = np.random.default_rng(seed), np.random.default_rng(seed)
             assert _uniform_other(counted, num_entities, excluded) == int(listed.choice(others))
             assert counted.random() == listed.random()  # the generator is left in the same state
+
+
+def test_separate_roles_export_and_report(tmp_path):
+    out = tmp_path / "run"
+    config = make_config("data.dataset=nations", "model.dim=8", "train.epochs=2", "train.batch_size=256",
+                         "model.separate_roles=true")  # fmt: skip
+    train(config, out)
+    run = load_run(out)
+    table = pq.read_table(export(run, tmp_path / "emb.parquet")).to_pydict()
+    assert table["kind"].count("entity_subject") == table["kind"].count("entity_object") == 14
+    assert "entity" not in table["kind"] and all(len(m) == 8 for m in table["mean"])
+    # The exported rows reproduce the model's score: subject row of s, relation r, object row of o.
+    vec = {(k, i): torch.tensor(m) for k, i, m in zip(table["kind"], table["id"], table["mean"], strict=True)}
+    ents, rels = run.model.entities.full().mean, run.model.relations.full().mean
+    expected = run.model.scorer.score(ents[3], rels[5], ents[9])
+    got = run.model.scorer.base.score(vec["entity_subject", 3], vec["relation", 5], vec["entity_object", 9])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    summary = write_report(run, tmp_path / "report", samples=5, seed=0)
+    labels = {label.split()[0] for label in summary["fact_visualisation"]}
+    assert labels == {"subject", "relation", "object", "corrupted"}
