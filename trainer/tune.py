@@ -166,9 +166,15 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_dir: str) 
     train(config_from_dict(_with(base, params)), out_dir, reporter=TuneReporter(out_dir, LocalExchange()))
 
 
-def evaluations(config: RunConfig) -> int:
-    """Periodic validations a run of ``config`` makes: every ``eval_every`` epochs and after the last."""
-    return math.ceil(config.train.epochs / config.train.eval_every)
+def most_evaluations(config: RunConfig, space: dict[str, Dimension]) -> int:
+    """The most periodic validations a trial can make (every ``eval_every`` epochs and after the last): at
+    the most epochs and the most frequent evaluation ``space`` can draw, else ``config``'s. ASHA's rungs
+    are laid out up to it."""
+    epochs = space["train.epochs"].edges() if "train.epochs" in space else [config.train.epochs]
+    every = space["train.eval_every"].edges() if "train.eval_every" in space else [config.train.eval_every]
+    if not all(every):
+        raise ValueError("tune: train.eval_every=0 evaluates only at the end; ASHA compares trials as they go")
+    return max(math.ceil(e / v) for e in epochs for v in every)
 
 
 def search(config: RunConfig, space: dict[str, Dimension], out: Path, *, trials: int) -> dict[str, Any]:
@@ -177,8 +183,7 @@ def search(config: RunConfig, space: dict[str, Dimension], out: Path, *, trials:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    if not config.train.eval_every:
-        raise ValueError("tune: train.eval_every=0 evaluates only at the end; ASHA compares trials as they go")
+    max_t = most_evaluations(config, space)
     out = Path(out).resolve()
     # Trials run in other processes (and directories): give them the converted dataset's absolute path, and
     # convert it here, once, rather than in every trial at the same time.
@@ -190,7 +195,7 @@ def search(config: RunConfig, space: dict[str, Dimension], out: Path, *, trials:
     trainable = tune.with_parameters(run_trial, base=base, trials_dir=str(out / "trials"))
     resources = {"cpu": config.launch.cpus_per_worker, "gpu": config.launch.gpus_per_worker}
     # stop_last_trials=False: a trial that reaches max_t runs on to its end (metrics.json), not stopped there.
-    scheduler = ASHAScheduler(max_t=evaluations(config), grace_period=1, reduction_factor=2, stop_last_trials=False)
+    scheduler = ASHAScheduler(max_t=max_t, grace_period=1, reduction_factor=2, stop_last_trials=False)
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space={key: dimension.domain() for key, dimension in space.items()},

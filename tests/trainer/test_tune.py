@@ -16,7 +16,7 @@ from tests.trainer.conftest import make_config
 from trainer import checkpoint
 from trainer.config import load_config
 from trainer.loop import train
-from trainer.tune import Dimension, load_space
+from trainer.tune import Dimension, load_space, most_evaluations
 
 ROOT = Path(__file__).parents[2]
 
@@ -45,6 +45,15 @@ def test_a_space_reads_distributions_lists_and_fixed_values(tmp_path):
     }
     assert space["model.latent"].domain() == {"grid_search": ["lim", "lfm"]}
     assert space["train.epochs"].domain() == 5
+
+
+def test_asha_rungs_reach_the_longest_trial_the_space_can_draw(tmp_path):
+    base = load_config(None, ["train.epochs=10", "train.eval_every=2"])
+    assert most_evaluations(base, _space(tmp_path, "optim.lr: {uniform: [0.01, 0.1]}")) == 5  # the config's
+    # 25 epochs evaluated every 2: 13 validations (the last after epoch 25); a choice's values all count.
+    assert most_evaluations(base, _space(tmp_path, "train.epochs: {randint: [5, 26]}")) == 13
+    both = "train.epochs: {choice: [4, 12]}\ntrain.eval_every: {choice: [3, 1]}"
+    assert most_evaluations(base, _space(tmp_path, both)) == 12
 
 
 @pytest.mark.parametrize(
