@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sharding.launch import process_group
+from sharding.launch import choose_device, process_group
 from trainer import calibration, loop, runs
 from trainer import classify as classification
 from trainer import report as reporting
@@ -102,8 +102,9 @@ def train(
     """
     resolved = make_config(config, dataset=dataset, overrides=overrides)
     out = Path(out_dir)
-    with process_group(resolved.sharding.backend) as exchange:
-        metrics = loop.train(resolved, out, exchange=exchange)
+    device = choose_device(resolved.train.device)
+    with process_group(resolved.sharding.backend, device, resolved.sharding.timeout_minutes) as exchange:
+        metrics = loop.train(resolved, out, exchange=exchange, device=device)
     return Trained(out, metrics)
 
 

@@ -202,11 +202,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if world_size > 1 and args.out is None:
         raise ValueError(f"WORLD_SIZE={world_size}: pass --out, a run directory every worker can reach")
     out_dir = _run_dir(args.out) or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
-    with process_group(config.sharding.backend) as exchange:
+    device = choose_device(config.train.device)
+    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
         lead = exchange.rank == 0
         if lead:
             print(f"run directory: {out_dir} ({exchange.world_size} worker(s))", flush=True)
-        metrics = train(config, out_dir, exchange=exchange)
+        metrics = train(config, out_dir, exchange=exchange, device=device)
         if lead:
             print(f"run directory: {out_dir}")
             print(_summary(metrics))
@@ -217,8 +218,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     overrides = [] if args.samples is None else [f"eval.num_samples={args.samples}"]
     config = load_run_config(args.run_dir, overrides)
-    with process_group(config.sharding.backend) as exchange:
-        run = load_run(args.run_dir, config=config, exchange=exchange, device=choose_device(config.train.device))
+    device = choose_device(config.train.device)
+    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
+        run = load_run(args.run_dir, config=config, exchange=exchange, device=device)
         filters = rank_filters(run.dataset, (run.model.entities.lo, run.model.entities.hi))
         metrics = evaluate_run(
             config.eval, config.train.seed, run.model, run.dataset, filters, progress=config.train.progress

@@ -167,7 +167,11 @@ class ShardingConfig:
     reads a disjoint share of the training row groups and contributes batch_size/streams positives to
     every step, so runs with the same streams see the same batches at any world size."""
     backend: Backend = "auto"
-    """torch.distributed backend when launched with several workers: auto (nccl with CUDA, else gloo)."""
+    """torch.distributed backend when launched with several workers: auto (nccl when the worker trains on
+    CUDA, gloo on the CPU: it follows train.device, not the hardware)."""
+    timeout_minutes: float = 60.0
+    """How long a collective waits for the slowest rank before the run fails (torch's 10-minute default is
+    shorter than a rank converting a dataset or writing a Freebase shard while the others wait)."""
     pin_cpus: bool = True
     """When several workers share a host, pin each to an equal, disjoint slice of its CPUs (and, unless
     train.num_threads says otherwise, run that many torch threads). Turn off when other jobs share the host."""
@@ -182,7 +186,8 @@ class LaunchConfig:
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each worker (a fraction shares a core); also each ``tune`` trial's."""
     gpus_per_worker: float = 0.0
-    """0: CPU workers over gloo; > 0: GPU workers over NCCL."""
+    """0: CPU workers over gloo; 1: one GPU per worker, over NCCL (a worker trains on one device: a
+    fraction would put two ranks on one GPU, which NCCL refuses)."""
     memory_per_worker_gb: float | None = None
     """Memory each worker needs (the entity shard, its optimiser state, batches); Ray reserves it."""
     max_failures: int = 1
@@ -283,6 +288,7 @@ RANGES: dict[str, Interval] = {
     "launch.workers": POSITIVE,
     "launch.cpus_per_worker": POSITIVE,
     "launch.gpus_per_worker": NON_NEGATIVE,
+    "sharding.timeout_minutes": POSITIVE,
     "launch.memory_per_worker_gb": POSITIVE,
     "launch.max_failures": Interval(-1),
     "metrics.port": Interval(1, 65535),
@@ -334,6 +340,13 @@ class RunConfig:
                 f"train.early_stopping_patience={patience} stops the run before optim.lr_patience="
                 f"{self.optim.lr_patience} lets the learning rate decay: make it larger"
             )
+        if self.launch.gpus_per_worker not in (0, 1):
+            raise ValueError(
+                f"launch.gpus_per_worker={self.launch.gpus_per_worker}: a worker trains on one GPU (1) or "
+                "none (0); a fraction puts two ranks on one GPU, which NCCL refuses"
+            )
+        if self.launch.gpus_per_worker and self.train.device == "cpu":
+            raise ValueError("launch.gpus_per_worker=1 with train.device=cpu: the GPU would sit idle; use 0")
         if self.sharding.streams and self.train.batch_size % self.sharding.streams:
             raise ValueError("train.batch_size must be a multiple of sharding.streams")
         obj = self.objective

@@ -40,13 +40,15 @@ def train(
     dataset: KGDataset | None = None,
     exchange: Exchange | None = None,
     reporter: checkpoint.Reporter | None = None,
+    device: torch.device | None = None,
 ) -> dict:
     """Train (resuming from the latest checkpoint when there is one), evaluate, write metrics.json.
 
     Every rank calls this; rank 0 writes the logs and metrics. ``reporter`` hands checkpoints to a
-    launcher (Ray Train) instead of only to ``out_dir``.
+    launcher (Ray Train) instead of only to ``out_dir``; ``device`` is the one a launcher assigned
+    (default: ``choose_device(config.train.device)``).
     """
-    run = Training.set_up(config, Path(out_dir), dataset, exchange or LocalExchange(), reporter)
+    run = Training.set_up(config, Path(out_dir), dataset, exchange or LocalExchange(), reporter, device)
     while run.state.epoch < config.train.epochs and not run.patience_spent:
         try:
             record = run.train_epoch(run.state.epoch)
@@ -132,6 +134,7 @@ class Training:
         dataset: KGDataset | None,
         exchange: Exchange,
         reporter: checkpoint.Reporter | None,
+        device: torch.device | None = None,
     ) -> Training:
         lead = exchange.rank == 0
         pinned = pin_local_cpus() if config.sharding.pin_cpus else None
@@ -141,7 +144,7 @@ class Training:
         if lead:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, out_dir / "config.yaml")
-        device = choose_device(config.train.device)
+        device = device or choose_device(config.train.device)
         model = build_model(
             config, dataset.num_entities, dataset.num_relations, exchange, device, dataset.entity_frequency
         )

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sharding.launch import process_group
+import torch
+
+from sharding.launch import choose_device, process_group, resolve_backend
 from trainer import checkpoint
 from trainer.config import LaunchConfig, RunConfig, config_from_dict, to_dict
 
@@ -91,8 +93,21 @@ def worker_loop(payload: dict) -> None:
 
     config = config_from_dict(payload["config"])
     out_dir = Path(payload["out_dir"])
-    with process_group(config.sharding.backend) as exchange:
-        train(config, out_dir, exchange=exchange, reporter=RayReporter(out_dir, exchange))
+    device = worker_device(config)
+    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
+        train(config, out_dir, exchange=exchange, reporter=RayReporter(out_dir, exchange), device=device)
+
+
+def worker_device(config: RunConfig) -> torch.device:
+    """This Ray Train worker's device: the GPU Ray assigned it (``ray.train.torch.get_device``, which maps
+    Ray's GPU ids into what CUDA_VISIBLE_DEVICES shows: a worker may see its neighbours' GPUs too), else
+    the CPU."""
+    if not config.launch.gpus_per_worker:
+        return choose_device("cpu" if config.train.device == "auto" else config.train.device)
+    from ray.train.torch import get_device
+
+    assigned = get_device()
+    return choose_device(config.train.device, assigned=assigned.index if assigned.type == "cuda" else None)
 
 
 def worker_resources(launch: LaunchConfig) -> dict[str, float]:
@@ -125,7 +140,10 @@ def fit(config: RunConfig, out_dir: Path, *, storage_path: Path | None = None, n
             failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend=resolve_backend(config.sharding.backend, torch.device("cuda" if use_gpu else "cpu")),
+            timeout_s=int(config.sharding.timeout_minutes * 60),
+        ),
     )
     return trainer.fit()
 

@@ -1,4 +1,5 @@
-"""Choosing CPUs for workers that share a host (in child processes: pinning is per process)."""
+"""Choosing a worker's device and backend (pure functions: every case without a GPU), and CPUs for workers
+that share a host (in child processes: pinning is per process)."""
 
 import json
 import os
@@ -6,8 +7,56 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from sharding.launch import resolve_backend, resolve_device
 from tests.sharding.conftest import ROOT
+from trainer.config import load_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_devices", "local_rank", "assigned", "expected"),
+    [
+        ("auto", 0, 0, None, CPU),  # no GPU: the CPU
+        ("cpu", 4, 2, None, CPU),  # asked for the CPU on a GPU host: the CPU, whatever exists
+        ("auto", 1, 3, None, torch.device("cuda", 0)),  # a worker shown only its GPU takes it
+        ("auto", 4, 2, None, torch.device("cuda", 2)),  # torchrun shows all of a host's: LOCAL_RANK picks
+        ("cuda", 4, 0, 3, torch.device("cuda", 3)),  # Ray's assignment over LOCAL_RANK
+    ],
+)
+def test_device_is_a_function_of_the_request_what_exists_and_the_rank(
+    requested, cuda_devices, local_rank, assigned, expected
+):
+    assert resolve_device(requested, cuda_devices, local_rank, assigned) == expected
+
+
+def test_impossible_devices_are_refused_saying_why():
+    with pytest.raises(ValueError, match=r"train\.device=cuda: this worker sees no CUDA device"):
+        resolve_device("cuda", 0, 0)
+    with pytest.raises(ValueError, match=r"CUDA device 2 \(LOCAL_RANK=2\): this worker sees 2"):
+        resolve_device("auto", 2, 2)
+
+
+def test_backend_follows_the_device_not_the_hardware():
+    assert resolve_backend("auto", CPU) == "gloo"  # train.device=cpu on a GPU host: gloo, not NCCL
+    assert resolve_backend("auto", torch.device("cuda", 1)) == "nccl"
+    assert resolve_backend("gloo", torch.device("cuda", 0)) == "gloo"
+    with pytest.raises(
+        ValueError, match=r"sharding\.backend=nccl: NCCL moves CUDA tensors, and this worker trains on cpu"
+    ):
+        resolve_backend("nccl", CPU)
+
+
+def test_a_fractional_or_idle_gpu_per_worker_is_refused():
+    for value in ("0.5", "2"):
+        with pytest.raises(ValueError, match=rf"launch\.gpus_per_worker={float(value)}: a worker trains on one GPU"):
+            load_config(None, [f"launch.gpus_per_worker={value}"])
+    with pytest.raises(ValueError, match=r"with train\.device=cpu: the GPU would sit idle"):
+        load_config(None, ["launch.gpus_per_worker=1", "train.device=cpu"])
+    assert load_config(None, ["launch.gpus_per_worker=1"]).sharding.timeout_minutes == 60.0
+
 
 _PROBE = """
 import json, os, threading, time
