@@ -158,13 +158,34 @@ def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -
     return rows
 
 
+def role_sample_and_kl(
+    rows: torch.Tensor, dim: int, eps: torch.Tensor, prior_var: float, roles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_and_kl`` of rows holding ``roles`` embeddings side by side (each dim / roles numbers of
+    the mean and of the log-variance), with the KL of each role apart: [U, dim] and [U, roles]."""
+    width = dim // roles
+    samples, kls = [], []
+    for role in range(roles):
+        mean, logvar = (slice(start + role * width, start + (role + 1) * width) for start in (0, dim))
+        sample, kl = sample_and_kl(torch.cat([rows[:, mean], rows[:, logvar]], 1), width, eps[:, mean], prior_var)
+        samples.append(sample)
+        kls.append(kl)
+    return torch.cat(samples, 1), torch.stack(kls, 1)
+
+
 def training_encoder(
-    dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool, prior_var: float = 1.0
+    dim: int,
+    key: tuple[int, ...],
+    dense_eps: torch.Tensor | None,
+    keep_mean: bool,
+    prior_var: float = 1.0,
+    kl_roles: int = 1,
 ) -> Encoder:
     """What an owner sends for its Gaussian rows in training step ``key`` = (seed, epoch, step):
     [sample | KL | mean if ``keep_mean``], the sample drawn with the rows' dense noise ``dense_eps`` [local
     rows, dim] when given, else with the noise stream (key, stream, NOISE) at the row's position in the
-    requesting stream's id list (``Segment``), so a draw does not depend on which rank owns the row."""
+    requesting stream's id list (``Segment``), so a draw does not depend on which rank owns the row.
+    ``kl_roles`` > 1 sends the KL of each of a row's roles apart (``kl_roles`` columns)."""
 
     def encode(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         means = [rows[:, :dim]] if keep_mean else []
@@ -173,7 +194,7 @@ def training_encoder(
         else:
             spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
             # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
-            packed = stream_sample_and_kl(rows, dim, spans) if prior_var == 1.0 else None
+            packed = stream_sample_and_kl(rows, dim, spans) if prior_var == 1.0 and kl_roles == 1 else None
             if packed is not None:
                 return torch.cat([packed, *means], dim=1) if means else packed
             eps, start = rows.new_empty(len(rows), dim), 0
@@ -181,16 +202,22 @@ def training_encoder(
                 span = (s.offset, s.offset + s.count)
                 rng.row_normal(span, dim, (*key, s.tag, rng.NOISE), eps[start : start + s.count])
                 start += s.count
-        sample, row_kl = sample_and_kl(rows, dim, eps, prior_var)
-        return torch.cat([sample, row_kl.unsqueeze(1), *means], dim=1)
+        if kl_roles > 1:
+            sample, row_kl = role_sample_and_kl(rows, dim, eps, prior_var, kl_roles)
+        else:
+            sample, row_kl = sample_and_kl(rows, dim, eps, prior_var)
+        return torch.cat([sample, row_kl.view(len(rows), kl_roles), *means], dim=1)
 
     return encode
 
 
-def split_encoding(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sample [U, dim], KL [U], mean [U, dim] or the rest) of what ``training_encoder`` sent."""
-    sample, kl, mean = values.split([dim, 1, values.shape[1] - dim - 1], dim=1)
-    return sample, kl.squeeze(1), mean
+def split_encoding(
+    values: torch.Tensor, dim: int, kl_roles: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample [U, dim], KL [U] (or [U, kl_roles]), mean [U, dim] or the rest) of what ``training_encoder``
+    sent."""
+    sample, kl, mean = values.split([dim, kl_roles, values.shape[1] - dim - kl_roles], dim=1)
+    return sample, kl.squeeze(1) if kl_roles == 1 else kl, mean
 
 
 def sampler(eps: torch.Tensor) -> Encoder:

@@ -41,17 +41,20 @@ def init_rows(
     seed: int,
     block_rows: int,
     device: torch.device,
+    roles: int = 1,
 ) -> torch.Tensor:
-    """Means ~ N(0, std^2), std None meaning Xavier/Glorot sqrt(2 / (rows + dim)); logvar log(1/dim).
+    """Means ~ N(0, std^2), std None meaning Xavier/Glorot sqrt(2 / (rows + d)); logvar log(1/d), d being
+    the width of one embedding: dim, or dim / roles when a row holds ``roles`` embeddings side by side.
 
     Drawn per block of rows (``rng.block_normal``), so a row's initial value does not depend on how the
     table is sharded.
     """
-    std = math.sqrt(2.0 / (global_rows + dim)) if init_std is None else init_std
+    width = dim // roles
+    std = math.sqrt(2.0 / (global_rows + width)) if init_std is None else init_std
     mean = rng.block_normal(row_range, dim, (seed, rng.INIT), block_rows, device) * std
     if not variational:
         return mean
-    logvar = torch.full_like(mean, math.log(1.0 / dim) if init_logvar is None else init_logvar)
+    logvar = torch.full_like(mean, math.log(1.0 / width) if init_logvar is None else init_logvar)
     return torch.cat([mean, logvar], dim=1)
 
 
@@ -96,8 +99,12 @@ class ShardedTable:
         init_logvar: float | None = None,
         block_rows: int,
         device: torch.device | None = None,
+        roles: int = 1,
     ):
-        self.num_rows, self.dim, self.exchange = num_rows, dim, exchange
+        """``roles`` > 1: each row holds that many embeddings side by side (an entity's subject and object
+        embeddings), each initialised, clipped and given its row-wise Adagrad accumulators as a table of
+        its own would be."""
+        self.num_rows, self.dim, self.exchange, self.roles = num_rows, dim, exchange, roles
         self.device = torch.device("cpu") if device is None else device
         self.plan = RowPlan(num_rows, exchange.world_size, block_rows)
         self.lo, self.hi = self.plan.range(exchange.rank)
@@ -111,9 +118,11 @@ class ShardedTable:
             seed=seed,
             block_rows=block_rows,
             device=self.device,
+            roles=roles,
         )
-        # Row-wise Adagrad keeps one accumulator per row *part*: means and log-variances differ in scale.
-        self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.width // dim)
+        # Row-wise Adagrad keeps one accumulator per row *part*: means and log-variances differ in scale, and
+        # a row's roles in how often they are used.
+        self.optimizer = build_row_optimizer(optimizer, self.weight, lr, parts=self.width // dim * roles)
 
     @property
     def width(self) -> int:
@@ -185,12 +194,13 @@ class ShardedTable:
             self.optimizer.step(self.weight, ids, grad)
 
     @torch.no_grad()
-    def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float, parts: int = 1) -> None:
-        """Scale sigma of local rows ``ids`` (all when None) so that its L2 norm over each of a row's
-        ``parts`` equal slices (an entity's roles) is at most ``max_norm``, as the authors' code did to
-        each table after every batch; point-estimate rows have none."""
+    def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float) -> None:
+        """Scale sigma of local rows ``ids`` (all when None) so that its L2 norm over each of a row's roles
+        is at most ``max_norm``, as the authors' code did to each table after every batch; point-estimate
+        rows have none."""
         if not self.variational or (ids is not None and not len(ids)):
             return
+        parts = self.roles
         logvar = self.weight[:, self.dim :] if ids is None else self.weight[ids, self.dim :]
         # ||sigma|| = sqrt(sum exp(logvar)); scaling sigma by c adds 2 log c to every logvar of the slice.
         log_norm = 0.5 * torch.logsumexp(logvar.unflatten(1, (parts, -1)), dim=2, keepdim=True)

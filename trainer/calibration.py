@@ -408,20 +408,59 @@ def fit(
         raise ValueError(f"{data.name}: no validation facts to calibrate on")
     valid = judged(run, "valid", seed, negatives)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
-    calibrators: dict[str, Calibrator] = {}
-    for name, logits in measure_logits(scores, model.variational).items():
-        if method == "isotonic":
-            calibrators[name] = Isotonic.fit(logits, valid.labels)
-        elif method == "platt-isotonic":
-            calibrators[name] = PlattIsotonic.fit(
-                logits, valid.labels, valid.relations, data.num_relations, pseudo_facts, seed
-            )
-        elif per_relation:
-            calibrators[name] = Platt.fit(logits, valid.labels, valid.relations, data.num_relations, pseudo_facts)
-        else:
-            calibrators[name] = Platt.fit(logits, valid.labels, pseudo_facts=pseudo_facts)
+    calibrators = {
+        name: fit_calibrator(
+            method, per_relation, logits, valid.labels, valid.relations, data.num_relations, pseudo_facts, seed
+        )
+        for name, logits in measure_logits(scores, model.variational).items()
+    }
     fitted_on = {"split": "valid", **valid.counts(), "seed": seed, "samples": samples if model.variational else 0}
     return Calibration(method, per_relation, calibrators, fitted_on, checkpoint_identity(run))
+
+
+def fit_calibrator(
+    method: str,
+    per_relation: bool,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relations: np.ndarray,
+    num_relations: int,
+    pseudo_facts: float = PSEUDO_FACTS,
+    seed: int = 0,
+) -> Calibrator:
+    if method == "isotonic":
+        return Isotonic.fit(logits, labels)
+    if method == "platt-isotonic":
+        return PlattIsotonic.fit(logits, labels, relations, num_relations, pseudo_facts, seed)
+    if per_relation:
+        return Platt.fit(logits, labels, relations, num_relations, pseudo_facts)
+    return Platt.fit(logits, labels, pseudo_facts=pseudo_facts)
+
+
+def cross_validated(
+    run: Run, methods: tuple[str, ...] = METHODS, *, seed: int, samples: int = 100, folds: int = CROSS_FIT_FOLDS
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per measure and method, ECE / Brier / log loss of out-of-fold probabilities on validation: each
+    validation fact's probability from the method fitted on the other folds. What a method is chosen by
+    without looking at test."""
+    data, model = run.dataset, run.model
+    valid = judged(run, "valid", seed)
+    scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
+    fold = np.random.default_rng(seed + 1).permutation(len(valid.labels)) % folds
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, logits in measure_logits(scores, model.variational).items():
+        out[name] = {}
+        for method in methods:
+            held_out = np.empty(len(logits), dtype=np.float64)
+            for k in range(folds):
+                train, test = fold != k, fold == k
+                calibrator = fit_calibrator(
+                    method, method != "isotonic", logits[train], valid.labels[train], valid.relations[train],
+                    data.num_relations, seed=seed,
+                )  # fmt: skip
+                held_out[test] = calibrator.probability(logits[test], valid.relations[test])
+            out[name][method] = {k: v for k, v in quality(held_out, valid.labels).items() if k != "bins"}
+    return out
 
 
 def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:

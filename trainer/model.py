@@ -24,7 +24,7 @@ from trainer.config import RunConfig
 from trainer.likelihood import FactRows, Likelihood, build_likelihood
 from trainer.objective import n3_penalty
 from trainer.posterior import Gathered, Posterior, build_posterior
-from trainer.scorers import Scorer, SeparateRoles, build_scorer
+from trainer.scorers import Scorer, build_scorer
 
 COLLAPSED_LOGVAR = -20.0
 """An entity whose mean log-variance is below this (sigma < 5e-5) has collapsed onto a point estimate."""
@@ -158,8 +158,7 @@ class KGModel:
         """The row optimisers' step; the entity update runs while the relation gradients travel."""
         self.entities.step(grads.entity_ids, grads.entities)
         if self.clip_sigma_norm is not None:
-            roles = 2 if isinstance(self.scorer, SeparateRoles) else 1
-            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm, parts=roles)
+            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm)
         grads.relations_pending.wait()
         self.relations.step(grads.relations)
         if self.clip_sigma_norm is not None:
@@ -246,15 +245,15 @@ def build_model(
     model_cfg, obj, optim = config.model, config.objective, config.optim
     variational = model_cfg.latent != "point"
 
-    def table(rows: int, table_exchange: Exchange, seed: int, dim: int = model_cfg.dim) -> ShardedTable:
+    def table(rows: int, table_exchange: Exchange, seed: int, roles: int = 1) -> ShardedTable:
         return ShardedTable(
-            rows, dim, table_exchange, variational=variational, optimizer=optim.optimizer, lr=optim.lr,
-            seed=seed, init_std=model_cfg.init_std, init_logvar=model_cfg.init_logvar,
-            block_rows=config.sharding.block_rows, device=device,
+            rows, model_cfg.dim * roles, table_exchange, variational=variational, optimizer=optim.optimizer,
+            lr=optim.lr, seed=seed, init_std=model_cfg.init_std, init_logvar=model_cfg.init_logvar,
+            block_rows=config.sharding.block_rows, device=device, roles=roles,
         )  # fmt: skip
 
-    entity_dim = model_cfg.dim * (2 if model_cfg.separate_roles else 1)
-    entities = table(num_entities, exchange, config.train.seed, entity_dim)
+    roles = 2 if model_cfg.separate_roles else 1
+    entities = table(num_entities, exchange, config.train.seed, roles)
     likelihood = build_likelihood(
         obj, negatives=config.sharding.negatives, num_entities=num_entities, num_relations=num_relations,
         shard=(entities.lo, entities.hi), exchange=exchange, device=entities.device,
@@ -266,6 +265,7 @@ def build_model(
     posterior = build_posterior(
         model_cfg.latent, obj.kl_estimator, num_relations=num_relations, reciprocal=likelihood.reciprocal,
         entity_frequency=frequency, prior_var=1.0 / model_cfg.dim if model_cfg.prior == "1/dim" else 1.0,
+        roles=roles,
     )  # fmt: skip
     n3_weight = obj.reg_weight if obj.reg == "n3" else 0.0
     bias = None

@@ -58,6 +58,8 @@ class Posterior:
     """Whether the KL needs every local entity row in every step."""
     prior_var = 1.0
     """Variance of the N(0, prior_var I) prior (``model.prior``)."""
+    kl_roles = 1
+    """Columns of the entity KL the owners send: an LFM with separate roles charges each role apart."""
 
     def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
         return identity
@@ -81,10 +83,10 @@ class GaussianPosterior(Posterior):
     variational = True
 
     def encoder(self, dim: int, key: tuple[int, ...], dense_eps: torch.Tensor | None, keep_mean: bool) -> Encoder:
-        return training_encoder(dim, key, dense_eps, keep_mean, self.prior_var)
+        return training_encoder(dim, key, dense_eps, keep_mean, self.prior_var, self.kl_roles)
 
     def split(self, values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return split_encoding(values, dim)
+        return split_encoding(values, dim, self.kl_roles)
 
 
 class LatentInformation(GaussianPosterior):
@@ -116,11 +118,32 @@ class LatentFact(GaussianPosterior):
         self.num_relations, self.reciprocal = num_relations, reciprocal
 
     def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
+        if ent_kl.ndim == 2:
+            return self._role_kl(ent_kl, rel_kl, rows, r)
         total = ent_kl[rows.s].sum() + ent_kl[rows.o].sum() + rel_kl[r].sum()
         if self.reciprocal:
             total = total + rel_kl[r + self.num_relations].sum()
         if rows.neg is not None:
             total = total + ent_kl[torch.unique(rows.neg)].sum()
+        return total
+
+    def _role_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
+        """With separate roles ([U, 2]: subject, object), the KL of the roles the batch scores with. A
+        reciprocal model asks (s, r, ?) and (o, r^-1, ?): both entities in both roles, candidates as
+        answers (object role). The Bernoulli likelihood scores s as subject and o as object, a head
+        corruption (the first k//2 negatives) as subject and a tail corruption as object."""
+        subject, object_ = ent_kl.unbind(1)
+        total = rel_kl[r].sum()
+        if self.reciprocal:
+            total = total + rel_kl[r + self.num_relations].sum() + ent_kl[rows.s].sum() + ent_kl[rows.o].sum()
+            if rows.neg is not None:
+                total = total + object_[torch.unique(rows.neg)].sum()
+            return total
+        total = total + subject[rows.s].sum() + object_[rows.o].sum()
+        if rows.neg is not None:
+            half = rows.neg.shape[-1] // 2
+            heads, tails = torch.unique(rows.neg[..., :half]), torch.unique(rows.neg[..., half:])
+            total = total + subject[heads].sum() + object_[tails].sum()
         return total
 
 
@@ -142,7 +165,9 @@ def build_posterior(
     reciprocal: bool,
     entity_frequency: torch.Tensor | None,
     prior_var: float = 1.0,
+    roles: int = 1,
 ) -> Posterior:
+    """``roles``: embeddings per entity row (2 with separate subject and object embeddings)."""
     posterior = POSTERIORS[latent](
         kl_estimator=kl_estimator,
         num_relations=num_relations,
@@ -150,4 +175,6 @@ def build_posterior(
         entity_frequency=entity_frequency,
     )
     posterior.prior_var = prior_var
+    if isinstance(posterior, LatentFact):
+        posterior.kl_roles = roles
     return posterior

@@ -261,3 +261,16 @@ def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
             assert numbers[key] == pytest.approx(stored["test"][name]["before"][key])
             assert numbers["calibrated"][key] == pytest.approx(stored["test"][name]["after"][key])
     assert (tmp_path / "b" / "reliability.png").stat().st_size > 1000
+
+
+def test_cross_validated_methods_judge_out_of_fold_probabilities_on_validation(run_dir):
+    run = load_run(run_dir)
+    numbers = calibration.cross_validated(run, seed=0, samples=5)
+    assert set(numbers) == {"magnitude", "mc_mean"} and set(numbers["magnitude"]) == set(calibration.METHODS)
+    valid = calibration.judged(run, "valid", 0)
+    raw = uncertainty.fact_scores(run.model, valid.facts, 0, 0).probabilities().magnitude
+    before = calibration.quality(raw, valid.labels)
+    for method, result in numbers["magnitude"].items():
+        # The overconfident model's scores are 100 times too large: every method fitted on other folds
+        # still beats them on facts it did not see.
+        assert result["log_loss"] < before["log_loss"] and result["ece"] < before["ece"] / 2, method

@@ -43,6 +43,49 @@ def test_lfm_kl_covers_only_the_batch_facts(tiny_dataset):
     assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
 
 
+def _roles(q):
+    """The subject and object embeddings of rows holding both side by side."""
+    dim = q.mean.shape[1] // 2
+    return [type(q)(q.mean[:, half], q.logvar[:, half]) for half in (slice(0, dim), slice(dim, None))]
+
+
+def test_lfm_with_separate_roles_charges_the_roles_each_fact_scores_with(tiny_dataset):
+    config = make_config(
+        "model.latent=lfm", "objective.likelihood=bernoulli", "objective.num_negatives=2", "optim.lr=0.0",
+        "model.separate_roles=true", "optim.optimizer=rowwise_adagrad",
+    )  # fmt: skip
+    model, step = _step(config, tiny_dataset)
+    # Each role initialised as a table of its own would be: logvar log(1/dim), not log(1/(2 dim)).
+    assert torch.equal(model.entities.weight[:, 8:], torch.full((6, 8), float(torch.tensor(0.25).log())))
+    assert model.entities.optimizer.sum_sq.shape == (6, 4)  # mean and logvar of each role, apart
+    subject, object_ = (unit_kl(q) for q in _roles(model.entities.full()))
+    rel_kl = unit_kl(model.relations.full())
+    batch = TINY_TRAIN[:2]  # facts (0, r0, 1) and (1, r0, 2)
+    negatives = chunk_negatives(2, config.objective.negative_chunk, 2, 6, step_generator(KEY, 0))
+    expected = (
+        subject[[0, 1]].sum()
+        + object_[[1, 2]].sum()
+        + 2 * rel_kl[0]
+        + subject[torch.unique(negatives[..., :1])].sum()  # a head corruption: a subject
+        + object_[torch.unique(negatives[..., 1:])].sum()  # a tail corruption: an object
+    )
+    terms = step([(0, batch)], 0.5, 1.0, KEY)
+    assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_reciprocal_lfm_with_separate_roles_charges_both_roles_of_each_fact_s_entities(tiny_dataset):
+    config = make_config(
+        "model.latent=lfm", "objective.likelihood=softmax", "optim.lr=0.0", "model.separate_roles=true"
+    )
+    model, step = _step(config, tiny_dataset)
+    subject, object_ = (unit_kl(q) for q in _roles(model.entities.full()))
+    rel_kl, num_relations = unit_kl(model.relations.full()), tiny_dataset.num_relations
+    both = subject + object_  # (s, r, ?) and (o, r^-1, ?): each entity as subject and as answer
+    expected = both[[0, 1]].sum() + both[[1, 2]].sum() + 2 * (rel_kl[0] + rel_kl[num_relations])
+    terms = step([(0, TINY_TRAIN[:2])], 0.5, 1.0, KEY)
+    assert terms.kl == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
     config = make_config(
         "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "optim.lr=0.0"

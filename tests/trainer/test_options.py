@@ -73,11 +73,13 @@ def test_clip_sigma_norm_scales_only_the_rows_above_the_bound():
 
 def test_clip_sigma_norm_bounds_each_role_of_a_row_apart():
     table = ShardedTable(
-        2, 4, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4, init_logvar=0.0
-    )  # subject sigma (1, 1), object sigma (1, 1)
+        2, 4, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4, init_logvar=0.0,
+        roles=2,
+    )  # fmt: skip
+    # subject sigma (1, 1), object sigma (1, 1)
     table.weight[0, 6:] = torch.tensor([-6.0, -6.0])  # the object role's sigma is already small
     before = table.weight.clone()
-    table.clip_sigma_norm(None, 1.0, parts=2)
+    table.clip_sigma_norm(None, 1.0)
     subject, object_ = torch.exp(0.5 * table.weight[:, 4:]).unflatten(1, (2, 2)).norm(dim=2).unbind(1)
     assert subject.tolist() == pytest.approx([1.0, 1.0]) and object_[1].item() == pytest.approx(1.0)
     assert torch.equal(table.weight[0, 6:], before[0, 6:])  # in bound on its own: untouched
