@@ -155,7 +155,8 @@ def calibrate(
     samples: int = 100,
 ) -> dict[str, Any]:
     """``nvkg calibrate``: fit a map from score to the probability that a fact is true on validation
-    (Platt scaling, per relation by default, or isotonic; ``per_relation=False``: one map), judge it on
+    (by default Platt scaling per relation then isotonic regression; ``method="platt"`` alone, where
+    ``per_relation=False`` makes it one map; ``method="isotonic"``, one map), judge it on
     test, and store it as RUN/calibration.json, which ``predict``, ``classify`` and ``report`` then use.
     Returns that file's contents: ``result["test"]["magnitude"]["after"]["ece"]`` and so on. ``seed``
     (default: the run's train.seed) draws the negatives and samples.

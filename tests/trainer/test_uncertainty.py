@@ -229,5 +229,15 @@ def test_separate_roles_export_and_report(tmp_path):
     got = run.model.scorer.base.score(vec["entity_subject", 3], vec["relation", 5], vec["entity_object", 9])
     assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     summary = write_report(run, tmp_path / "report", samples=5, seed=0)
-    labels = {label.split()[0] for label in summary["fact_visualisation"]}
-    assert labels == {"subject", "relation", "object", "corrupted"}
+    visual = {label.split()[0]: (label.split()[1], v["mean"]) for label, v in summary["fact_visualisation"].items()}
+    assert set(visual) == {"subject", "relation", "object", "corrupted"}
+    # Every role is a point of the projection; the subject is drawn with its subject row, the object with
+    # its object row.
+    centre, projection = uncertainty.pca_2d(torch.cat([ents[:, :8], ents[:, 8:], rels]).numpy())
+    s, r, o = run.dataset.test[0].tolist()
+    names = run.dataset.names("entities")["name"].to_pylist()
+    for role, entity, half in (("subject", s, slice(0, 8)), ("object", o, slice(8, 16))):
+        assert visual[role][0] == names[entity]
+        expected = (ents[entity, half].numpy() - centre) @ projection
+        np.testing.assert_allclose(visual[role][1], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(visual["relation"][1], (rels[r].numpy() - centre) @ projection, rtol=1e-5, atol=1e-6)
