@@ -198,12 +198,15 @@ def resume(directory: Path | None, config: RunConfig, model: KGModel) -> RunStat
     """Load the latest checkpoint if there is one, after checking it belongs to this config."""
     if directory is None:
         return RunState()
-    saved, current = read_index(directory)["config"], to_dict(config)
+    saved, current, defaults = read_index(directory)["config"], to_dict(config), to_dict(RunConfig())
     for key in FROZEN_KEYS:
-        if _lookup(saved, key) != _lookup(current, key):
+        was = _lookup(saved, key)
+        if isinstance(was, dict):  # a setting added since the checkpoint was written had its default then
+            was = {**_lookup(defaults, key), **was}
+        if was != _lookup(current, key):
             raise ValueError(
                 f"{directory}: checkpoint was trained with a different '{key}' "
-                f"({_lookup(saved, key)} vs {_lookup(current, key)}); use another --out directory"
+                f"({was} vs {_lookup(current, key)}); use another --out directory"
             )
     return load_into(directory, model)
 

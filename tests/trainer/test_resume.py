@@ -72,6 +72,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tiny_dataset):
         train(make_config("train.epochs=2", "model.dim=6"), tmp_path, tiny_dataset)
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(tmp_path, tiny_dataset):
+    train(make_config("train.epochs=1"), tmp_path, tiny_dataset)
+    index = tmp_path / checkpoint.LATEST / checkpoint.INDEX
+    written = json.loads(index.read_text())
+    del written["config"]["model"]["separate_roles"]  # as a checkpoint of an earlier nvkg has it
+    index.write_text(json.dumps(written))
+    train(make_config("train.epochs=2"), tmp_path, tiny_dataset)
+    assert [r["epoch"] for r in _log(tmp_path)] == [1, 2]
+    with pytest.raises(ValueError, match="different 'model'"):  # the setting itself is still checked
+        train(make_config("train.epochs=3", "model.separate_roles=true"), tmp_path, tiny_dataset)
+
+
 def test_truncated_checkpoint_fails_with_its_name(tmp_path, tiny_dataset):
     config = make_config("train.epochs=1")
     train(config, tmp_path, tiny_dataset)
