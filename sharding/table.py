@@ -231,6 +231,22 @@ class ShardedTable:
         """This rank's rows as a Gaussian of views, without gradients (evaluation, export)."""
         return Gaussian.of_rows(self.weight, self.dim)
 
+    @torch.no_grad()
+    def summary(self, collapsed_below: float = -math.inf, chunk_rows: int = 1 << 16) -> tuple[bool, int, float]:
+        """(every value finite, rows whose mean log-variance is below ``collapsed_below``, mean variance)
+        of this rank's rows, ``chunk_rows`` at a time: a whole-shard exp() or isfinite() would be as large
+        as the shard (8.6 GB of floats for a Freebase shard at dim 200)."""
+        finite, collapsed, variance = True, 0, 0.0
+        for lo in range(0, len(self.weight), chunk_rows):
+            rows = self.weight[lo : lo + chunk_rows]
+            finite = finite and bool(torch.isfinite(rows).all())
+            if self.variational:
+                logvar = rows[:, self.dim :]
+                collapsed += int((logvar.mean(1) < collapsed_below).sum())
+                variance += float(logvar.exp().sum(dtype=torch.float64))
+        cells = len(self.weight) * self.dim
+        return finite, collapsed, variance / cells if self.variational and cells else 0.0
+
     def state_dict(self) -> dict:
         optim = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state_dict().items()}
         return {"rows": [self.lo, self.hi], "weight": self.weight.cpu().clone(), "optim": optim}

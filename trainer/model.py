@@ -178,12 +178,9 @@ class KGModel:
     def health(self) -> tuple[float, float, float]:
         """On this rank: (1 if any parameter is not finite else 0, entity rows whose variance collapsed,
         entity rows), to be summed over ranks."""
-        ents, rels = self.entities.weight, self.relations.table.weight
-        non_finite = not (bool(torch.isfinite(ents).all()) and bool(torch.isfinite(rels).all()))
-        collapsed = 0.0
-        if self.variational and len(ents):
-            collapsed = float((ents[:, self.entities.dim :].mean(1) < COLLAPSED_LOGVAR).sum())
-        return float(non_finite), collapsed, float(len(ents))
+        finite, collapsed, _ = self.entities.summary(COLLAPSED_LOGVAR)
+        finite = finite and bool(torch.isfinite(self.relations.table.weight).all())
+        return float(not finite), float(collapsed), float(len(self.entities.weight))
 
     def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
         if not self.variational:

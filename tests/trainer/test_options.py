@@ -83,3 +83,14 @@ def test_clip_sigma_norm_bounds_each_role_of_a_row_apart():
     subject, object_ = torch.exp(0.5 * table.weight[:, 4:]).unflatten(1, (2, 2)).norm(dim=2).unbind(1)
     assert subject.tolist() == pytest.approx([1.0, 1.0]) and object_[1].item() == pytest.approx(1.0)
     assert torch.equal(table.weight[0, 6:], before[0, 6:])  # in bound on its own: untouched
+
+
+def test_table_summary_in_chunks_equals_the_whole_shard_at_once():
+    table = ShardedTable(10, 3, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4)
+    table.weight[:, 3:] = torch.linspace(-12.0, 2.0, 30).view(10, 3)
+    logvar = table.weight[:, 3:]
+    finite, collapsed, variance = table.summary(-5.0, chunk_rows=3)
+    assert finite and collapsed == int((logvar.mean(1) < -5.0).sum()) > 0
+    assert variance == pytest.approx(float(logvar.exp().mean()), rel=1e-6)
+    table.weight[9, 0] = float("nan")  # in the last chunk
+    assert not table.summary(chunk_rows=3)[0]
