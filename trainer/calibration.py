@@ -181,6 +181,26 @@ CROSS_FIT_FOLDS = 5
 """Folds of the cross-fitting of ``PlattIsotonic``'s Platt stage."""
 
 
+def out_of_fold(
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], Calibrator],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relations: np.ndarray,
+    seed: int,
+    folds: int = CROSS_FIT_FOLDS,
+) -> np.ndarray:
+    """Each fact's probability from ``fit(logits, labels, relations)`` on the other folds (a seeded
+    random split into ``folds``)."""
+    fold = np.random.default_rng(seed).permutation(len(logits)) % folds
+    held_out = np.empty(len(logits), dtype=np.float64)
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        if test.any():
+            calibrator = fit(logits[train], labels[train], relations[train])
+            held_out[test] = calibrator.probability(logits[test], relations[test])
+    return held_out
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-12, 1 - 1e-12)
     return np.log(p) - np.log1p(-p)
@@ -191,9 +211,8 @@ class PlattIsotonic:
     """Platt scaling per relation, then a non-decreasing map of its output (as a logit) to a probability.
 
     Platt per relation gets each relation's scale and offset but forces a sigmoid's shape; isotonic
-    regression gets any monotone shape but one for every relation. On the bundled graphs, judged on test,
-    the two stages together had the lowest Brier score and log loss on five of six dataset-model pairs
-    (docs/uncertainty.md)."""
+    regression gets any monotone shape but one for every relation. Why it is the default:
+    docs/uncertainty.md."""
 
     platt: Platt
     isotonic: Isotonic
@@ -211,15 +230,12 @@ class PlattIsotonic:
         """The isotonic stage is fitted on cross-fitted Platt outputs (each fact's from a Platt fit on the
         other folds), not on the outputs of the Platt fit it follows, which have seen their own labels and
         would look better calibrated than they are on new facts."""
-        fold = np.random.default_rng(seed).permutation(len(logits)) % CROSS_FIT_FOLDS
-        held_out = np.empty(len(logits), dtype=np.float64)
-        for k in range(CROSS_FIT_FOLDS):
-            train, test = fold != k, fold == k
-            if not test.any():
-                continue
-            platt = Platt.fit(logits[train], labels[train], relations[train], num_relations, pseudo_facts)
-            held_out[test] = platt.probability(logits[test], relations[test])
-        platt = Platt.fit(logits, labels, relations, num_relations, pseudo_facts)
+
+        def platt_fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> Platt:
+            return Platt.fit(x, y, r, num_relations, pseudo_facts)
+
+        held_out = out_of_fold(platt_fit, logits, labels, relations, seed)
+        platt = platt_fit(logits, labels, relations)
         return cls(platt, Isotonic.fit(_logit(held_out), labels))
 
     def probability(self, logits: np.ndarray, relations: np.ndarray) -> np.ndarray:
@@ -446,19 +462,15 @@ def cross_validated(
     data, model = run.dataset, run.model
     valid = judged(run, "valid", seed)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
-    fold = np.random.default_rng(seed + 1).permutation(len(valid.labels)) % folds
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name, logits in measure_logits(scores, model.variational).items():
         out[name] = {}
         for method in methods:
-            held_out = np.empty(len(logits), dtype=np.float64)
-            for k in range(folds):
-                train, test = fold != k, fold == k
-                calibrator = fit_calibrator(
-                    method, method != "isotonic", logits[train], valid.labels[train], valid.relations[train],
-                    data.num_relations, seed=seed,
-                )  # fmt: skip
-                held_out[test] = calibrator.probability(logits[test], valid.relations[test])
+
+            def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray, method: str = method) -> Calibrator:
+                return fit_calibrator(method, method != "isotonic", x, y, r, data.num_relations, seed=seed)
+
+            held_out = out_of_fold(fit, logits, valid.labels, valid.relations, seed + 1, folds)
             out[name][method] = {k: v for k, v in quality(held_out, valid.labels).items() if k != "bins"}
     return out
 
