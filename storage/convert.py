@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sharding.kernels import native
 from sharding.rng import splitmix64
 from storage.atomic import recover_swap, remove_stale_temps, swap_dir, temp_dir_beside
 from storage.faults import fault_point
@@ -122,15 +123,26 @@ class Vocabulary:
     num_train_relations: int
     named: bool
     """True: chunks hold names to look up; False: chunks hold ids to range-check."""
+    indexes: dict[str, NameIndex | None] = field(default_factory=dict)
+    """The hashed index of ``entities`` and ``relations`` (built on first use; None: pyarrow's lookup)."""
+
+    def index(self, kind: str) -> NameIndex | None:
+        if kind not in self.indexes:
+            self.indexes[kind] = NameIndex.of(getattr(self, kind))
+        return self.indexes[kind]
+
+    def lookup(self, values: pa.ChunkedArray, kind: str, path: Path) -> np.ndarray:
+        index = self.index(kind)
+        return lookup(values, getattr(self, kind)) if index is None else index.lookup(values, path)
 
     def encode(self, table: pa.Table, path: Path) -> np.ndarray:
         """[n, 3] int32 (head, relation, tail) ids of a chunk."""
         if self.named:
             # One lookup for heads and tails together.
-            ends = lookup(pa.chunked_array(table["head"].chunks + table["tail"].chunks), self.entities)
+            ends = self.lookup(pa.chunked_array(table["head"].chunks + table["tail"].chunks), "entities", path)
             ids = np.empty((table.num_rows, 3), np.int32)
             ids[:, 0], ids[:, 2] = ends[: table.num_rows], ends[table.num_rows :]
-            ids[:, 1] = lookup(table["relation"], self.relations)
+            ids[:, 1] = self.lookup(table["relation"], "relations", path)
             return ids
         ids = np.stack([table[name].to_numpy() for name in COLUMNS], axis=1)
         bounds = np.array([len(self.entities), len(self.relations), len(self.entities)])
@@ -174,6 +186,61 @@ def _collect_names(
                 entities, relations = [_distinct(entities)], [_distinct(relations)]
                 merged_size = len(entities[0])
     return _distinct(entities), _distinct(relations)
+
+
+@dataclass
+class NameIndex:
+    """Names -> positions through a 64-bit hash of each name (``native.hash_strings``): the vocabulary's
+    hashes are sorted once and bucketed by their top bits (about two per bucket), so a chunk costs a hash
+    per name and a gather or two, whatever the vocabulary's size (pyarrow's ``index_in`` builds a hash
+    table of a whole side per call). Used only when the vocabulary's hashes are distinct; every name
+    looked up is in the vocabulary (the first pass collected them), so an equal hash is the name."""
+
+    hashes: np.ndarray
+    """The vocabulary's hashes, sorted, then one sentinel."""
+    positions: np.ndarray
+    """The position in the vocabulary of each of ``hashes``."""
+    starts: np.ndarray
+    """Where each bucket of ``hashes`` starts, and the end."""
+    shift: np.uint64
+
+    @classmethod
+    def of(cls, names: pa.Array) -> NameIndex | None:
+        """None where the kernels cannot be built or two names share a hash (then pyarrow looks up)."""
+        hashes = native.hash_strings(names)
+        if hashes is None or len(hashes) == 0:
+            return None
+        positions = np.argsort(hashes)
+        hashes = hashes[positions]
+        if (hashes[1:] == hashes[:-1]).any():
+            return None
+        bits = max(1, int(np.ceil(np.log2(len(hashes)))) - 1)
+        shift = np.uint64(64 - bits)
+        counts = np.bincount((hashes >> shift).astype(np.intp), minlength=1 << bits)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(np.append(hashes, np.uint64(0)), positions.astype(np.int32), starts, shift)
+
+    def _slots(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each hash's slot in ``hashes`` and whether it is there."""
+        bucket = (wanted >> self.shift).astype(np.intp)
+        slot, end = self.starts[bucket], self.starts[bucket + 1]
+        found = self.hashes[slot] == wanted
+        todo = np.flatnonzero(~found & (slot < end))
+        while todo.size:  # a few rounds: buckets hold about two hashes
+            slot[todo] += 1
+            live = slot[todo] < end[todo]
+            hit = live & (self.hashes[slot[todo]] == wanted[todo])
+            found[todo[hit]] = True
+            todo = todo[live & ~hit]
+        return slot, found
+
+    def lookup(self, values: pa.ChunkedArray, path: Path) -> np.ndarray:
+        hashes = [native.hash_strings(chunk) for chunk in values.chunks]
+        wanted = np.concatenate([h for h in hashes if h is not None] or [np.empty(0, np.uint64)])
+        slot, found = self._slots(wanted)
+        if not found.all():
+            raise ValueError(f"{path}: a name is missing from the first pass's vocabulary (changed meanwhile?)")
+        return self.positions[slot]
 
 
 def lookup(values: pa.ChunkedArray, vocabulary: pa.Array) -> np.ndarray:

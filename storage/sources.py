@@ -19,8 +19,10 @@ from __future__ import annotations
 import gzip
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +32,7 @@ import pyarrow.csv as pcsv
 from storage.layout import ALL_SPLITS, SPLITS, SplitCounts
 
 BLOCK_BYTES = 1 << 24
+T = TypeVar("T")
 
 
 def open_text(path: Path):
@@ -53,18 +56,26 @@ def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     Reading ourselves bounds memory to about two blocks: pyarrow's streaming CSV reader reads ahead
     without bound, whatever the consumer does.
     """
-    rest = b""
     with open_text(path) as handle:
         while block := handle.read(block_bytes):
-            block = rest + block
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                rest = block
-                continue
-            rest = block[cut + 1 :]
-            yield block[: cut + 1]
-    if rest:
-        yield rest
+            if not block.endswith(b"\n"):
+                block += handle.readline()  # the rest of the last line: one copy, none when it ends here
+            yield block
+
+
+def prefetched(parse: Callable[[bytes], T], blocks: Iterator[bytes]) -> Iterator[T]:
+    """``parse`` of each block, the next block read and parsed on a second thread while the caller works
+    on the current one (file reads and pyarrow's kernels release the GIL): two blocks in flight at most."""
+
+    def read_and_parse() -> T | None:
+        block = next(blocks, None)
+        return None if block is None else parse(block)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="parse") as pool:
+        pending = pool.submit(read_and_parse)
+        while (done := pending.result()) is not None:
+            pending = pool.submit(read_and_parse)
+            yield done
 
 
 def _find_split_file(directory: Path, split: str, suffixes: tuple[str, ...]) -> Path | None:
@@ -224,10 +235,70 @@ class NTriplesSource:
         self.relations = None if relations is None else pa.array(sorted(relations), pa.string())
         self.skip_bad_lines, self.block_bytes = skip_bad_lines, block_bytes
 
-    def _lines(self, path: Path) -> Iterator[pa.Array]:
-        """Blocks of whole lines as string arrays."""
-        for block in line_blocks(path, self.block_bytes):
-            yield self._split_lines(path, block.removesuffix(b"\n"))
+    def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
+        path = self.files.get(split)
+        if path is None:
+            return
+        for table, tally in prefetched(lambda block: self._parse(path, block), line_blocks(path, self.block_bytes)):
+            if self.relations is not None:
+                keep = pc.is_in(table["relation"], value_set=self.relations)
+                tally["filtered"] = table.num_rows - (pc.sum(keep).as_py() or 0)
+                table = table.filter(keep)
+            if counts is not None:
+                for name, value in tally.items():
+                    setattr(counts, name, getattr(counts, name) + value)
+            yield table
+
+    def _parse(self, path: Path, block: bytes) -> tuple[pa.Table, dict[str, int]]:
+        """The triples of a block of whole lines, and its counts (lines, bad_lines, literals).
+
+        Fast path: pyarrow's CSV reader splits the lines into four terms on the block's delimiter (the
+        first line's: tab, as in Freebase's dump, or space), and a term passes when it is a plain IRI
+        (``_plain_iri_rows``: one pass over the column's bytes) or, in the object, a literal (a regex over
+        those terms alone). Every other line (blank nodes, escapes, comments, runs of blanks, literals
+        holding the delimiter, malformed lines) takes the regex path of the whole statement.
+        """
+        if b"\r" in block and b"\r" in block.replace(b"\r\n", b""):
+            # A lone carriage return would end a CSV row but not an N-Triples line: regexes only.
+            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+        newline = block.find(b"\n")
+        delimiter = "\t" if b"\t" in block[: newline if newline >= 0 else len(block)] else " "
+        other: list[str] = []
+
+        def invalid(row: pcsv.InvalidRow) -> str:
+            other.append(row.text)
+            return "skip"
+
+        try:
+            table = pcsv.read_csv(
+                pa.BufferReader(block),
+                read_options=pcsv.ReadOptions(column_names=_NT_COLUMNS, block_size=1 << 22),
+                parse_options=pcsv.ParseOptions(
+                    delimiter=delimiter, quote_char=False, escape_char=False, invalid_row_handler=invalid
+                ),
+                convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(_NT_COLUMNS, pa.string())),
+            )
+        except pa.ArrowInvalid:  # not UTF-8: the line-wise path names the line
+            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+        literal = pc.starts_with(table["object"], '"')
+        triples, literals = table.filter(pc.invert(literal)), table.filter(literal)
+        triples_ok = _well_formed(triples, _plain_iri_rows)
+        literals_ok = _well_formed(literals, lambda terms: pc.match_substring_regex(terms, _LITERAL_TERM))
+        for part, ok in ((triples, triples_ok), (literals, literals_ok)):
+            if ok is not None:
+                rest = part.filter(pc.invert(ok))
+                other.extend(pc.binary_join_element_wise(*rest.columns, delimiter).to_pylist())
+        if triples_ok is not None:
+            triples = triples.filter(triples_ok)
+        if literals_ok is not None:
+            literals = literals.filter(literals_ok)
+        parsed = pa.table({name: pc.utf8_slice_codeunits(triples[column], 1, -1) for name, column in _NT_TERMS})
+        tally = {"lines": triples.num_rows + literals.num_rows, "bad_lines": 0, "literals": literals.num_rows}
+        if other:
+            slow, slow_tally = self._parse_lines(path, pa.array(other, pa.string()))
+            parsed = pa.concat_tables([parsed, slow])
+            tally = {name: tally[name] + slow_tally[name] for name in tally}
+        return parsed, tally
 
     def _split_lines(self, path: Path, block: bytes) -> pa.Array:
         lines = pc.list_flatten(pc.split_pattern(pa.array([block], pa.binary()), b"\n"))
@@ -237,37 +308,74 @@ class NTriplesSource:
             number, text = first_bad_line(path, _not_utf8)
             raise ValueError(f"{path}:{number}: not valid UTF-8: {text!r}") from None
 
-    def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
-        path = self.files.get(split)
-        if path is None:
-            return
-        for lines in self._lines(path):
-            parsed = pc.extract_regex(lines, NT_TRIPLE)
-            is_triple = pc.is_valid(parsed)
-            is_blank = pc.match_substring_regex(lines, NT_BLANK)
-            rest = pc.invert(pc.or_(is_triple, is_blank))
-            is_literal = pc.and_(rest, pc.match_substring_regex(lines, NT_LITERAL))
-            is_bad = pc.and_(rest, pc.invert(is_literal))
-            num_bad = pc.sum(is_bad).as_py() or 0
-            if num_bad and not self.skip_bad_lines:
-                number, text = first_bad_line(path, _nt_bad)
-                raise ValueError(
-                    f"{path}:{number}: not an N-Triples statement (<s> <p> <o> . ; check escapes): {text!r} "
-                    "(use --skip-bad-lines to skip such lines)"
-                )
-            triples = pc.filter(parsed, is_triple)
-            table = pa.table({name: _unbracket(triples.field(name)) for name in ("head", "relation", "tail")})
-            num_filtered = 0
-            if self.relations is not None:
-                keep = pc.is_in(table["relation"], value_set=self.relations)
-                num_filtered = table.num_rows - (pc.sum(keep).as_py() or 0)
-                table = table.filter(keep)
-            if counts is not None:
-                counts.lines += len(lines) - (pc.sum(is_blank).as_py() or 0)
-                counts.bad_lines += num_bad
-                counts.literals += pc.sum(is_literal).as_py() or 0
-                counts.filtered += num_filtered
-            yield table
+    def _parse_lines(self, path: Path, lines: pa.Array) -> tuple[pa.Table, dict[str, int]]:
+        """The regex path: each line matched whole against the N-Triples grammar."""
+        parsed = pc.extract_regex(lines, NT_TRIPLE)
+        is_triple = pc.is_valid(parsed)
+        is_blank = pc.match_substring_regex(lines, NT_BLANK)
+        rest = pc.invert(pc.or_(is_triple, is_blank))
+        is_literal = pc.and_(rest, pc.match_substring_regex(lines, NT_LITERAL))
+        is_bad = pc.and_(rest, pc.invert(is_literal))
+        num_bad = pc.sum(is_bad).as_py() or 0
+        if num_bad and not self.skip_bad_lines:
+            number, text = first_bad_line(path, _nt_bad)
+            raise ValueError(
+                f"{path}:{number}: not an N-Triples statement (<s> <p> <o> . ; check escapes): {text!r} "
+                "(use --skip-bad-lines to skip such lines)"
+            )
+        triples = pc.filter(parsed, is_triple)
+        table = pa.table({name: _unbracket(triples.field(name)) for name in ("head", "relation", "tail")})
+        tally = {
+            "lines": len(lines) - (pc.sum(is_blank).as_py() or 0),
+            "bad_lines": num_bad,
+            "literals": pc.sum(is_literal).as_py() or 0,
+        }
+        return table, tally
+
+
+_NT_COLUMNS = ["subject", "predicate", "object", "end"]
+_NT_TERMS = (("head", "subject"), ("relation", "predicate"), ("tail", "object"))
+_LITERAL_TERM = rf"^{_LITERAL}$"
+_PLAIN_IRI = r'^<[^<>"{}|^`\\\x00-\x20]*>$'
+_IRI_ALLOWED = bytes(sorted(set(range(256)) - set(b'<>"{}|^`\\' + bytes(range(0x21)))))
+"""The bytes an IRI without escapes may hold between its brackets (``bytes.translate`` deletes them)."""
+
+
+def _well_formed(table: pa.Table, object_rows: Callable[[pa.Array], pa.Array]) -> pa.Array | None:
+    """Which rows (subject, predicate, object, end) hold a plain subject and predicate IRI, an object
+    ``object_rows`` accepts, and a lone dot: None when all of them do."""
+    if table.num_rows == 0:
+        return None
+    table = table.combine_chunks()
+    checks = [
+        _plain_iri_rows(table["subject"].chunk(0)),
+        _plain_iri_rows(table["predicate"].chunk(0)),
+        object_rows(table["object"].chunk(0)),
+        pc.equal(table["end"], "."),
+    ]
+    if all(isinstance(c, _AllTrue) for c in checks[:3]) and pc.all(checks[3]).as_py():
+        return None
+    ok = checks[3]
+    for check in checks[:3]:
+        ok = pc.and_(ok, pa.array(np.ones(len(ok), bool)) if isinstance(check, _AllTrue) else check)
+    return ok
+
+
+class _AllTrue:
+    """``_plain_iri_rows``'s answer when every term passes (no mask is built)."""
+
+
+def _plain_iri_rows(terms: pa.Array) -> pa.Array | _AllTrue:
+    """Which terms are IRIs without escapes, ``<...>``. In the common case (all of them) one pass over the
+    column's bytes decides: deleting every allowed byte must leave exactly ``<>`` per term, and every term
+    starts with ``<`` and ends with ``>``; otherwise a regex decides term by term."""
+    if len(terms) and pc.all(pc.starts_with(terms, "<")).as_py() and pc.all(pc.ends_with(terms, ">")).as_py():
+        _, offsets, values = terms.buffers()
+        first, last = np.frombuffer(offsets, np.int32)[[terms.offset, terms.offset + len(terms)]]
+        data = memoryview(values)[first:last]
+        if bytes(data).translate(None, _IRI_ALLOWED) == b"<>" * len(terms):
+            return _AllTrue()
+    return pc.match_substring_regex(terms, _PLAIN_IRI)
 
 
 def _unbracket(terms: pa.Array) -> pa.Array:

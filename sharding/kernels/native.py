@@ -1,6 +1,7 @@
 """The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad (``rows.c``), the
 counter-based noise of the training samples with the fused sample and KL of Gaussian rows (``noise.c``),
-and the 1-vs-all log-partition and its backward (``partition.c``). Built on first use with the
+the 1-vs-all log-partition and its backward (``partition.c``), and a hash of strings for the converter's
+name lookup (``strings.c``). Built on first use with the
 machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
 
 Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
@@ -21,6 +22,8 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 HERE = Path(__file__).parent
@@ -29,6 +32,7 @@ SOURCES = {
     HERE / "rows.c": (*FLAGS, "-fno-math-errno"),
     HERE / "noise.c": (*FLAGS, "-ffast-math"),
     HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
+    HERE / "strings.c": FLAGS,
 }
 HEADERS = (HERE / "vecmath.h",)
 """Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update is a scalar
@@ -46,8 +50,10 @@ _SIGNATURES = {  # name: (argument types, return type)
     "row_sum_exp": ([_P, _P, _P, _I, _I], None),
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
+    "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _P, _I, _I, ctypes.c_uint64, _I], None),
     "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
+    "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
 }
 
 
@@ -190,6 +196,17 @@ def normal_into(out: torch.Tensor, seed: int, first: int) -> bool:
     return True
 
 
+def normal_rows_into(out: torch.Tensor, seed: int, rows: torch.Tensor) -> bool:
+    """Fill ``out`` [n, dim] with rows ``rows`` of the stream ``seed`` seen as [.., dim]; False where the
+    kernel cannot take it."""
+    lib = library()
+    if lib is None or not floats_applicable(out) or rows.device.type != "cpu":
+        return False
+    rows = rows.to(torch.int64).contiguous()
+    lib.normal_rows(out.data_ptr(), seed, rows.data_ptr(), len(rows), out.shape[1])
+    return True
+
+
 def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """sum_c exp(logits[..., c] - shift[...]) over the last dimension."""
     lib = library()
@@ -207,6 +224,24 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
         return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
     out = torch.empty_like(logits)
     lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])
+    return out
+
+
+def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:
+    """A uint64 hash of each string of an Arrow string array (see strings.c), or None where the kernels
+    cannot be built."""
+    lib = library()
+    if lib is None:
+        return None
+    if strings.null_count:
+        raise ValueError("hash_strings: the array holds nulls")
+    if strings.type != pa.string():
+        strings = strings.cast(pa.string())
+    out = np.empty(len(strings), np.uint64)
+    if len(strings):
+        _, offsets, values = strings.buffers()
+        first = offsets.address + 4 * strings.offset
+        lib.hash_strings(first, values.address if values is not None else 0, len(strings), seed, out.ctypes.data)
     return out
 
 

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.convert import ConvertOptions, convert, lookup, partition_of, write_id_dataset
-from storage.layout import MANIFEST, Manifest
+from storage.convert import ConvertOptions, NameIndex, convert, lookup, partition_of, write_id_dataset
+from storage.layout import MANIFEST, Manifest, SplitCounts
 from storage.reader import TripleStore
-from storage.sources import DglKeSource, NTriplesSource, TsvSource
+from storage.sources import NT_BLANK, NT_LITERAL, NT_TRIPLE, DglKeSource, NTriplesSource, TsvSource
 
 
 def _names(root, which):
@@ -136,6 +136,88 @@ def test_ntriples_malformed_line_is_named(tmp_path, line):
     assert manifest.splits["train"].bad_lines == 1 and manifest.splits["train"].triples == 1
 
 
+# Lines for the fast path and the regex path alike: tabs and spaces, literals holding either, escapes,
+# blank nodes, comments, runs of blanks, CRLF, and malformed lines of every kind.
+NT_MIXED = [
+    "<http://x/a>\t<http://x/p>\t<http://x/b>\t.",
+    "<http://x/a> <http://x/p> <http://x/c> .",
+    '<http://x/a>\t<http://x/name>\t"two words"@en\t.',
+    '<http://x/a>\t<http://x/name>\t"a\ttab"\t.',
+    '<http://x/a> <http://x/n> "x"^^<http://www.w3.org/2001/XMLSchema#string> .',
+    "<http://x/b>\t<http://x/p>\t<http://x/caf\\u00E9>\t.",
+    "_:n1\t<http://x/p>\t_:n2\t.",
+    "<http://x/a>\t\t<http://x/p>  <http://x/d>\t.",
+    "<http://x/a>\t<http://x/p>\t<http://x/e>\t. # a comment",
+    "# a comment line",
+    "",
+    "   ",
+    "<http://x/a>\t<http://x/p>\t<http://x/f>\t.\r",
+    "<http://x/a>\t<http://x/p>\t<http://x/{bad}>\t.",
+    "<http://x/a>\t<http://x/p>\t<http://x/sp ace>\t.",
+    "<http://x/a>\t<http://x/p>\t<http://x/g>",
+    "<http://x/a>\t<http://x/p>\t<http://x/g>\t..",
+    '<http://x/a>\t<http://x/p>\t"bad \\x escape"\t.',
+    '<http://x/a>\t<http://x/p>\t"unclosed\t.',
+    "<http://x/a>\t<http://x/p>\t<http://x/h>>\t.",
+    "<<http://x/a>\t<http://x/p>\t<http://x/h>\t.",
+    "http://x/a\t<http://x/p>\t<http://x/h>\t.",
+    "<http://x/a>\t<http://x/p>\t<http://x/i>\t.\t<http://x/j>",
+    "<http://x/a>\t<http://x/pé>\t<http://x/ü>\t.",
+]
+
+
+def _reference_parse(lines):
+    """Each line matched whole by Python's re: (sorted triples, lines, bad lines, literals)."""
+    import re
+
+    triple, literal, blank = (re.compile(p) for p in (NT_TRIPLE, NT_LITERAL, NT_BLANK))
+    triples, counted, bad, literals = [], 0, 0, 0
+    for line in lines:
+        line = line.removesuffix("\r")
+        if blank.search(line):
+            continue
+        counted += 1
+        if match := triple.search(line):
+            triples.append(tuple(re.sub(r"^<(.*)>$", r"\1", match[name]) for name in ("head", "relation", "tail")))
+        elif literal.search(line):
+            literals += 1
+        else:
+            bad += 1
+    return sorted(triples), counted, bad, literals
+
+
+@pytest.mark.parametrize("block_bytes", [64, 4096])
+def test_ntriples_fast_path_parses_as_the_grammar_does(tmp_path, block_bytes):
+    """The CSV-split fast path and the regex path together give what matching each line whole gives."""
+    rng = np.random.default_rng(0)
+    lines = [NT_MIXED[i] for i in rng.integers(len(NT_MIXED), size=400)]
+    path = tmp_path / "mixed.nt"
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    source = NTriplesSource({"train": path}, skip_bad_lines=True, block_bytes=block_bytes)
+    counts = SplitCounts()
+    tables = list(source.chunks("train", counts))
+    got = sorted(
+        zip(*(pa.concat_tables(tables)[name].to_pylist() for name in ("head", "relation", "tail")), strict=True)
+    )
+    assert (got, counts.lines, counts.bad_lines, counts.literals) == _reference_parse(lines)
+    with pytest.raises(ValueError, match=r"mixed\.nt:\d+: not an N-Triples statement"):
+        list(NTriplesSource({"train": path}, block_bytes=block_bytes).chunks("train"))
+
+
+def test_ntriples_lone_carriage_return_is_not_a_line_break(tmp_path):
+    path = tmp_path / "cr.nt"
+    path.write_bytes(b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\r<http://x/c>\t<http://x/p>\t<http://x/d>\t.\n")
+    with pytest.raises(ValueError, match=r"cr\.nt:1: not an N-Triples statement"):
+        list(NTriplesSource({"train": path}).chunks("train"))
+
+
+def test_ntriples_invalid_utf8_is_named(tmp_path):
+    path = tmp_path / "bytes.nt"
+    path.write_bytes(b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\n<http://x/\xff>\t<http://x/p>\t<http://x/b>\t.\n")
+    with pytest.raises(ValueError, match=r"bytes\.nt:2: not valid UTF-8"):
+        list(NTriplesSource({"train": path}).chunks("train"))
+
+
 def _dglke_dir(tmp_path, train="0\t1\t0\n1\t2\t1\n", entity_count="3"):
     directory = tmp_path / "Freebase"
     directory.mkdir()
@@ -244,6 +326,18 @@ def test_lookup_agrees_whichever_side_is_hashed():
     for values in (small, large):
         expected = [int(v.as_py()[1:]) for v in values.chunk(0)]
         assert lookup(values, vocabulary).tolist() == expected
+        index = NameIndex.of(vocabulary)
+        assert index is not None and index.lookup(values, "x").tolist() == expected
+
+
+def test_hashed_lookup_names_a_missing_name_and_refuses_colliding_vocabularies(monkeypatch):
+    vocabulary = pa.array([f"http://x/{i}" for i in range(1000)])
+    index = NameIndex.of(vocabulary)
+    with pytest.raises(ValueError, match=r"train\.nt: a name is missing"):
+        index.lookup(pa.chunked_array([pa.array(["http://x/5", "http://x/absent"])]), "train.nt")
+    # Two names with one hash: no index, and the pyarrow lookup serves instead.
+    monkeypatch.setattr("sharding.kernels.native.hash_strings", lambda names, seed=0: np.zeros(len(names), np.uint64))
+    assert NameIndex.of(vocabulary) is None
 
 
 def _with_negatives(tmp_path, valid_negatives, test_negatives=None):
