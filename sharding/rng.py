@@ -10,14 +10,15 @@ by a tuple of integers mixed with splitmix64 (``seed_of``):
   * a step's entity noise for the rows a stream asked for: (seed, epoch, step, stream, NOISE), a
     counter-based stream indexed by the row's position in the stream's sorted id list
     (``row_normal``), so an owner draws exactly the values of the rows it serves;
-  * a step's dense entity noise (every local row: 1-vs-all, full LIM KL): (seed, epoch, step) per block;
+  * a step's dense entity noise (every local row: 1-vs-all, full LIM KL): the counter-based stream
+    (seed, epoch, step), value (row, j) at row * dim + j;
   * evaluation samples: (seed, EVAL_SAMPLES, k) for sample k;
   * the facts a sampled evaluation ranks: (seed, EVAL_FACTS); the candidates of its batch b, side d
     (0 tail, 1 head): (seed, EVAL_CANDIDATES, b, d). Every rank draws the same ids and keeps its own.
 
-The counter-based stream is compiled (``sharding/kernels/noise.c``); where the kernels cannot run, the same
-rows come from torch's generator per block of ``NOISE_BLOCK`` rows: other values, the same distribution,
-and still independent of the sharding. The Parquet partition hash of ``storage/convert.py`` uses the same
+The counter-based stream is compiled on the CPU (``sharding/kernels/noise.c``) and written in torch
+ops for CUDA and for machines without a compiler (``counter_normal``): the same integers everywhere, the
+same floats to rounding, one vectorised draw with no loop over rows or blocks. The Parquet partition hash of ``storage/convert.py`` uses the same
 splitmix64, so it is a function of the fact and the seed alone.
 """
 
@@ -40,8 +41,6 @@ EVAL_CANDIDATES = 0x5A40
 """Tag of the sampled candidates of an evaluation batch."""
 RELATION_STREAM = -1
 """The stream id of the relation noise of a training step (data streams are 0, 1, ...)."""
-NOISE_BLOCK = 256
-"""Rows per torch generator of the per-row noise where the compiled stream is not available."""
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -102,10 +101,112 @@ def block_normal(
 
 
 def row_normal(row_range: tuple[int, int], dim: int, key: tuple[int, ...], out: torch.Tensor) -> None:
-    """Standard normal noise for rows [lo, hi) of the stream ``key`` into ``out`` [hi - lo, dim]: from the
-    compiled counter-based stream on the CPU (value (row, j) is a function of the key and row * dim + j),
-    otherwise per block of ``NOISE_BLOCK`` rows with torch's generator. Either way a row's noise does not
-    depend on the range it is drawn in."""
-    lo, _ = row_range
-    if not native.normal_into(out, seed_of(*key), lo * dim):
-        block_normal(row_range, dim, key, NOISE_BLOCK, out.device, out)
+    """Standard normal noise for rows [lo, hi) of the stream ``key`` into ``out`` [hi - lo, dim]: value
+    (row, j) is value row * dim + j of the counter-based stream ``seed_of(*key)``, so a row's noise does not
+    depend on the range it is drawn in (``stream_normal``)."""
+    out.copy_(stream_normal(seed_of(*key), row_range[0] * dim, tuple(out.shape), out.device))
+
+
+def rows_normal(rows: torch.Tensor, dim: int, key: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Rows ``rows`` (any order) of the stream ``key`` seen as [.., dim]: ``row_normal``'s values for them."""
+    seed = seed_of(*key)
+    out = torch.empty(len(rows), dim, device=device)
+    if not native.normal_rows_into(out, seed, rows):
+        index = rows.to(device=device, dtype=torch.int64).unsqueeze(1) * dim + torch.arange(dim, device=device)
+        out.copy_(counter_normal(seed, index))
+    return out
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+CHUNK = 256
+"""Box-Muller pairs per chunk of the counter-based stream (``CHUNK`` in noise.c)."""
+
+
+def _signed(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding uint64 bits."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """``splitmix64`` on int64 tensors holding uint64 bits (products wrap modulo 2^64, as on every device)."""
+    x = x + _signed(_GOLDEN)
+    x = (x ^ _shr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c modulo 2^32 for x in [0, 2^32) held in int64, in 16-bit halves of c (no product overflows)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _log_approx(u: torch.Tensor) -> torch.Tensor:
+    """vecmath.h's log_approx, op for op."""
+    bits = u.view(torch.int32)
+    e = ((bits >> 23) - 126).float()
+    m = ((bits & 0x007FFFFF) | 0x3F000000).view(torch.float32)
+    small = m < 0.707106781186547524
+    e = torch.where(small, e - 1.0, e)
+    m = torch.where(small, m + m - 1.0, m - 1.0)
+    z = m * m
+    y = torch.full_like(m, 7.0376836292e-2)
+    for coefficient in (
+        -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+        -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1,
+    ):  # fmt: skip
+        y = y * m + coefficient
+    y = y * m * z - 2.12194440e-4 * e - 0.5 * z
+    return m + y + 0.693359375 * e
+
+
+def _turn_approx(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vecmath.h's turn_approx: (cos, sin) of 2 pi v, op for op."""
+    w = 4.0 * v
+    q = torch.floor(w + 0.5)
+    t = (w - q) * 1.57079632679489662
+    t2 = t * t
+    s = t + t * t2 * (-1.6666654611e-1 + t2 * (8.3321608736e-3 + t2 * -1.9515295891e-4))
+    c = 1.0 - 0.5 * t2 + t2 * t2 * (4.166664568298827e-2 + t2 * (-1.388731625493765e-3 + t2 * 2.443315711809948e-5))
+    quadrant = q.to(torch.int32)
+    odd = (quadrant & 1).bool()
+    sine, cosine = torch.where(odd, c, s), torch.where(odd, s, c)
+    return torch.where(((quadrant + 1) & 2).bool(), -cosine, cosine), torch.where((quadrant & 2).bool(), -sine, sine)
+
+
+def counter_normal(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Values ``index`` (int64, any shape, any device) of the counter-based stream ``seed`` of noise.c, in
+    torch ops: value e is the cosine (e even) or sine (e odd) Box-Muller normal of pair e // 2, whose
+    uniforms hash the pair's place in its chunk under the chunk's keys. The integer part is exact on every
+    device; the float part runs noise.c's polynomials op for op, so values agree with the compiled kernel to
+    rounding (it fuses multiply-adds). No loop over rows or blocks, and no host sync."""
+    pair = index >> 1
+    chunk_key = splitmix64_torch(splitmix64_torch(pair // CHUNK) ^ _signed(seed & 0xFFFFFFFFFFFFFFFF))
+    k0, k1 = chunk_key & 0xFFFFFFFF, _shr(chunk_key, 32)
+    a = _lowbias32(_lowbias32((pair % CHUNK) ^ k0) ^ k1)
+    b = _lowbias32(a ^ k0)
+    radius = torch.sqrt(-2.0 * _log_approx(((a >> 8) + 1).float() * 2.0**-24))
+    cosine, sine = _turn_approx((b >> 8).float() * 2.0**-24)
+    return radius * torch.where((index & 1).bool(), sine, cosine)
+
+
+def stream_normal(seed: int, first: int, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """Values [first, first + numel) of stream ``seed`` in ``shape``: the compiled kernel on the CPU, else
+    ``counter_normal`` (CUDA, or no compiler)."""
+    out = torch.empty(shape, device=device)
+    if not native.normal_into(out, seed, first):
+        count = out.numel()
+        out.copy_(counter_normal(seed, torch.arange(first, first + count, device=out.device)).view(shape))
+    return out

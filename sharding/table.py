@@ -211,21 +211,15 @@ class ShardedTable:
             self.weight[ids, self.dim :] = logvar + shift
 
     def dense_noise(self, key: tuple[int, ...]) -> torch.Tensor:
-        """Noise for every local row, the same per row whatever the sharding (see ``rng.block_normal``)."""
-        return rng.block_normal((self.lo, self.hi), self.dim, key, self.plan.block_rows, self.device)
+        """Noise for every local row: rows [lo, hi) of the counter-based stream ``key`` (``rng.row_normal``),
+        so a row's noise is the same whatever the sharding."""
+        out = torch.empty(self.hi - self.lo, self.dim, device=self.device)
+        rng.row_normal((self.lo, self.hi), self.dim, key, out)
+        return out
 
     def block_noise(self, local: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
-        """Rows ``local`` of ``dense_noise(key)``, drawing only the blocks that hold them."""
-        block_rows = self.plan.block_rows
-        rows = local.to(self.device) + self.lo
-        blocks = rows // block_rows
-        out = torch.empty(len(rows), self.dim, device=self.device)
-        for block in torch.unique(blocks).tolist():
-            start, stop = max(self.lo, block * block_rows), min(self.hi, (block + 1) * block_rows)
-            values = rng.block_normal((start, stop), self.dim, key, block_rows, self.device)
-            pick = torch.nonzero(blocks == block).squeeze(1)
-            out[pick] = values[rows[pick] - start]
-        return out
+        """Rows ``local`` of ``dense_noise(key)``, drawing only those rows."""
+        return rng.rows_normal(local.to(self.device) + self.lo, self.dim, key, self.device)
 
     def full(self) -> Gaussian:
         """This rank's rows as a Gaussian of views, without gradients (evaluation, export)."""

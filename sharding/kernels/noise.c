@@ -72,6 +72,13 @@ void normal_range(float *out, uint64_t seed, int64_t first, int64_t count) {
     }
 }
 
+/* Row rows[i] of the stream seen as [.., dim] (values [rows[i] * dim, (rows[i] + 1) * dim)) into out[i]. */
+void normal_rows(float *out, uint64_t seed, const int64_t *rows, int64_t n, int64_t dim) {
+#pragma omp parallel for schedule(static) if (n * dim > PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++)
+        normal_range(out + i * dim, seed, rows[i] * dim, dim);
+}
+
 /* Rows [lo, hi) of sample_kl_forward. */
 static void sample_rows(const float *rows, const float *eps, float *out, int64_t lo, int64_t hi, int64_t dim) {
     for (int64_t i = lo; i < hi; i++) {

@@ -1,12 +1,13 @@
-"""The training noise of sampled rows: the compiled counter-based stream and torch's per-block fallback."""
+"""The training noise: the counter-based stream, compiled (noise.c) and in torch ops (CUDA, no compiler)."""
 
 import math
 
 import pytest
 import torch
 
+from sharding import rng
 from sharding.kernels import native
-from sharding.rng import NOISE_BLOCK, block_normal, row_normal, seed_of, splitmix64
+from sharding.rng import counter_normal, row_normal, rows_normal, seed_of, splitmix64
 
 KEY, DIM = (7, 3, 11), 10
 
@@ -54,14 +55,37 @@ def test_streams_of_different_keys_are_unrelated(generator):
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / math.sqrt(a.numel())
 
 
-def test_the_compiled_stream_is_not_torchs():
-    """The two generators are different streams of the same distribution; a run's noise depends on which
-    one its machine has (said in the README), never on the sharding."""
+def test_the_torch_stream_is_the_compiled_one():
+    """Same integers (any mismatch there would be of order 1), floats equal to a few ulp (the kernel fuses
+    multiply-adds): a run without the kernels, or on CUDA, draws the noise the CPU kernels draw."""
     native.library.cache_clear()
-    compiled = draw(0, 50)
-    out = torch.empty(50, DIM)
-    block_normal((0, 50), DIM, KEY, NOISE_BLOCK, torch.device("cpu"), out)
-    assert not torch.equal(compiled, out)
+    assert native.library() is not None
+    for seed, first, count in [(seed_of(*KEY), 0, 50_000), (123, 777, 5_003), (2**63 - 1, 10**12 + 3, 3_000)]:
+        compiled = torch.empty(count)
+        assert native.normal_into(compiled, seed, first)
+        drawn = counter_normal(seed, torch.arange(first, first + count))
+        torch.testing.assert_close(drawn, compiled, rtol=0, atol=1e-6)
+
+
+def test_splitmix64_in_torch_is_numpys():
+    import numpy as np
+
+    x = np.array([0, 1, 2**63 + 5, 2**64 - 1, 12345678901234567], dtype=np.uint64)
+    got = rng.splitmix64_torch(torch.from_numpy(x.view(np.int64))).numpy().view(np.uint64)
+    assert np.array_equal(got, splitmix64(x))
+
+
+def test_rows_in_any_order_are_the_rows_of_the_range(generator):
+    rows = torch.tensor([5, 0, 4099, 17, 5])
+    whole = draw(0, 4100)
+    torch.testing.assert_close(rows_normal(rows, DIM, KEY, torch.device("cpu")), whole[rows], rtol=0, atol=0)
+
+
+def test_meta_device_catches_no_tensor_in_the_torch_stream():
+    """Every tensor of the torch stream follows its input's device: none is made on the default device."""
+    with torch.device("meta"):
+        out = counter_normal(7, torch.arange(10, device="cpu"))
+    assert out.device.type == "cpu"
 
 
 def test_splitmix64_and_the_seeds_of_every_stream_are_pinned():
