@@ -140,6 +140,11 @@ class TrainConfig:
     device: DeviceChoice = "auto"
     """Where rows, batches and the step live: auto (this worker's CUDA device if there is one, else cpu),
     cpu, or cuda."""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matrix products (torch.set_float32_matmul_precision): highest is full fp32; high lets CUDA
+    use TF32 tensor cores (Ampere and newer), medium also bf16. It governs the scoring products of a step
+    and evaluation's score matrix; parameters, KL, gradients and the optimiser stay fp32. On the CPU torch
+    changes nothing unless the CPU has bf16 matrix units."""
     progress: bool = True
     """Show a tqdm progress bar with ELBO / KL / NLL."""
     on_divergence: Literal["stop", "rollback"] = "stop"
@@ -215,6 +220,9 @@ class MetricsConfig:
 class EvalConfig:
     batch_size: int = 512
     """Queries scored per step; with protocol=sampled they share one draw of candidates."""
+    max_score_mib: int = 2048
+    """protocol=exact: fewer queries per step where [batch, a rank's entities] scores and their masks would
+    outgrow this (a Freebase shard of 10.8M rows: 12 queries per step, not 512 and ~90 GB)."""
     num_samples: int = 0
     """0 scores with the posterior means; S > 0 averages the predictive probability over S samples."""
     protocol: EvalProtocol = "exact"
@@ -294,6 +302,7 @@ RANGES: dict[str, Interval] = {
     "metrics.port": Interval(1, 65535),
     "metrics.variance_every": POSITIVE,
     "eval.batch_size": POSITIVE,
+    "eval.max_score_mib": POSITIVE,
     "eval.num_samples": NON_NEGATIVE,
     "eval.uniform_candidates": NON_NEGATIVE,
     "eval.degree_candidates": NON_NEGATIVE,

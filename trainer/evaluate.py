@@ -17,6 +17,7 @@ row travels, and each rank keeps only the known facts whose answer it owns (``bu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ class FilterIndex:
         start = torch.searchsorted(self.keys, query_keys_B, side="left")
         stop = torch.searchsorted(self.keys, query_keys_B, side="right")
         counts = stop - start
-        rows = torch.repeat_interleave(torch.arange(len(query_keys_B)), counts)
-        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        rows = torch.repeat_interleave(torch.arange(len(query_keys_B), device=counts.device), counts)
+        offsets = torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts
+        )
         return rows, self.answers[torch.repeat_interleave(start, counts) + offsets]
 
     def contains(self, query_keys_B: torch.Tensor, answers_BC: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ def sample_facts(facts: torch.Tensor, max_facts: int | None, seed: int) -> torch
     and at every evaluation of a run, so successive validation MRRs compare the same facts."""
     if max_facts is None or max_facts >= len(facts):
         return facts
-    chosen = torch.randperm(len(facts), generator=rng.generator((seed, rng.EVAL_FACTS)))[:max_facts]
+    chosen = torch.randperm(len(facts), generator=rng.generator((seed, rng.EVAL_FACTS)), device="cpu")[:max_facts]
     return facts[chosen.sort().values]
 
 
@@ -155,11 +158,13 @@ class CandidateSampler:
         """Local row indices of this rank's candidates for batch ``batch``, side ``side`` (0 tail, 1 head),
         repeated as often as they were drawn."""
         generator = rng.generator((self.seed, rng.EVAL_CANDIDATES, batch, side))
-        uniform_K = torch.randint(0, self.num_entities, (self.num_uniform,), generator=generator)
+        uniform_K = torch.randint(0, self.num_entities, (self.num_uniform,), generator=generator, device="cpu")
         uniform = uniform_K[(uniform_K >= self.lo) & (uniform_K < self.hi)] - self.lo
         if not self.num_degree:
             return uniform
-        draws_K = torch.randint(0, max(self.total, 1), (self.num_degree,), generator=generator) - self.offset
+        draws_K = (
+            torch.randint(0, max(self.total, 1), (self.num_degree,), generator=generator, device="cpu") - self.offset
+        )
         local_total = int(self.cumulative_L[-1]) if len(self.cumulative_L) else 0
         mine = draws_K[(draws_K >= 0) & (draws_K < local_total)]
         return torch.cat([uniform, torch.searchsorted(self.cumulative_L, mine, side="right")])
@@ -204,7 +209,7 @@ def predictive_scores(
         return model.score_candidates(query, rel, side, own.mean)
     unique, inverse = torch.unique(known, return_inverse=True)
     rel_q = rels.full()
-    total = torch.zeros(())
+    total = torch.zeros((), device=own.mean.device)
     for k in range(num_samples):
         key = (seed, rng.EVAL_SAMPLES, k)
         encoder: Encoder
@@ -214,7 +219,8 @@ def predictive_scores(
         else:
             candidates, encoder = own.draw(ents.block_noise(columns_C, key)), block_sampler(ents, key)
         queries = ents.encode(unique, encoder).values[inverse]
-        rel_eps = torch.randn(rel_q.mean.shape, generator=rng.generator(key)).to(rel_q.mean.device)
+        # Drawn on the CPU whatever the device: the same relation noise on every device.
+        rel_eps = torch.randn(rel_q.mean.shape, generator=rng.generator(key), device="cpu").to(rel_q.mean.device)
         relations = rel_q.draw(rel_eps)
         logits = model.score_candidates(*model.query(queries.detach(), relations, r, direction), candidates)
         if model.reciprocal:
@@ -287,6 +293,12 @@ def rank_side(
     return (counts[0] + 1.0 + counts[1] / 2.0).cpu(), (counts[2] + 1.0 + counts[3] / 2.0).cpu()
 
 
+def exact_batch_size(batch_size: int, largest_shard: int, max_score_bytes: int) -> int:
+    """Queries per step against every entity: ``batch_size``, or fewer where the [B, largest shard] cells
+    would outgrow ``max_score_bytes`` (the same on every rank: each batch is a collective)."""
+    return max(1, min(batch_size, max_score_bytes // (BYTES_PER_PAIR["exact"] * max(largest_shard, 1))))
+
+
 @torch.no_grad()
 def evaluate(
     model: KGModel,
@@ -298,12 +310,18 @@ def evaluate(
     seed: int = 0,
     candidates: CandidateSampler | None = None,
     progress: str | None = None,
+    max_score_bytes: int = 2048 << 20,
 ) -> dict:
     """Raw and filtered metrics over both directions of every fact in ``facts`` [N, 3] (same on every rank),
     against every entity, or against the ``candidates`` of each batch. ``progress``: the label of a progress
-    bar over the batches, shown by rank 0 on a terminal (None: no bar)."""
+    bar over the batches, shown by rank 0 on a terminal (None: no bar). Against every entity, a batch holds
+    at most as many queries as keep [batch, largest shard] scores and masks under ``max_score_bytes``."""
     ents, device = model.entities, model.device
     sampled = candidates is not None and not candidates.every_entity
+    if not sampled:
+        batch_size = exact_batch_size(
+            batch_size, max(b - a for a, b in itertools.pairwise(ents.plan.bounds)), max_score_bytes
+        )
     ranks: dict[str, list[torch.Tensor]] = {"raw": [], "filtered": []}
     # disable=None: tqdm shows the bar only when stderr is a terminal.
     shown = progress is not None and model.exchange.rank == 0
@@ -358,6 +376,7 @@ def evaluate_split(
         seed=seed,
         candidates=candidates,
         progress=progress,
+        max_score_bytes=eval_cfg.max_score_mib << 20,
     )
 
 

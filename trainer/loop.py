@@ -140,6 +140,7 @@ class Training:
         pinned = pin_local_cpus() if config.sharding.pin_cpus else None
         if config.train.num_threads or pinned:
             torch.set_num_threads(config.train.num_threads or len(pinned or ()))
+        torch.set_float32_matmul_precision(config.train.matmul_precision)
         dataset = dataset or load_data(config.data, lead=lead, barrier=exchange.barrier)
         if lead:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ class Step:
         loss.backward()
         # Checked on the requester's side, before any gradient travels: with finite parameters (checked
         # each epoch) the owners' sums of finite gradients are finite.
-        problem = self._problem(loss, self.model.finite_gradients(forward))
+        problem = self._problem(loss, self.model.gradient_sum(forward))
         if problem is not None:
             _, epoch, step = key
             raise Divergence(epoch + 1, step, problem)
@@ -62,12 +62,14 @@ class Step:
         self.model.update(grads)
         return StepTerms(*torch.stack([forward.nll, forward.kl, loss]).detach().tolist())
 
-    def _problem(self, loss: torch.Tensor, gradients_finite: bool) -> str | None:
-        """What is not finite on any rank ("loss", "gradient"), or None."""
-        flags = [float(not bool(torch.isfinite(loss))), float(not gradients_finite)]
+    def _problem(self, loss: torch.Tensor, gradient_sum: torch.Tensor) -> str | None:
+        """What is not finite on any rank ("loss", "gradient"), or None: one host sync for both."""
+        values = torch.stack([loss.detach().reshape(()), gradient_sum.to(loss.device, loss.dtype)])
+        flags = (~torch.isfinite(values)).to(loss.dtype)
         exchange = self.model.exchange
         if exchange.world_size > 1:
-            flags = exchange.all_reduce(torch.tensor(flags, device=loss.device), "max").tolist()
+            flags = exchange.all_reduce(flags, "max")
+        flags = flags.tolist()
         if flags[0]:
             return "loss"
         return "gradient" if flags[1] else None

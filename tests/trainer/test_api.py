@@ -122,3 +122,18 @@ def test_report_writes_figures_under_the_run(run):
     out = run.directory / "report"
     assert json.loads((out / "report.json").read_text())["figures"] == summary["figures"]
     assert all((out / name).is_file() for name in summary["figures"].values())
+
+
+def test_matmul_precision_is_applied_for_the_run(tmp_path, tiny_dataset):
+    """TF32 (high) is what a CUDA run asks for; the setting reaches torch before the first step."""
+    import torch
+
+    from tests.trainer.conftest import make_config
+    from trainer.loop import train
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        train(make_config("train.epochs=1", "train.matmul_precision=high"), tmp_path, tiny_dataset)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -24,6 +24,7 @@ def test_overrides_are_typed(tmp_path):
         (["model.latent=gaussian"], "model.latent='gaussian': expected one of lim, lfm, point"),
         (["model.scorer=complex", "model.dim=5"], "even dim"),
         (["train.progress=3"], "train.progress: expected true/false"),
+        (["train.matmul_precision=fast"], "train.matmul_precision='fast': expected one of highest, high, medium"),
         (["nonsense"], "expected key=value"),
     ],
 )

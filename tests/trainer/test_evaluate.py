@@ -14,6 +14,7 @@ from trainer.evaluate import (
     evaluate,
     evaluate_split,
     evaluation_cost,
+    exact_batch_size,
     predictive_scores,
     rank_filters,
     sample_facts,
@@ -281,3 +282,17 @@ def test_a_run_records_which_protocol_its_numbers_come_from(tmp_path, tiny_datas
     assert [r["valid_protocol"] for r in records] == ["sampled", "sampled"]
     assert metrics["protocol"]["max_facts"] == 1
     assert metrics["protocol"]["facts"] == {"valid": 1, "test": 1}
+
+
+def test_a_score_budget_shrinks_exact_batches_without_changing_a_rank(nations):
+    config = make_config("model.dim=8", "objective.likelihood=softmax")
+    model = build_model(config, nations.num_entities, nations.num_relations)
+    filters = rank_filters(nations, (0, nations.num_entities))
+    wide = evaluate_split(EvalConfig(batch_size=512), 0, model, nations, nations.valid, filters, final=False)
+    # 14 entities' worth of cells: 1 query per step.
+    assert exact_batch_size(512, nations.num_entities, 14 * BYTES_PER_PAIR["exact"] * nations.num_entities // 14) == 1
+    narrow = evaluate(model, nations.valid, filters, batch_size=512, max_score_bytes=3 * BYTES_PER_PAIR["exact"] * 14)
+    for kind in ("raw", "filtered"):
+        for key, value in wide[kind].items():
+            assert narrow[kind][key] == pytest.approx(value, rel=1e-6), (kind, key)
+    assert exact_batch_size(512, 10_800_000, 2048 << 20) == 12  # a Freebase shard under the default budget

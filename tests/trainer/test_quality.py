@@ -21,8 +21,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_short_umls_run_reaches_quality_floor(tmp_path, case):
+@pytest.mark.parametrize(
+    ("case", "kernels"), [(case, "on") for case in sorted(CASES)] + [("lim-bernoulli", "off")], indirect=["kernels"]
+)
+def test_short_umls_run_reaches_quality_floor(tmp_path, case, kernels):
     settings, floor = CASES[case]
     base = ["data.dataset=umls", "model.dim=128", "train.eval_every=10", "train.progress=false"]
     config = load_config(None, base + settings)

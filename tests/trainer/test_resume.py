@@ -33,8 +33,12 @@ SETUPS = {
 }
 
 
-@pytest.mark.parametrize("likelihood", sorted(SETUPS))
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_dataset, likelihood):
+@pytest.mark.parametrize(
+    ("likelihood", "kernels"),
+    [(name, "on") for name in sorted(SETUPS)] + [("bernoulli", "off"), ("softmax", "off")],
+    indirect=["kernels"],
+)
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tiny_dataset, likelihood, kernels):
     settings = SETUPS[likelihood]
     settings = [*settings, "train.eval_every=2", "train.checkpoint_every=1"]
     full = make_config("train.epochs=6", *settings)
