@@ -18,8 +18,9 @@ by a tuple of integers mixed with splitmix64 (``seed_of``):
 
 The counter-based stream is compiled on the CPU (``sharding/kernels/noise.c``) and written in torch
 ops for CUDA and for machines without a compiler (``counter_normal``): the same integers everywhere, the
-same floats to rounding, one vectorised draw with no loop over rows or blocks. The Parquet partition hash of ``storage/convert.py`` uses the same
-splitmix64, so it is a function of the fact and the seed alone.
+same floats to rounding, one vectorised draw with no loop over rows or blocks. The Parquet partition
+hash of ``storage/convert.py`` uses the same splitmix64, so it is a function of the fact and the seed
+alone.
 """
 
 from __future__ import annotations

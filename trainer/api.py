@@ -149,14 +149,15 @@ def predict(
 def calibrate(
     run: RunLike,
     *,
-    method: Literal["platt-isotonic", "platt", "isotonic"] = "platt-isotonic",
+    method: Literal["auto", "platt-isotonic", "platt", "isotonic"] = "auto",
     per_relation: bool | None = None,
     seed: int | None = None,
     samples: int = 100,
 ) -> dict[str, Any]:
     """``nvkg calibrate``: fit a map from score to the probability that a fact is true on validation
-    (by default Platt scaling per relation then isotonic regression; ``method="platt"`` alone, where
-    ``per_relation=False`` makes it one map; ``method="isotonic"``, one map), judge it on
+    (by default, per measure, the method with the lowest out-of-fold ECE on validation: Platt scaling per
+    relation then isotonic regression, ``"platt"`` alone, where ``per_relation=False`` makes it one map,
+    or ``"isotonic"``, one map), judge it on
     test, and store it as RUN/calibration.json, which ``predict``, ``classify`` and ``report`` then use.
     Returns that file's contents: ``result["test"]["magnitude"]["after"]["ece"]`` and so on. ``seed``
     (default: the run's train.seed) draws the negatives and samples.

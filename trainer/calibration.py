@@ -36,7 +36,10 @@ from trainer.runs import Run
 FILE = "calibration.json"
 FORMAT = 1
 METHODS = ("platt-isotonic", "platt", "isotonic")
-DEFAULT_METHOD = "platt-isotonic"
+AUTO = "auto"
+"""Per measure, the method of ``METHODS`` with the lowest out-of-fold ECE on validation (``choose_method``)."""
+CHOICES = (AUTO, *METHODS)
+DEFAULT_METHOD = AUTO
 MEASURES = ("magnitude", "mc_mean")
 
 PSEUDO_FACTS = 50.0
@@ -326,6 +329,9 @@ class Calibration:
     """The checkpoint fitted: its directory name, epoch and train seconds (a later one makes this stale)."""
 
     def describe(self) -> str:
+        if self.method == AUTO:
+            chosen = ", ".join(f"{name}: {kind}" for name, kind in self.fitted_on.get("chosen", {}).items())
+            return f"calibrated on validation (auto, chosen by out-of-fold ECE: {chosen})"
         return f"calibrated on validation ({self.method}, {'per relation' if self.per_relation else 'global'})"
 
     def probabilities(self, logits: dict[str, np.ndarray], relations: np.ndarray) -> dict[str, np.ndarray]:
@@ -347,8 +353,8 @@ class Calibration:
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         if d.get("format") != FORMAT:
             raise ValueError(f"format {d.get('format')!r}, this nvkg reads format {FORMAT}")
-        if d["method"] not in METHODS:
-            raise ValueError(f"method {d['method']!r}: expected one of {', '.join(METHODS)}")
+        if d["method"] not in CHOICES:
+            raise ValueError(f"method {d['method']!r}: expected one of {', '.join(CHOICES)}")
         calibrators: dict[str, Calibrator] = {}
         for name, values in d["measures"].items():
             if name not in MEASURES or values.get("kind") not in _CALIBRATORS:
@@ -407,9 +413,12 @@ def fit(
     """Calibrators of ``run``'s measures fitted on its validation facts and ``negatives`` (default: one
     sampled, filtered corruption per fact, seeded with ``seed``). ``per_relation`` defaults to True for
     Platt scaling; isotonic regression is fitted globally only (a step function per relation would need
-    far more facts than most relations have); platt-isotonic is per relation (its Platt stage)."""
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    far more facts than most relations have); platt-isotonic is per relation (its Platt stage); auto picks
+    one of the three per measure by its out-of-fold ECE on the same validation facts (each in its scope)."""
+    if method not in CHOICES:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(CHOICES)}")
+    if method == AUTO and per_relation is not None:
+        raise ValueError("--per-relation/--global: auto fits each method in its own scope; name a method")
     if per_relation is None:
         per_relation = method != "isotonic"
     if per_relation and method == "isotonic":
@@ -424,14 +433,43 @@ def fit(
         raise ValueError(f"{data.name}: no validation facts to calibrate on")
     valid = judged(run, "valid", seed, negatives)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
+    logits = measure_logits(scores, model.variational)
+    chosen = {name: method for name in logits}
+    if method == AUTO:
+        chosen = {name: choose_method(x, valid.labels, valid.relations, data.num_relations, seed)
+                  for name, x in logits.items()}  # fmt: skip
     calibrators = {
         name: fit_calibrator(
-            method, per_relation, logits, valid.labels, valid.relations, data.num_relations, pseudo_facts, seed
+            chosen[name], per_relation if method != AUTO else chosen[name] != "isotonic", x, valid.labels,
+            valid.relations, data.num_relations, pseudo_facts, seed,
         )
-        for name, logits in measure_logits(scores, model.variational).items()
-    }
+        for name, x in logits.items()
+    }  # fmt: skip
     fitted_on = {"split": "valid", **valid.counts(), "seed": seed, "samples": samples if model.variational else 0}
+    if method == AUTO:
+        fitted_on["chosen"] = chosen
+        per_relation = chosen["magnitude"] != "isotonic"
     return Calibration(method, per_relation, calibrators, fitted_on, checkpoint_identity(run))
+
+
+def choose_method(logits: np.ndarray, labels: np.ndarray, relations: np.ndarray, num_relations: int, seed: int) -> str:
+    """The method of ``METHODS`` whose out-of-fold probabilities on these validation facts have the lowest
+    ECE (ties: the earlier one): chosen on validation, never on test."""
+    ece = {m: out_of_fold_quality(m, logits, labels, relations, num_relations, seed)["ece"] for m in METHODS}
+    return min(METHODS, key=lambda m: (ece[m], METHODS.index(m)))
+
+
+def out_of_fold_quality(
+    method: str, logits: np.ndarray, labels: np.ndarray, relations: np.ndarray, num_relations: int, seed: int
+) -> dict[str, Any]:
+    """ECE / Brier / log loss of ``method``'s out-of-fold probabilities (each fact's from the method fitted
+    on the other folds; seeded with ``seed`` + 1, apart from the cross-fit inside platt-isotonic)."""
+
+    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> Calibrator:
+        return fit_calibrator(method, method != "isotonic", x, y, r, num_relations, seed=seed)
+
+    held_out = out_of_fold(fit, logits, labels, relations, seed + 1)
+    return {k: v for k, v in quality(held_out, labels).items() if k != "bins"}
 
 
 def fit_calibrator(
@@ -454,25 +492,17 @@ def fit_calibrator(
 
 
 def cross_validated(
-    run: Run, methods: tuple[str, ...] = METHODS, *, seed: int, samples: int = 100, folds: int = CROSS_FIT_FOLDS
+    run: Run, methods: tuple[str, ...] = METHODS, *, seed: int, samples: int = 100
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per measure and method, ECE / Brier / log loss of out-of-fold probabilities on validation: each
-    validation fact's probability from the method fitted on the other folds. What a method is chosen by
-    without looking at test."""
+    """Per measure and method, ``out_of_fold_quality`` on validation: what ``auto`` chooses by, without
+    looking at test."""
     data, model = run.dataset, run.model
     valid = judged(run, "valid", seed)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, logits in measure_logits(scores, model.variational).items():
-        out[name] = {}
-        for method in methods:
-
-            def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray, method: str = method) -> Calibrator:
-                return fit_calibrator(method, method != "isotonic", x, y, r, data.num_relations, seed=seed)
-
-            held_out = out_of_fold(fit, logits, valid.labels, valid.relations, seed + 1, folds)
-            out[name][method] = {k: v for k, v in quality(held_out, valid.labels).items() if k != "bins"}
-    return out
+    return {
+        name: {m: out_of_fold_quality(m, x, valid.labels, valid.relations, data.num_relations, seed) for m in methods}
+        for name, x in measure_logits(scores, model.variational).items()
+    }
 
 
 def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:

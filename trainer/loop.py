@@ -111,6 +111,9 @@ class Training:
     step: Step
     logger: RunLogger
     rollbacks: int = 0
+    rollbacks_to_latest: int = 0
+    """Rollbacks in a row to the same checkpoint (reset when a newer checkpoint is rolled back to)."""
+    latest_rolled_back_to: int | None = None
 
     @property
     def lead(self) -> bool:
@@ -284,7 +287,8 @@ class Training:
 
     def roll_back(self, err: Divergence) -> None:
         """After a divergence: stop with a clear error, or (``train.on_divergence=rollback``) start again from
-        the latest checkpoint (from the initial values when there is none) with half the learning rate."""
+        the latest checkpoint (from the initial values when there is none, or when two rollbacks in a row
+        to that checkpoint diverged again) with half the learning rate."""
         train_cfg = self.config.train
         if train_cfg.on_divergence == "stop":
             raise ValueError(f"{err} (lower optim.lr, or set train.on_divergence=rollback)") from None
@@ -300,6 +304,19 @@ class Training:
         has_latest = checkpoint.Reporter.has(self.reporter, checkpoint.LATEST)
         latest = self.reporter.path(checkpoint.LATEST) if has_latest else None
         state = checkpoint.load_into(latest, self.model) if latest is not None else checkpoint.RunState()
+        if latest is not None:
+            same = state.epoch == self.latest_rolled_back_to
+            self.rollbacks_to_latest = self.rollbacks_to_latest + 1 if same else 1
+            self.latest_rolled_back_to = state.epoch
+            if self.rollbacks_to_latest > 2:
+                # Two smaller learning rates diverged again from this checkpoint: its values themselves are
+                # the trouble (finite but exploded by an epoch at too high a rate), so start over.
+                latest, self.rollbacks_to_latest, self.latest_rolled_back_to = None, 0, None
+                self.model = build_model(
+                    self.config, self.dataset.num_entities, self.dataset.num_relations, self.exchange,
+                    self.model.device, self.dataset.entity_frequency,
+                )  # fmt: skip
+                state = checkpoint.RunState()
         # best/ on disk may be newer than the checkpoint: keep its MRR, so a worse model never replaces it.
         if self.state.best_mrr > state.best_mrr:
             state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch

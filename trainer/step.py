@@ -69,10 +69,10 @@ class Step:
         exchange = self.model.exchange
         if exchange.world_size > 1:
             flags = exchange.all_reduce(flags, "max")
-        flags = flags.tolist()
-        if flags[0]:
+        loss_bad, gradient_bad = flags.tolist()
+        if loss_bad:
             return "loss"
-        return "gradient" if flags[1] else None
+        return "gradient" if gradient_bad else None
 
 
 def clip_global_norm(

@@ -167,7 +167,7 @@ def run_dir(overconfident_run, tmp_path):
 
 
 def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(run_dir, capsys):
-    assert main(["calibrate", str(run_dir), "--samples", "10"]) == 0
+    assert main(["calibrate", str(run_dir), "--method", "platt-isotonic", "--samples", "10"]) == 0
     out = capsys.readouterr().out
     assert f"wrote {run_dir / 'calibration.json'}: calibrated on validation (platt-isotonic, per relation)" in out
     assert "(a calibrated model: " in out
@@ -190,8 +190,10 @@ def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(
     assert stored["measures"]["magnitude"]["kind"] == "isotonic"
     assert main(["calibrate", str(run_dir), "--method", "isotonic", "--per-relation"]) == 2
     assert "isotonic regression is fitted globally" in capsys.readouterr().err
-    assert main(["calibrate", str(run_dir), "--global"]) == 2
+    assert main(["calibrate", str(run_dir), "--method", "platt-isotonic", "--global"]) == 2
     assert "platt-isotonic's Platt stage is per relation" in capsys.readouterr().err
+    assert main(["calibrate", str(run_dir), "--global"]) == 2
+    assert "auto fits each method in its own scope" in capsys.readouterr().err
     assert main(["calibrate", str(run_dir), "--method", "platt", "--samples", "10"]) == 0
     assert json.loads((run_dir / "calibration.json").read_text())["measures"]["magnitude"]["kind"] == "platt"
 
@@ -206,7 +208,9 @@ def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run
     calibration.calibrate(run, seed=0, samples=10)
     after = predict(run, head="usa", relation="embassy", tail=None, top_k=5, samples=10)
     text = format_predictions(after)
-    assert "calibrated on validation (platt-isotonic, per relation)" in text and "cal(p)" in text and "p(t|h,r)" in text
+    assert (
+        "calibrated on validation (auto, chosen by out-of-fold ECE" in text and "cal(p)" in text and "p(t|h,r)" in text
+    )
     for old, new in zip(before["predictions"], after["predictions"], strict=True):
         assert {k: new[k] for k in old} == old  # the existing fields, unchanged
     # The calibrated column is the stored map of the fact's score; the softmax is over every entity.
@@ -250,8 +254,9 @@ def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
     assert "fitted for this report and not stored" in fitted_here["calibrator"]["description"]
     _, stored = calibration.calibrate(load_run(run_dir), seed=0, samples=10)
     summary = write_report(load_run(run_dir), tmp_path / "b", samples=10, seed=0)
+    chosen = ", ".join(f"{name}: {kind}" for name, kind in stored["fitted_on"]["chosen"].items())
     assert summary["calibrator"]["stored"] and summary["calibrator"]["description"] == (
-        "calibrated on validation (platt-isotonic, per relation)"
+        f"calibrated on validation (auto, chosen by out-of-fold ECE: {chosen})"
     )
     for name in ("magnitude", "mc_mean"):
         numbers = summary["calibration"][name]
@@ -274,3 +279,16 @@ def test_cross_validated_methods_judge_out_of_fold_probabilities_on_validation(r
         # The overconfident model's scores are 100 times too large: every method fitted on other folds
         # still beats them on facts it did not see.
         assert result["log_loss"] < before["log_loss"] and result["ece"] < before["ece"] / 2, method
+
+
+def test_auto_fits_per_measure_the_method_with_the_lowest_out_of_fold_ece_on_validation(run_dir, capsys):
+    run = load_run(run_dir)
+    numbers = calibration.cross_validated(run, seed=0, samples=10)
+    expected = {name: min(calibration.METHODS, key=lambda m, r=results: (r[m]["ece"], calibration.METHODS.index(m)))
+                for name, results in numbers.items()}  # fmt: skip
+    assert main(["calibrate", str(run_dir), "--samples", "10"]) == 0  # auto is the default
+    assert "calibrated on validation (auto, chosen by out-of-fold ECE: magnitude: " in capsys.readouterr().out
+    stored = json.loads((run_dir / "calibration.json").read_text())
+    assert stored["method"] == "auto" and stored["fitted_on"]["chosen"] == expected
+    assert {name: m["kind"] for name, m in stored["measures"].items()} == expected
+    assert calibration.Calibration.from_dict(stored).calibrators.keys() == expected.keys()
