@@ -55,7 +55,7 @@ EVAL_SEED = 0
 ECE_TARGET = 0.03
 METRICS = ("ece", "brier", "log_loss")
 DEFAULT = calibration.DEFAULT_METHOD
-WHEN = ("before", *calibration.METHODS)
+WHEN = tuple(dict.fromkeys(("before", DEFAULT, *calibration.METHODS)))
 WN18RR_EPOCHS = 5
 """About 60 s an epoch on 2 idle cores (the config's 3,300 s budget fitted ~56), so a wn18rr run trains in
 ~5 minutes plus its evaluations and the study."""
