@@ -1,6 +1,8 @@
 """Sharded training on a synthetic graph with millions of entities: 1 worker against 2 (torchrun, gloo).
 
-Each worker runs one intra-op thread, so 1 worker uses one core and 2 workers the machine's two. V-ComplEx
+Each worker runs one intra-op thread. Two workers are pinned to a core each (``sharding.pin_cpus``); one
+worker runs twice, unpinned (its data reader's and the OS's threads may use the second core) and pinned to
+one core, so the ratio of 2 workers to the pinned one is what a second core adds. V-ComplEx
 (LIM), Bernoulli likelihood with per-occurrence KL (every update touches only the batch's rows),
 global negatives. Reported per run: positives/s over the second epoch, the entity shard's bytes per
 worker (rows and optimiser state, from the table) and each worker's peak RSS (VmHWM).
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,15 +32,23 @@ from storage.convert import ConvertOptions, write_id_dataset
 ROOT = Path(__file__).parents[1]
 FREEBASE_ENTITIES = 86_054_151
 
-# Runs the trainer, then records this worker's peak RSS beside the run.
+# Runs the trainer, then records this worker's peak RSS and the cores it kept busy (CPU seconds of all its
+# threads over its wall time) beside the run. BENCH_PIN_CPU pins the process to one CPU first.
 _WORKER = """
-import os, re, sys
+import json, os, re, resource, sys, time
 from pathlib import Path
+if os.environ.get("BENCH_PIN_CPU"):
+    os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_CPU"])})
+started = time.perf_counter()
 from trainer.cli import main
 code = main(sys.argv[1:])
+usage = resource.getrusage(resource.RUSAGE_SELF)
 out = Path(sys.argv[sys.argv.index("--out") + 1])
 peak = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
-(out / f"peak-rss-rank{os.environ.get('RANK', '0')}.txt").write_text(peak)
+rank = os.environ.get("RANK", "0")
+(out / f"peak-rss-rank{rank}.txt").write_text(peak)
+cores = (usage.ru_utime + usage.ru_stime) / (time.perf_counter() - started)
+(out / f"cores-rank{rank}.json").write_text(json.dumps(cores))
 sys.exit(code)
 """
 
@@ -54,7 +65,7 @@ def make_dataset(root: Path, num_entities: int, num_triples: int) -> None:
     )
 
 
-def run(dataset: Path, out: Path, workers: int, settings: list[str]) -> dict:
+def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool = False) -> dict:
     args = ["train", "--dataset", str(dataset), "--out", str(out)]
     for item in settings:
         args += ["--set", item]
@@ -66,15 +77,16 @@ def run(dataset: Path, out: Path, workers: int, settings: list[str]) -> dict:
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python", sys.executable,
             "-c", _WORKER, *args,
         ]  # fmt: skip
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"BENCH_PIN_CPU": "0"} if pin else {})}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
     epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     positives = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["triples"]
     peaks = [int((out / f"peak-rss-rank{r}.txt").read_text()) / 1024 for r in range(workers)]
-    return {"positives_per_s": positives / epochs[-1]["seconds"], "peak_rss_mib": max(peaks)}
+    cores = [json.loads((out / f"cores-rank{r}.json").read_text()) for r in range(workers)]
+    return {"positives_per_s": positives / epochs[-1]["seconds"], "peak_rss_mib": max(peaks),
+            "cores_per_worker": max(cores)}  # fmt: skip
 
 
 def free_port() -> int:
@@ -94,6 +106,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="real numbers per mean (ComplEx: dim/2 complex)")
     parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--batch", type=int, default=16384, help="global batch (positives per step)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = [
         "model.scorer=complex", "model.latent=lim", f"model.dim={args.dim}", "objective.likelihood=bernoulli",
@@ -101,16 +114,33 @@ def main() -> None:
         f"train.batch_size={args.batch}", "train.epochs=2", "train.eval_every=0", "train.checkpoint_every=2",
         "train.num_threads=1", "train.progress=false", "data.verify_checksums=false",
     ]  # fmt: skip
-    rows = []
+    runs = []
+    # Each setup in turn, ``--repeats`` times over: a slow stretch of the machine hits every setup alike.
+    setups = [("1", 1, False), ("1 (pinned to one core)", 1, True), ("2 (torchrun, gloo)", 2, False)]
     with tempfile.TemporaryDirectory() as scratch:
         dataset = Path(scratch) / "graph"
         make_dataset(dataset, args.entities, args.triples)
-        for workers in (1, 2):
-            result = run(dataset, Path(scratch) / f"run-{workers}", workers, settings)
-            shard = table_bytes(args.entities, args.dim, variational=True, optimizer=args.optimizer, world_size=workers)
-            rows.append({"workers": workers, "entity_shard_mib": shard / 2**20, **result})
-            print(rows[-1], flush=True)
-    rows[1]["speedup"] = rows[1]["positives_per_s"] / rows[0]["positives_per_s"]
+        for repeat in range(args.repeats):
+            for name, workers, pin in setups:
+                result = run(dataset, Path(scratch) / f"run-{repeat}-{workers}-{pin}", workers, settings, pin)
+                runs.append({"workers": name, "repeat": repeat + 1, **result})
+                print(runs[-1], flush=True)
+    rows = []
+    for name, workers, _ in setups:
+        mine = [r for r in runs if r["workers"] == name]
+        shard = table_bytes(args.entities, args.dim, variational=True, optimizer=args.optimizer, world_size=workers)
+        rates = [r["positives_per_s"] for r in mine]
+        rows.append({
+            "workers": name, "positives_per_s": statistics.median(rates),
+            "range": f"{min(rates):,.0f}-{max(rates):,.0f}",
+            "cores_per_worker": statistics.median(r["cores_per_worker"] for r in mine),
+            "entity_shard_mib": shard / 2**20, "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
+        })  # fmt: skip
+    two = [r["positives_per_s"] for r in runs if r["workers"] == setups[2][0]]
+    for row in rows[:2]:
+        one = [r["positives_per_s"] for r in runs if r["workers"] == row["workers"]]
+        ratios = [b / a for a, b in zip(one, two, strict=True)]  # per repeat: runs next to each other
+        row["2 workers / this"] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
     memory = [
         {"dim (real)": dim, "workers": w, "optimizer": opt, "GiB per worker": freebase_gib(dim, opt, w)}
         for dim in (200, 400)
@@ -119,11 +149,25 @@ def main() -> None:
     ]
     markdown = (
         f"## Sharded V-ComplEx, {args.entities:,} entities, {args.triples:,} triples, dim {args.dim}\n\n"
-        + markdown_table(rows, ["workers", "positives_per_s", "speedup", "entity_shard_mib", "peak_rss_mib"])
+        + f"Median of {args.repeats} repeats (range); cores per worker: CPU seconds of all its threads over its wall "
+        "time.\n\n"
+        + markdown_table(
+            rows,
+            [
+                "workers",
+                "positives_per_s",
+                "range",
+                "2 workers / this",
+                "cores_per_worker",
+                "entity_shard_mib",
+                "peak_rss_mib",
+            ],
+        )
         + "\n## Freebase86m entity table per worker (means + log-variances + optimiser state, fp32)\n\n"
         + markdown_table(memory, ["dim (real)", "optimizer", "workers", "GiB per worker"])
     )
-    write_results("sharding", {"runs": rows, "freebase_memory": memory, "settings": settings}, markdown)
+    payload = {"rows": rows, "runs": runs, "freebase_memory": memory, "settings": settings}
+    write_results("sharding", payload, markdown)
 
 
 if __name__ == "__main__":

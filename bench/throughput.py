@@ -4,18 +4,18 @@ ComplEx with 64 complex dimensions, 32 uniform negatives per positive, batch 102
 wn18rr: positives/s of PyTorch-BigGraph 1.0.0 (2 HOGWILD workers, row-wise Adagrad, logistic loss, chunks
 of 32 positives sharing 32 head and 32 tail negatives: bench/pbg_peer.py), PyKEEN's sLCWA loop, our
 point ComplEx and our V-ComplEx (LIM, with lazy Adam and with row-wise Adagrad; 32 negatives per
-positive, drawn per positive, and with ``negative_chunk=32``, shared like PBG's), with the sparse
-per-occurrence KL. Ours runs the real training function; its time comes from the per-epoch log
-(evaluation excluded, as the peers' loops have none). The peers live in their own environments
-(bench/.venv-pbg, bench/.venv-pykeen); one that cannot be installed gets rows that say so.
+positive, shared by chunks of 256 positives (``objective.negative_chunk``'s default) and by chunks of 32,
+as PBG's), with the sparse per-occurrence KL. Ours runs the real training function; its time comes from
+the per-epoch log (evaluation excluded, as the peers' loops have none). The peers live in their own
+environments (bench/.venv-pbg, bench/.venv-pykeen); one that cannot be installed gets rows that say so.
 
-Time to quality (``--quality-seconds``, wn18rr): PBG trains as many epochs as fit, then both systems'
-filtered test MRR after the same wall time (PBG's, start-up included), ours with the Bernoulli objective
+Time to quality (wn18rr): PBG trains ``--quality-epochs`` epochs, then both systems' filtered test MRR
+after the same wall time (PBG's, start-up included), ours with the Bernoulli objective
 of the same task (negative weight 1, a bias per relation: the variant validation chose) and with the
 sampled softmax.
 
 This machine's speed drifts by tens of percent within minutes, for PyKEEN and for us alike, so the
-systems run in rounds (PyKEEN, then ours, per dataset) and each round gives its own ratio; the table
+systems run in rounds (PBG, PyKEEN, then ours, per dataset) and each round gives its own ratio; the table
 reports the median rate and the median ratio over the rounds, and the JSON every round.
 
     make bench-throughput            # or: python -m bench.throughput [--rounds N] [--datasets ...]
@@ -114,11 +114,11 @@ def run_pbg(dataset_dir: Path, epochs: int, workers: int, evaluate: bool = False
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: int, chunk: int = 1) -> dict:
+def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: int, chunk: int | None = None) -> dict:
     config = load_config(
         None,
         [
-            f"objective.negative_chunk={chunk}",
+            *([f"objective.negative_chunk={chunk}"] if chunk else []),
             f"data.dataset={dataset}",
             "model.scorer=complex",
             f"model.dim={2 * COMPLEX_DIM}",
@@ -144,10 +144,10 @@ def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: in
     return {"positives_per_s": len(steady) * len(data.train) / seconds, "seconds": seconds, "epochs": len(steady)}
 
 
-SYSTEMS = {
-    "nvkg ComplEx (point, Adam)": ("point", "adam", 1),
-    "nvkg V-ComplEx (LIM, Adam)": ("lim", "adam", 1),
-    "nvkg V-ComplEx (LIM, row-wise Adagrad)": ("lim", "rowwise_adagrad", 1),
+SYSTEMS: dict[str, tuple[str, str, int | None]] = {  # (latent, optimizer, negative_chunk; None: the default)
+    "nvkg ComplEx (point, Adam)": ("point", "adam", None),
+    "nvkg V-ComplEx (LIM, Adam)": ("lim", "adam", None),
+    "nvkg V-ComplEx (LIM, row-wise Adagrad)": ("lim", "rowwise_adagrad", None),
     "nvkg V-ComplEx (LIM, row-wise Adagrad, chunks of 32)": ("lim", "rowwise_adagrad", 32),
 }
 PEER = "PyKEEN sLCWA ComplEx"
