@@ -47,71 +47,51 @@ EPOCHS = {"kinships": {"ours": 100, "pykeen": 3, "pbg": 100}, "wn18rr": {"ours":
 PBG_WORKERS = 2
 
 
-def ensure_pykeen() -> str | None:
-    """Create the PyKEEN environment if needed; return an error message if it cannot be had."""
-    python = PYKEEN_VENV / "bin" / "python"
+def ensure_venv(name: str, venv: Path, probe: str, packages: list[str]) -> str | None:
+    """Create a peer's environment ``venv`` if needed (until ``python -c probe`` succeeds, install
+    ``packages`` into it); return an error message if it cannot be had."""
+    python = venv / "bin" / "python"
     try:
         if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(PYKEEN_VENV)], check=True)
-        probe = subprocess.run([str(python), "-c", "import pykeen"], capture_output=True)
-        if probe.returncode != 0:
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0", "pykeen"],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        if subprocess.run([str(python), "-c", probe], capture_output=True).returncode != 0:
+            install = [str(python), "-m", "pip", "install", "--quiet", *packages]
+            subprocess.run(install, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
-        return f"PyKEEN could not be installed: {(err.stderr or '').strip()[-300:]}"
+        return f"{name} could not be installed: {(err.stderr or '').strip()[-300:]}"
     return None
+
+
+def ensure_pykeen() -> str | None:
+    return ensure_venv("PyKEEN", PYKEEN_VENV, "import pykeen", ["torch==2.13.0", "pykeen"])
 
 
 def ensure_pbg() -> str | None:
-    """Create the PyTorch-BigGraph environment if needed; return an error message if it cannot be had."""
-    python = PBG_VENV / "bin" / "python"
     # PBG 1.0.0 imports pkg_resources, which setuptools 81 removes; h5py comes in as its dependency.
     packages = ["torch==2.13.0", "setuptools<81", "torchbiggraph==1.0.0", "h5py"]
-    try:
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(PBG_VENV)], check=True)
-        probe = subprocess.run([str(python), "-c", "import h5py, torchbiggraph.train"], capture_output=True)
-        if probe.returncode != 0:
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", *packages],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-    except subprocess.CalledProcessError as err:
-        return f"PyTorch-BigGraph could not be installed: {(err.stderr or '').strip()[-300:]}"
-    return None
+    return ensure_venv("PyTorch-BigGraph", PBG_VENV, "import h5py, torchbiggraph.train", packages)
+
+
+def run_peer(venv: Path, script: str, args: list[str]) -> dict:
+    """``script`` (beside this file) in the peer's environment ``venv``: the JSON of its last stdout line."""
+    command = [str(venv / "bin" / "python"), str(Path(__file__).parent / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip()[-300:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_pykeen(dataset: str, epochs: int, threads: int) -> dict:
     train_path = BUNDLED_DIR / dataset / "train.txt"
     args = [str(train_path), str(COMPLEX_DIM), str(NEGATIVES), str(BATCH), str(epochs), str(threads)]
-    result = subprocess.run(
-        [str(PYKEEN_VENV / "bin" / "python"), str(Path(__file__).parent / "pykeen_peer.py"), *args],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        return {"error": result.stderr.strip()[-300:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_peer(PYKEEN_VENV, "pykeen_peer.py", args)
 
 
 def run_pbg(dataset_dir: Path, epochs: int, workers: int, evaluate: bool = False) -> dict:
     """PBG's positives/s over epochs 2..N with ``workers`` HOGWILD processes (and test metrics with ``evaluate``)."""
     args = [str(dataset_dir), f"--epochs={epochs}", f"--workers={workers}", f"--complex-dim={COMPLEX_DIM}"]
     args += [f"--negatives={NEGATIVES}", f"--batch={BATCH}", *(["--eval"] if evaluate else [])]
-    result = subprocess.run(
-        [str(PBG_VENV / "bin" / "python"), str(Path(__file__).parent / "pbg_peer.py"), *args],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        return {"error": result.stderr.strip()[-300:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_peer(PBG_VENV, "pbg_peer.py", args)
 
 
 def run_ours(dataset: str, latent: str, optimizer: str, epochs: int, threads: int, chunk: int | None = None) -> dict:

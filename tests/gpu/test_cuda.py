@@ -12,6 +12,7 @@ from sharding import rng
 from sharding.kernels import native
 from sharding.launch import resolve_backend, resolve_device
 from storage.dataset import load_data
+from tests.trainer.test_meta_device import train_with_meta_default
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -68,12 +69,5 @@ def test_a_cuda_run_is_the_cpu_torch_ops_run(tmp_path, monkeypatch, likelihood):
 
 def test_training_on_cuda_keeps_no_tensor_on_the_cpu_by_accident(tmp_path):
     """Default device meta on a CUDA run: a tensor made without a device fails the first op that uses it."""
-    config = load_config(None, ["data.dataset=kinships", "model.dim=8", "train.epochs=1", "train.device=cuda",
-                                "train.progress=false", "eval.num_samples=2"])  # fmt: skip
-    data = load_data(config.data)
-    torch.set_default_device("meta")
-    try:
-        metrics = train(config, tmp_path, data)
-    finally:
-        torch.set_default_device(None)
+    metrics = train_with_meta_default(["train.device=cuda", "eval.num_samples=2"], tmp_path)
     assert 0.0 < metrics["test"]["filtered"]["mrr"] <= 1.0
