@@ -18,7 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
 # 1. CUDA tests: counter noise equal to the CPU stream, device and backend, a 1-GPU run equal to the CPU
 #    torch-ops run on kinships (three objectives), and a run with the default device set to meta (~1 min).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/sharding/test_noise.py 2>&1 | tee bench/results/gpu-tests.log
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/sharding/test_noise.py 2>&1 \
+    | tee bench/results/gpu-tests.log || echo "the CUDA tests failed (bench/results/gpu-tests.log); measuring anyway"
 
 # 2. Throughput and peak memory, Bernoulli and sampled softmax, fp32 then TF32 matrix products (~4 min;
 #    each run stops before an epoch that would end past 45 s of training).
