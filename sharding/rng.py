@@ -104,8 +104,12 @@ def block_normal(
 def row_normal(row_range: tuple[int, int], dim: int, key: tuple[int, ...], out: torch.Tensor) -> None:
     """Standard normal noise for rows [lo, hi) of the stream ``key`` into ``out`` [hi - lo, dim]: value
     (row, j) is value row * dim + j of the counter-based stream ``seed_of(*key)``, so a row's noise does not
-    depend on the range it is drawn in (``stream_normal``)."""
-    out.copy_(stream_normal(seed_of(*key), row_range[0] * dim, tuple(out.shape), out.device))
+    depend on the range it is drawn in: the compiled kernel on the CPU, else ``counter_normal`` (CUDA, or no
+    compiler)."""
+    seed, first = seed_of(*key), row_range[0] * dim
+    if not native.normal_into(out, seed, first):
+        index = torch.arange(first, first + out.numel(), device=out.device)
+        out.copy_(counter_normal(seed, index).view(out.shape))
 
 
 def rows_normal(rows: torch.Tensor, dim: int, key: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -201,13 +205,3 @@ def counter_normal(seed: int, index: torch.Tensor) -> torch.Tensor:
     radius = torch.sqrt(-2.0 * _log_approx(((a >> 8) + 1).float() * 2.0**-24))
     cosine, sine = _turn_approx((b >> 8).float() * 2.0**-24)
     return radius * torch.where((index & 1).bool(), sine, cosine)
-
-
-def stream_normal(seed: int, first: int, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
-    """Values [first, first + numel) of stream ``seed`` in ``shape``: the compiled kernel on the CPU, else
-    ``counter_normal`` (CUDA, or no compiler)."""
-    out = torch.empty(shape, device=device)
-    if not native.normal_into(out, seed, first):
-        count = out.numel()
-        out.copy_(counter_normal(seed, torch.arange(first, first + count, device=out.device)).view(shape))
-    return out

@@ -235,12 +235,18 @@ class NameIndex:
         return slot, found
 
     def lookup(self, values: pa.ChunkedArray, path: Path) -> np.ndarray:
-        hashes = [native.hash_strings(chunk) for chunk in values.chunks]
-        wanted = np.concatenate([h for h in hashes if h is not None] or [np.empty(0, np.uint64)])
+        wanted = np.concatenate([_hashes(chunk) for chunk in values.chunks] or [np.empty(0, np.uint64)])
         slot, found = self._slots(wanted)
         if not found.all():
             raise ValueError(f"{path}: a name is missing from the first pass's vocabulary (changed meanwhile?)")
         return self.positions[slot]
+
+
+def _hashes(names: pa.Array) -> np.ndarray:
+    hashes = native.hash_strings(names)
+    if hashes is None:  # a NameIndex exists only where the kernels were built
+        raise RuntimeError("the compiled kernels hashed the vocabulary but cannot hash a chunk")
+    return hashes
 
 
 def lookup(values: pa.ChunkedArray, vocabulary: pa.Array) -> np.ndarray:

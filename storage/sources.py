@@ -341,40 +341,33 @@ _IRI_ALLOWED = bytes(sorted(set(range(256)) - set(b'<>"{}|^`\\' + bytes(range(0x
 """The bytes an IRI without escapes may hold between its brackets (``bytes.translate`` deletes them)."""
 
 
-def _well_formed(table: pa.Table, object_rows: Callable[[pa.Array], pa.Array]) -> pa.Array | None:
+def _well_formed(table: pa.Table, object_rows: Callable[[pa.Array], pa.Array | None]) -> pa.Array | None:
     """Which rows (subject, predicate, object, end) hold a plain subject and predicate IRI, an object
-    ``object_rows`` accepts, and a lone dot: None when all of them do."""
+    ``object_rows`` accepts (None: all of them), and a lone dot: None when all of them do."""
     if table.num_rows == 0:
         return None
     table = table.combine_chunks()
-    checks = [
-        _plain_iri_rows(table["subject"].chunk(0)),
-        _plain_iri_rows(table["predicate"].chunk(0)),
-        object_rows(table["object"].chunk(0)),
-        pc.equal(table["end"], "."),
-    ]
-    if all(isinstance(c, _AllTrue) for c in checks[:3]) and pc.all(checks[3]).as_py():
+    terms = (_plain_iri_rows(table["subject"].chunk(0)), _plain_iri_rows(table["predicate"].chunk(0)),
+             object_rows(table["object"].chunk(0)))  # fmt: skip
+    masks = [mask for mask in terms if mask is not None]
+    ok = pc.equal(table["end"], ".")
+    if not masks and pc.all(ok).as_py():
         return None
-    ok = checks[3]
-    for check in checks[:3]:
-        ok = pc.and_(ok, pa.array(np.ones(len(ok), bool)) if isinstance(check, _AllTrue) else check)
+    for mask in masks:
+        ok = pc.and_(ok, mask)
     return ok
 
 
-class _AllTrue:
-    """``_plain_iri_rows``'s answer when every term passes (no mask is built)."""
-
-
-def _plain_iri_rows(terms: pa.Array) -> pa.Array | _AllTrue:
-    """Which terms are IRIs without escapes, ``<...>``. In the common case (all of them) one pass over the
-    column's bytes decides: deleting every allowed byte must leave exactly ``<>`` per term, and every term
-    starts with ``<`` and ends with ``>``; otherwise a regex decides term by term."""
+def _plain_iri_rows(terms: pa.Array) -> pa.Array | None:
+    """Which terms are IRIs without escapes, ``<...>`` (None: all of them). In the common case one pass
+    over the column's bytes decides: deleting every allowed byte must leave exactly ``<>`` per term, and
+    every term starts with ``<`` and ends with ``>``; otherwise a regex decides term by term."""
     if len(terms) and pc.all(pc.starts_with(terms, "<")).as_py() and pc.all(pc.ends_with(terms, ">")).as_py():
         _, offsets, values = terms.buffers()
         first, last = np.frombuffer(offsets, np.int32)[[terms.offset, terms.offset + len(terms)]]
         data = memoryview(values)[first:last]
         if bytes(data).translate(None, _IRI_ALLOWED) == b"<>" * len(terms):
-            return _AllTrue()
+            return None
     return pc.match_substring_regex(terms, _PLAIN_IRI)
 
 

@@ -296,27 +296,12 @@ class Training:
             raise ValueError(f"{err}, after {self.rollbacks} rollback(s) (train.max_rollbacks)") from None
         lr = self.lr / 2
         self.rollbacks += 1
+        latest = self._rollback_checkpoint()
         self.model = build_model(
             self.config, self.dataset.num_entities, self.dataset.num_relations, self.exchange, self.model.device,
             self.dataset.entity_frequency,
         )  # fmt: skip
-        # The run directory's own latest checkpoint (a launcher's reporter may hand an older, restored one).
-        has_latest = checkpoint.Reporter.has(self.reporter, checkpoint.LATEST)
-        latest = self.reporter.path(checkpoint.LATEST) if has_latest else None
         state = checkpoint.load_into(latest, self.model) if latest is not None else checkpoint.RunState()
-        if latest is not None:
-            same = state.epoch == self.latest_rolled_back_to
-            self.rollbacks_to_latest = self.rollbacks_to_latest + 1 if same else 1
-            self.latest_rolled_back_to = state.epoch
-            if self.rollbacks_to_latest > 2:
-                # Two smaller learning rates diverged again from this checkpoint: its values themselves are
-                # the trouble (finite but exploded by an epoch at too high a rate), so start over.
-                latest, self.rollbacks_to_latest, self.latest_rolled_back_to = None, 0, None
-                self.model = build_model(
-                    self.config, self.dataset.num_entities, self.dataset.num_relations, self.exchange,
-                    self.model.device, self.dataset.entity_frequency,
-                )  # fmt: skip
-                state = checkpoint.RunState()
         # best/ on disk may be newer than the checkpoint: keep its MRR, so a worse model never replaces it.
         if self.state.best_mrr > state.best_mrr:
             state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch
@@ -329,6 +314,23 @@ class Training:
         if self.lead:
             since = f"the checkpoint of epoch {state.epoch}" if latest is not None else "the initial values"
             print(f"{err}: rolled back to {since}, learning rate {lr:g}", flush=True)
+
+    def _rollback_checkpoint(self) -> Path | None:
+        """The run directory's own latest checkpoint to roll back to (a launcher's reporter may hand an older,
+        restored one), or None for the initial values: when there is none, or when two rollbacks in a row to
+        it, at ever smaller learning rates, diverged again: then its values themselves are the trouble
+        (finite but exploded by an epoch at too high a rate), so the run starts over."""
+        if not checkpoint.Reporter.has(self.reporter, checkpoint.LATEST):
+            return None
+        latest = self.reporter.path(checkpoint.LATEST)
+        epoch = checkpoint.read_index(latest)["state"].get("epoch", 0)
+        same = epoch == self.latest_rolled_back_to
+        self.rollbacks_to_latest = self.rollbacks_to_latest + 1 if same else 1
+        self.latest_rolled_back_to = epoch
+        if self.rollbacks_to_latest > 2:
+            self.rollbacks_to_latest, self.latest_rolled_back_to = 0, None
+            return None
+        return latest
 
     def close(self) -> dict:
         """Evaluate the best checkpoint (else the last state) on valid and test; rank 0 writes metrics.json."""
