@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sharding.exchange import Exchange, GroupExchange, LocalExchange
+from sharding.shm import SharedMemoryExchange, join_exchange
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "gloo", "nccl"]
@@ -85,15 +86,20 @@ def resolve_backend(requested: Backend, device: torch.device) -> str:
 
 @contextmanager
 def process_group(
-    backend: Backend = "auto", device: torch.device | None = None, timeout_minutes: float = 60.0
+    backend: Backend = "auto",
+    device: torch.device | None = None,
+    timeout_minutes: float = 60.0,
+    shared_memory: bool = True,
 ) -> Iterator[Exchange]:
     """The exchange for this process: an existing group (Ray Train), a new one (torchrun), or local.
 
     ``device`` is where the worker's tensors live (default: ``choose_device()``); ``timeout_minutes`` is
     how long a collective waits for the slowest rank (torch's default, 10 minutes, is shorter than a rank
-    converting a dataset or writing a Freebase shard while the others wait at a barrier)."""
+    converting a dataset or writing a Freebase shard while the others wait at a barrier);
+    ``shared_memory``: gloo's all-to-alls go through /dev/shm when every rank shares it (sharding/shm.py)."""
     if dist.is_available() and dist.is_initialized():
-        yield GroupExchange()
+        with _closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
+            yield exchange
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield LocalExchange()
@@ -104,6 +110,16 @@ def process_group(
         torch.cuda.set_device(device)
     dist.init_process_group(backend=chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
-        yield GroupExchange()
+        with _closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
+            yield exchange
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def _closing(exchange: GroupExchange) -> Iterator[GroupExchange]:
+    try:
+        yield exchange
+    finally:
+        if isinstance(exchange, SharedMemoryExchange):
+            exchange.close()

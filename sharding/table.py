@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from sharding import rng
 from sharding.exchange import Exchange, Pending
 from sharding.gaussian import Encoder, Gaussian, identity
+from sharding.kernels import native
 from sharding.plan import RowPlan
 from sharding.row_optim import RowOptimizerName, build_row_optimizer
 
@@ -183,8 +185,18 @@ class ShardedTable:
         if len(parts_ids) == 1 and self.exchange.world_size == 1:
             # One request served whole: its ids are already unique (the requester sends unique ids).
             return parts_ids[0], parts_grad[0]
-        ids = torch.cat(parts_ids)
-        unique, inverse = torch.unique(ids, return_inverse=True)
+        # Each requester's segment of a request holds its ascending distinct ids: a merge of those runs,
+        # not a sort of all of them (torch's sort where the kernel cannot take them).
+        runs = [
+            (ids[offset : offset + count], grad[offset : offset + count])
+            for item, ids, grad in zip(encoded, parts_ids, parts_grad, strict=True)
+            for offset, count in zip(accumulate(item.recv_counts, initial=0), item.recv_counts)
+            if count
+        ]
+        merged = native.merge_rows(runs)
+        if merged is not None:
+            return merged
+        unique, inverse = torch.unique(torch.cat(parts_ids), return_inverse=True)
         total = self.weight.new_zeros(len(unique), self.width).index_add_(0, inverse, torch.cat(parts_grad))
         return unique, total
 

@@ -103,7 +103,9 @@ def train(
     resolved = make_config(config, dataset=dataset, overrides=overrides)
     out = Path(out_dir)
     device = choose_device(resolved.train.device)
-    with process_group(resolved.sharding.backend, device, resolved.sharding.timeout_minutes) as exchange:
+    with process_group(
+        resolved.sharding.backend, device, resolved.sharding.timeout_minutes, resolved.sharding.shared_memory
+    ) as exchange:
         metrics = loop.train(resolved, out, exchange=exchange, device=device)
     return Trained(out, metrics)
 

@@ -204,7 +204,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"WORLD_SIZE={world_size}: pass --out, a run directory every worker can reach")
     out_dir = _run_dir(args.out) or _default_out(config.data.dataset, config.model.latent, config.model.scorer)
     device = choose_device(config.train.device)
-    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
+    with process_group(
+        config.sharding.backend, device, config.sharding.timeout_minutes, config.sharding.shared_memory
+    ) as exchange:
         lead = exchange.rank == 0
         if lead:
             print(f"run directory: {out_dir} ({exchange.world_size} worker(s))", flush=True)
@@ -220,7 +222,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     overrides = [] if args.samples is None else [f"eval.num_samples={args.samples}"]
     config = load_run_config(args.run_dir, overrides)
     device = choose_device(config.train.device)
-    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
+    with process_group(
+        config.sharding.backend, device, config.sharding.timeout_minutes, config.sharding.shared_memory
+    ) as exchange:
         run = load_run(args.run_dir, config=config, exchange=exchange, device=device)
         filters = rank_filters(run.dataset, (run.model.entities.lo, run.model.entities.hi))
         metrics = evaluate_run(

@@ -55,6 +55,12 @@ class Gradients:
     relations_pending: Pending
     bias: tuple[torch.Tensor, Pending] | None = None
 
+    def wait(self) -> None:
+        """Until the relation (and bias) gradients are summed over ranks."""
+        self.relations_pending.wait()
+        if self.bias is not None:
+            self.bias[1].wait()
+
 
 class KGModel:
     def __init__(

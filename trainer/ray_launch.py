@@ -94,7 +94,9 @@ def worker_loop(payload: dict) -> None:
     config = config_from_dict(payload["config"])
     out_dir = Path(payload["out_dir"])
     device = worker_device(config)
-    with process_group(config.sharding.backend, device, config.sharding.timeout_minutes) as exchange:
+    with process_group(
+        config.sharding.backend, device, config.sharding.timeout_minutes, config.sharding.shared_memory
+    ) as exchange:
         train(config, out_dir, exchange=exchange, reporter=RayReporter(out_dir, exchange), device=device)
 
 

@@ -1,8 +1,9 @@
 """One global training step on this rank: encode -> loss -> backward -> exchange -> update.
 
 A step whose loss or gradients are not finite raises ``Divergence`` before anything is updated, on every
-rank alike (the ranks agree through a small all-reduce of two flags, made before any gradient travels),
-so the tables keep their last finite values.
+rank alike, so the tables keep their last finite values. The ranks agree through a small all-reduce of two
+flags that travels beside the gradients and is read before any row is updated: a collective of its own
+before the gradients would be one more point per step where every rank waits for the slowest.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sharding.exchange import Exchange
+from sharding.exchange import Exchange, Pending
 from trainer.model import KGModel
 
 
@@ -49,26 +50,31 @@ class Step:
         forward = self.model.forward(batches, share, key)
         loss = forward.nll + kl_multiplier * forward.kl + forward.reg
         loss.backward()
-        # Checked on the requester's side, before any gradient travels: with finite parameters (checked
-        # each epoch) the owners' sums of finite gradients are finite.
-        problem = self._problem(loss, self.model.gradient_sum(forward))
+        # Checked on the requester's side: with finite parameters (checked each epoch) the owners' sums of
+        # finite gradients are finite.
+        flags, pending = self._start_check(loss, self.model.gradient_sum(forward))
+        grads = self.model.gradients(forward)
+        problem = self._problem(flags, pending)
         if problem is not None:
+            grads.wait()  # no collective left in flight
             _, epoch, step = key
             raise Divergence(epoch + 1, step, problem)
-        grads = self.model.gradients(forward)
         if self.grad_clip is not None:
             grads.relations_pending.wait()
             clip_global_norm(grads.entities, grads.relations, self.grad_clip, self.model.exchange)
         self.model.update(grads)
         return StepTerms(*torch.stack([forward.nll, forward.kl, loss]).detach().tolist())
 
-    def _problem(self, loss: torch.Tensor, gradient_sum: torch.Tensor) -> str | None:
-        """What is not finite on any rank ("loss", "gradient"), or None: one host sync for both."""
+    def _start_check(self, loss: torch.Tensor, gradient_sum: torch.Tensor) -> tuple[torch.Tensor, Pending]:
+        """Start summing over ranks whether this rank's loss and gradients are not finite (1.0) or are."""
         values = torch.stack([loss.detach().reshape(()), gradient_sum.to(loss.device, loss.dtype)])
         flags = (~torch.isfinite(values)).to(loss.dtype)
-        exchange = self.model.exchange
-        if exchange.world_size > 1:
-            flags = exchange.all_reduce(flags, "max")
+        return flags, self.model.exchange.all_reduce_async(flags)
+
+    @staticmethod
+    def _problem(flags: torch.Tensor, pending: Pending) -> str | None:
+        """What is not finite on any rank ("loss", "gradient"), or None: one host sync for both."""
+        pending.wait()
         loss_bad, gradient_bad = flags.tolist()
         if loss_bad:
             return "loss"

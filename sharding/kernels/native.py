@@ -1,8 +1,9 @@
-"""The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad (``rows.c``), the
-counter-based noise of the training samples with the fused sample and KL of Gaussian rows (``noise.c``),
-the 1-vs-all log-partition and its backward (``partition.c``), and a hash of strings for the converter's
-name lookup (``strings.c``). Built on first use with the
-machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
+"""The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad and the owner's
+merge of gradient rows (``rows.c``), the counter-based noise of the training samples with the fused sample
+and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), and a
+hash of strings for the converter's name lookup (``strings.c``), and the barrier of the shared-memory
+all-to-all (``barrier.c``). Built on first use with the machine's C compiler, for its CPU, into a cache
+keyed by the sources, flags and CPU; loaded with ctypes.
 
 Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
 the CPU) torch ops do the work: the same Adam update, the same sample and KL, and noise from torch's
@@ -33,6 +34,7 @@ SOURCES = {
     HERE / "noise.c": (*FLAGS, "-ffast-math"),
     HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
     HERE / "strings.c": FLAGS,
+    HERE / "barrier.c": FLAGS,
 }
 HEADERS = (HERE / "vecmath.h",)
 """Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update is a scalar
@@ -54,7 +56,11 @@ _SIGNATURES = {  # name: (argument types, return type)
     "sample_kl_forward": ([_P, _P, _P, _I, _I, ctypes.c_uint64, _I], None),
     "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
+    "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
+    "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
 }
+MERGE_MAX_RUNS = 64
+"""As rows.c: ``merge_rows`` scans every run's head per row, so more runs go to torch's sort."""
 
 
 def cache_dir() -> Path:
@@ -205,6 +211,23 @@ def normal_rows_into(out: torch.Tensor, seed: int, rows: torch.Tensor) -> bool:
     rows = rows.to(torch.int64).contiguous()
     lib.normal_rows(out.data_ptr(), seed, rows.data_ptr(), len(rows), out.shape[1])
     return True
+
+
+def merge_rows(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ascending distinct ids of ``runs`` [(strictly ascending ids [n], their gradient rows [n, width])]
+    and the sum of each id's rows, added in run order (see rows.c); None where the kernel cannot take them
+    (then the caller sums with torch)."""
+    lib = library()
+    if lib is None or not runs or len(runs) > MERGE_MAX_RUNS or not all(applicable(i, g) for i, g in runs):
+        return None
+    width = runs[0][1].shape[1]
+    if any(g.dim() != 2 or g.shape != (len(i), width) for i, g in runs):
+        return None
+    table = torch.tensor([[i.data_ptr(), g.data_ptr(), len(i)] for i, g in runs], dtype=torch.int64)
+    total = sum(len(i) for i, _ in runs)
+    out_ids, out_grad = torch.empty(total, dtype=torch.int64), runs[0][1].new_empty(total, width)
+    distinct = lib.merge_rows(table.data_ptr(), len(runs), width, out_ids.data_ptr(), out_grad.data_ptr())
+    return None if distinct < 0 else (out_ids[:distinct], out_grad[:distinct])
 
 
 def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

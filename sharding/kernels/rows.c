@@ -1,11 +1,12 @@
-/* Row kernels for the CPU: lazy Adam and row-wise Adagrad applied in place to the rows a step touched.
+/* Row kernels for the CPU: lazy Adam and row-wise Adagrad applied in place to the rows a step touched,
+ * and the owner's merge of the gradient rows its requesters sent back (merge_rows).
  *
  * Built on first use by sharding/kernels/native.py and called through ctypes with the tensors' data pointers;
  * torch ops do the same work where these are not available (another device, no C compiler).
  * In place, each row is read and written once, where gather -> update -> scatter makes three passes
  * over three tables. Inner loops vectorise for the machine's CPU (native.py builds with -march=native);
  * rows are split over torch's OpenMP threads (see noise.c). Measurements: docs/kernels.md.
- * Each returns 0, or 1 when an id is outside [0, rows) (nothing is written then).
+ * The updates return 0, or 1 when an id is outside [0, rows) (nothing is written then).
  */
 #include <math.h>
 #include <stdint.h>
@@ -15,6 +16,10 @@
 /* Rows are scattered over tables far larger than the caches: asking for the row PREFETCH_AHEAD ids on
  * while updating this one hides part of the cache misses of the next rows. */
 #define PREFETCH_AHEAD 2
+
+/* Runs merge_rows takes at most (one per requester and data stream): it scans every run's head for each
+ * row it writes, so many more runs are better served by a sort (the caller's torch path). */
+#define MERGE_MAX_RUNS 64
 
 static inline void prefetch_row(const float *row, int64_t width) {
     for (int64_t j = 0; j < width; j += 64 / sizeof(float)) __builtin_prefetch(row + j, 1);
@@ -79,4 +84,42 @@ int row_adagrad(float *param, float *sum_sq, const int64_t *ids, const float *gr
         }
     }
     return 0;
+}
+
+/* The owner's sum of the gradient rows its requesters sent back: k runs of row ids, each strictly
+ * ascending (one requester's sorted distinct ids), merged into the ascending distinct ids with the sum of
+ * each id's rows. runs [k, 3] holds each run's (address of its ids, address of its grad rows [len, width],
+ * len); out_ids [total len] and out_grad [total len, width] receive the result. Rows of one id are added
+ * in run order (copy of the first, then +=), the order torch's cat -> unique -> index_add_ adds them in.
+ * One pass over the rows where cat -> sort -> index_add_ makes three and a sort. Returns the number of
+ * distinct ids, or -1 when a run is not strictly ascending (out_* then hold nothing useful). */
+int64_t merge_rows(const int64_t *runs, int64_t k, int64_t width, int64_t *out_ids, float *out_grad) {
+    if (k > MERGE_MAX_RUNS) return -1;
+    for (int64_t r = 0; r < k; r++) {
+        const int64_t *ids = (const int64_t *)(intptr_t)runs[3 * r];
+        for (int64_t i = 1; i < runs[3 * r + 2]; i++)
+            if (ids[i] <= ids[i - 1]) return -1;
+    }
+    int64_t cursor[MERGE_MAX_RUNS];
+    for (int64_t r = 0; r < k; r++) cursor[r] = 0;
+    int64_t m = 0;
+    for (;;) {
+        int64_t best = -1, best_id = 0;
+        for (int64_t r = 0; r < k; r++) {
+            if (cursor[r] == runs[3 * r + 2]) continue;
+            const int64_t id = ((const int64_t *)(intptr_t)runs[3 * r])[cursor[r]];
+            if (best < 0 || id < best_id) best = r, best_id = id; /* ties: the earlier run first */
+        }
+        if (best < 0) return m;
+        const float *restrict g = (const float *)(intptr_t)runs[3 * best + 1] + cursor[best] * width;
+        cursor[best]++;
+        if (m > 0 && out_ids[m - 1] == best_id) {
+            float *restrict dst = out_grad + (m - 1) * width;
+            for (int64_t j = 0; j < width; j++) dst[j] += g[j];
+        } else {
+            float *restrict dst = out_grad + m * width;
+            for (int64_t j = 0; j < width; j++) dst[j] = g[j];
+            out_ids[m++] = best_id;
+        }
+    }
 }

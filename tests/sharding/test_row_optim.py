@@ -170,3 +170,37 @@ def test_the_cache_is_created_private_and_made_private(tmp_path, monkeypatch):
         assert (tmp_path / "new" / "native").stat().st_mode & 0o777 == 0o700
     finally:
         native.library.cache_clear()
+
+
+def _torch_merge(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    unique, inverse = torch.unique(torch.cat([ids for ids, _ in runs]), return_inverse=True)
+    grad = torch.cat([g for _, g in runs])
+    return unique, grad.new_zeros(len(unique), grad.shape[1]).index_add_(0, inverse, grad)
+
+
+@pytest.mark.parametrize("num_runs", [1, 2, 5])
+def test_merged_gradient_rows_equal_torch_unique_and_index_add(num_runs):
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(num_runs)
+    runs = []
+    for _ in range(num_runs):
+        ids = torch.randperm(50, generator=g)[: int(torch.randint(0, 30, (), generator=g))].sort().values
+        runs.append((ids, torch.randn(len(ids), 7, generator=g)))
+    merged = native.merge_rows(runs)
+    assert merged is not None
+    expected_ids, expected_grad = _torch_merge(runs)
+    assert torch.equal(merged[0], expected_ids)
+    assert torch.equal(merged[1], expected_grad)  # the same additions in the same order: bit for bit
+
+
+def test_merge_refuses_runs_it_cannot_merge():
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    grad = torch.ones(3, 2)
+    assert native.merge_rows([(torch.tensor([0, 2, 2]), grad)]) is None  # not strictly ascending
+    assert native.merge_rows([(torch.tensor([3, 1, 2]), grad)]) is None
+    assert native.merge_rows([(torch.tensor([0, 1, 2]), torch.ones(3, 2, dtype=torch.float64))]) is None
+    many = [(torch.tensor([i]), torch.ones(1, 2)) for i in range(native.MERGE_MAX_RUNS + 1)]
+    assert native.merge_rows(many) is None
+    assert native.merge_rows(many[:-1]) is not None

@@ -1,0 +1,232 @@
+"""All-to-all through shared memory, for workers that share a host (torchrun's processes on one machine,
+a Ray node running several CPU workers).
+
+gloo moves tensors over TCP even between the processes of one host: every byte goes through the
+kernel's socket buffers, at ~1 GB/s here, and system calls took about a sixth of a 2-worker step's CPU
+time (docs/benchmarks.md). Here a rank copies what it sends to each peer once into its own outbox, a file
+in /dev/shm that every rank has mapped, and each peer copies its part out once; a rank's own part is
+copied straight across.
+
+One all-to-all is a generation g, in the same sequence on every rank (as for any collective):
+
+1. rank r writes each peer's segment into its outbox of set g % 2 (growing it into a new, larger file
+   when too small), and each segment's byte offset and the outbox's version into the control block;
+2. the barrier (``kernels/barrier.c``): r publishes g and waits until every rank has;
+3. each rank maps the outboxes whose version changed and copies its segment out of every peer's.
+
+Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier of g + 1, which no rank
+reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
+control block after the set-up, a grown outbox after the next barrier), so a run leaves nothing in
+/dev/shm, even when it is killed. The small all-reduces stay on gloo. An outbox that cannot grow (a full
+/dev/shm: Docker gives 64 MB unless told otherwise) is published as such, and from that all-to-all on
+every rank moves its tensors over gloo instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import warnings
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sharding.exchange import GroupExchange
+from sharding.kernels import native
+
+DIRECTORY = Path("/dev/shm")
+MIN_CAPACITY = 1 << 20
+"""Bytes of a rank's first outbox; it grows to the next power of two that holds a step's segments."""
+DISABLED = -1
+"""The version a rank publishes when its outbox cannot grow: every rank then goes back to gloo."""
+
+
+def _create(path: Path, nbytes: int) -> None:
+    """A file of ``nbytes`` zero bytes, allocated now (a tmpfs page first touched past the limit of a full
+    /dev/shm would be a SIGBUS, not an error)."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+
+
+def _map(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+class SharedMemoryExchange(GroupExchange):
+    """``GroupExchange`` whose all-to-alls go through shared memory; build it with ``join``."""
+
+    def __init__(self, control: torch.Tensor, token: str, directory: Path, timeout_s: float):
+        super().__init__()
+        world = self.world_size
+        self.counters = control[:world]
+        self.offsets = control[world : world + 2 * world * world].view(2, world, world)
+        """[set, writer, reader]: where the writer's segment for the reader starts in its outbox (bytes)."""
+        self.versions = control[world + 2 * world * world :].view(2, world)
+        self.control, self.token, self.directory, self.timeout_s = control, token, directory, timeout_s
+        self.generation = 0
+        self.boxes: list[list[torch.Tensor | None]] = [[None] * world for _ in range(2)]
+        self.mapped = [[0] * world for _ in range(2)]
+        self.unlink_later: list[tuple[int, Path]] = []
+        """(generation that published it, file): this rank's grown outboxes, until every rank maps them."""
+        self.shared = True
+
+    @classmethod
+    def join(cls, timeout_s: float, directory: Path = DIRECTORY) -> GroupExchange:
+        """Collective over the default group: a ``SharedMemoryExchange`` when every rank can map a file that
+        rank 0 made in ``directory`` (so they share it: checked, not assumed from host names) and the
+        compiled barrier exists; else a plain ``GroupExchange``."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        token = [secrets.token_hex(8) if rank == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        path = directory / f"nvkg-{token[0]}-control"
+        numel = world + 2 * world * world + 2 * world
+        magic = int(str(token[0]), 16) >> 1  # rank 0 writes it; a rank that reads it back shares the file
+        failed = native.library() is None
+        control = None
+        if rank == 0 and not failed:
+            try:
+                _create(path, 8 * (numel + 1))
+                control = _map(path, numel + 1, torch.int64)
+                control[numel] = magic
+            except (OSError, RuntimeError):
+                failed = True
+        dist.barrier()
+        if rank != 0 and not failed and path.is_file():  # torch.from_file would create a missing file
+            try:
+                control = _map(path, numel + 1, torch.int64)
+            except (OSError, RuntimeError):
+                control = None
+        failed = failed or control is None or int(control[numel]) != magic
+        verdict = torch.tensor([float(failed)])
+        dist.all_reduce(verdict)
+        if rank == 0:
+            path.unlink(missing_ok=True)
+        if verdict.item() or control is None:
+            return GroupExchange()
+        return cls(control[:numel], str(token[0]), directory, timeout_s)
+
+    def all_to_all_rows(self, rows_WK: torch.Tensor) -> torch.Tensor:
+        if not self.shared:
+            return super().all_to_all_rows(rows_WK)
+        ones = [1] * self.world_size
+        return self.all_to_all_back(rows_WK, ones, ones)
+
+    def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        if not self.shared:
+            return super().all_to_all_back(tensor, send_counts, recv_counts)
+        source = tensor.detach().contiguous()
+        row_bytes = source.element_size() * math.prod(source.shape[1:])
+        data = source.reshape(-1).view(torch.uint8)
+        starts = [start * row_bytes for start in accumulate(send_counts, initial=0)]
+        self.generation += 1
+        which = self.generation % 2
+        self._write(which, data, starts)
+        self._barrier()
+        if (self.versions == DISABLED).any():
+            self._give_up()
+            return super().all_to_all_back(tensor, send_counts, recv_counts)
+        self._map_changed(which)
+        out = source.new_empty((sum(recv_counts), *source.shape[1:]))
+        received = out.reshape(-1).view(torch.uint8)
+        offsets = self.offsets[which, :, self.rank].tolist()
+        position = 0
+        for peer, count in enumerate(recv_counts):
+            size = count * row_bytes
+            if size and peer == self.rank:
+                received[position : position + size].copy_(data[starts[peer] : starts[peer] + size])
+            elif size:
+                box = self.boxes[which][peer]
+                assert box is not None, "a peer sent to this rank without publishing its outbox"
+                received[position : position + size].copy_(box[offsets[peer] : offsets[peer] + size])
+            position += size
+        return out
+
+    def close(self) -> None:
+        """Unlink the files this rank made that are still linked (the run ended before the next barrier)."""
+        for _, path in self.unlink_later:
+            path.unlink(missing_ok=True)
+        self.unlink_later.clear()
+
+    def _write(self, which: int, data: torch.Tensor, starts: list[int]) -> None:
+        """This rank's segments for its peers, packed into its outbox, and where each starts."""
+        sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(zip(starts, starts[1:]))]
+        box = self._outbox(which, sum(sizes))
+        if box is None:
+            return
+        offsets, position = [], 0
+        for peer, size in enumerate(sizes):
+            offsets.append(position)
+            if size:
+                box[position : position + size].copy_(data[starts[peer] : starts[peer] + size])
+            position += size
+        self.offsets[which, self.rank] = torch.tensor(offsets, dtype=torch.int64)
+
+    def _outbox(self, which: int, need: int) -> torch.Tensor | None:
+        """This rank's outbox of set ``which`` holding at least ``need`` bytes, grown into a new file if it is
+        smaller; None when it cannot grow (published as DISABLED)."""
+        box = self.boxes[which][self.rank]
+        if need == 0 or (box is not None and box.numel() >= need):
+            return box
+        capacity = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
+        version = self.mapped[which][self.rank] + 1
+        path = self._path(self.rank, which, version)
+        try:
+            _create(path, capacity)
+            box = _map(path, capacity, torch.uint8)
+        except (OSError, RuntimeError) as err:
+            path.unlink(missing_ok=True)
+            warnings.warn(
+                f"rank {self.rank}: cannot grow its shared-memory outbox to {capacity:,} bytes in {self.directory} "
+                f"({err}); the all-to-alls go over gloo from here (give the workers a larger /dev/shm)",
+                stacklevel=3,
+            )
+            self.versions[which, self.rank] = DISABLED
+            return None
+        self.boxes[which][self.rank] = box
+        self.mapped[which][self.rank] = version
+        self.versions[which, self.rank] = version
+        self.unlink_later.append((self.generation, path))
+        return box
+
+    def _barrier(self) -> None:
+        lib = native.loaded()
+        ptr, world = self.counters.data_ptr(), self.world_size
+        if lib.shm_barrier(ptr, world, self.rank, self.generation, self.timeout_s):
+            behind = [r for r, reached in enumerate(self.counters.tolist()) if reached < self.generation]
+            raise RuntimeError(
+                f"rank {self.rank}: waited {self.timeout_s:.0f} s in shared-memory all-to-all {self.generation} "
+                f"for rank(s) {behind} (sharding.timeout_minutes)"
+            )
+        # Every rank has passed the barrier after the one that published these files: all have mapped them.
+        for published, path in [item for item in self.unlink_later if item[0] < self.generation]:
+            path.unlink(missing_ok=True)
+        self.unlink_later = [item for item in self.unlink_later if item[0] >= self.generation]
+
+    def _map_changed(self, which: int) -> None:
+        for peer, version in enumerate(self.versions[which].tolist()):
+            if version > 0 and version != self.mapped[which][peer]:
+                path = self._path(peer, which, version)
+                self.boxes[which][peer] = _map(path, path.stat().st_size, torch.uint8)
+                self.mapped[which][peer] = version
+
+    def _give_up(self) -> None:
+        self.shared = False
+        self.close()
+        self.boxes = [[None] * self.world_size for _ in range(2)]
+
+    def _path(self, rank: int, which: int, version: int) -> Path:
+        return self.directory / f"nvkg-{self.token}-{rank}-{which}-{version}"
+
+
+def join_exchange(shared_memory: bool, timeout_minutes: float) -> GroupExchange:
+    """The exchange of a process in an initialised group: all-to-alls through shared memory where asked
+    for, the group is gloo's (NCCL moves CUDA tensors itself) and every rank shares this host's /dev/shm."""
+    if shared_memory and dist.get_backend() == "gloo":
+        return SharedMemoryExchange.join(60.0 * timeout_minutes)
+    return GroupExchange()

@@ -1,0 +1,113 @@
+"""The shared-memory all-to-all on real gloo ranks: the tensors gloo would deliver, files cleaned up, and
+gloo again where the ranks do not share the directory, an outbox cannot grow or a rank does not come."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sharding import shm
+from sharding.exchange import GroupExchange
+from sharding.kernels import native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler for the barrier")
+
+
+def _init(root: Path, rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world)
+
+
+def _calls(world: int, seed: int) -> list[tuple[torch.dtype, tuple[int, ...], list[list[int]]]]:
+    """(dtype, shape of a row, counts[source][destination]) of each all-to-all; the same on every rank
+    (one generator)."""
+    g = torch.Generator().manual_seed(seed)
+    calls = []
+    for shape, dtype, most in [((5,), torch.float32, 40), ((3,), torch.int64, 40), ((), torch.float32, 400_000)]:
+        for _ in range(3):
+            counts = torch.randint(0, most, (world, world), generator=g)
+            counts[0, world - 1] = 0  # an empty segment
+            calls.append((dtype, shape, counts.tolist()))
+    return calls
+
+
+def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None) -> None:
+    _init(root, rank, world)
+    try:
+        if rank == fail_growth_on:
+
+            def refuse(path: Path, nbytes: int) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+            real_create = shm._create
+            shm._create = lambda path, nbytes: (refuse if "control" not in path.name else real_create)(path, nbytes)
+        exchange = shm.SharedMemoryExchange.join(60.0, root / "shm")
+        assert isinstance(exchange, shm.SharedMemoryExchange)
+        gloo = GroupExchange()
+        for i, (dtype, shape, counts) in enumerate(_calls(world, seed=7)):
+            send = [counts[rank][peer] for peer in range(world)]
+            recv = [counts[peer][rank] for peer in range(world)]
+            tensor = (torch.arange(sum(send) * max(1, int(torch.tensor(shape).prod()))) + 1000 * rank + i).to(dtype)
+            tensor = tensor.reshape(sum(send), *shape)
+            got = exchange.all_to_all_back(tensor, send, recv)
+            assert torch.equal(got, gloo.all_to_all_back(tensor, send, recv)), f"call {i}"
+        header = torch.arange(world * 3).reshape(world, 3) + 10 * rank
+        assert torch.equal(exchange.all_to_all_rows(header), gloo.all_to_all_rows(header))
+        exchange.close()
+        dist.barrier()
+        (root / f"rank{rank}.json").write_text(
+            json.dumps({"shared": exchange.shared, "files": sorted(p.name for p in (root / "shm").iterdir())})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_growth_on", [None, 1])
+def test_shared_memory_delivers_what_gloo_does_and_leaves_no_file(tmp_path, fail_growth_on):
+    """Three ranks, uneven and empty segments, outboxes grown past their first megabyte; with one rank's
+    outbox unable to grow, every rank goes on over gloo from that call with the same results."""
+    (tmp_path / "shm").mkdir()
+    mp.spawn(_exchange_all, args=(tmp_path, 3, fail_growth_on), nprocs=3, join=True)
+    for rank in range(3):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == {"shared": fail_growth_on is None, "files": []}
+
+
+def _join_apart(rank: int, root: Path, world: int) -> None:
+    _init(root, rank, world)
+    try:
+        mine = root / f"dir{rank}"  # each rank its own directory: they do not share one
+        mine.mkdir()
+        exchange = shm.SharedMemoryExchange.join(60.0, mine)
+        (root / f"rank{rank}.json").write_text(json.dumps(type(exchange).__name__))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_do_not_share_the_directory_use_gloo(tmp_path):
+    mp.spawn(_join_apart, args=(tmp_path, 2), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == ["GroupExchange"] * 2
+    assert not any((tmp_path / "dir0").iterdir())
+
+
+def _wait_alone(rank: int, root: Path, world: int) -> None:
+    _init(root, rank, world)
+    exchange = shm.SharedMemoryExchange.join(1.0, root)
+    if rank == 0:
+        try:
+            exchange.all_to_all_back(torch.ones(2, 1), [1, 1], [1, 1])
+        except RuntimeError as err:
+            (root / "error.txt").write_text(str(err))
+    dist.barrier()  # rank 1 stays here, never in the all-to-all
+    exchange.close()
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_does_not_come_is_named_after_the_timeout(tmp_path):
+    mp.spawn(_wait_alone, args=(tmp_path, 2), nprocs=2, join=True)
+    assert "rank 0: waited 1 s" in (tmp_path / "error.txt").read_text()
+    assert "rank(s) [1]" in (tmp_path / "error.txt").read_text()
