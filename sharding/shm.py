@@ -28,7 +28,7 @@ import math
 import os
 import secrets
 import warnings
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import torch
@@ -155,7 +155,7 @@ class SharedMemoryExchange(GroupExchange):
 
     def _write(self, which: int, data: torch.Tensor, starts: list[int]) -> None:
         """This rank's segments for its peers, packed into its outbox, and where each starts."""
-        sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(zip(starts, starts[1:]))]
+        sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(pairwise(starts))]
         box = self._outbox(which, sum(sizes))
         if box is None:
             return
@@ -204,7 +204,8 @@ class SharedMemoryExchange(GroupExchange):
                 f"for rank(s) {behind} (sharding.timeout_minutes)"
             )
         # Every rank has passed the barrier after the one that published these files: all have mapped them.
-        for published, path in [item for item in self.unlink_later if item[0] < self.generation]:
+        done = [path for published, path in self.unlink_later if published < self.generation]
+        for path in done:
             path.unlink(missing_ok=True)
         self.unlink_later = [item for item in self.unlink_later if item[0] >= self.generation]
 

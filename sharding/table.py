@@ -190,7 +190,7 @@ class ShardedTable:
         runs = [
             (ids[offset : offset + count], grad[offset : offset + count])
             for item, ids, grad in zip(encoded, parts_ids, parts_grad, strict=True)
-            for offset, count in zip(accumulate(item.recv_counts, initial=0), item.recv_counts)
+            for offset, count in zip(accumulate(item.recv_counts, initial=0), item.recv_counts, strict=False)
             if count
         ]
         merged = native.merge_rows(runs)
