@@ -1,4 +1,5 @@
-"""Sharded training on a synthetic graph with millions of entities: 1 worker against 2 (torchrun, gloo).
+"""Sharded training on a synthetic graph with millions of entities: 1 worker against 2 (torchrun, gloo),
+whose all-to-alls go through shared memory (the default on one host) or over gloo's TCP.
 
 Each worker runs one intra-op thread. Two workers are pinned to a core each (``sharding.pin_cpus``); one
 worker runs twice, unpinned (its data reader's and the OS's threads may use the second core) and pinned to
@@ -116,17 +117,23 @@ def main() -> None:
     ]  # fmt: skip
     runs = []
     # Each setup in turn, ``--repeats`` times over: a slow stretch of the machine hits every setup alike.
-    setups = [("1", 1, False), ("1 (pinned to one core)", 1, True), ("2 (torchrun, gloo)", 2, False)]
+    # (name, workers, pinned, extra settings); the ratios are of the default 2-worker setup (setups[2]).
+    setups: list[tuple[str, int, bool, list[str]]] = [
+        ("1", 1, False, []),
+        ("1 (pinned to one core)", 1, True, []),
+        ("2 (torchrun, shared-memory all-to-all)", 2, False, []),
+        ("2 (torchrun, gloo all-to-all over TCP)", 2, False, ["sharding.shared_memory=false"]),
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         dataset = Path(scratch) / "graph"
         make_dataset(dataset, args.entities, args.triples)
         for repeat in range(args.repeats):
-            for name, workers, pin in setups:
-                result = run(dataset, Path(scratch) / f"run-{repeat}-{workers}-{pin}", workers, settings, pin)
+            for index, (name, workers, pin, extra) in enumerate(setups):
+                result = run(dataset, Path(scratch) / f"run-{repeat}-{index}", workers, [*settings, *extra], pin)
                 runs.append({"workers": name, "repeat": repeat + 1, **result})
                 print(runs[-1], flush=True)
     rows = []
-    for name, workers, _ in setups:
+    for name, workers, _, _ in setups:
         mine = [r for r in runs if r["workers"] == name]
         shard = table_bytes(args.entities, args.dim, variational=True, optimizer=args.optimizer, world_size=workers)
         rates = [r["positives_per_s"] for r in mine]
@@ -136,11 +143,12 @@ def main() -> None:
             "cores_per_worker": statistics.median(r["cores_per_worker"] for r in mine),
             "entity_shard_mib": shard / 2**20, "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
         })  # fmt: skip
-    two = [r["positives_per_s"] for r in runs if r["workers"] == setups[2][0]]
-    for row in rows[:2]:
-        one = [r["positives_per_s"] for r in runs if r["workers"] == row["workers"]]
-        ratios = [b / a for a, b in zip(one, two, strict=True)]  # per repeat: runs next to each other
-        row["2 workers / this"] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    for column, setup in (("2 workers / this", setups[2]), ("2 workers over gloo / this", setups[3])):
+        two = [r["positives_per_s"] for r in runs if r["workers"] == setup[0]]
+        for row in rows[:2]:
+            one = [r["positives_per_s"] for r in runs if r["workers"] == row["workers"]]
+            ratios = [b / a for a, b in zip(one, two, strict=True)]  # per repeat: runs next to each other
+            row[column] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
     memory = [
         {"dim (real)": dim, "workers": w, "optimizer": opt, "GiB per worker": freebase_gib(dim, opt, w)}
         for dim in (200, 400)
@@ -158,6 +166,7 @@ def main() -> None:
                 "positives_per_s",
                 "range",
                 "2 workers / this",
+                "2 workers over gloo / this",
                 "cores_per_worker",
                 "entity_shard_mib",
                 "peak_rss_mib",
