@@ -3,14 +3,15 @@
  *
  * The release store and acquire loads order the payload a rank wrote into its outbox before arriving
  * before whatever a rank reads once it has seen everyone arrive, on any CPU (x86's stores are ordered
- * anyway; ARM's are not). Waiting spins, yielding the core after a few hundred looks so that the
- * worker's other threads (gloo's, the data reader's) and other processes on an oversubscribed host run.
+ * anyway; ARM's are not). Waiting spins for a few hundred looks, then sleeps 20 us between looks, so
+ * that the worker's other threads (gloo's, the data reader's) and other processes have the core (tried:
+ * sched_yield between looks, a few percent slower on the 2-worker sharding bench).
  */
-#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 
-#define SPINS_BEFORE_YIELD 256
+#define SPINS_BEFORE_SLEEP 256
+#define SLEEP_NS 20000
 
 static double seconds_since(const struct timespec *start) {
     struct timespec now;
@@ -28,9 +29,10 @@ int shm_barrier(int64_t *counters, int64_t world, int64_t rank, int64_t gen, dou
         int64_t behind = 0;
         for (int64_t r = 0; r < world; r++) behind += __atomic_load_n(&counters[r], __ATOMIC_ACQUIRE) < gen;
         if (behind == 0) return 0;
-        if (looks >= SPINS_BEFORE_YIELD) {
-            sched_yield();
-            if ((looks & 1023) == 0 && seconds_since(&start) > timeout_s) return 1;
+        if (looks >= SPINS_BEFORE_SLEEP) {
+            const struct timespec pause = {0, SLEEP_NS};
+            nanosleep(&pause, NULL);
+            if ((looks & 63) == 0 && seconds_since(&start) > timeout_s) return 1;
         }
     }
 }
