@@ -97,6 +97,7 @@ def test_ranks_that_do_not_share_the_directory_use_gloo(tmp_path):
 def _wait_alone(rank: int, root: Path, world: int) -> None:
     _init(root, rank, world)
     exchange = shm.SharedMemoryExchange.join(1.0, root)
+    assert isinstance(exchange, shm.SharedMemoryExchange)
     if rank == 0:
         try:
             exchange.all_to_all_back(torch.ones(2, 1), [1, 1], [1, 1])
