@@ -16,8 +16,9 @@ One all-to-all is a generation g, in the same sequence on every rank (as for any
 
 Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier of g + 1, which no rank
 reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
-control block after the set-up, a grown outbox after the next barrier), so a run leaves nothing in
-/dev/shm, even when it is killed. The small all-reduces stay on gloo. An outbox that cannot grow (a full
+control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
+nothing in /dev/shm, and a killed one at most the outboxes it grew in its last all-to-all (named
+``nvkg-TOKEN-*``). The small all-reduces stay on gloo. An outbox that cannot grow (a full
 /dev/shm: Docker gives 64 MB unless told otherwise) is published as such, and from that all-to-all on
 every rank moves its tensors over gloo instead.
 """
