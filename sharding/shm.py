@@ -17,8 +17,8 @@ One all-to-all is a generation g, in the same sequence on every rank (as for any
 Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier of g + 1, which no rank
 reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
 control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
-nothing in /dev/shm, and a killed one at most the outboxes it grew in its last all-to-all (named
-``nvkg-TOKEN-*``). The small all-reduces stay on gloo. An outbox that cannot grow (a full
+nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two all-to-alls, or the
+control block when killed while joining (named ``nvkg-TOKEN-*``). The small all-reduces stay on gloo. An outbox that cannot grow (a full
 /dev/shm: Docker gives 64 MB unless told otherwise) is published as such, and from that all-to-all on
 every rank moves its tensors over gloo instead.
 """
@@ -129,7 +129,8 @@ class SharedMemoryExchange(GroupExchange):
         which = self.generation % 2
         self._write(which, data, starts)
         self._barrier()
-        if (self.versions == DISABLED).any():
+        # This set only: a faster rank may already have published the other set's next outbox, or its failure.
+        if (self.versions[which] == DISABLED).any():
             self._give_up()
             return super().all_to_all_back(tensor, send_counts, recv_counts)
         self._map_changed(which)

@@ -90,7 +90,7 @@ int row_adagrad(float *param, float *sum_sq, const int64_t *ids, const float *gr
  * ascending (one requester's sorted distinct ids), merged into the ascending distinct ids with the sum of
  * each id's rows. runs [k, 3] holds each run's (address of its ids, address of its grad rows [len, width],
  * len); out_ids [total len] and out_grad [total len, width] receive the result. Rows of one id are added
- * in run order (copy of the first, then +=), the order torch's cat -> unique -> index_add_ adds them in.
+ * in run order (0 + the first, then +=), as torch's cat -> unique -> index_add_ adds them.
  * One pass over the rows where cat -> sort -> index_add_ makes three and a sort. Returns the number of
  * distinct ids, or -1 when a run is not strictly ascending (out_* then hold nothing useful). */
 int64_t merge_rows(const int64_t *runs, int64_t k, int64_t width, int64_t *out_ids, float *out_grad) {
@@ -118,7 +118,7 @@ int64_t merge_rows(const int64_t *runs, int64_t k, int64_t width, int64_t *out_i
             for (int64_t j = 0; j < width; j++) dst[j] += g[j];
         } else {
             float *restrict dst = out_grad + m * width;
-            for (int64_t j = 0; j < width; j++) dst[j] = g[j];
+            for (int64_t j = 0; j < width; j++) dst[j] = 0.0f + g[j]; /* as index_add_ into zeros: -0 -> +0 */
             out_ids[m++] = best_id;
         }
     }

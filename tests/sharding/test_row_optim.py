@@ -186,12 +186,15 @@ def test_merged_gradient_rows_equal_torch_unique_and_index_add(num_runs):
     runs = []
     for _ in range(num_runs):
         ids = torch.randperm(50, generator=g)[: int(torch.randint(0, 30, (), generator=g))].sort().values
-        runs.append((ids, torch.randn(len(ids), 7, generator=g)))
+        grad = torch.randn(len(ids), 7, generator=g)
+        grad[:, 0] = -0.0  # index_add_ into zeros makes it +0
+        runs.append((ids, grad))
     merged = native.merge_rows(runs)
     assert merged is not None
     expected_ids, expected_grad = _torch_merge(runs)
     assert torch.equal(merged[0], expected_ids)
-    assert torch.equal(merged[1], expected_grad)  # the same additions in the same order: bit for bit
+    # The same additions in the same order: bit for bit, the sign of a zero included.
+    assert torch.equal(merged[1].view(torch.int32), expected_grad.view(torch.int32))
 
 
 def test_merge_refuses_runs_it_cannot_merge():
