@@ -18,9 +18,9 @@ Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier 
 reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
 control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
 nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two all-to-alls, or the
-control block when killed while joining (named ``nvkg-TOKEN-*``). The small all-reduces stay on gloo. An outbox that cannot grow (a full
-/dev/shm: Docker gives 64 MB unless told otherwise) is published as such, and from that all-to-all on
-every rank moves its tensors over gloo instead.
+control block when killed while joining (named ``nvkg-TOKEN-*``). The small all-reduces stay on gloo.
+An outbox that cannot grow (a full /dev/shm: Docker gives 64 MB unless told otherwise) is published as
+such, and from that all-to-all on every rank moves its tensors over gloo instead.
 """
 
 from __future__ import annotations
