@@ -241,8 +241,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"wn18rr trained {args.wn18rr_epochs} epochs. Means over seeds.\n",
         "## Calibration on test and triple classification\n",
         "Validation: ECE of each method's out-of-fold probabilities (5 folds of the validation facts), "
-        "Platt per relation then isotonic (the default) / Platt per relation / global isotonic: what a method "
-        "is chosen by without test. Test: ECE before → after each method in the same order; Brier and log "
+        "Platt per relation then isotonic / Platt per relation / global isotonic: what the default (auto) "
+        "chooses by, without test. Test: ECE before → after the default, then after each method in the same "
+        "order; Brier and log "
         'loss before → after the default. "A calibrated model shows": the mean ECE '
         "of labels drawn from the default's own probabilities (magnitude), the ECE a perfectly calibrated "
         'model would show on as many test facts; "within": in how many (seed, measure) pairs the default\'s '
