@@ -91,6 +91,9 @@ class GroupExchange:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Release what the exchange holds beyond the process group (``SharedMemoryExchange``'s files)."""
+
 
 Exchange = LocalExchange | GroupExchange
 

@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from sharding.exchange import Exchange, GroupExchange, LocalExchange
-from sharding.shm import SharedMemoryExchange, join_exchange
+from sharding.exchange import Exchange, LocalExchange
+from sharding.shm import join_exchange
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "gloo", "nccl"]
@@ -98,7 +98,7 @@ def process_group(
     converting a dataset or writing a Freebase shard while the others wait at a barrier);
     ``shared_memory``: gloo's all-to-alls go through /dev/shm when every rank shares it (sharding/shm.py)."""
     if dist.is_available() and dist.is_initialized():
-        with _closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
+        with contextlib.closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
             yield exchange
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -110,16 +110,7 @@ def process_group(
         torch.cuda.set_device(device)
     dist.init_process_group(backend=chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
-        with _closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
+        with contextlib.closing(join_exchange(shared_memory, timeout_minutes)) as exchange:
             yield exchange
     finally:
         dist.destroy_process_group()
-
-
-@contextmanager
-def _closing(exchange: GroupExchange) -> Iterator[GroupExchange]:
-    try:
-        yield exchange
-    finally:
-        if isinstance(exchange, SharedMemoryExchange):
-            exchange.close()

@@ -69,7 +69,7 @@ class SharedMemoryExchange(GroupExchange):
         self.offsets = control[world : world + 2 * world * world].view(2, world, world)
         """[set, writer, reader]: where the writer's segment for the reader starts in its outbox (bytes)."""
         self.versions = control[world + 2 * world * world :].view(2, world)
-        self.control, self.token, self.directory, self.timeout_s = control, token, directory, timeout_s
+        self.token, self.directory, self.timeout_s = token, directory, timeout_s
         self.generation = 0
         self.boxes: list[list[torch.Tensor | None]] = [[None] * world for _ in range(2)]
         self.mapped = [[0] * world for _ in range(2)]

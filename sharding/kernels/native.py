@@ -1,7 +1,7 @@
 """The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad and the owner's
 merge of gradient rows (``rows.c``), the counter-based noise of the training samples with the fused sample
-and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), and a
-hash of strings for the converter's name lookup (``strings.c``), and the barrier of the shared-memory
+and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), a
+hash of strings for the converter's name lookup (``strings.c``) and the barrier of the shared-memory
 all-to-all (``barrier.c``). Built on first use with the machine's C compiler, for its CPU, into a cache
 keyed by the sources, flags and CPU; loaded with ctypes.
 
