@@ -112,3 +112,19 @@ def test_a_rank_that_does_not_come_is_named_after_the_timeout(tmp_path):
     mp.spawn(_wait_alone, args=(tmp_path, 2), nprocs=2, join=True)
     assert "rank 0: waited 1 s" in (tmp_path / "error.txt").read_text()
     assert "rank(s) [1]" in (tmp_path / "error.txt").read_text()
+
+
+def _join_as_configured(rank: int, root: Path, world: int) -> None:
+    _init(root, rank, world)
+    try:
+        chosen = [type(shm.join_exchange(flag, 1.0)).__name__ for flag in (False, True)]
+        (root / f"rank{rank}.json").write_text(json.dumps(chosen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharding_shared_memory_false_keeps_gloo(tmp_path):
+    mp.spawn(_join_as_configured, args=(tmp_path, 2), nprocs=2, join=True)
+    for rank in (0, 1):
+        chosen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert chosen == ["GroupExchange", "SharedMemoryExchange"]
