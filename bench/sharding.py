@@ -3,7 +3,10 @@ whose all-to-alls go through shared memory (the default on one host) or over glo
 
 Each worker runs one intra-op thread. Two workers are pinned to a core each (``sharding.pin_cpus``); one
 worker runs twice, unpinned (its data reader's and the OS's threads may use the second core) and pinned to
-one core, so the ratio of 2 workers to the pinned one is what a second core adds. V-ComplEx
+one core, so the ratio of 2 workers to the pinned one is what a second core adds. A last setup is the
+machine's ceiling for two workers: two independent single workers at once, each pinned to its own core
+with half the batch and the whole table, exchanging nothing (their positives/s summed): what two
+processes get out of two cores when sharding costs nothing. V-ComplEx
 (LIM), Bernoulli likelihood with per-occurrence KL (every update touches only the batch's rows),
 global negatives. Reported per run: positives/s over the second epoch, the entity shard's bytes per
 worker (rows and optimiser state, from the table) and each worker's peak RSS (VmHWM).
@@ -33,6 +36,7 @@ from storage.convert import ConvertOptions, write_id_dataset
 
 ROOT = Path(__file__).parents[1]
 FREEBASE_ENTITIES = 86_054_151
+CEILING = "2 independent single workers, half the batch each (no sharding: the ceiling)"
 
 # Runs the trainer, then records this worker's peak RSS and the cores it kept busy (CPU seconds of all its
 # threads over its wall time) beside the run. BENCH_PIN_CPU pins the process to one CPU first.
@@ -92,6 +96,35 @@ def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool =
             "cores_per_worker": max(cores)}  # fmt: skip
 
 
+def run_independent(dataset: Path, out: Path, settings: list[str]) -> dict:
+    """Two single workers at once, pinned to cores 0 and 1, each over the whole training set; their
+    positives/s summed."""
+    args = ["train", "--dataset", str(dataset)]
+    for item in settings:
+        args += ["--set", item]
+    outs = [out / f"worker{i}" for i in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, *args, "--out", str(path)], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PIN_CPU": str(i)},
+        )
+        for i, path in enumerate(outs)
+    ]  # fmt: skip
+    failures = [err[-4000:] for child in children for _, err in [child.communicate()] if child.returncode]
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    positives = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["triples"]
+    rates, peaks, cores = [], [], []
+    for path in outs:
+        epochs = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+        rates.append(positives / epochs[-1]["seconds"])
+        peaks.append(int((path / "peak-rss-rank0.txt").read_text()) / 1024)
+        cores.append(json.loads((path / "cores-rank0.json").read_text()))
+    shutil.rmtree(out)
+    return {"positives_per_s": sum(rates), "peak_rss_mib": max(peaks), "cores_per_worker": max(cores)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,19 +158,25 @@ def main() -> None:
         ("1 (pinned to one core)", 1, True, []),
         ("2 (torchrun, shared-memory all-to-all)", 2, False, []),
         ("2 (torchrun, gloo all-to-all over TCP)", 2, False, ["sharding.shared_memory=false"]),
+        (CEILING, 2, True, []),
     ]
     with tempfile.TemporaryDirectory() as scratch:
         dataset = Path(scratch) / "graph"
         make_dataset(dataset, args.entities, args.triples)
         for repeat in range(args.repeats):
             for index, (name, workers, pin, extra) in enumerate(setups):
-                result = run(dataset, Path(scratch) / f"run-{repeat}-{index}", workers, [*settings, *extra], pin)
+                out = Path(scratch) / f"run-{repeat}-{index}"
+                if name == CEILING:
+                    result = run_independent(dataset, out, [*settings, f"train.batch_size={args.batch // 2}"])
+                else:
+                    result = run(dataset, out, workers, [*settings, *extra], pin)
                 runs.append({"workers": name, "repeat": repeat + 1, **result})
                 print(runs[-1], flush=True)
     rows = []
     for name, workers, _, _ in setups:
         mine = [r for r in runs if r["workers"] == name]
-        shard = table_bytes(args.entities, args.dim, variational=True, optimizer=args.optimizer, world_size=workers)
+        owners = 1 if name == CEILING else workers  # the ceiling's workers hold the whole table each
+        shard = table_bytes(args.entities, args.dim, variational=True, optimizer=args.optimizer, world_size=owners)
         rates = [r["positives_per_s"] for r in mine]
         rows.append({
             "workers": name, "positives_per_s": statistics.median(rates),
@@ -145,9 +184,12 @@ def main() -> None:
             "cores_per_worker": statistics.median(r["cores_per_worker"] for r in mine),
             "entity_shard_mib": shard / 2**20, "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
         })  # fmt: skip
-    for column, setup in (("2 workers / this", setups[2]), ("2 workers over gloo / this", setups[3])):
+    # In the ceiling's row, "2 workers / this" is the share of the ceiling that sharded training reaches.
+    columns = [("2 workers / this", setups[2], [0, 1, 4]), ("2 workers over gloo / this", setups[3], [0, 1, 4]),
+               ("ceiling / this", setups[4], [0, 1])]  # fmt: skip
+    for column, setup, below in columns:
         two = [r["positives_per_s"] for r in runs if r["workers"] == setup[0]]
-        for row in rows[:2]:
+        for row in (rows[i] for i in below):
             one = [r["positives_per_s"] for r in runs if r["workers"] == row["workers"]]
             ratios = [b / a for a, b in zip(one, two, strict=True)]  # per repeat: runs next to each other
             row[column] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -160,7 +202,9 @@ def main() -> None:
     markdown = (
         f"## Sharded V-ComplEx, {args.entities:,} entities, {args.triples:,} triples, dim {args.dim}\n\n"
         + f"Median of {args.repeats} repeats (range); cores per worker: CPU seconds of all its threads over its wall "
-        "time.\n\n"
+        "time. The ceiling: two independent single workers at once, pinned to a core each, half the batch each, "
+        'exchanging nothing (positives/s summed); in its row, "2 workers / this" is the share of the ceiling '
+        "that sharded training reaches.\n\n"
         + markdown_table(
             rows,
             [
@@ -169,6 +213,7 @@ def main() -> None:
                 "range",
                 "2 workers / this",
                 "2 workers over gloo / this",
+                "ceiling / this",
                 "cores_per_worker",
                 "entity_shard_mib",
                 "peak_rss_mib",
