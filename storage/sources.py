@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from sharding.kernels import native
 from storage.layout import ALL_SPLITS, SPLITS, SplitCounts
 
 BLOCK_BYTES = 1 << 24
@@ -252,7 +253,8 @@ class NTriplesSource:
     def _parse(self, path: Path, block: bytes) -> tuple[pa.Table, dict[str, int]]:
         """The triples of a block of whole lines, and its counts (lines, bad_lines, literals).
 
-        Fast path: pyarrow's CSV reader splits the lines into four terms on the block's delimiter (the
+        Fast path: the compiled scan (``sharding/kernels/ntriples.c``) or, without the kernels, pyarrow's
+        CSV reader splits the lines into four terms on the block's delimiter (the
         first line's: tab, as in Freebase's dump, or space), and a term passes when it is a plain IRI
         (``_plain_iri_rows``: one pass over the column's bytes) or, in the object, a literal (a regex over
         those terms alone). Every other line (blank nodes, escapes, comments, runs of blanks, literals
@@ -263,6 +265,12 @@ class NTriplesSource:
             return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
         newline = block.find(b"\n")
         delimiter = "\t" if b"\t" in block[: newline if newline >= 0 else len(block)] else " "
+        try:
+            scanned = native.scan_ntriples(block, delimiter)
+        except UnicodeError:  # the line-wise path names the line
+            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+        if scanned is not None:
+            return self._parse_scanned(path, block, scanned)
         other: list[str] = []
 
         def invalid(row: pcsv.InvalidRow) -> str:
@@ -296,6 +304,25 @@ class NTriplesSource:
         tally = {"lines": triples.num_rows + literals.num_rows, "bad_lines": 0, "literals": literals.num_rows}
         if other:
             slow, slow_tally = self._parse_lines(path, pa.array(other, pa.string()))
+            parsed = pa.concat_tables([parsed, slow])
+            tally = {name: tally[name] + slow_tally[name] for name in tally}
+        return parsed, tally
+
+    def _parse_scanned(self, path: Path, block: bytes, scanned: native.NTriplesScan) -> tuple[pa.Table, dict[str, int]]:
+        """``_parse`` from the compiled fast path's output: its literals checked with the literal regex, and
+        the lines it left (in the order the CSV path leaves them) through the regex path."""
+        ok = pc.match_substring_regex(scanned.literals, _LITERAL_TERM).to_numpy(zero_copy_only=False)
+        bad = scanned.literal_lines[~ok]
+        other = scanned.other
+        if len(bad):
+            other = np.concatenate([other, np.column_stack([bad, np.full(len(bad), 2)])])
+        parsed = pa.table({"head": scanned.heads, "relation": scanned.relations, "tail": scanned.tails})
+        literals = int(ok.sum())
+        tally = {"lines": len(parsed) + literals, "bad_lines": 0, "literals": literals}
+        if len(other):
+            other = other[np.lexsort((other[:, 0], other[:, 2]))]
+            lines = pa.array([block[start:end].decode() for start, end, _ in other.tolist()], pa.string())
+            slow, slow_tally = self._parse_lines(path, lines)
             parsed = pa.concat_tables([parsed, slow])
             tally = {name: tally[name] + slow_tally[name] for name in tally}
         return parsed, tally

@@ -1,9 +1,9 @@
 """The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad and the owner's
 merge of gradient rows (``rows.c``), the counter-based noise of the training samples with the fused sample
 and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), a
-hash of strings for the converter's name lookup (``strings.c``) and the barrier of the shared-memory
-all-to-all (``barrier.c``). Built on first use with the machine's C compiler, for its CPU, into a cache
-keyed by the sources, flags and CPU; loaded with ctypes.
+hash of strings for the converter's name lookup (``strings.c``), the N-Triples converter's fast path
+(``ntriples.c``) and the barrier of the shared-memory all-to-all (``barrier.c``). Built on first use with
+the machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
 
 Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
 the CPU) torch ops do the work: the same Adam update, the same sample and KL, and noise from torch's
@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ SOURCES = {
     HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
     HERE / "strings.c": FLAGS,
     HERE / "barrier.c": FLAGS,
+    HERE / "ntriples.c": FLAGS,
 }
 HEADERS = (HERE / "vecmath.h",)
 """Each file with its flags. -fno-math-errno lets sqrtf vectorise (with errno the Adam update is a scalar
@@ -58,6 +60,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
     "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
+    "nt_scan": ([_P, _I, ctypes.c_uint8, *[_P] * 11], ctypes.c_int),
 }
 MERGE_MAX_RUNS = 64
 """As rows.c: ``merge_rows`` scans every run's head per row, so more runs go to torch's sort."""
@@ -266,6 +269,43 @@ def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:
         first = offsets.address + 4 * strings.offset
         lib.hash_strings(first, values.address if values is not None else 0, len(strings), seed, out.ctypes.data)
     return out
+
+
+@dataclass
+class NTriplesScan:
+    """What ``ntriples.c`` made of a block: the triples' terms without brackets, the literal objects (each
+    line's [start, end) in ``literal_lines``) and the lines left to the grammar, [start, end, reason]."""
+
+    heads: pa.Array
+    relations: pa.Array
+    tails: pa.Array
+    literals: pa.Array
+    literal_lines: np.ndarray
+    other: np.ndarray
+
+
+def scan_ntriples(block: bytes, delimiter: str) -> NTriplesScan | None:
+    """The fast path of a block of whole N-Triples lines (see ntriples.c), or None where the kernels cannot
+    be built; UnicodeError when the block is not valid UTF-8."""
+    lib = library()
+    if lib is None:
+        return None
+    n, cap = len(block), block.count(b"\n") + 1
+    columns = [(np.empty(cap + 1, np.int32), np.empty(n, np.uint8)) for _ in range(4)]
+    literal_lines, other, counts = np.empty((cap, 2), np.int64), np.empty((cap, 3), np.int64), np.zeros(3, np.int64)
+    status = lib.nt_scan(
+        block, n, ord(delimiter), *(a.ctypes.data for column in columns for a in column),
+        literal_lines.ctypes.data, other.ctypes.data, counts.ctypes.data,
+    )  # fmt: skip
+    if status:
+        raise UnicodeError("the block is not valid UTF-8")
+    triples, literals, others = (int(c) for c in counts)
+    strings = [
+        pa.StringArray.from_buffers(rows, pa.py_buffer(offsets), pa.py_buffer(values))
+        for (offsets, values), rows in zip(columns, (triples, triples, triples, literals), strict=True)
+    ]
+    heads, relations, tails, literal_terms = strings
+    return NTriplesScan(heads, relations, tails, literal_terms, literal_lines[:literals], other[:others])
 
 
 if __name__ == "__main__":

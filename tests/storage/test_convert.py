@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import shutil
 
 import numpy as np
@@ -101,7 +102,8 @@ _:n1 <http://x/likes> <http://x/a> .
 """
 
 
-def test_ntriples_skips_literals_counts_duplicates_and_filters_relations(tmp_path):
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
+def test_ntriples_skips_literals_counts_duplicates_and_filters_relations(tmp_path, kernels):
     path = tmp_path / "dump.nt.gz"
     with gzip.open(path, "wt") as handle:
         handle.write(NT)
@@ -127,7 +129,8 @@ def test_ntriples_skips_literals_counts_duplicates_and_filters_relations(tmp_pat
         "<http://x/a> <http://x/p> .",  # two terms
     ],
 )
-def test_ntriples_malformed_line_is_named(tmp_path, line):
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
+def test_ntriples_malformed_line_is_named(tmp_path, line, kernels):
     path = tmp_path / "bad.nt"
     path.write_text(f"<http://x/a> <http://x/p> <http://x/b> .\n{line}\n")
     with pytest.raises(ValueError, match=r"bad\.nt:2: not an N-Triples statement"):
@@ -186,9 +189,11 @@ def _reference_parse(lines):
     return sorted(triples), counted, bad, literals
 
 
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
 @pytest.mark.parametrize("block_bytes", [64, 4096])
-def test_ntriples_fast_path_parses_as_the_grammar_does(tmp_path, block_bytes):
-    """The CSV-split fast path and the regex path together give what matching each line whole gives."""
+def test_ntriples_fast_path_parses_as_the_grammar_does(tmp_path, block_bytes, kernels):
+    """The fast path (compiled, or pyarrow's CSV split without the kernels) and the regex path together
+    give what matching each line whole gives."""
     rng = np.random.default_rng(0)
     lines = [NT_MIXED[i] for i in rng.integers(len(NT_MIXED), size=400)]
     path = tmp_path / "mixed.nt"
@@ -204,18 +209,60 @@ def test_ntriples_fast_path_parses_as_the_grammar_does(tmp_path, block_bytes):
         list(NTriplesSource({"train": path}, block_bytes=block_bytes).chunks("train"))
 
 
-def test_ntriples_lone_carriage_return_is_not_a_line_break(tmp_path):
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
+def test_ntriples_lone_carriage_return_is_not_a_line_break(tmp_path, kernels):
     path = tmp_path / "cr.nt"
     path.write_bytes(b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\r<http://x/c>\t<http://x/p>\t<http://x/d>\t.\n")
     with pytest.raises(ValueError, match=r"cr\.nt:1: not an N-Triples statement"):
         list(NTriplesSource({"train": path}).chunks("train"))
 
 
-def test_ntriples_invalid_utf8_is_named(tmp_path):
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
+def test_ntriples_invalid_utf8_is_named(tmp_path, kernels):
     path = tmp_path / "bytes.nt"
     path.write_bytes(b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\n<http://x/\xff>\t<http://x/p>\t<http://x/b>\t.\n")
     with pytest.raises(ValueError, match=r"bytes\.nt:2: not valid UTF-8"):
         list(NTriplesSource({"train": path}).chunks("train"))
+
+
+def _parsed(path, block_bytes, on):
+    """(head, relation, tail) of every triple in the order the converter reads them, and the counts; or
+    the error's message with the line number dropped where parsing fails."""
+    from sharding.kernels import native
+
+    native.library.cache_clear()
+    try:
+        if not on:
+            os.environ["NVKG_NATIVE"] = "0"
+        counts = SplitCounts()
+        source = NTriplesSource({"train": path}, skip_bad_lines=True, block_bytes=block_bytes)
+        table = pa.concat_tables(list(source.chunks("train", counts)))
+        return table.to_pylist(), (counts.lines, counts.bad_lines, counts.literals)
+    except ValueError as err:
+        return str(err)
+    finally:
+        os.environ.pop("NVKG_NATIVE", None)
+        native.library.cache_clear()
+
+
+def test_ntriples_compiled_scan_reads_what_the_csv_path_reads(tmp_path):
+    """The same triples in the same order and the same counts with and without the kernels, over lines
+    of NT_MIXED with characters swapped for ones the grammar cares about."""
+    rng = np.random.default_rng(1)
+    alphabet = ["<", ">", '"', " ", "\t", ".", "\\", "a", "#", "_", ":", "é", "{", "@"]
+    lines = []
+    for _ in range(3000):
+        line = list(NT_MIXED[rng.integers(len(NT_MIXED))])
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if line:
+                line[rng.integers(len(line))] = alphabet[rng.integers(len(alphabet))]
+        lines.append("".join(line))
+    path = tmp_path / "mutated.nt"
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    for block_bytes in (256, 1 << 16):
+        compiled, csv = _parsed(path, block_bytes, on=True), _parsed(path, block_bytes, on=False)
+        assert compiled == csv
+        assert not isinstance(compiled, str) and compiled[1][0] > 1000  # most lines were read
 
 
 def _dglke_dir(tmp_path, train="0\t1\t0\n1\t2\t1\n", entity_count="3"):

@@ -7,20 +7,6 @@ from storage.convert import write_id_dataset
 from storage.dataset import KGDataset, open_dataset
 from trainer.config import RunConfig, load_config
 
-
-@pytest.fixture
-def kernels(request, monkeypatch):
-    """``"on"``: the compiled CPU kernels; ``"off"``: the torch ops CUDA runs (NVKG_NATIVE=0). Parametrise
-    a test with ``@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)``."""
-    from sharding.kernels import native
-
-    native.library.cache_clear()
-    if request.param == "off":
-        monkeypatch.setenv("NVKG_NATIVE", "0")
-    yield request.param
-    native.library.cache_clear()
-
-
 # 6 entities, 2 relations; entity 5 never occurs in train.
 TINY_TRAIN = torch.tensor([[0, 0, 1], [1, 0, 2], [2, 1, 3], [3, 1, 4], [0, 1, 4], [4, 0, 0], [1, 1, 3]])
 
