@@ -192,17 +192,18 @@ def _collect_names(
 class NameIndex:
     """Names -> positions through a 64-bit hash of each name (``native.hash_strings``): the vocabulary's
     hashes are sorted once and bucketed by their top bits (about two per bucket), so a chunk costs a hash
-    per name and a gather or two, whatever the vocabulary's size (pyarrow's ``index_in`` builds a hash
-    table of a whole side per call). Used only when the vocabulary's hashes are distinct; every name
-    looked up is in the vocabulary (the first pass collected them), so an equal hash is the name."""
+    and a probe of its bucket per name (``native.probe_hashes``), whatever the vocabulary's size
+    (pyarrow's ``index_in`` builds a hash table of a whole side per call). Used only when the vocabulary's
+    hashes are distinct; every name looked up is in the vocabulary (the first pass collected them), so an
+    equal hash is the name."""
 
     hashes: np.ndarray
-    """The vocabulary's hashes, sorted, then one sentinel."""
+    """The vocabulary's hashes, sorted."""
     positions: np.ndarray
     """The position in the vocabulary of each of ``hashes``."""
     starts: np.ndarray
     """Where each bucket of ``hashes`` starts, and the end."""
-    shift: np.uint64
+    shift: int
 
     @classmethod
     def of(cls, names: pa.Array) -> NameIndex | None:
@@ -215,31 +216,17 @@ class NameIndex:
         if (hashes[1:] == hashes[:-1]).any():
             return None
         bits = max(1, int(np.ceil(np.log2(len(hashes)))) - 1)
-        shift = np.uint64(64 - bits)
-        counts = np.bincount((hashes >> shift).astype(np.intp), minlength=1 << bits)
+        shift = 64 - bits
+        counts = np.bincount((hashes >> np.uint64(shift)).astype(np.intp), minlength=1 << bits)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(np.append(hashes, np.uint64(0)), positions.astype(np.int32), starts, shift)
-
-    def _slots(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each hash's slot in ``hashes`` and whether it is there."""
-        bucket = (wanted >> self.shift).astype(np.intp)
-        slot, end = self.starts[bucket], self.starts[bucket + 1]
-        found = self.hashes[slot] == wanted
-        todo = np.flatnonzero(~found & (slot < end))
-        while todo.size:  # a few rounds: buckets hold about two hashes
-            slot[todo] += 1
-            live = slot[todo] < end[todo]
-            hit = live & (self.hashes[slot[todo]] == wanted[todo])
-            found[todo[hit]] = True
-            todo = todo[live & ~hit]
-        return slot, found
+        return cls(hashes, positions.astype(np.int32), starts, shift)
 
     def lookup(self, values: pa.ChunkedArray, path: Path) -> np.ndarray:
         wanted = np.concatenate([_hashes(chunk) for chunk in values.chunks] or [np.empty(0, np.uint64)])
-        slot, found = self._slots(wanted)
-        if not found.all():
+        ids, missing = native.probe_hashes(self.hashes, self.starts, self.positions, self.shift, wanted)
+        if missing:
             raise ValueError(f"{path}: a name is missing from the first pass's vocabulary (changed meanwhile?)")
-        return self.positions[slot]
+        return ids
 
 
 def _hashes(names: pa.Array) -> np.ndarray:

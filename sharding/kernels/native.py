@@ -61,6 +61,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
     "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
     "nt_scan": ([_P, _I, ctypes.c_uint8, *[_P] * 11], ctypes.c_int),
+    "probe_hashes": ([_P, _P, _P, _I, _P, _I, _P], ctypes.c_int64),
 }
 MERGE_MAX_RUNS = 64
 """As rows.c: ``merge_rows`` scans every run's head per row, so more runs go to torch's sort."""
@@ -269,6 +270,22 @@ def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:
         first = offsets.address + 4 * strings.offset
         lib.hash_strings(first, values.address if values is not None else 0, len(strings), seed, out.ctypes.data)
     return out
+
+
+def probe_hashes(
+    hashes: np.ndarray, starts: np.ndarray, positions: np.ndarray, shift: int, wanted: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(the position of each of ``wanted`` among bucketed sorted ``hashes``, -1 where absent; how many are
+    absent): the converter's name lookup (``storage.convert.NameIndex``), for callers that checked
+    ``library()`` first."""
+    arrays = ((hashes, np.uint64), (starts, np.int64), (positions, np.int32), (wanted, np.uint64))
+    hashes, starts, positions, wanted = (np.ascontiguousarray(a, dtype) for a, dtype in arrays)
+    out = np.empty(len(wanted), np.int32)
+    missing = loaded().probe_hashes(
+        hashes.ctypes.data, starts.ctypes.data, positions.ctypes.data, shift, wanted.ctypes.data, len(wanted),
+        out.ctypes.data,
+    )  # fmt: skip
+    return out, int(missing)
 
 
 @dataclass

@@ -32,3 +32,21 @@ void hash_strings(const int32_t *offsets, const uint8_t *data, int64_t n, uint64
         out[i] = mix64(h ^ word);
     }
 }
+
+/* out[i] = positions[s] for the slot s where hashes[s] == wanted[i], searched in wanted[i]'s bucket
+ * [starts[b], starts[b + 1]), b = wanted[i] >> shift (storage/convert.py: NameIndex); -1 where it is not
+ * there. Returns how many were not there. */
+int64_t probe_hashes(const uint64_t *hashes, const int64_t *starts, const int32_t *positions, int64_t shift,
+                     const uint64_t *wanted, int64_t n, int32_t *out) {
+    int64_t missing = 0;
+#pragma omp parallel for schedule(static) reduction(+ : missing) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t w = wanted[i], b = w >> shift;
+        int64_t s = starts[b], end = starts[b + 1];
+        while (s < end && hashes[s] != w)
+            s++;
+        out[i] = s < end ? positions[s] : -1;
+        missing += s >= end;
+    }
+    return missing;
+}

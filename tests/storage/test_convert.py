@@ -377,6 +377,16 @@ def test_lookup_agrees_whichever_side_is_hashed():
         assert index is not None and index.lookup(values, "x").tolist() == expected
 
 
+def test_hashed_lookup_agrees_with_pyarrow_on_a_large_vocabulary():
+    """Buckets of every fill, and chunks large enough for the probe's parallel loop."""
+    vocabulary = pa.array([f"http://rdf.freebase.com/ns/m.{i:x}" for i in range(200_000)])
+    ids = np.random.default_rng(0).integers(len(vocabulary), size=100_000)
+    values = pa.chunked_array([vocabulary.take(pa.array(ids[:30_000])), vocabulary.take(pa.array(ids[30_000:]))])
+    index = NameIndex.of(vocabulary)
+    assert index is not None
+    assert index.lookup(values, "x").tolist() == lookup(values, vocabulary).tolist() == ids.tolist()
+
+
 def test_hashed_lookup_names_a_missing_name_and_refuses_colliding_vocabularies(monkeypatch):
     vocabulary = pa.array([f"http://x/{i}" for i in range(1000)])
     index = NameIndex.of(vocabulary)
