@@ -253,9 +253,9 @@ class NTriplesSource:
     def _parse(self, path: Path, block: bytes) -> tuple[pa.Table, dict[str, int]]:
         """The triples of a block of whole lines, and its counts (lines, bad_lines, literals).
 
-        Fast path: the compiled scan (``sharding/kernels/ntriples.c``) or, without the kernels, pyarrow's
-        CSV reader splits the lines into four terms on the block's delimiter (the
-        first line's: tab, as in Freebase's dump, or space), and a term passes when it is a plain IRI
+        Fast path: the compiled scan (``sharding/kernels/ntriples.c``) or, without the kernels, pyarrow's CSV
+        reader splits the lines into four terms on the block's delimiter (the first line's: tab, as in
+        Freebase's dump, or space), and a term passes when it is a plain IRI
         (``_plain_iri_rows``: one pass over the column's bytes) or, in the object, a literal (a regex over
         those terms alone). Every other line (blank nodes, escapes, comments, runs of blanks, literals
         holding the delimiter, malformed lines) takes the regex path of the whole statement.

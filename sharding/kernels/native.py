@@ -303,9 +303,10 @@ class NTriplesScan:
 
 def scan_ntriples(block: bytes, delimiter: str) -> NTriplesScan | None:
     """The fast path of a block of whole N-Triples lines (see ntriples.c), or None where the kernels cannot
-    be built; UnicodeError when the block is not valid UTF-8."""
+    be built or the block is past the 2 GiB its 32-bit offsets reach; UnicodeError when the block is not
+    valid UTF-8."""
     lib = library()
-    if lib is None:
+    if lib is None or len(block) >= 1 << 31:
         return None
     n, cap = len(block), block.count(b"\n") + 1
     columns = [(np.empty(cap + 1, np.int32), np.empty(n, np.uint8)) for _ in range(4)]
