@@ -11,7 +11,7 @@ import pytest
 from storage.convert import ConvertOptions, NameIndex, convert, lookup, partition_of, write_id_dataset
 from storage.layout import MANIFEST, Manifest, SplitCounts
 from storage.reader import TripleStore
-from storage.sources import NT_BLANK, NT_LITERAL, NT_TRIPLE, DglKeSource, NTriplesSource, TsvSource
+from storage.sources import _IRI_ALLOWED, NT_BLANK, NT_LITERAL, NT_TRIPLE, DglKeSource, NTriplesSource, TsvSource
 
 
 def _names(root, which):
@@ -263,6 +263,16 @@ def test_ntriples_compiled_scan_reads_what_the_csv_path_reads(tmp_path):
         compiled, csv = _parsed(path, block_bytes, on=True), _parsed(path, block_bytes, on=False)
         assert compiled == csv
         assert not isinstance(compiled, str) and compiled[1][0] > 1000  # most lines were read
+
+
+def test_ntriples_compiled_scan_takes_the_iri_bytes_the_csv_path_takes(tmp_path):
+    """Every ASCII byte (and a multi-byte character) inside an IRI: the same verdict on both paths."""
+    inner = [chr(b) for b in range(128) if chr(b) not in "\n\r"] + ["é"]
+    lines = [f"<http://x/a{c}b>\t<http://x/p>\t<http://x/o>\t." for c in inner]
+    path = tmp_path / "bytes.nt"
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    compiled, csv = _parsed(path, 1 << 16, on=True), _parsed(path, 1 << 16, on=False)
+    assert compiled == csv and len(compiled[0]) == sum(ord(c) in _IRI_ALLOWED for c in inner[:-1]) + 1 == 87
 
 
 def _dglke_dir(tmp_path, train="0\t1\t0\n1\t2\t1\n", entity_count="3"):
