@@ -278,6 +278,8 @@ class NTriplesSource:
             return "skip"
 
         try:
+            # Invalid UTF-8 in a row the CSV reader rejects would fail inside its handler, unreported.
+            pa.array([block], pa.binary()).cast(pa.string())
             table = pcsv.read_csv(
                 pa.BufferReader(block),
                 read_options=pcsv.ReadOptions(column_names=_NT_COLUMNS, block_size=1 << 22),

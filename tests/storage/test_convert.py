@@ -275,6 +275,35 @@ def test_ntriples_compiled_scan_takes_the_iri_bytes_the_csv_path_takes(tmp_path)
     assert compiled == csv and len(compiled[0]) == sum(ord(c) in _IRI_ALLOWED for c in inner[:-1]) + 1 == 87
 
 
+@pytest.mark.parametrize(
+    "sequence",
+    [b"\xc3\xa9", b"\xe0\xa0\x80", b"\xef\xbf\xbf", b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf",  # valid
+     b"\x80", b"\xc0\x80", b"\xc1\xbf", b"\xe0\x9f\xbf", b"\xed\xa0\x80", b"\xf0\x8f\xbf\xbf",
+     b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xe2\x82", b"\xe2\x28\xa1", b"\xff"],
+)  # fmt: skip
+def test_ntriples_compiled_scan_checks_utf8_as_the_csv_path_does(tmp_path, sequence):
+    """Valid sequences parse and invalid ones (overlong, surrogate, past U+10FFFF, cut short, stray
+    continuation bytes) are named by line on both paths, in an IRI and at a block's last byte."""
+    for body in (
+        b"<http://x/a" + sequence + b">\t<http://x/p>\t<http://x/b>\t.\n",
+        b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\n# " + sequence,
+    ):
+        path = tmp_path / "utf8.nt"
+        path.write_bytes(b"<http://x/c>\t<http://x/p>\t<http://x/d>\t.\n" + body)
+        compiled, csv = _parsed(path, 1 << 16, on=True), _parsed(path, 1 << 16, on=False)
+        assert compiled == csv
+        valid = _is_utf8(sequence)
+        assert isinstance(compiled, str) != valid and (valid or "not valid UTF-8" in compiled)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _dglke_dir(tmp_path, train="0\t1\t0\n1\t2\t1\n", entity_count="3"):
     directory = tmp_path / "Freebase"
     directory.mkdir()
