@@ -62,6 +62,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
     "nt_scan": ([_P, _I, ctypes.c_uint8, *[_P] * 11], ctypes.c_int),
     "probe_hashes": ([_P, _P, _P, _I, _P, _I, _P], ctypes.c_int64),
+    "distinct_strings": ([_P, _P, _P, _I, _P, _I, _P], ctypes.c_int64),
 }
 MERGE_MAX_RUNS = 64
 """As rows.c: ``merge_rows`` scans every run's head per row, so more runs go to torch's sort."""
@@ -270,6 +271,27 @@ def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:
         first = offsets.address + 4 * strings.offset
         lib.hash_strings(first, values.address if values is not None else 0, len(strings), seed, out.ctypes.data)
     return out
+
+
+def distinct_strings(strings: pa.Array) -> pa.Array | None:
+    """The distinct strings of an Arrow string array, in the order they first occur (as pyarrow's
+    ``unique``), or None where the kernels cannot be built."""
+    hashes = hash_strings(strings)
+    if hashes is None:
+        return None
+    if strings.type != pa.string():
+        strings = strings.cast(pa.string())
+    if len(strings) == 0:
+        return strings
+    bits = max(4, (2 * len(strings) - 1).bit_length())
+    table, out = np.empty(1 << bits, np.int32), np.empty(len(strings), np.int32)
+    _, offsets, values = strings.buffers()
+    first = offsets.address + 4 * strings.offset
+    count = loaded().distinct_strings(
+        first, values.address if values is not None else 0, hashes.ctypes.data, len(strings), table.ctypes.data,
+        bits, out.ctypes.data,
+    )  # fmt: skip
+    return strings.take(pa.array(out[:count]))
 
 
 def probe_hashes(

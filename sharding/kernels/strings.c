@@ -50,3 +50,30 @@ int64_t probe_hashes(const uint64_t *hashes, const int64_t *starts, const int32_
     }
     return missing;
 }
+
+/* The first occurrence of each distinct string of an Arrow string array (offsets, data) whose hashes
+ * (hash_strings) are given: their indices into out, in the order they first occur; returns how many.
+ * An open-addressing table of 2^bits slots (caller's scratch, 2^bits >= 2n) holds the index of each
+ * string kept; an equal hash is confirmed by comparing the bytes, so the result is exact. */
+int64_t distinct_strings(const int32_t *offsets, const uint8_t *data, const uint64_t *hashes, int64_t n,
+                         int32_t *table, int64_t bits, int32_t *out) {
+    uint64_t mask = ((uint64_t)1 << bits) - 1;
+    memset(table, 0xff, sizeof(int32_t) << bits);
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t h = hashes[i];
+        int32_t length = offsets[i + 1] - offsets[i];
+        for (uint64_t s = h & mask;; s = (s + 1) & mask) {
+            int32_t j = table[s];
+            if (j < 0) {
+                table[s] = (int32_t)i;
+                out[count++] = (int32_t)i;
+                break;
+            }
+            if (hashes[j] == h && offsets[j + 1] - offsets[j] == length &&
+                !memcmp(data + offsets[j], data + offsets[i], (size_t)length))
+                break;
+        }
+    }
+    return count;
+}

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -424,6 +425,18 @@ def test_hashed_lookup_agrees_with_pyarrow_on_a_large_vocabulary():
     index = NameIndex.of(vocabulary)
     assert index is not None
     assert index.lookup(values, "x").tolist() == lookup(values, vocabulary).tolist() == ids.tolist()
+
+
+def test_compiled_distinct_is_pyarrows_unique_even_when_every_hash_collides(monkeypatch):
+    from sharding.kernels import native
+
+    rng = np.random.default_rng(0)
+    names = pa.array(["", *(f"http://x/{i}" for i in rng.integers(3000, size=20_000)), "", "http://x/1"])
+    for values in (names, names.slice(7, 9000)):
+        assert native.distinct_strings(values).equals(pc.unique(values))
+    # Equal hashes must still be told apart by their bytes: every string hashed alike.
+    monkeypatch.setattr(native, "hash_strings", lambda strings, seed=0: np.zeros(len(strings), np.uint64))
+    assert native.distinct_strings(names.slice(0, 2000)).equals(pc.unique(names.slice(0, 2000)))
 
 
 def test_hashed_lookup_names_a_missing_name_and_refuses_colliding_vocabularies(monkeypatch):
