@@ -163,11 +163,17 @@ def _out_of_range(bounds: np.ndarray):
     return is_bad
 
 
+CONCAT_BYTES = 1 << 31
+"""Strings that one string array's 32-bit offsets cannot hold: ``_distinct`` leaves them to pyarrow."""
+
+
 def _distinct(arrays: list[pa.Array]) -> pa.Array:
     """The distinct strings of ``arrays``: through the compiled hash table (``native.distinct_strings``, ~3x
     pyarrow's ``unique`` here, which was most of the first pass), else pyarrow's."""
     if not arrays or not any(len(a) for a in arrays):
         return pa.array([], pa.string())
+    if sum(a.nbytes for a in arrays) >= CONCAT_BYTES:
+        return pc.unique(pa.chunked_array(arrays, pa.string()))
     names = pa.concat_arrays([a.cast(pa.string()) for a in arrays]) if len(arrays) > 1 else arrays[0]
     found = native.distinct_strings(names)
     return pc.unique(names) if found is None else found

@@ -17,6 +17,7 @@ path runs only on the way to an error.
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ from sharding.kernels import native
 from storage.layout import ALL_SPLITS, SPLITS, SplitCounts
 
 BLOCK_BYTES = 1 << 24
+BOM = b"\xef\xbb\xbf"
+"""UTF-8's byte-order mark: dropped where it opens a file (pyarrow's CSV reader drops it too)."""
 T = TypeVar("T")
 
 
@@ -46,6 +49,8 @@ def first_bad_line(path: Path, is_bad: Callable[[bytes], bool]) -> tuple[int, st
     with open_text(path) as handle:
         for number, raw in enumerate(handle, start=1):
             line = raw.rstrip(b"\n").rstrip(b"\r")
+            if number == 1:
+                line = line.removeprefix(BOM)
             if is_bad(line):
                 return number, line[:120].decode("utf-8", errors="replace")
     raise ValueError(f"{path}: the CSV parser rejected a block, but no line of it is malformed")
@@ -240,7 +245,11 @@ class NTriplesSource:
         path = self.files.get(split)
         if path is None:
             return
-        for table, tally in prefetched(lambda block: self._parse(path, block), line_blocks(path, self.block_bytes)):
+        blocks = line_blocks(path, self.block_bytes)
+        first = next(blocks, None)
+        if first is not None:  # a byte-order mark opening the file is not part of its first line
+            blocks = itertools.chain([first.removeprefix(BOM)], blocks)
+        for table, tally in prefetched(lambda block: self._parse(path, block), blocks):
             if self.relations is not None:
                 keep = pc.is_in(table["relation"], value_set=self.relations)
                 tally["filtered"] = table.num_rows - (pc.sum(keep).as_py() or 0)

@@ -12,7 +12,7 @@ import pytest
 from storage.convert import ConvertOptions, NameIndex, convert, lookup, partition_of, write_id_dataset
 from storage.layout import MANIFEST, Manifest, SplitCounts
 from storage.reader import TripleStore
-from storage.sources import _IRI_ALLOWED, NT_BLANK, NT_LITERAL, NT_TRIPLE, DglKeSource, NTriplesSource, TsvSource
+from storage.sources import _IRI_ALLOWED, BOM, NT_BLANK, NT_LITERAL, NT_TRIPLE, DglKeSource, NTriplesSource, TsvSource
 
 
 def _names(root, which):
@@ -223,6 +223,19 @@ def test_ntriples_invalid_utf8_is_named(tmp_path, kernels):
     path = tmp_path / "bytes.nt"
     path.write_bytes(b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.\n<http://x/\xff>\t<http://x/p>\t<http://x/b>\t.\n")
     with pytest.raises(ValueError, match=r"bytes\.nt:2: not valid UTF-8"):
+        list(NTriplesSource({"train": path}).chunks("train"))
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"], indirect=True)
+def test_ntriples_byte_order_mark_opening_the_file_is_dropped(tmp_path, kernels):
+    path = tmp_path / "bom.nt"
+    lines = [b"<http://x/a>\t<http://x/p>\t<http://x/b>\t.", b"<http://x/c>\t<http://x/p>\t<http://x/d>\t."]
+    path.write_bytes(BOM + b"\n".join(lines) + b"\n")
+    counts = SplitCounts()
+    table = pa.concat_tables(list(NTriplesSource({"train": path}).chunks("train", counts)))
+    assert table["head"].to_pylist() == ["http://x/a", "http://x/c"] and (counts.lines, counts.bad_lines) == (2, 0)
+    path.write_bytes(BOM + b"\n".join([*lines, b"<http://x/e> broken ."]) + b"\n")
+    with pytest.raises(ValueError, match=r"bom\.nt:3: not an N-Triples statement"):
         list(NTriplesSource({"train": path}).chunks("train"))
 
 
@@ -437,6 +450,16 @@ def test_compiled_distinct_is_pyarrows_unique_even_when_every_hash_collides(monk
     # Equal hashes must still be told apart by their bytes: every string hashed alike.
     monkeypatch.setattr(native, "hash_strings", lambda strings, seed=0: np.zeros(len(strings), np.uint64))
     assert native.distinct_strings(names.slice(0, 2000)).equals(pc.unique(names.slice(0, 2000)))
+
+
+def test_distinct_names_past_one_arrays_offsets_go_to_pyarrow(monkeypatch):
+    """Merged name sets too large to concatenate into one string array are left to pyarrow's unique."""
+    from storage import convert as module
+
+    arrays = [pa.array(["b", "a", "b"]), pa.array(["c", "a"])]
+    monkeypatch.setattr(module, "CONCAT_BYTES", 1)
+    monkeypatch.setattr(module.native, "distinct_strings", lambda names: pytest.fail("concatenated"))
+    assert module._distinct(arrays).to_pylist() == ["b", "a", "c"]
 
 
 def test_hashed_lookup_names_a_missing_name_and_refuses_colliding_vocabularies(monkeypatch):
