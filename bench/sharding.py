@@ -72,9 +72,7 @@ def make_dataset(root: Path, num_entities: int, num_triples: int) -> None:
 
 
 def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool = False) -> dict:
-    args = ["train", "--dataset", str(dataset), "--out", str(out)]
-    for item in settings:
-        args += ["--set", item]
+    args = [*train_args(dataset, settings), "--out", str(out)]
     if workers == 1:
         command = [sys.executable, "-c", _WORKER, *args]
     else:
@@ -87,26 +85,19 @@ def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool =
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
-    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    positives = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["triples"]
-    peaks = [int((out / f"peak-rss-rank{r}.txt").read_text()) / 1024 for r in range(workers)]
-    cores = [json.loads((out / f"cores-rank{r}.json").read_text()) for r in range(workers)]
+    rate, peak, cores = measured(dataset, out, workers)
     shutil.rmtree(out)  # its checkpoint holds the whole table: 3 GB a run at the default size
-    return {"positives_per_s": positives / epochs[-1]["seconds"], "peak_rss_mib": max(peaks),
-            "cores_per_worker": max(cores)}  # fmt: skip
+    return {"positives_per_s": rate, "peak_rss_mib": peak, "cores_per_worker": cores}
 
 
 def run_independent(dataset: Path, out: Path, settings: list[str]) -> dict:
     """Two single workers at once, pinned to cores 0 and 1, each over the whole training set; their
     positives/s summed."""
-    args = ["train", "--dataset", str(dataset)]
-    for item in settings:
-        args += ["--set", item]
     outs = [out / f"worker{i}" for i in range(2)]
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, *args, "--out", str(path)], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-c", _WORKER, *train_args(dataset, settings), "--out", str(path)], cwd=ROOT,
+            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PIN_CPU": str(i)},
         )
         for i, path in enumerate(outs)
@@ -114,15 +105,23 @@ def run_independent(dataset: Path, out: Path, settings: list[str]) -> dict:
     failures = [err[-4000:] for child in children for _, err in [child.communicate()] if child.returncode]
     if failures:
         raise RuntimeError("\n".join(failures))
-    positives = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["triples"]
-    rates, peaks, cores = [], [], []
-    for path in outs:
-        epochs = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
-        rates.append(positives / epochs[-1]["seconds"])
-        peaks.append(int((path / "peak-rss-rank0.txt").read_text()) / 1024)
-        cores.append(json.loads((path / "cores-rank0.json").read_text()))
+    rates, peaks, cores = zip(*(measured(dataset, path, 1) for path in outs), strict=True)
     shutil.rmtree(out)
     return {"positives_per_s": sum(rates), "peak_rss_mib": max(peaks), "cores_per_worker": max(cores)}
+
+
+def train_args(dataset: Path, settings: list[str]) -> list[str]:
+    return ["train", "--dataset", str(dataset), *(arg for item in settings for arg in ("--set", item))]
+
+
+def measured(dataset: Path, out: Path, workers: int) -> tuple[float, float, float]:
+    """(positives/s over the last epoch, the largest peak RSS of its workers in MiB, the most cores one
+    of them kept busy) of a finished run in ``out``."""
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    positives = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["triples"]
+    peaks = [int((out / f"peak-rss-rank{r}.txt").read_text()) / 1024 for r in range(workers)]
+    cores = [json.loads((out / f"cores-rank{r}.json").read_text()) for r in range(workers)]
+    return positives / epochs[-1]["seconds"], max(peaks), max(cores)
 
 
 def free_port() -> int:

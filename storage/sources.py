@@ -17,7 +17,6 @@ path runs only on the way to an error.
 from __future__ import annotations
 
 import gzip
-import itertools
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +62,14 @@ def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     without bound, whatever the consumer does.
     """
     with open_text(path) as handle:
+        first = True
         while block := handle.read(block_bytes):
             if not block.endswith(b"\n"):
                 block += handle.readline()  # the rest of the last line: one copy, none when it ends here
-            yield block
+            if first:  # a byte-order mark opening the file is not part of its first line
+                block, first = block.removeprefix(BOM), False
+            if block:
+                yield block
 
 
 def prefetched(parse: Callable[[bytes], T], blocks: Iterator[bytes]) -> Iterator[T]:
@@ -245,11 +248,7 @@ class NTriplesSource:
         path = self.files.get(split)
         if path is None:
             return
-        blocks = line_blocks(path, self.block_bytes)
-        first = next(blocks, None)
-        if first is not None:  # a byte-order mark opening the file is not part of its first line
-            blocks = itertools.chain([first.removeprefix(BOM)], blocks)
-        for table, tally in prefetched(lambda block: self._parse(path, block), blocks):
+        for table, tally in prefetched(lambda block: self._parse(path, block), line_blocks(path, self.block_bytes)):
             if self.relations is not None:
                 keep = pc.is_in(table["relation"], value_set=self.relations)
                 tally["filtered"] = table.num_rows - (pc.sum(keep).as_py() or 0)
@@ -271,13 +270,13 @@ class NTriplesSource:
         """
         if b"\r" in block and b"\r" in block.replace(b"\r\n", b""):
             # A lone carriage return would end a CSV row but not an N-Triples line: regexes only.
-            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+            return self._parse_line_wise(path, block)
         newline = block.find(b"\n")
         delimiter = "\t" if b"\t" in block[: newline if newline >= 0 else len(block)] else " "
         try:
             scanned = native.scan_ntriples(block, delimiter)
         except UnicodeError:  # the line-wise path names the line
-            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+            return self._parse_line_wise(path, block)
         if scanned is not None:
             return self._parse_scanned(path, block, scanned)
         other: list[str] = []
@@ -298,7 +297,7 @@ class NTriplesSource:
                 convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(_NT_COLUMNS, pa.string())),
             )
         except pa.ArrowInvalid:  # not UTF-8: the line-wise path names the line
-            return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
+            return self._parse_line_wise(path, block)
         literal = pc.starts_with(table["object"], '"')
         triples, literals = table.filter(pc.invert(literal)), table.filter(literal)
         triples_ok = _well_formed(triples, _plain_iri_rows)
@@ -337,6 +336,10 @@ class NTriplesSource:
             parsed = pa.concat_tables([parsed, slow])
             tally = {name: tally[name] + slow_tally[name] for name in tally}
         return parsed, tally
+
+    def _parse_line_wise(self, path: Path, block: bytes) -> tuple[pa.Table, dict[str, int]]:
+        """The regex path for every line of a block (a lone carriage return, invalid UTF-8 somewhere)."""
+        return self._parse_lines(path, self._split_lines(path, block.removesuffix(b"\n")))
 
     def _split_lines(self, path: Path, block: bytes) -> pa.Array:
         lines = pc.list_flatten(pc.split_pattern(pa.array([block], pa.binary()), b"\n"))

@@ -263,14 +263,21 @@ def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:
         return None
     if strings.null_count:
         raise ValueError("hash_strings: the array holds nulls")
-    if strings.type != pa.string():
-        strings = strings.cast(pa.string())
+    strings = _as_string(strings)
     out = np.empty(len(strings), np.uint64)
     if len(strings):
-        _, offsets, values = strings.buffers()
-        first = offsets.address + 4 * strings.offset
-        lib.hash_strings(first, values.address if values is not None else 0, len(strings), seed, out.ctypes.data)
+        lib.hash_strings(*_string_pointers(strings), len(strings), seed, out.ctypes.data)
     return out
+
+
+def _as_string(strings: pa.Array) -> pa.Array:
+    return strings if strings.type == pa.string() else strings.cast(pa.string())
+
+
+def _string_pointers(strings: pa.Array) -> tuple[int, int]:
+    """Addresses of a string array's first offset (its slice's) and of its character data (0: none)."""
+    _, offsets, values = strings.buffers()
+    return offsets.address + 4 * strings.offset, values.address if values is not None else 0
 
 
 def distinct_strings(strings: pa.Array) -> pa.Array | None:
@@ -279,18 +286,14 @@ def distinct_strings(strings: pa.Array) -> pa.Array | None:
     hashes = hash_strings(strings)
     if hashes is None:
         return None
-    if strings.type != pa.string():
-        strings = strings.cast(pa.string())
+    strings = _as_string(strings)
     if len(strings) == 0:
         return strings
     bits = max(4, (2 * len(strings) - 1).bit_length())
     table, out = np.empty(1 << bits, np.int32), np.empty(len(strings), np.int32)
-    _, offsets, values = strings.buffers()
-    first = offsets.address + 4 * strings.offset
     count = loaded().distinct_strings(
-        first, values.address if values is not None else 0, hashes.ctypes.data, len(strings), table.ctypes.data,
-        bits, out.ctypes.data,
-    )  # fmt: skip
+        *_string_pointers(strings), hashes.ctypes.data, len(strings), table.ctypes.data, bits, out.ctypes.data
+    )
     return strings.take(pa.array(out[:count]))
 
 
