@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
-from trainer.scorers import BilinearScorer, Scorer
+from sharding.kernels import native
+from trainer.scorers import BilinearScorer, ComplEx, DistMult, Scorer
 
 KLSchedule = Literal["uniform", "compression"]
 Regulariser = Literal["none", "n3"]
@@ -131,6 +132,10 @@ def bernoulli_nll(
     ``positive_weight_B`` gives it. ``bias_B`` is added to every score of a positive's facts (its
     relation's bias).
     """
+    if keep_CBK is None and adversarial_temperature == 0 and positive_weight_B is None:
+        fused = _fused_bernoulli(scorer, s_BD, r_BD, o_BD, neg_CKD, chunk, negative_weight, bias_B)
+        if fused is not None:
+            return fused
     num_pos = len(s_BD)
     num_chunks, num_neg, _ = neg_CKD.shape
     pad = num_chunks * chunk - num_pos
@@ -163,6 +168,54 @@ def bernoulli_nll(
     pos_nll = F.softplus(-pos_scores)
     nll = (pos_nll if pos_weight is None else pos_nll * pos_weight) + neg_nll  # [C, chunk]
     return (nll.view(-1)[:num_pos] if pad else nll).sum()
+
+
+def _fused_bernoulli(
+    scorer: Scorer,
+    s: torch.Tensor,
+    r: torch.Tensor,
+    o: torch.Tensor,
+    neg: torch.Tensor,
+    chunk: int,
+    weight: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``bernoulli_nll`` with uniform weights in the compiled kernel (DistMult and ComplEx on the CPU);
+    None where it cannot take them."""
+    # The exact classes: a subclass may score otherwise.
+    kernels: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
+    complex_valued = kernels.get(type(scorer))
+    if complex_valued is None or native.library() is None:
+        return None
+    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
+    if not native.floats_applicable(*tensors):
+        return None
+    return _FusedBernoulli.apply(s, r, o, neg, bias, (chunk, complex_valued, float(weight)))
+
+
+class _FusedBernoulli(torch.autograd.Function):
+    """The Bernoulli NLL of chunked facts in sharding/kernels/bilinear.c: queries, scores and softplus in
+    one pass per chunk, and the backward (sigmoids, the queries' and the negatives' gradients, the complex
+    products') in another, where the torch path below dispatches some fifty operations each way."""
+
+    @staticmethod
+    def forward(ctx, s, r, o, neg, bias, kernel: tuple[int, bool, float]):
+        chunk, complex_valued, weight = kernel
+        out = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
+        if out is None:
+            raise ValueError(f"bernoulli kernel: shapes {s.shape}, {r.shape}, {o.shape}, {neg.shape} do not fit")
+        chunk_nll, scores = out
+        ctx.save_for_backward(s, r, o, neg, scores)
+        ctx.kernel, ctx.with_bias = kernel, bias is not None
+        return chunk_nll.sum().to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        chunk, complex_valued, weight = ctx.kernel
+        grads = native.bernoulli_backward(
+            *ctx.saved_tensors, chunk, complex_valued, weight, float(grad), ctx.with_bias
+        )  # fmt: skip
+        return (*grads, None)
 
 
 class _BilinearBernoulli(torch.autograd.Function):

@@ -1,9 +1,10 @@
 """The loader of the compiled CPU kernels: in-place row updates of Adam and row-wise Adagrad and the owner's
 merge of gradient rows (``rows.c``), the counter-based noise of the training samples with the fused sample
-and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), a
-hash of strings for the converter's name lookup (``strings.c``), the N-Triples converter's fast path
-(``ntriples.c``) and the barrier of the shared-memory all-to-all (``barrier.c``). Built on first use with
-the machine's C compiler, for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
+and KL of Gaussian rows (``noise.c``), the 1-vs-all log-partition and its backward (``partition.c``), the
+Bernoulli NLL of chunked facts under DistMult or ComplEx, both ways (``bilinear.c``), a hash of strings for
+the converter's name lookup (``strings.c``), the N-Triples converter's fast path (``ntriples.c``) and the
+barrier of the shared-memory all-to-all (``barrier.c``). Built on first use with the machine's C compiler,
+for its CPU, into a cache keyed by the sources, flags and CPU; loaded with ctypes.
 
 Where they cannot be had (no compiler, ``NVKG_NATIVE=0``, or tensors that are not contiguous float32 on
 the CPU) torch ops do the work: the same Adam update, the same sample and KL, and noise from torch's
@@ -34,6 +35,7 @@ SOURCES = {
     HERE / "rows.c": (*FLAGS, "-fno-math-errno"),
     HERE / "noise.c": (*FLAGS, "-ffast-math"),
     HERE / "partition.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
+    HERE / "bilinear.c": (*FLAGS, "-fno-math-errno", "-fno-trapping-math"),
     HERE / "strings.c": FLAGS,
     HERE / "barrier.c": FLAGS,
     HERE / "ntriples.c": FLAGS,
@@ -53,6 +55,8 @@ _SIGNATURES = {  # name: (argument types, return type)
     "row_adagrad": ([_P, _P, _P, _P, _I, _I, _I, _I, _F, _F], ctypes.c_int),
     "row_sum_exp": ([_P, _P, _P, _I, _I], None),
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
+    "bernoulli_forward": ([*[_P] * 5, *[_I] * 5, _F, _P, _P], ctypes.c_int),
+    "bernoulli_backward": ([*[_P] * 5, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _P, _I, _I, ctypes.c_uint64, _I], None),
@@ -253,6 +257,63 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
     out = torch.empty_like(logits)
     lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])
     return out
+
+
+def bernoulli_forward(
+    s: torch.Tensor,
+    r: torch.Tensor,
+    o: torch.Tensor,
+    neg: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    complex_valued: bool,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c): (each chunk's NLL [C]
+    in float64, the scores [B, 1 + K] its backward needs); None where the kernel cannot take the tensors."""
+    lib = library()
+    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
+    if lib is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
+        return None
+    (num_pos, dim), (num_chunks, num_neg, neg_dim) = s.shape, neg.shape
+    if r.shape != s.shape or o.shape != s.shape or neg_dim != dim or num_chunks != -(-num_pos // chunk):
+        return None
+    if (complex_valued and dim % 2) or (bias is not None and bias.shape != (num_pos,)):
+        return None
+    scores, chunk_nll = s.new_empty(num_pos, 1 + num_neg), torch.empty(num_chunks, dtype=torch.float64)
+    status = lib.bernoulli_forward(
+        *(t.data_ptr() for t in (s, r, o, neg)), None if bias is None else bias.data_ptr(),
+        num_pos, chunk, num_neg, dim, int(complex_valued), weight, scores.data_ptr(), chunk_nll.data_ptr(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("bernoulli_forward: no memory for a work buffer")
+    return chunk_nll, scores
+
+
+def bernoulli_backward(
+    s: torch.Tensor,
+    r: torch.Tensor,
+    o: torch.Tensor,
+    neg: torch.Tensor,
+    scores: torch.Tensor,
+    chunk: int,
+    complex_valued: bool,
+    weight: float,
+    grad: float,
+    with_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of s, r, o, neg (and of the bias when ``with_bias``) from ``bernoulli_forward``'s
+    tensors and the gradient ``grad`` of the summed NLL."""
+    gs, gr, go, gneg = (torch.empty_like(t) for t in (s, r, o, neg))
+    gbias = s.new_empty(len(s)) if with_bias else None
+    status = loaded().bernoulli_backward(
+        *(t.data_ptr() for t in (s, r, o, neg, scores)), len(s), chunk, neg.shape[1], s.shape[1],
+        int(complex_valued), weight, grad, *(t.data_ptr() for t in (gs, gr, go, gneg)),
+        None if gbias is None else gbias.data_ptr(),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("bernoulli_backward: no memory for a work buffer")
+    return gs, gr, go, gneg, gbias
 
 
 def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:

@@ -227,6 +227,76 @@ def test_bilinear_bernoulli_padding_carries_no_gradient():
         torch.testing.assert_close(got.grad, want.grad)
 
 
+def _bernoulli_case(scorer, num_pos, chunk, num_neg, bias, scale=1.0, dim=16, seed=0):
+    """float64 inputs of ``bernoulli_nll``: s, r, o [num_pos, dim], neg [C, num_neg, dim] and a bias or None."""
+    g = torch.Generator().manual_seed(seed)
+    s, r, o = (torch.randn(num_pos, dim, generator=g, dtype=torch.float64) * scale for _ in range(3))
+    neg = torch.randn(-(-num_pos // chunk), num_neg, dim, generator=g, dtype=torch.float64) * scale
+    return [s, r, o, neg, torch.randn(num_pos, generator=g, dtype=torch.float64) if bias else None]
+
+
+def _loss_and_grads(scorer, tensors, chunk, dtype):
+    inputs = [t.to(dtype, copy=True).requires_grad_(True) if t is not None else None for t in tensors]
+    s, r, o, neg, bias = inputs
+    loss = bernoulli_nll(scorer, s, r, o, neg, chunk=chunk, negative_weight=37.5, bias_B=bias)
+    loss.backward()
+    return loss, [t.grad for t in inputs if t is not None]
+
+
+@pytest.mark.parametrize("scorer", [DistMult(), ComplEx()], ids=["distmult", "complex"])
+@pytest.mark.parametrize(
+    ("num_pos", "chunk", "num_neg", "bias", "threads"),
+    [
+        (1000, 32, 32, False, 2),
+        (1024, 256, 32, True, 2),
+        (1000, 32, 7, True, 1),
+        (7, 5, 1, False, 1),
+        (3, 8, 2, True, 2),
+    ],
+)
+def test_compiled_bernoulli_matches_the_torch_path(scorer, num_pos, chunk, num_neg, bias, threads):
+    """float32 on the CPU takes the compiled kernel (bilinear.c); float64 takes the torch ops. Padded last
+    chunks, an odd k (more tail than head corruptions), a relation bias, one thread and two."""
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    tensors = _bernoulli_case(scorer, num_pos, chunk, num_neg, bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss, grads = _loss_and_grads(scorer, tensors, chunk, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert type(loss.grad_fn).__name__ == "_FusedBernoulliBackward"
+    want_loss, want_grads = _loss_and_grads(scorer, tensors, chunk, torch.float64)
+    assert type(want_loss.grad_fn).__name__ != "_FusedBernoulliBackward"
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=1e-4)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_bernoulli_is_exact_at_large_scores_and_keeps_a_nan():
+    """Scores of tens either way (softplus near x and near 0) to the torch path's float32; a NaN input makes
+    the loss and the gradients NaN, which the training step stops on."""
+    tensors = _bernoulli_case(ComplEx(), 64, 16, 8, True, scale=2.5)
+    loss, grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float32)
+    want_loss, want_grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float64)
+    assert abs(want_loss.item()) > 1e4  # the scores reach tens
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-3)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    tensors[0][3, 5] = math.nan
+    loss, grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float32)
+    assert math.isnan(loss.item()) and all(torch.isnan(g).any() for g in grads)
+
+
+def test_a_subclass_of_a_compiled_scorer_is_scored_by_its_own_queries():
+    """The kernel takes DistMult and ComplEx themselves; a subclass that scores otherwise gets the torch path."""
+    tensors = _bernoulli_case(DistMult(), 5, 4, 4, False)
+    loss, _ = _loss_and_grads(_OffsetDistMult(), tensors, 4, torch.float32)
+    want, _ = _loss_and_grads(_OffsetDistMult(), tensors, 4, torch.float64)
+    assert type(loss.grad_fn).__name__ != "_FusedBernoulliBackward"
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_compiled_log_partition_matches_logsumexp_and_its_gradient():
     """float32 on the CPU takes the compiled kernels (partition.c); float64 above takes torch ops."""
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
