@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from sharding.exchange import Exchange, LocalExchange, all_gather_rows, sharded_log_partition
 from sharding.kernels import native
@@ -185,10 +186,7 @@ def _fused_bernoulli(
     # The exact classes: a subclass may score otherwise.
     kernels: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
     complex_valued = kernels.get(type(scorer))
-    if complex_valued is None or native.library() is None:
-        return None
-    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
-    if not native.floats_applicable(*tensors):
+    if complex_valued is None or not native.bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
         return None
     return _FusedBernoulli.apply(s, r, o, neg, bias, (chunk, complex_valued, float(weight)))
 
@@ -201,15 +199,13 @@ class _FusedBernoulli(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, r, o, neg, bias, kernel: tuple[int, bool, float]):
         chunk, complex_valued, weight = kernel
-        out = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
-        if out is None:
-            raise ValueError(f"bernoulli kernel: shapes {s.shape}, {r.shape}, {o.shape}, {neg.shape} do not fit")
-        chunk_nll, scores = out
+        chunk_nll, scores = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
         ctx.save_for_backward(s, r, o, neg, scores)
         ctx.kernel, ctx.with_bias = kernel, bias is not None
         return chunk_nll.sum().to(s.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         chunk, complex_valued, weight = ctx.kernel
         grads = native.bernoulli_backward(

@@ -259,6 +259,27 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
     return out
 
 
+def bernoulli_fits(
+    s: torch.Tensor,
+    r: torch.Tensor,
+    o: torch.Tensor,
+    neg: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    complex_valued: bool,
+) -> bool:
+    """Whether ``bernoulli_forward`` can take these tensors: the kernels built, contiguous float32 on the CPU,
+    s, r, o [B, D], neg [ceil(B / chunk), K, D], bias [B] or None, D even for ComplEx."""
+    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
+    if library() is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
+        return False
+    (num_pos, dim), (num_chunks, _, neg_dim) = s.shape, neg.shape
+    return (
+        r.shape == s.shape and o.shape == s.shape and neg_dim == dim and num_chunks == -(-num_pos // chunk)
+        and not (complex_valued and dim % 2) and (bias is None or bias.shape == (num_pos,))
+    )  # fmt: skip
+
+
 def bernoulli_forward(
     s: torch.Tensor,
     r: torch.Tensor,
@@ -268,18 +289,12 @@ def bernoulli_forward(
     chunk: int,
     complex_valued: bool,
     weight: float,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c): (each chunk's NLL [C]
-    in float64, the scores [B, 1 + K] its backward needs); None where the kernel cannot take the tensors."""
-    lib = library()
-    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
-    if lib is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
-        return None
-    (num_pos, dim), (num_chunks, num_neg, neg_dim) = s.shape, neg.shape
-    if r.shape != s.shape or o.shape != s.shape or neg_dim != dim or num_chunks != -(-num_pos // chunk):
-        return None
-    if (complex_valued and dim % 2) or (bias is not None and bias.shape != (num_pos,)):
-        return None
+    in float64, the scores [B, 1 + K] its backward needs), for tensors ``bernoulli_fits`` accepts."""
+    if not bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
+        raise ValueError(f"bernoulli_forward: the kernel cannot take s {tuple(s.shape)}, neg {tuple(neg.shape)}")
+    lib, (num_pos, dim), (num_chunks, num_neg, _) = loaded(), s.shape, neg.shape
     scores, chunk_nll = s.new_empty(num_pos, 1 + num_neg), torch.empty(num_chunks, dtype=torch.float64)
     status = lib.bernoulli_forward(
         *(t.data_ptr() for t in (s, r, o, neg)), None if bias is None else bias.data_ptr(),

@@ -288,6 +288,25 @@ def test_compiled_bernoulli_is_exact_at_large_scores_and_keeps_a_nan():
     assert math.isnan(loss.item()) and all(torch.isnan(g).any() for g in grads)
 
 
+def test_the_compiled_bernoulli_takes_only_what_fits_and_says_so_otherwise():
+    s, r, o, neg, bias = (t.float() for t in _bernoulli_case(ComplEx(), 10, 4, 6, True))
+    assert native.bernoulli_fits(s, r, o, neg, bias, 4, complex_valued=True)
+    strided_bias = torch.stack([bias, bias], 1)[:, 0]
+    misfits = [
+        (s, r, o, neg, strided_bias, 4, True),  # not contiguous: the torch path
+        (s, r, o, neg[:2], None, 4, True),  # 2 chunks for 10 positives in chunks of 4
+        (s, r, o, neg, None, 5, True),
+        (s[:, :15], r[:, :15], o[:, :15], neg[..., :15].contiguous(), None, 4, True),  # odd D for ComplEx
+        (s.double(), r, o, neg, None, 4, True),
+    ]
+    for case in misfits:
+        assert not native.bernoulli_fits(*case)
+    with pytest.raises(ValueError, match="cannot take"):
+        native.bernoulli_forward(s, r, o, neg[:2], None, 4, True, 1.0)
+    loss = bernoulli_nll(ComplEx(), s, r, o, neg, chunk=4, negative_weight=2.0, bias_B=strided_bias)
+    assert torch.isfinite(loss)
+
+
 def test_a_subclass_of_a_compiled_scorer_is_scored_by_its_own_queries():
     """The kernel takes DistMult and ComplEx themselves; a subclass that scores otherwise gets the torch path."""
     tensors = _bernoulli_case(DistMult(), 5, 4, 4, False)
