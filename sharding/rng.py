@@ -61,7 +61,7 @@ def seed_of(*parts: int) -> int:
     made them a twentieth of a small step."""
     state = 0
     for part in parts:
-        x = ((state ^ (part & _MASK)) + 0x9E3779B97F4A7C15) & _MASK
+        x = ((state ^ (int(part) & _MASK)) + 0x9E3779B97F4A7C15) & _MASK
         x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
         state = x ^ (x >> 31)

@@ -271,7 +271,7 @@ def bernoulli_fits(
     """Whether ``bernoulli_forward`` can take these tensors: the kernels built, contiguous float32 on the CPU,
     s, r, o [B, D], neg [ceil(B / chunk), K, D], bias [B] or None, D even for ComplEx."""
     tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
-    if library() is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
+    if chunk < 1 or library() is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
         return False
     (num_pos, dim), (num_chunks, _, neg_dim) = s.shape, neg.shape
     return (

@@ -278,6 +278,7 @@ def test_compiled_bernoulli_is_exact_at_large_scores_and_keeps_a_nan():
     the loss and the gradients NaN, which the training step stops on."""
     tensors = _bernoulli_case(ComplEx(), 64, 16, 8, True, scale=2.5)
     loss, grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float32)
+    assert type(loss.grad_fn).__name__ == "_FusedBernoulliBackward"
     want_loss, want_grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float64)
     assert abs(want_loss.item()) > 1e4  # the scores reach tens
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-3)
@@ -296,15 +297,19 @@ def test_the_compiled_bernoulli_takes_only_what_fits_and_says_so_otherwise():
         (s, r, o, neg, strided_bias, 4, True),  # not contiguous: the torch path
         (s, r, o, neg[:2], None, 4, True),  # 2 chunks for 10 positives in chunks of 4
         (s, r, o, neg, None, 5, True),
-        (s[:, :15], r[:, :15], o[:, :15], neg[..., :15].contiguous(), None, 4, True),  # odd D for ComplEx
+        (*(t[..., :15].contiguous() for t in (s, r, o, neg)), None, 4, True),  # odd D for ComplEx
+        (s, r, o, neg, None, 0, True),
         (s.double(), r, o, neg, None, 4, True),
     ]
     for case in misfits:
         assert not native.bernoulli_fits(*case)
     with pytest.raises(ValueError, match="cannot take"):
         native.bernoulli_forward(s, r, o, neg[:2], None, 4, True, 1.0)
-    loss = bernoulli_nll(ComplEx(), s, r, o, neg, chunk=4, negative_weight=2.0, bias_B=strided_bias)
-    assert torch.isfinite(loss)
+    loss = bernoulli_nll(ComplEx(), s.requires_grad_(), r, o, neg, chunk=4, negative_weight=2.0, bias_B=strided_bias)
+    want = bernoulli_nll(ComplEx(), *(t.double() for t in (s, r, o, neg)), chunk=4, negative_weight=2.0,
+                         bias_B=strided_bias.double())  # fmt: skip
+    assert type(loss.grad_fn).__name__ != "_FusedBernoulliBackward"
+    torch.testing.assert_close(loss.double(), want)
 
 
 def test_a_subclass_of_a_compiled_scorer_is_scored_by_its_own_queries():
