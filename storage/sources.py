@@ -311,12 +311,7 @@ class NTriplesSource:
         if literals_ok is not None:
             literals = literals.filter(literals_ok)
         parsed = pa.table({name: pc.utf8_slice_codeunits(triples[column], 1, -1) for name, column in _NT_TERMS})
-        tally = {"lines": triples.num_rows + literals.num_rows, "bad_lines": 0, "literals": literals.num_rows}
-        if other:
-            slow, slow_tally = self._parse_lines(path, pa.array(other, pa.string()))
-            parsed = pa.concat_tables([parsed, slow])
-            tally = {name: tally[name] + slow_tally[name] for name in tally}
-        return parsed, tally
+        return self._with_other_lines(path, parsed, literals.num_rows, pa.array(other, pa.string()))
 
     def _parse_scanned(self, path: Path, block: bytes, scanned: native.NTriplesScan) -> tuple[pa.Table, dict[str, int]]:
         """``_parse`` from the compiled fast path's output: its literals checked with the literal regex, and
@@ -325,14 +320,21 @@ class NTriplesSource:
         bad = scanned.literal_lines[~ok]
         other = scanned.other
         if len(bad):
-            other = np.concatenate([other, np.column_stack([bad, np.full(len(bad), 2)])])
+            reason = np.full(len(bad), native.NT_LITERAL_LINE)
+            other = np.concatenate([other, np.column_stack([bad, reason])])
+        other = other[np.lexsort((other[:, 0], other[:, 2]))]
+        lines = pa.array([block[start:end].decode() for start, end, _ in other.tolist()], pa.string())
         parsed = pa.table({"head": scanned.heads, "relation": scanned.relations, "tail": scanned.tails})
-        literals = int(ok.sum())
-        tally = {"lines": len(parsed) + literals, "bad_lines": 0, "literals": literals}
+        return self._with_other_lines(path, parsed, int(ok.sum()), lines)
+
+    def _with_other_lines(
+        self, path: Path, parsed: pa.Table, literals: int, other: pa.Array
+    ) -> tuple[pa.Table, dict[str, int]]:
+        """A fast path's triples and its count of literals, joined by the lines it left (``other``), which
+        take the regex path of the whole statement; with the block's counts."""
+        tally = {"lines": parsed.num_rows + literals, "bad_lines": 0, "literals": literals}
         if len(other):
-            other = other[np.lexsort((other[:, 0], other[:, 2]))]
-            lines = pa.array([block[start:end].decode() for start, end, _ in other.tolist()], pa.string())
-            slow, slow_tally = self._parse_lines(path, lines)
+            slow, slow_tally = self._parse_lines(path, other)
             parsed = pa.concat_tables([parsed, slow])
             tally = {name: tally[name] + slow_tally[name] for name in tally}
         return parsed, tally

@@ -389,6 +389,10 @@ def probe_hashes(
     return out, int(missing)
 
 
+NT_LITERAL_LINE = 2
+"""``nt_scan``'s reason for a line whose object is a literal (its lines follow the IRI-object lines)."""
+
+
 @dataclass
 class NTriplesScan:
     """What ``ntriples.c`` made of a block: the triples' terms without brackets, the literal objects (each
