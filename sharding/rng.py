@@ -44,14 +44,16 @@ RELATION_STREAM = -1
 """The stream id of the relation noise of a training step (data streams are 0, 1, ...)."""
 
 _MASK = 0xFFFFFFFFFFFFFFFF
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+"""splitmix64's increment and the multipliers of its finaliser (shared by the array and the int version)."""
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 of each uint64 element (golden-ratio increment, then the finaliser): a uniform 64-bit hash."""
     with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
     return x ^ (x >> np.uint64(31))
 
 
@@ -61,9 +63,9 @@ def seed_of(*parts: int) -> int:
     made them a twentieth of a small step."""
     state = 0
     for part in parts:
-        x = ((state ^ (int(part) & _MASK)) + 0x9E3779B97F4A7C15) & _MASK
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+        x = ((state ^ (int(part) & _MASK)) + _GOLDEN) & _MASK
+        x = ((x ^ (x >> 30)) * _MIX1) & _MASK
+        x = ((x ^ (x >> 27)) * _MIX2) & _MASK
         state = x ^ (x >> 31)
     return state & 0x7FFFFFFFFFFFFFFF
 

@@ -171,6 +171,10 @@ def bernoulli_nll(
     return (nll.view(-1)[:num_pos] if pad else nll).sum()
 
 
+_KERNEL_SCORERS: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
+"""The scorers bilinear.c computes, whether complex-valued; the exact classes: a subclass may score otherwise."""
+
+
 def _fused_bernoulli(
     scorer: Scorer,
     s: torch.Tensor,
@@ -183,9 +187,7 @@ def _fused_bernoulli(
 ) -> torch.Tensor | None:
     """``bernoulli_nll`` with uniform weights in the compiled kernel (DistMult and ComplEx on the CPU);
     None where it cannot take them."""
-    # The exact classes: a subclass may score otherwise.
-    kernels: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
-    complex_valued = kernels.get(type(scorer))
+    complex_valued = _KERNEL_SCORERS.get(type(scorer))
     if complex_valued is None or not native.bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
         return None
     return _FusedBernoulli.apply(s, r, o, neg, bias, (chunk, complex_valued, float(weight)))
