@@ -201,8 +201,8 @@ class _FusedBernoulli(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, r, o, neg, bias, kernel: tuple[int, bool, float]):
         chunk, complex_valued, weight = kernel
-        chunk_nll, scores = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
-        ctx.save_for_backward(s, r, o, neg, scores)
+        chunk_nll, probs = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
+        ctx.save_for_backward(s, r, o, neg, probs)
         ctx.kernel, ctx.with_bias = kernel, bias is not None
         return chunk_nll.sum().to(s.dtype)
 

@@ -10,22 +10,29 @@
  * (queries, batched products, softplus, sums, their backward and the complex products' backward); at a
  * batch of a thousand facts their dispatch costs more than their arithmetic.
  *
+ * A chunk's scores are the matrix product of its negatives and its queries, and the backward's are two
+ * more per side (the queries' gradients G N, the negatives' G^T Q): `matmul` below. The forward keeps the
+ * derivative of each term in its score (a sigmoid, from the exp its softplus takes anyway), so the
+ * backward takes no exp.
+ *
  * Chunks run on torch's OpenMP threads, each writing only its own facts' rows and its own negatives'
- * gradient block, so no two threads write one place. Built without -ffast-math: a NaN input gives a NaN
- * loss and NaN gradients, as in torch, which the training step stops on.
+ * gradient block, so no two threads write one place and the result does not depend on the thread count.
+ * Built without -ffast-math: a NaN input gives a NaN loss and NaN gradients, as in torch, which the
+ * training step stops on.
  */
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "vecmath.h"
 
-/* max(x, 0) + log(1 + exp(-|x|)), to about 1e-7 absolute (a term below that, x < -16, counts as 0, where
- * the loss sums a thousand terms of order one); NaN stays NaN and -inf gives 0, as in torch. */
-static inline float softplus(float x) {
-    return (x > 0.0f ? x : (x != x ? x : 0.0f)) + log_approx(1.0f + exp_approx(-fabsf(x)));
+/* softplus(x) = max(x, 0) + log(1 + exp(-|x|)) and sigmoid(x) from one exp, to about 1e-7 absolute (a
+ * softplus term below that, x < -16, counts as 0, where the loss sums a thousand terms of order one); NaN
+ * stays NaN in both, and -inf gives 0 and 0, as in torch. */
+static inline float softplus_sigmoid(float x, float *sig) {
+    const float e = exp_approx(-fabsf(x));
+    *sig = (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+    return (x > 0.0f ? x : (x != x ? x : 0.0f)) + log_approx(1.0f + e);
 }
-
-static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t d) {
     float total = 0.0f;
@@ -56,33 +63,68 @@ static inline void dots(const float *restrict q, const float *restrict rows, int
     for (; j < n; j++) out[j] = dot(q, rows + j * d, d) + b;
 }
 
-static inline void axpy(float alpha, const float *restrict x, float *restrict y, int64_t d) {
-#pragma omp simd
-    for (int64_t k = 0; k < d; k++) y[k] += alpha * x[k];
+/* The products are small matrix products (a chunk's 32 facts by its 64 negatives over 128 numbers) done in
+ * register tiles: TILE_ROWS rows of C by one or two vectors of LANES columns stay in registers over the
+ * whole sum, each step a broadcast of A times a load of B, so no sum is reduced across lanes. gcc's
+ * vector extension, not intrinsics: the same code builds for any width the CPU has. */
+#define LANES 16
+#define TILE_ROWS 4
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* For j < n: acc += g[j] * rows[j] and grads[j] += g[j] * q (rows, grads [n, d]): the gradient of
- * q . rows[j] pushed both ways, four rows at a time so that acc and q are loaded once per four. */
-static inline void push(const float *restrict g, const float *restrict rows, const float *restrict q, int64_t n,
-                        int64_t d, float *restrict acc, float *restrict grads) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float g0 = g[j], g1 = g[j + 1], g2 = g[j + 2], g3 = g[j + 3];
-        const float *r0 = rows + j * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-        float *h0 = grads + j * d, *h1 = h0 + d, *h2 = h1 + d, *h3 = h2 + d;
-#pragma omp simd
-        for (int64_t k = 0; k < d; k++) {
-            acc[k] += g0 * r0[k] + g1 * r1[k] + g2 * r2[k] + g3 * r3[k];
-            h0[k] += g0 * q[k];
-            h1[k] += g1 * q[k];
-            h2[k] += g2 * q[k];
-            h3[k] += g3 * q[k];
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* C[i, v*LANES..] = alpha * sum_k A(i, k) B[k, v*LANES..] (+ C when accumulate) for i < rows, v < vectors,
+ * A(i, k) = A[i * a_row + k * a_k]. Inlined with constant rows and vectors, so acc lives in registers. */
+static inline __attribute__((always_inline)) void tile(int rows, int vectors, int64_t p, const float *A, int64_t a_row,
+                                                       int64_t a_k, const float *B, int64_t ldb, float *C, int64_t ldc,
+                                                       float alpha, int accumulate) {
+    vec acc[TILE_ROWS][2];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < vectors; v++) acc[i][v] = (vec){0};
+    for (int64_t k = 0; k < p; k++) {
+        vec b[2];
+        for (int v = 0; v < vectors; v++) b[v] = load(B + k * ldb + v * LANES);
+        for (int i = 0; i < rows; i++) {
+            const float x = A[i * a_row + k * a_k];
+            for (int v = 0; v < vectors; v++) acc[i][v] += x * b[v];
         }
     }
-    for (; j < n; j++) {
-        axpy(g[j], rows + j * d, acc, d);
-        axpy(g[j], q, grads + j * d, d);
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < vectors; v++) {
+            float *c = C + i * ldc + v * LANES;
+            store(c, accumulate ? load(c) + alpha * acc[i][v] : alpha * acc[i][v]);
+        }
+}
+
+/* C [m, n] = alpha * A B (+ C when accumulate), A(i, k) = A[i * a_row + k * a_k] [m, p], B [p, n] and C
+ * row-major with leading dimensions ldb and ldc. */
+static void matmul(int64_t m, int64_t n, int64_t p, const float *A, int64_t a_row, int64_t a_k, const float *B,
+                   int64_t ldb, float *C, int64_t ldc, float alpha, int accumulate) {
+    int64_t j = 0;
+    for (; j + 2 * LANES <= n; j += 2 * LANES) {
+        int64_t i = 0;
+        for (; i + TILE_ROWS <= m; i += TILE_ROWS)
+            tile(TILE_ROWS, 2, p, A + i * a_row, a_row, a_k, B + j, ldb, C + i * ldc + j, ldc, alpha, accumulate);
+        for (; i < m; i++) tile(1, 2, p, A + i * a_row, a_row, a_k, B + j, ldb, C + i * ldc + j, ldc, alpha, accumulate);
     }
+    for (; j + LANES <= n; j += LANES) {
+        int64_t i = 0;
+        for (; i + TILE_ROWS <= m; i += TILE_ROWS)
+            tile(TILE_ROWS, 1, p, A + i * a_row, a_row, a_k, B + j, ldb, C + i * ldc + j, ldc, alpha, accumulate);
+        for (; i < m; i++) tile(1, 1, p, A + i * a_row, a_row, a_k, B + j, ldb, C + i * ldc + j, ldc, alpha, accumulate);
+    }
+    for (; j < n; j++) /* the last columns of a width that is not a multiple of LANES (DistMult, odd D) */
+        for (int64_t i = 0; i < m; i++) {
+            float total = 0.0f;
+            for (int64_t k = 0; k < p; k++) total += A[i * a_row + k * a_k] * B[k * ldb + j];
+            C[i * ldc + j] = accumulate ? C[i * ldc + j] + alpha * total : alpha * total;
+        }
 }
 
 /* q_tail = s * r and q_head = conj(r) * o (ComplEx), or s * r and r * o (DistMult). */
@@ -132,11 +174,14 @@ static void query_backward(const float *restrict s, const float *restrict r, con
     }
 }
 
-/* Forward. s, r, o [B, D]; neg [C, K, D] with C = ceil(B / chunk); bias [B] or NULL. Writes each fact's
- * scores [B, 1 + K] (pos, then the K negatives' as laid out in neg) and each chunk's NLL [C] (in double).
+/* Forward. s, r, o [B, D]; neg [C, K, D] with C = ceil(B / chunk); bias [B] or NULL. Writes each chunk's
+ * NLL [C] (in double) and what the backward needs, the derivative of each term of the NLL in its score,
+ * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each negative as laid out in neg. The scores are
+ * dot products, four negatives to each load of the query: the forward's products are half the backward's,
+ * and the matrix form's transposes cost it what its tiles saved (measured inside a training step).
  * Returns 0, or -1 when a work buffer cannot be had. */
 int bernoulli_forward(const float *s, const float *r, const float *o, const float *neg, const float *bias, int64_t B,
-                      int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight, float *scores,
+                      int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight, float *probs,
                       double *chunk_nll) {
     const int64_t C = (B + chunk - 1) / chunk, half = K / 2;
     int failed = 0;
@@ -154,14 +199,15 @@ int bernoulli_forward(const float *s, const float *r, const float *o, const floa
             for (int64_t i = c * chunk; i < end; i++) {
                 queries(s + i * D, r + i * D, o + i * D, D, (int)complex_valued, q_tail, q_head);
                 const float b = bias ? bias[i] : 0.0f;
-                float *row = scores + i * (K + 1);
-                row[0] = dot(q_tail, o + i * D, D) + b;
+                float *row = probs + i * (K + 1), sig;
+                const float pos = softplus_sigmoid(-(dot(q_tail, o + i * D, D) + b), &sig);
+                row[0] = -sig;
                 dots(q_head, negs, half, D, b, row + 1);
                 dots(q_tail, negs + half * D, K - half, D, b, row + 1 + half);
                 float negatives = 0.0f;
 #pragma omp simd reduction(+ : negatives)
-                for (int64_t j = 1; j <= K; j++) negatives += softplus(row[j]);
-                total += (double)softplus(-row[0]) + (double)weight * negatives;
+                for (int64_t j = 1; j <= K; j++) negatives += softplus_sigmoid(row[j], row + j);
+                total += (double)pos + (double)weight * negatives;
             }
             chunk_nll[c] = total;
         }
@@ -170,10 +216,11 @@ int bernoulli_forward(const float *s, const float *r, const float *o, const floa
     return failed ? -1 : 0;
 }
 
-/* Backward, given the forward's scores and the gradient `grad` of the summed NLL: gs, gr, go [B, D],
+/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: gs, gr, go [B, D],
  * gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every score of fact i in its bias).
- * Returns 0, or -1 when a work buffer cannot be had. */
-int bernoulli_backward(const float *s, const float *r, const float *o, const float *neg, const float *scores,
+ * Per chunk, with G the negatives' sigmoids times w * grad: the queries' gradients G N and the negatives'
+ * G^T Q, as matrix products. Returns 0, or -1 when a work buffer cannot be had. */
+int bernoulli_backward(const float *s, const float *r, const float *o, const float *neg, const float *probs,
                        int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
                        float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
     const int64_t C = (B + chunk - 1) / chunk, half = K / 2;
@@ -181,40 +228,46 @@ int bernoulli_backward(const float *s, const float *r, const float *o, const flo
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
-        float *q = malloc((4 * (size_t)D + (size_t)K) * sizeof(float));
-        failed = q == NULL;
+        float *work = malloc(4 * (size_t)chunk * (size_t)D * sizeof(float));
+        failed = work == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
-            if (q == NULL) continue;
-            float *q_tail = q, *q_head = q + D, *g_tail = q + 2 * D, *g_head = q + 3 * D, *g_score = q + 4 * D;
-            const float *negs = neg + c * K * D;
+            if (work == NULL) continue;
+            /* The chunk's queries and their gradients [n, D]. */
+            float *q_tail = work, *q_head = work + chunk * D, *g_tail = q_head + chunk * D, *g_head = g_tail + chunk * D;
+            const float *negs = neg + c * K * D, *p = probs + c * chunk * (1 + K);
             float *g_negs = gneg + c * K * D;
-            memset(g_negs, 0, (size_t)(K * D) * sizeof(float));
-            const int64_t end = (c + 1) * chunk < B ? (c + 1) * chunk : B;
-            for (int64_t i = c * chunk; i < end; i++) {
-                const float *si = s + i * D, *ri = r + i * D, *oi = o + i * D, *row = scores + i * (K + 1);
-                queries(si, ri, oi, D, (int)complex_valued, q_tail, q_head);
-                /* d softplus(-x)/dx = -sigmoid(-x); d softplus(x)/dx = sigmoid(x). */
-                const float g_pos = -sigmoid(-row[0]) * grad;
-                float g_bias = g_pos;
-#pragma omp simd reduction(+ : g_bias)
-                for (int64_t j = 0; j < K; j++) {
-                    g_score[j] = sigmoid(row[1 + j]) * negative_grad;
-                    g_bias += g_score[j];
+            const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t f = first + i;
+                queries(s + f * D, r + f * D, o + f * D, D, (int)complex_valued, q_tail + i * D, q_head + i * D);
+                const float g_pos = p[i * (1 + K)] * grad;
+#pragma omp simd
+                for (int64_t k = 0; k < D; k++) g_tail[i * D + k] = g_pos * o[f * D + k];
+            }
+            /* G(i, j) = p[i * (1 + K) + 1 + j], the sigmoids of fact i's negatives. */
+            matmul(n, D, half, p + 1, 1 + K, 1, negs, D, g_head, D, negative_grad, 0);
+            matmul(n, D, K - half, p + 1 + half, 1 + K, 1, negs + half * D, D, g_tail, D, negative_grad, 1);
+            matmul(half, D, n, p + 1, 1, 1 + K, q_head, D, g_negs, D, negative_grad, 0);
+            matmul(K - half, D, n, p + 1 + half, 1, 1 + K, q_tail, D, g_negs + half * D, D, negative_grad, 0);
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t f = first + i;
+                const float *row = p + i * (1 + K);
+                const float g_pos = row[0] * grad;
+                float *go_f = go + f * D;
+#pragma omp simd
+                for (int64_t k = 0; k < D; k++) go_f[k] = g_pos * q_tail[i * D + k];
+                query_backward(s + f * D, r + f * D, o + f * D, g_tail + i * D, g_head + i * D, D, (int)complex_valued,
+                               gs + f * D, gr + f * D, go_f);
+                if (gbias) {
+                    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+                    for (int64_t j = 1; j <= K; j++) total += row[j];
+                    gbias[f] = g_pos + negative_grad * total;
                 }
-                memset(g_head, 0, (size_t)D * sizeof(float));
-#pragma omp simd
-                for (int64_t k = 0; k < D; k++) g_tail[k] = g_pos * oi[k];
-                push(g_score, negs, q_head, half, D, g_head, g_negs);
-                push(g_score + half, negs + half * D, q_tail, K - half, D, g_tail, g_negs + half * D);
-                float *goi = go + i * D;
-#pragma omp simd
-                for (int64_t k = 0; k < D; k++) goi[k] = g_pos * q_tail[k];
-                query_backward(si, ri, oi, g_tail, g_head, D, (int)complex_valued, gs + i * D, gr + i * D, goi);
-                if (gbias) gbias[i] = g_bias;
             }
         }
-        free(q);
+        free(work);
     }
     return failed ? -1 : 0;
 }

@@ -291,18 +291,20 @@ def bernoulli_forward(
     weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c): (each chunk's NLL [C]
-    in float64, the scores [B, 1 + K] its backward needs), for tensors ``bernoulli_fits`` accepts."""
+    in float64, the derivatives of its terms in their scores [B, 1 + K] that its backward needs), for
+    tensors ``bernoulli_fits`` accepts."""
     if not bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
         raise ValueError(f"bernoulli_forward: the kernel cannot take s {tuple(s.shape)}, neg {tuple(neg.shape)}")
     lib, (num_pos, dim), (num_chunks, num_neg, _) = loaded(), s.shape, neg.shape
-    scores, chunk_nll = s.new_empty(num_pos, 1 + num_neg), torch.empty(num_chunks, dtype=torch.float64)
+    probs = s.new_empty(num_pos, 1 + num_neg)
+    chunk_nll = torch.empty(num_chunks, dtype=torch.float64)
     status = lib.bernoulli_forward(
         *(t.data_ptr() for t in (s, r, o, neg)), None if bias is None else bias.data_ptr(),
-        num_pos, chunk, num_neg, dim, int(complex_valued), weight, scores.data_ptr(), chunk_nll.data_ptr(),
+        num_pos, chunk, num_neg, dim, int(complex_valued), weight, probs.data_ptr(), chunk_nll.data_ptr(),
     )  # fmt: skip
     if status:
         raise MemoryError("bernoulli_forward: no memory for a work buffer")
-    return chunk_nll, scores
+    return chunk_nll, probs
 
 
 def bernoulli_backward(
@@ -310,7 +312,7 @@ def bernoulli_backward(
     r: torch.Tensor,
     o: torch.Tensor,
     neg: torch.Tensor,
-    scores: torch.Tensor,
+    probs: torch.Tensor,
     chunk: int,
     complex_valued: bool,
     weight: float,
@@ -322,7 +324,7 @@ def bernoulli_backward(
     gs, gr, go, gneg = (torch.empty_like(t) for t in (s, r, o, neg))
     gbias = s.new_empty(len(s)) if with_bias else None
     status = loaded().bernoulli_backward(
-        *(t.data_ptr() for t in (s, r, o, neg, scores)), len(s), chunk, neg.shape[1], s.shape[1],
+        *(t.data_ptr() for t in (s, r, o, neg, probs)), len(s), chunk, neg.shape[1], s.shape[1],
         int(complex_valued), weight, grad, *(t.data_ptr() for t in (gs, gr, go, gneg)),
         None if gbias is None else gbias.data_ptr(),
     )  # fmt: skip
