@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from sharding.kernels import native
 from sharding.gaussian import Encoder, identity, split_encoding, training_encoder
 from trainer.objective import per_occurrence_kl
 
@@ -42,7 +43,8 @@ class Gathered:
     def of(cls, positives: torch.Tensor, negatives: torch.Tensor | None) -> Gathered:
         parts = [positives[:, 0], positives[:, 2], *([negatives] if negatives is not None else [])]
         flat = torch.cat([p.reshape(-1) for p in parts])
-        ids, inverse = torch.unique(flat, return_inverse=True)
+        found = native.unique_ids(flat)
+        ids, inverse = found if found is not None else torch.unique(flat, return_inverse=True)
         positions, offset = [], 0
         for p in parts:
             positions.append(inverse[offset : offset + p.numel()].view(p.shape))

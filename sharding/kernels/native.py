@@ -63,6 +63,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
+    "unique_ids": ([_P, _I, _P, _P], ctypes.c_int64),
     "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
     "nt_scan": ([_P, _I, ctypes.c_uint8, *[_P] * 11], ctypes.c_int),
     "probe_hashes": ([_P, _P, _P, _I, _P, _I, _P], ctypes.c_int64),
@@ -237,6 +238,17 @@ def merge_rows(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     out_ids, out_grad = torch.empty(total, dtype=torch.int64), runs[0][1].new_empty(total, width)
     distinct = lib.merge_rows(table.data_ptr(), len(runs), width, out_ids.data_ptr(), out_grad.data_ptr())
     return None if distinct < 0 else (out_ids[:distinct], out_grad[:distinct])
+
+
+def unique_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``torch.unique(ids, return_inverse=True)`` of a 1-d int64 CPU tensor of ids ≥ 0 (see rows.c); None where
+    the kernel cannot take them (then the caller uses torch)."""
+    lib = library()
+    if lib is None or ids.dim() != 1 or not applicable(ids):
+        return None
+    out, inverse = torch.empty_like(ids), torch.empty_like(ids)
+    distinct = lib.unique_ids(ids.data_ptr(), len(ids), out.data_ptr(), inverse.data_ptr())
+    return None if distinct < 0 else (out[:distinct], inverse)
 
 
 def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

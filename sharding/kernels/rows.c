@@ -1,5 +1,6 @@
 /* Row kernels for the CPU: lazy Adam and row-wise Adagrad applied in place to the rows a step touched,
- * and the owner's merge of the gradient rows its requesters sent back (merge_rows).
+ * the owner's merge of the gradient rows its requesters sent back (merge_rows), and the distinct ids of a
+ * step's batch (unique_ids).
  *
  * Built on first use by sharding/kernels/native.py and called through ctypes with the tensors' data pointers;
  * torch ops do the same work where these are not available (another device, no C compiler).
@@ -10,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "vecmath.h"
 
@@ -122,4 +124,52 @@ int64_t merge_rows(const int64_t *runs, int64_t k, int64_t width, int64_t *out_i
             out_ids[m++] = best_id;
         }
     }
+}
+
+/* The ascending distinct ids of ids[0..n) (out_ids) and each position's index among them (inverse [n]),
+ * what torch.unique(ids, return_inverse=True) gives, by an LSD radix sort of (id - min, position) packed
+ * in one 64-bit key: a step's few thousand ids in tens of microseconds, where torch's sort-based unique
+ * took ~0.2 ms inside a training step. Returns the number of distinct ids, or -1 when an id is negative,
+ * the keys would not fit 64 bits or no work buffer can be had (the caller then uses torch). */
+int64_t unique_ids(const int64_t *ids, int64_t n, int64_t *out_ids, int64_t *inverse) {
+    if (n <= 0) return n == 0 ? 0 : -1;
+    int64_t lo = ids[0], hi = ids[0];
+    for (int64_t i = 1; i < n; i++) {
+        lo = ids[i] < lo ? ids[i] : lo;
+        hi = ids[i] > hi ? ids[i] : hi;
+    }
+    int position_bits = 0, id_bits = 0;
+    while (position_bits < 63 && ((int64_t)1 << position_bits) < n) position_bits++;
+    while (id_bits < 63 && ((uint64_t)1 << id_bits) <= (uint64_t)(hi - lo)) id_bits++;
+    if (lo < 0 || position_bits + id_bits > 63) return -1;
+    uint64_t *keys = malloc(2 * (size_t)n * sizeof(uint64_t));
+    if (keys == NULL) return -1;
+    uint64_t *other = keys + n;
+    for (int64_t i = 0; i < n; i++) keys[i] = (uint64_t)(ids[i] - lo) << position_bits | (uint64_t)i;
+    enum { DIGIT = 11, BUCKETS = 1 << DIGIT };
+    /* The positions are distinct and already in order: only the id bits need sorting (a stable sort keeps
+     * the positions of one id ascending). */
+    for (int shift = position_bits; shift < position_bits + id_bits; shift += DIGIT) {
+        int64_t count[BUCKETS] = {0};
+        for (int64_t i = 0; i < n; i++) count[(keys[i] >> shift) & (BUCKETS - 1)]++;
+        int64_t start = 0;
+        for (int b = 0; b < BUCKETS; b++) {
+            const int64_t c = count[b];
+            count[b] = start;
+            start += c;
+        }
+        for (int64_t i = 0; i < n; i++) other[count[(keys[i] >> shift) & (BUCKETS - 1)]++] = keys[i];
+        uint64_t *swap = keys;
+        keys = other;
+        other = swap;
+    }
+    const uint64_t position_mask = ((uint64_t)1 << position_bits) - 1;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t id = (int64_t)(keys[i] >> position_bits) + lo;
+        if (m == 0 || out_ids[m - 1] != id) out_ids[m++] = id;
+        inverse[keys[i] & position_mask] = m - 1;
+    }
+    free(keys < other ? keys : other);
+    return m;
 }

@@ -207,3 +207,29 @@ def test_merge_refuses_runs_it_cannot_merge():
     many = [(torch.tensor([i]), torch.ones(1, 2)) for i in range(native.MERGE_MAX_RUNS + 1)]
     assert native.merge_rows(many) is None
     assert native.merge_rows(many[:-1]) is not None
+
+
+@pytest.mark.parametrize(
+    ("n", "high"),
+    [(4096, 40_559), (100_000, 86_000_000), (3_000, 2**40), (5_000, 3), (10, 1), (1, 7), (0, 7)],
+)
+def test_unique_ids_equals_torch_unique(n, high):
+    """A step's batch ids (and a Freebase-sized range, ids past 2^32, all one id, none) as torch.unique gives
+    them: ascending distinct ids and each position's index among them."""
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    ids = torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(n))
+    got = native.unique_ids(ids)
+    assert got is not None
+    want = torch.unique(ids, return_inverse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_unique_ids_refuses_what_it_cannot_sort():
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    assert native.unique_ids(torch.tensor([3, -1, 2])) is None  # a negative id
+    assert native.unique_ids(torch.tensor([0, 2**62, 5])) is None  # (id, position) past 64 bits
+    assert native.unique_ids(torch.tensor([[1, 2]])) is None
+    assert native.unique_ids(torch.tensor([1, 2], dtype=torch.int32)) is None
+    assert native.unique_ids(torch.arange(6)[::2]) is None  # not contiguous
