@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from sharding.kernels import native
 from sharding.gaussian import Encoder, identity, split_encoding, training_encoder
+from sharding.kernels import native
 from trainer.objective import per_occurrence_kl
 
 Latent = Literal["lim", "lfm", "point"]
