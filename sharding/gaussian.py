@@ -113,17 +113,26 @@ class _StreamSampleAndKL(torch.autograd.Function):
     """``sample_and_kl`` in the compiled kernels of sharding/kernels/noise.c, with the noise drawn inside them.
 
     One pass each way over the rows, with an inline vectorised exp, and the sample and KL written straight
-    into the packed [U, dim + 1] layout the owner sends back (no noise tensor, no concatenation).
+    into the packed [U, dim + 1] layout the owner sends back (no noise tensor, no concatenation). Given
+    ``table`` and ``local``, ``rows`` is an uninitialised leaf that the forward fills with table[local] as it
+    reads them (the gather and the sample in one pass), and that takes the rows' gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+    def forward(ctx, rows, dim: int, spans: list[tuple[int, int, int]], table=None, local=None) -> torch.Tensor:
         lib, size = native.loaded(), rows.element_size()
         eps, out = rows.new_empty(len(rows), dim), rows.new_empty(len(rows), dim + 1)
         start = 0
         for count, seed, first in spans:
-            pointers = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
-            lib.sample_kl_forward(*pointers, count, dim, seed, first)
+            gathered, eps_at, out_at = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
+            if table is None:
+                status = lib.sample_kl_forward(gathered, None, 0, None, eps_at, out_at, count, dim, seed, first)
+            else:
+                ids = local.data_ptr() + start * local.element_size()
+                status = lib.sample_kl_forward(
+                    table.data_ptr(), ids, len(table), gathered, eps_at, out_at, count, dim, seed, first
+                )  # fmt: skip
+            native.check(status, "sample_kl_forward", 0 if table is None else len(table))
             start += count
         ctx.save_for_backward(rows, eps)
         return out
@@ -136,7 +145,11 @@ class _StreamSampleAndKL(torch.autograd.Function):
         native.loaded().sample_kl_backward(
             rows.data_ptr(), eps.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), len(rows), eps.shape[1]
         )
-        return grad, None, None
+        return grad, None, None, None, None
+
+
+def _streams_fit(rows: torch.Tensor, spans: list[tuple[int, int, int]]) -> bool:
+    return native.library() is not None and native.floats_applicable(rows) and sum(c for c, _, _ in spans) == len(rows)
 
 
 def stream_sample_and_kl(rows: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor | None:
@@ -144,18 +157,39 @@ def stream_sample_and_kl(rows: torch.Tensor, dim: int, spans: list[tuple[int, in
     streams: ``spans`` are (rows, stream seed, first value) for consecutive runs of rows, the noise of a run
     being values [first, first + rows * dim) of its stream (``native.normal_into``'s stream, so the same
     as drawing it first and calling ``sample_and_kl``). None where the kernels cannot take the rows."""
-    if native.library() is None or not native.floats_applicable(rows) or sum(c for c, _, _ in spans) != len(rows):
+    if not _streams_fit(rows, spans):
         return None
     return _StreamSampleAndKL.apply(rows, dim, spans)
 
 
-Encoder = Callable[[torch.Tensor, torch.Tensor, "list[Segment]"], torch.Tensor]
-"""(owned rows [m, width] to differentiate, their local indices [m], the segments they were asked for in,
-in order) -> the values [m, k] sent back for them (see ``sharding.table.ShardedTable.encode``)."""
+def stream_sample_and_kl_of(
+    table: torch.Tensor, local: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``stream_sample_and_kl`` of rows ``local`` of ``table``, gathered by the kernel as it samples them:
+    (the rows [U, 2*dim], a leaf that takes their gradient when grad is enabled; [sample | KL] [U, dim + 1]).
+    None where the kernels cannot take them."""
+    if not native.applicable(local, table) or local.dim() != 1:
+        return None
+    rows = table.new_empty(len(local), table.shape[1]).requires_grad_(torch.is_grad_enabled())
+    if not _streams_fit(rows, spans):
+        return None
+    return rows, _StreamSampleAndKL.apply(rows, dim, spans, table, local)
 
 
-def identity(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-    return rows
+Encoder = Callable[[torch.Tensor, torch.Tensor, "list[Segment]"], tuple[torch.Tensor, torch.Tensor]]
+"""(the owner's table [rows, width], the local indices [m] of the rows asked for, the segments they were
+asked for in, in order) -> (those rows [m, width] as a leaf to differentiate when grad is enabled, the
+values [m, k] sent back for them) (see ``sharding.table.ShardedTable.encode``)."""
+
+
+def gather(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Rows ``local`` of ``table`` as a leaf that takes their gradient (when grad is enabled)."""
+    return table.index_select(0, local).requires_grad_(torch.is_grad_enabled())
+
+
+def identity(table: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = gather(table, local)
+    return rows, rows
 
 
 def role_sample_and_kl(
@@ -187,16 +221,18 @@ def training_encoder(
     requesting stream's id list (``Segment``), so a draw does not depend on which rank owns the row.
     ``kl_roles`` > 1 sends the KL of each of a row's roles apart (``kl_roles`` columns)."""
 
-    def encode(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        means = [rows[:, :dim]] if keep_mean else []
+    def encode(table: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        if dense_eps is None and prior_var == 1.0 and kl_roles == 1:
+            # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
+            spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
+            fused = stream_sample_and_kl_of(table, local, dim, spans)
+            if fused is not None:
+                rows, packed = fused
+                return rows, torch.cat([packed, rows[:, :dim]], dim=1) if keep_mean else packed
+        rows = gather(table, local)
         if dense_eps is not None:
             eps = dense_eps.index_select(0, local)
         else:
-            spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
-            # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
-            packed = stream_sample_and_kl(rows, dim, spans) if prior_var == 1.0 and kl_roles == 1 else None
-            if packed is not None:
-                return torch.cat([packed, *means], dim=1) if means else packed
             eps, start = rows.new_empty(len(rows), dim), 0
             for s in segments:
                 span = (s.offset, s.offset + s.count)
@@ -206,7 +242,8 @@ def training_encoder(
             sample, row_kl = role_sample_and_kl(rows, dim, eps, prior_var, kl_roles)
         else:
             sample, row_kl = sample_and_kl(rows, dim, eps, prior_var)
-        return torch.cat([sample, row_kl.view(len(rows), kl_roles), *means], dim=1)
+        means = [rows[:, :dim]] if keep_mean else []
+        return rows, torch.cat([sample, row_kl.view(len(rows), kl_roles), *means], dim=1)
 
     return encode
 
@@ -223,7 +260,8 @@ def split_encoding(
 def sampler(eps: torch.Tensor) -> Encoder:
     """An owner's draw for its rows in evaluation, ``eps`` [local rows, D] being its dense noise."""
 
-    def sample(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        return Gaussian.of_rows(rows, eps.shape[1]).draw(eps.index_select(0, local))
+    def sample(table: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = gather(table, local)
+        return rows, Gaussian.of_rows(rows, eps.shape[1]).draw(eps.index_select(0, local))
 
     return sample

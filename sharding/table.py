@@ -152,8 +152,7 @@ class ShardedTable:
         segments = [Segment(*row) for row in received]
         send, recv = send_counts.tolist(), [segment.count for segment in segments]
         recv_local = self.exchange.all_to_all_back(ids, send, recv) - self.lo
-        served = self.weight.index_select(0, recv_local).requires_grad_(torch.is_grad_enabled())
-        output = encoder(served, recv_local, segments)
+        served, output = encoder(self.weight, recv_local, segments)
         values = self.exchange.all_to_all_back(output.detach(), recv, send)
         return Encoded(values.requires_grad_(torch.is_grad_enabled()), send, recv, recv_local, served, output)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sharding import rng
 from sharding.exchange import sharded_log_partition
-from sharding.gaussian import Encoder, Gaussian, sampler
+from sharding.gaussian import Encoder, Gaussian, gather, sampler
 
 if TYPE_CHECKING:
     from sharding.table import Segment, ShardedTable
@@ -181,8 +181,9 @@ def block_sampler(table: ShardedTable, key: tuple[int, ...]) -> Encoder:
     """An owner's draw for the rows it serves, with the noise ``dense_noise(key)`` would give them, drawn
     only for their blocks (a sampled evaluation touches a few rows, not the whole shard)."""
 
-    def sample(rows: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        return Gaussian.of_rows(rows, table.dim).draw(table.block_noise(local, key))
+    def sample(weight: torch.Tensor, local: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = gather(weight, local)
+        return rows, Gaussian.of_rows(rows, table.dim).draw(table.block_noise(local, key))
 
     return sample
 

@@ -80,9 +80,16 @@ void normal_rows(float *out, uint64_t seed, const int64_t *rows, int64_t n, int6
 }
 
 /* Rows [lo, hi) of sample_kl_forward. */
-static void sample_rows(const float *rows, const float *eps, float *out, int64_t lo, int64_t hi, int64_t dim) {
+static void sample_rows(const float *rows, const int64_t *ids, float *gathered, const float *eps, float *out, int64_t lo,
+                        int64_t hi, int64_t dim) {
     for (int64_t i = lo; i < hi; i++) {
-        const float *restrict mean = rows + 2 * i * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
+        const float *restrict mean = rows + 2 * i * dim, *restrict logvar, *restrict e = eps + i * dim;
+        if (ids) {
+            if (i + PREFETCH_AHEAD < hi) prefetch_row(rows + 2 * ids[i + PREFETCH_AHEAD] * dim, 2 * dim);
+            memcpy(gathered + 2 * i * dim, rows + 2 * ids[i] * dim, 2 * dim * sizeof(float));
+            mean = gathered + 2 * i * dim;
+        }
+        logvar = mean + dim;
         float *restrict sample = out + i * (dim + 1);
         float total = 0.0f;
 #pragma omp simd reduction(+ : total) /* under -fopenmp, gcc 12 leaves the reduction scalar without it */
@@ -98,13 +105,21 @@ static void sample_rows(const float *rows, const float *eps, float *out, int64_t
 /* Sample and KL of m rows [mean | logvar] (rows [m, 2 * dim]), whose noise is values [first, first + m * dim)
  * of stream `seed`: eps [m, dim] receives the noise (kept for the backward), out [m, dim + 1] the sample
  * mean + exp(logvar / 2) * eps and, last, the row's KL to N(0, I),
- * 0.5 * sum(mean^2 + exp(logvar) - logvar - 1). */
-void sample_kl_forward(const float *rows, float *eps, float *out, int64_t m, int64_t dim, uint64_t seed,
-                       int64_t first) {
+ * 0.5 * sum(mean^2 + exp(logvar) - logvar - 1).
+ * With ids, row i is row ids[i] of the table `rows` [table_rows, 2 * dim], and is copied into gathered
+ * [m, 2 * dim] (what the backward reads) on the way: the gather and the sample in one pass, the next rows
+ * prefetched, where a gather (index_select) and then this pass read every row twice and wait on each
+ * row's cache misses. Returns 0, or 1 when an id is outside [0, table_rows) (nothing is written then). */
+int sample_kl_forward(const float *rows, const int64_t *ids, int64_t table_rows, float *gathered, float *eps, float *out,
+                      int64_t m, int64_t dim, uint64_t seed, int64_t first) {
+    if (ids)
+        for (int64_t i = 0; i < m; i++)
+            if (ids[i] < 0 || ids[i] >= table_rows) return 1;
     normal_range(eps, seed, first, m * dim);
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
     for (int64_t lo = 0; lo < m; lo += ROWS_PER_TASK)
-        sample_rows(rows, eps, out, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
+        sample_rows(rows, ids, gathered, eps, out, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
+    return 0;
 }
 
 /* Rows [lo, hi) of sample_kl_backward. */

@@ -15,17 +15,9 @@
 
 #include "vecmath.h"
 
-/* Rows are scattered over tables far larger than the caches: asking for the row PREFETCH_AHEAD ids on
- * while updating this one hides part of the cache misses of the next rows. */
-#define PREFETCH_AHEAD 2
-
 /* Runs merge_rows takes at most (one per requester and data stream): it scans every run's head for each
  * row it writes, so many more runs are better served by a sort (the caller's torch path). */
 #define MERGE_MAX_RUNS 64
-
-static inline void prefetch_row(const float *row, int64_t width) {
-    for (int64_t j = 0; j < width; j += 64 / sizeof(float)) __builtin_prefetch(row + j, 1);
-}
 
 static int ids_in_range(const int64_t *ids, int64_t n, int64_t rows) {
     for (int64_t i = 0; i < n; i++)

@@ -1,5 +1,5 @@
-/* What the CPU kernels share: when a loop goes parallel, and single-precision exp, log and (cos, sin) of
- * a turn as inline polynomials.
+/* What the CPU kernels share: when a loop goes parallel, the prefetch of a table's row, and single-precision
+ * exp, log and (cos, sin) of a turn as inline polynomials.
  *
  * Cephes' coefficients, about 1 ulp on their reduced ranges; inline so that gcc vectorises the loops
  * that call them (faster than glibc's libmvec, which gcc under -fopenmp may also replace by libm's scalar
@@ -14,6 +14,14 @@
 
 /* Elements of work below which a loop stays on one thread: waking a second costs more than it saves. */
 #define PARALLEL_MIN 32768
+
+/* Rows are scattered over tables far larger than the caches: asking for the row PREFETCH_AHEAD ids on
+ * while working on this one hides part of the cache misses of the next rows. */
+#define PREFETCH_AHEAD 2
+
+static inline void prefetch_row(const float *row, int64_t width) {
+    for (int64_t j = 0; j < width; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + j, 1);
+}
 
 static inline float from_bits(uint32_t bits) {
     float x;

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sharding import gaussian
 from sharding.rng import step_generator
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
 from trainer.model import build_model
@@ -131,14 +132,21 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
         "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence",
         f"objective.reg={reg}", "objective.reg_weight=0.1",
     )  # fmt: skip
-    results = []
+    results, taken = [], []
+    kernel = gaussian.stream_sample_and_kl_of
+
+    def counted(*args):
+        found = kernel(*args)
+        taken.append(found is not None)
+        return found
+
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl", lambda *args: None)
+        monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl_of", counted if fused else lambda *args: None)
         model, step = _step(config, tiny_dataset)
         terms = step([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 0.5, 1.0, KEY)
         results.append((terms, model.entities.weight.clone()))
     (fused_terms, fused_weight), (torch_terms, torch_weight) = results
+    assert taken and all(taken)  # the first step ran the kernel (gathering the rows itself)
     for key in ("nll", "kl", "loss"):
         assert getattr(fused_terms, key) == pytest.approx(getattr(torch_terms, key), rel=1e-5)
     torch.testing.assert_close(fused_weight, torch_weight, rtol=1e-5, atol=1e-6)
