@@ -7,8 +7,9 @@ stored as its logarithm (as the authors' code did): it is unconstrained, so the 
 freely, and exp() keeps it positive.
 
 Sample and KL in training, fastest first: the compiled kernel with the counter-based noise drawn
-inside it (``stream_sample_and_kl``); else the noise drawn first (``rng.row_normal``) and one autograd
-function with a written backward (``sample_and_kl``). Evaluation draws with ``Gaussian.draw``.
+inside it, gathering the rows from the owner's table as it samples them (``stream_sample_and_kl``);
+else the rows gathered and the noise drawn first (``rng.row_normal``) and one autograd function with a
+written backward (``sample_and_kl``). Evaluation draws with ``Gaussian.draw``.
 """
 
 from __future__ import annotations
@@ -110,29 +111,27 @@ def sample_and_kl(
 
 
 class _StreamSampleAndKL(torch.autograd.Function):
-    """``sample_and_kl`` in the compiled kernels of sharding/kernels/noise.c, with the noise drawn inside them.
+    """``sample_and_kl`` of rows ``local`` of an owner's table in the compiled kernels of
+    sharding/kernels/noise.c, with the noise drawn inside them.
 
-    One pass each way over the rows, with an inline vectorised exp, and the sample and KL written straight
-    into the packed [U, dim + 1] layout the owner sends back (no noise tensor, no concatenation). Given
-    ``table`` and ``local``, ``rows`` is an uninitialised leaf that the forward fills with table[local] as it
-    reads them (the gather and the sample in one pass), and that takes the rows' gradient.
+    One pass each way over the rows, with an inline vectorised exp: the forward gathers each row from the
+    table as it samples it, and writes the sample and KL straight into the packed [U, dim + 1] layout the
+    owner sends back (no noise tensor, no concatenation). ``rows`` is an uninitialised leaf that the forward
+    fills with table[local] (what the backward reads) and that takes the rows' gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows, dim: int, spans: list[tuple[int, int, int]], table=None, local=None) -> torch.Tensor:
+    def forward(ctx, rows, table, local, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor:
         lib, size = native.loaded(), rows.element_size()
         eps, out = rows.new_empty(len(rows), dim), rows.new_empty(len(rows), dim + 1)
         start = 0
         for count, seed, first in spans:
-            gathered, eps_at, out_at = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
-            if table is None:
-                status = lib.sample_kl_forward(gathered, None, 0, None, eps_at, out_at, count, dim, seed, first)
-            else:
-                ids = local.data_ptr() + start * local.element_size()
-                status = lib.sample_kl_forward(
-                    table.data_ptr(), ids, len(table), gathered, eps_at, out_at, count, dim, seed, first
-                )  # fmt: skip
-            native.check(status, "sample_kl_forward", 0 if table is None else len(table))
+            ids = local.data_ptr() + start * local.element_size()
+            rows_at, eps_at, out_at = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
+            status = lib.sample_kl_forward(
+                table.data_ptr(), ids, len(table), rows_at, eps_at, out_at, count, dim, seed, first
+            )  # fmt: skip
+            native.check(status, "sample_kl_forward", len(table))
             start += count
         ctx.save_for_backward(rows, eps)
         return out
@@ -148,32 +147,23 @@ class _StreamSampleAndKL(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _streams_fit(rows: torch.Tensor, spans: list[tuple[int, int, int]]) -> bool:
-    return native.library() is not None and native.floats_applicable(rows) and sum(c for c, _, _ in spans) == len(rows)
-
-
-def stream_sample_and_kl(rows: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor | None:
-    """[sample | KL] [U, dim + 1] of Gaussian rows [U, 2*dim] whose noise comes from the compiled counter
-    streams: ``spans`` are (rows, stream seed, first value) for consecutive runs of rows, the noise of a run
-    being values [first, first + rows * dim) of its stream (``native.normal_into``'s stream, so the same
-    as drawing it first and calling ``sample_and_kl``). None where the kernels cannot take the rows."""
-    if not _streams_fit(rows, spans):
-        return None
-    return _StreamSampleAndKL.apply(rows, dim, spans)
-
-
-def stream_sample_and_kl_of(
+def stream_sample_and_kl(
     table: torch.Tensor, local: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``stream_sample_and_kl`` of rows ``local`` of ``table``, gathered by the kernel as it samples them:
-    (the rows [U, 2*dim], a leaf that takes their gradient when grad is enabled; [sample | KL] [U, dim + 1]).
-    None where the kernels cannot take them."""
-    if not native.applicable(local, table) or local.dim() != 1:
+    """The rows ``local`` [U] of ``table`` [N, 2*dim] = [mean | logvar] and their [sample | KL] [U, dim + 1],
+    drawn with the compiled counter streams: ``spans`` are (rows, stream seed, first value) for consecutive
+    runs of the rows, the noise of a run being values [first, first + rows * dim) of its stream
+    (``native.normal_into``'s stream, so the same as drawing it first and calling ``sample_and_kl``). The
+    kernel gathers the rows as it samples them; they come back as a leaf that takes their gradient when
+    grad is enabled. None where the kernels cannot take them."""
+    fits = (
+        native.library() is not None and native.applicable(local, table) and local.dim() == 1
+        and table.dim() == 2 and table.shape[1] == 2 * dim and sum(c for c, _, _ in spans) == len(local)
+    )  # fmt: skip
+    if not fits:
         return None
-    rows = table.new_empty(len(local), table.shape[1]).requires_grad_(torch.is_grad_enabled())
-    if not _streams_fit(rows, spans):
-        return None
-    return rows, _StreamSampleAndKL.apply(rows, dim, spans, table, local)
+    rows = table.new_empty(len(local), 2 * dim).requires_grad_(torch.is_grad_enabled())
+    return rows, _StreamSampleAndKL.apply(rows, table, local, dim, spans)
 
 
 Encoder = Callable[[torch.Tensor, torch.Tensor, "list[Segment]"], tuple[torch.Tensor, torch.Tensor]]
@@ -225,7 +215,7 @@ def training_encoder(
         if dense_eps is None and prior_var == 1.0 and kl_roles == 1:
             # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
             spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
-            fused = stream_sample_and_kl_of(table, local, dim, spans)
+            fused = stream_sample_and_kl(table, local, dim, spans)
             if fused is not None:
                 rows, packed = fused
                 return rows, torch.cat([packed, rows[:, :dim]], dim=1) if keep_mean else packed

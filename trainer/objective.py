@@ -194,8 +194,8 @@ def _fused_bernoulli(
 
 
 class _FusedBernoulli(torch.autograd.Function):
-    """The Bernoulli NLL of chunked facts in sharding/kernels/bilinear.c: queries, scores and softplus in
-    one pass per chunk, and the backward (sigmoids, the queries' and the negatives' gradients, the complex
+    """The Bernoulli NLL of chunked facts in sharding/kernels/bilinear.c: queries, scores, softplus and
+    sigmoids in one pass per chunk, and the backward (the queries' and the negatives' gradients, the complex
     products') in another, where the torch path below dispatches some fifty operations each way."""
 
     @staticmethod

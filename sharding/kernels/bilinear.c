@@ -10,10 +10,9 @@
  * (queries, batched products, softplus, sums, their backward and the complex products' backward); at a
  * batch of a thousand facts their dispatch costs more than their arithmetic.
  *
- * A chunk's scores are the matrix product of its negatives and its queries, and the backward's are two
- * more per side (the queries' gradients G N, the negatives' G^T Q): `matmul` below. The forward keeps the
- * derivative of each term in its score (a sigmoid, from the exp its softplus takes anyway), so the
- * backward takes no exp.
+ * The forward scores by dot products and keeps the derivative of each term in its score (a sigmoid, from
+ * the exp its softplus takes anyway), so the backward takes no exp; the backward's gradients are matrix
+ * products per chunk and side (the queries' G N, the negatives' G^T Q): `matmul` below.
  *
  * Chunks run on torch's OpenMP threads, each writing only its own facts' rows and its own negatives'
  * gradient block, so no two threads write one place and the result does not depend on the thread count.
@@ -27,7 +26,8 @@
 
 /* softplus(x) = max(x, 0) + log(1 + exp(-|x|)) and sigmoid(x) from one exp, to about 1e-7 absolute (a
  * softplus term below that, x < -16, counts as 0, where the loss sums a thousand terms of order one); NaN
- * stays NaN in both, and -inf gives 0 and 0, as in torch. */
+ * stays NaN in both, and -inf gives a softplus of 0 and a sigmoid of about 1e-38 (exp_approx stops at
+ * -87). */
 static inline float softplus_sigmoid(float x, float *sig) {
     const float e = exp_approx(-fabsf(x));
     *sig = (x >= 0.0f ? 1.0f : e) / (1.0f + e);
@@ -228,13 +228,14 @@ int bernoulli_backward(const float *s, const float *r, const float *o, const flo
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
-        float *work = malloc(4 * (size_t)chunk * (size_t)D * sizeof(float));
+        const int64_t rows = chunk < B ? chunk : B; /* a chunk's facts at most */
+        float *work = malloc(4 * (size_t)rows * (size_t)D * sizeof(float));
         failed = work == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
             if (work == NULL) continue;
             /* The chunk's queries and their gradients [n, D]. */
-            float *q_tail = work, *q_head = work + chunk * D, *g_tail = q_head + chunk * D, *g_head = g_tail + chunk * D;
+            float *q_tail = work, *q_head = work + rows * D, *g_tail = q_head + rows * D, *g_head = g_tail + rows * D;
             const float *negs = neg + c * K * D, *p = probs + c * chunk * (1 + K);
             float *g_negs = gneg + c * K * D;
             const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;

@@ -80,16 +80,12 @@ void normal_rows(float *out, uint64_t seed, const int64_t *rows, int64_t n, int6
 }
 
 /* Rows [lo, hi) of sample_kl_forward. */
-static void sample_rows(const float *rows, const int64_t *ids, float *gathered, const float *eps, float *out, int64_t lo,
+static void sample_rows(const float *table, const int64_t *ids, float *rows, const float *eps, float *out, int64_t lo,
                         int64_t hi, int64_t dim) {
     for (int64_t i = lo; i < hi; i++) {
-        const float *restrict mean = rows + 2 * i * dim, *restrict logvar, *restrict e = eps + i * dim;
-        if (ids) {
-            if (i + PREFETCH_AHEAD < hi) prefetch_row(rows + 2 * ids[i + PREFETCH_AHEAD] * dim, 2 * dim);
-            memcpy(gathered + 2 * i * dim, rows + 2 * ids[i] * dim, 2 * dim * sizeof(float));
-            mean = gathered + 2 * i * dim;
-        }
-        logvar = mean + dim;
+        if (i + PREFETCH_AHEAD < hi) prefetch_row_for_reading(table + 2 * ids[i + PREFETCH_AHEAD] * dim, 2 * dim);
+        const float *restrict mean = table + 2 * ids[i] * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
+        memcpy(rows + 2 * i * dim, mean, 2 * (size_t)dim * sizeof(float));
         float *restrict sample = out + i * (dim + 1);
         float total = 0.0f;
 #pragma omp simd reduction(+ : total) /* under -fopenmp, gcc 12 leaves the reduction scalar without it */
@@ -102,23 +98,21 @@ static void sample_rows(const float *rows, const int64_t *ids, float *gathered, 
     }
 }
 
-/* Sample and KL of m rows [mean | logvar] (rows [m, 2 * dim]), whose noise is values [first, first + m * dim)
- * of stream `seed`: eps [m, dim] receives the noise (kept for the backward), out [m, dim + 1] the sample
- * mean + exp(logvar / 2) * eps and, last, the row's KL to N(0, I),
- * 0.5 * sum(mean^2 + exp(logvar) - logvar - 1).
- * With ids, row i is row ids[i] of the table `rows` [table_rows, 2 * dim], and is copied into gathered
- * [m, 2 * dim] (what the backward reads) on the way: the gather and the sample in one pass, the next rows
- * prefetched, where a gather (index_select) and then this pass read every row twice and wait on each
- * row's cache misses. Returns 0, or 1 when an id is outside [0, table_rows) (nothing is written then). */
-int sample_kl_forward(const float *rows, const int64_t *ids, int64_t table_rows, float *gathered, float *eps, float *out,
+/* Sample and KL of m rows [mean | logvar]: rows ids[0..m) of `table` [table_rows, 2 * dim], whose noise is
+ * values [first, first + m * dim) of stream `seed`. rows [m, 2 * dim] receives the rows (what the backward
+ * reads), eps [m, dim] the noise (kept for the backward too), out [m, dim + 1] the sample
+ * mean + exp(logvar / 2) * eps and, last, the row's KL to N(0, I), 0.5 * sum(mean^2 + exp(logvar) - logvar - 1).
+ * The gather and the sample in one pass, the next rows prefetched, where a gather (index_select) and then
+ * a pass over its rows read every row twice and wait on each row's cache misses with nothing to do.
+ * Returns 0, or 1 when an id is outside [0, table_rows) (nothing is written then). */
+int sample_kl_forward(const float *table, const int64_t *ids, int64_t table_rows, float *rows, float *eps, float *out,
                       int64_t m, int64_t dim, uint64_t seed, int64_t first) {
-    if (ids)
-        for (int64_t i = 0; i < m; i++)
-            if (ids[i] < 0 || ids[i] >= table_rows) return 1;
+    for (int64_t i = 0; i < m; i++)
+        if (ids[i] < 0 || ids[i] >= table_rows) return 1;
     normal_range(eps, seed, first, m * dim);
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
     for (int64_t lo = 0; lo < m; lo += ROWS_PER_TASK)
-        sample_rows(rows, ids, gathered, eps, out, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
+        sample_rows(table, ids, rows, eps, out, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
     return 0;
 }
 

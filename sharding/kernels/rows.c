@@ -130,10 +130,11 @@ int64_t unique_ids(const int64_t *ids, int64_t n, int64_t *out_ids, int64_t *inv
         lo = ids[i] < lo ? ids[i] : lo;
         hi = ids[i] > hi ? ids[i] : hi;
     }
+    if (lo < 0) return -1; /* and so hi - lo cannot overflow */
     int position_bits = 0, id_bits = 0;
     while (position_bits < 63 && ((int64_t)1 << position_bits) < n) position_bits++;
     while (id_bits < 63 && ((uint64_t)1 << id_bits) <= (uint64_t)(hi - lo)) id_bits++;
-    if (lo < 0 || position_bits + id_bits > 63) return -1;
+    if (position_bits + id_bits > 63) return -1;
     uint64_t *keys = malloc(2 * (size_t)n * sizeof(uint64_t));
     if (keys == NULL) return -1;
     uint64_t *other = keys + n;

@@ -19,8 +19,12 @@
  * while working on this one hides part of the cache misses of the next rows. */
 #define PREFETCH_AHEAD 2
 
-static inline void prefetch_row(const float *row, int64_t width) {
+static inline void prefetch_row(const float *row, int64_t width) { /* to update it */
     for (int64_t j = 0; j < width; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + j, 1);
+}
+
+static inline void prefetch_row_for_reading(const float *row, int64_t width) {
+    for (int64_t j = 0; j < width; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + j, 0);
 }
 
 static inline float from_bits(uint32_t bits) {

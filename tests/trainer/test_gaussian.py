@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sharding.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl, stream_sample_and_kl_of
+from sharding.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
 from sharding.kernels import native
 from tests.trainer.conftest import unit_kl
 
@@ -87,65 +87,47 @@ def _stream_noise(rows: int, dim: int, spans) -> torch.Tensor:
     return eps
 
 
-def test_stream_kernel_is_sample_and_kl_of_the_streams_noise():
+def test_stream_kernel_gathers_and_samples_the_rows_with_the_streams_noise():
+    """The kernel gathers rows ``local`` of the table into the leaf it returns and samples them: the sample,
+    KL and gradient of ``sample_and_kl`` given the streams' noise; an id outside the table is refused."""
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
     dim, g = 128, torch.Generator().manual_seed(3)
-    rows = torch.cat([torch.randn(300, dim, generator=g), torch.randn(300, dim, generator=g) - 2], dim=1)
+    table = torch.cat([torch.randn(1000, dim, generator=g), torch.randn(1000, dim, generator=g) - 2], dim=1)
+    local = torch.randperm(1000, generator=g)[:300]
     weights = torch.randn(300, dim + 1, generator=g)
 
-    kernel_rows = rows.clone().requires_grad_(True)
-    packed = stream_sample_and_kl(kernel_rows, dim, SPANS)
+    fused = stream_sample_and_kl(table, local, dim, SPANS)
+    assert fused is not None
+    rows, packed = fused
     (packed * weights).sum().backward()
+    assert rows.is_leaf and torch.equal(rows.detach(), table[local])
 
-    torch_rows = rows.clone().requires_grad_(True)
+    torch_rows = table[local].requires_grad_(True)
     sample, kl = sample_and_kl(torch_rows, dim, _stream_noise(300, dim, SPANS))
     (torch.cat([sample, kl.unsqueeze(1)], dim=1) * weights).sum().backward()
 
     assert packed.shape == (300, dim + 1)
     torch.testing.assert_close(packed[:, :dim], sample, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[:, dim], kl, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernel_rows.grad, torch_rows.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_stream_kernel_gathers_the_rows_of_a_table_as_it_samples_them():
-    """Given a table and local ids, the kernel copies the rows into the leaf it returns and samples them: the
-    same sample, KL and gradient as gathering first; an id outside the table is refused."""
-    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
-    dim, g = 128, torch.Generator().manual_seed(4)
-    table = torch.cat([torch.randn(1000, dim, generator=g), torch.randn(1000, dim, generator=g) - 2], dim=1)
-    local = torch.randperm(1000, generator=g)[:300]
-    weights = torch.randn(300, dim + 1, generator=g)
-
-    fused = stream_sample_and_kl_of(table, local, dim, SPANS)
-    assert fused is not None
-    rows, packed = fused
-    (packed * weights).sum().backward()
-    assert rows.is_leaf and torch.equal(rows.detach(), table[local])
-
-    gathered = table[local].requires_grad_(True)
-    want = stream_sample_and_kl(gathered, dim, SPANS)
-    (want * weights).sum().backward()
-    assert torch.equal(packed, want)
-    assert torch.equal(rows.grad, gathered.grad)
+    torch.testing.assert_close(rows.grad, torch_rows.grad, rtol=1e-5, atol=1e-5)
 
     with torch.no_grad():
-        rows, _ = stream_sample_and_kl_of(table, local, dim, SPANS)
+        rows, _ = stream_sample_and_kl(table, local, dim, SPANS)
     assert not rows.requires_grad
     with pytest.raises(IndexError, match="outside"):
-        stream_sample_and_kl_of(table, torch.cat([local[:-1], torch.tensor([1000])]), dim, SPANS)
-    assert stream_sample_and_kl_of(table, local[::1].to(torch.int32), dim, SPANS) is None
-    assert stream_sample_and_kl_of(table.double(), local, dim, SPANS) is None
-    assert stream_sample_and_kl_of(table, local[:299], dim, SPANS) is None  # the spans do not cover the rows
+        stream_sample_and_kl(table, torch.cat([local[:-1], torch.tensor([1000])]), dim, SPANS)
 
 
 def test_stream_kernel_declines_what_it_cannot_take(monkeypatch):
-    rows = torch.randn(300, 256)
-    assert stream_sample_and_kl(rows[:, :128], 64, SPANS) is None  # not contiguous
-    assert stream_sample_and_kl(rows.double(), 128, SPANS) is None
-    assert stream_sample_and_kl(rows[:299], 128, SPANS) is None  # the spans do not cover the rows
+    table, local = torch.randn(1000, 256), torch.arange(300)
+    assert stream_sample_and_kl(table[:, :128], local, 64, SPANS) is None  # not contiguous
+    assert stream_sample_and_kl(table.double(), local, 128, SPANS) is None
+    assert stream_sample_and_kl(table, local.to(torch.int32), 128, SPANS) is None
+    assert stream_sample_and_kl(table, local[:299], 128, SPANS) is None  # the spans do not cover the rows
+    assert stream_sample_and_kl(table, local, 64, SPANS) is None  # the rows are not [mean | logvar] of dim 64
     native.library.cache_clear()
     monkeypatch.setenv("NVKG_NATIVE", "0")
     try:
-        assert stream_sample_and_kl(rows, 128, SPANS) is None
+        assert stream_sample_and_kl(table, local, 128, SPANS) is None
     finally:
         native.library.cache_clear()

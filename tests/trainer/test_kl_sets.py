@@ -133,7 +133,7 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
         f"objective.reg={reg}", "objective.reg_weight=0.1",
     )  # fmt: skip
     results, taken = [], []
-    kernel = gaussian.stream_sample_and_kl_of
+    kernel = gaussian.stream_sample_and_kl
 
     def counted(*args):
         found = kernel(*args)
@@ -141,7 +141,7 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
         return found
 
     for fused in (True, False):
-        monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl_of", counted if fused else lambda *args: None)
+        monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl", counted if fused else lambda *args: None)
         model, step = _step(config, tiny_dataset)
         terms = step([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 0.5, 1.0, KEY)
         results.append((terms, model.entities.weight.clone()))
