@@ -107,8 +107,7 @@ static void sample_rows(const float *table, const int64_t *ids, float *rows, con
  * Returns 0, or 1 when an id is outside [0, table_rows) (nothing is written then). */
 int sample_kl_forward(const float *table, const int64_t *ids, int64_t table_rows, float *rows, float *eps, float *out,
                       int64_t m, int64_t dim, uint64_t seed, int64_t first) {
-    for (int64_t i = 0; i < m; i++)
-        if (ids[i] < 0 || ids[i] >= table_rows) return 1;
+    if (!ids_in_range(ids, m, table_rows)) return 1;
     normal_range(eps, seed, first, m * dim);
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
     for (int64_t lo = 0; lo < m; lo += ROWS_PER_TASK)

@@ -19,12 +19,6 @@
  * row it writes, so many more runs are better served by a sort (the caller's torch path). */
 #define MERGE_MAX_RUNS 64
 
-static int ids_in_range(const int64_t *ids, int64_t n, int64_t rows) {
-    for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= rows) return 0;
-    return 1;
-}
-
 /* Lazy Adam (torch.optim.Adam's update) on rows ids[0..n) of param, exp_avg, exp_avg_sq [rows, width],
  * with grad [n, width]; step_size = lr / (1 - beta1^t), inv_sqrt_bias2 = 1 / sqrt(1 - beta2^t), and
  * w1 = 1 - beta1, w2 = 1 - beta2 come from the caller in double precision: 1 - 0.999f in float is off

@@ -1,5 +1,5 @@
-/* What the CPU kernels share: when a loop goes parallel, the prefetch of a table's row, and single-precision
- * exp, log and (cos, sin) of a turn as inline polynomials.
+/* What the CPU kernels share: when a loop goes parallel, the check and the prefetch of a table's rows, and
+ * single-precision exp, log and (cos, sin) of a turn as inline polynomials.
  *
  * Cephes' coefficients, about 1 ulp on their reduced ranges; inline so that gcc vectorises the loops
  * that call them (faster than glibc's libmvec, which gcc under -fopenmp may also replace by libm's scalar
@@ -25,6 +25,13 @@ static inline void prefetch_row(const float *row, int64_t width) { /* to update 
 
 static inline void prefetch_row_for_reading(const float *row, int64_t width) {
     for (int64_t j = 0; j < width; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + j, 0);
+}
+
+/* Whether every id of ids[0..n) is a row of a table of `rows` rows: checked before a kernel writes anything. */
+static inline int ids_in_range(const int64_t *ids, int64_t n, int64_t rows) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= rows) return 0;
+    return 1;
 }
 
 static inline float from_bits(uint32_t bits) {
