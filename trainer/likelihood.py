@@ -15,6 +15,7 @@ Chosen once when the model is built. New likelihoods plug in by subclassing ``Li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -28,10 +29,12 @@ from trainer.objective import (
     bernoulli_nll,
     chunk_negatives,
     position_weights,
+    positioned_bernoulli_nll,
     sampled_softmax_nll,
     sharded_log_z,
     softmax_nll,
 )
+from trainer.posterior import Gathered
 from trainer.scorers import Scorer
 
 if TYPE_CHECKING:
@@ -41,23 +44,59 @@ LikelihoodName = Literal["bernoulli", "softmax", "sampled_softmax"]
 NegativeSource = Literal["global", "local"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FactRows:
-    """The sampled embeddings of one stream's batch: heads, relations and tails [B, D] of the positives,
-    the relation ids [B], the negatives' rows [C*k, D] (empty without negatives) with their layout [C, k]."""
+    """The sampled rows of one stream's batch: the batch's distinct entities' rows ``entities`` [U, D] with
+    where each part of the batch sits among them (``rows``), every relation's row ``relations`` [R, D], the
+    facts ``positives`` [B, 3] (entity and relation ids) and their relation biases ``bias`` [B] or None
+    (``objective.relation_bias``).
 
-    s: torch.Tensor
-    r: torch.Tensor
-    o: torch.Tensor
-    relation_ids: torch.Tensor
-    neg: torch.Tensor
-    neg_layout: torch.Size | None
+    The per-fact rows (``s``, ``r``, ``o``, ``neg``) are gathered when first asked for, one gather for the
+    entities' parts: a likelihood that reads the rows by position (the compiled Bernoulli) never copies
+    them."""
+
+    entities: torch.Tensor
+    rows: Gathered
+    relations: torch.Tensor
     positives: torch.Tensor
-    """The batch's facts [B, 3] (entity and relation ids)."""
-    negative_ids: torch.Tensor | None
-    """Entity ids of the negatives [C, k], or None."""
     bias: torch.Tensor | None = None
-    """The positives' relation biases [B] (``objective.relation_bias``), or None."""
+
+    @property
+    def relation_ids(self) -> torch.Tensor:
+        return self.positives[:, 1]
+
+    @property
+    def neg_layout(self) -> torch.Size | None:
+        """[C, k] of the sampled negatives, or None without negatives."""
+        return self.rows.neg.shape if self.rows.neg is not None else None
+
+    @cached_property
+    def negative_ids(self) -> torch.Tensor | None:
+        """Entity ids of the negatives [C, k], or None."""
+        return self.rows.ids[self.rows.neg] if self.rows.neg is not None else None
+
+    @cached_property
+    def _gathered(self) -> tuple[torch.Tensor, ...]:
+        batch, gathered = len(self.positives), self.entities.index_select(0, self.rows.flat)
+        # split, not slices: its backward is one concatenation (a slice's fills a zero tensor per slice).
+        return gathered.split([batch, batch, len(gathered) - 2 * batch])
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self._gathered[0]
+
+    @property
+    def o(self) -> torch.Tensor:
+        return self._gathered[1]
+
+    @property
+    def neg(self) -> torch.Tensor:
+        """The negatives' rows [C*k, D] (empty without negatives)."""
+        return self._gathered[2]
+
+    @cached_property
+    def r(self) -> torch.Tensor:
+        return self.relations.index_select(0, self.relation_ids)
 
 
 class Likelihood:
@@ -129,6 +168,13 @@ class Bernoulli(SampledNegatives):
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
     ) -> torch.Tensor:
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
+        if not (self.exclude_positives or self.split_by_position or self.adversarial_temperature):
+            positioned = positioned_bernoulli_nll(
+                scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],
+                self.chunk, self.weight, facts.bias,
+            )  # fmt: skip
+            if positioned is not None:
+                return positioned
         neg = facts.neg.view(*facts.neg_layout, -1)
         keep = self._keep(facts) if self.exclude_positives else None
         weight, positive_weight = self.weight, None

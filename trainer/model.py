@@ -133,7 +133,7 @@ class KGModel:
             sample, entity_kl, mean = posterior.split(item.values, ents.dim)
             bias = bias_leaf[:, 0].index_select(0, r) if bias_leaf is not None else None
             nll = nll + self.likelihood.nll(
-                self.scorer, _fact_rows(sample, relations, rows, positives, bias), relations, candidates
+                self.scorer, FactRows(sample, rows, relations, positives, bias), relations, candidates
             )
             kl = kl + posterior.fact_kl(entity_kl, relation_kl, rows, r)
             if self.n3_weight > 0:
@@ -222,19 +222,6 @@ class KGModel:
         if side == "tail":
             return self.scorer.score_tails(query_emb, rel_emb, candidates)
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
-
-
-def _fact_rows(
-    sample: torch.Tensor, relations: torch.Tensor, rows: Gathered, positives: torch.Tensor, bias: torch.Tensor | None
-) -> FactRows:
-    r = positives[:, 1]
-    batch = len(r)
-    gathered = sample.index_select(0, rows.flat)
-    # split, not slices: its backward is one concatenation (a slice's fills a zero tensor per slice).
-    s, o, neg = gathered.split([batch, batch, len(gathered) - 2 * batch])
-    layout = rows.neg.shape if rows.neg is not None else None
-    negative_ids = rows.ids[rows.neg] if rows.neg is not None else None
-    return FactRows(s, relations.index_select(0, r), o, r, neg, layout, positives, negative_ids, bias)
 
 
 def build_model(

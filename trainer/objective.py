@@ -193,6 +193,54 @@ def _fused_bernoulli(
     return _FusedBernoulli.apply(s, r, o, neg, bias, (chunk, complex_valued, float(weight)))
 
 
+def positioned_bernoulli_nll(
+    scorer: Scorer,
+    entities: torch.Tensor,
+    index: torch.Tensor,
+    relations: torch.Tensor,
+    relation_ids: torch.Tensor,
+    num_negatives: int,
+    chunk: int,
+    weight: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``bernoulli_nll`` with uniform weights of B facts whose rows are given by position: s, o and the
+    negatives [C, num_negatives] at ``entities[index]`` (index [2B + C*num_negatives], in that order), the
+    relations at ``relations[relation_ids]``. The compiled kernel reads the rows where they are and sums
+    their gradients into the tables' rows; None where it cannot take them (then the caller gathers the
+    rows for ``bernoulli_nll``)."""
+    complex_valued = _KERNEL_SCORERS.get(type(scorer))
+    if complex_valued is None:
+        return None
+    index, relation_ids = index.contiguous(), relation_ids.contiguous()
+    kernel = (len(relation_ids), chunk, num_negatives, complex_valued, float(weight))
+    if not native.bernoulli_rows_fits(entities, index, relations, relation_ids, bias, *kernel[:4]):
+        return None
+    return _PositionedBernoulli.apply(entities, relations, bias, index, relation_ids, kernel)
+
+
+class _PositionedBernoulli(torch.autograd.Function):
+    """``_FusedBernoulli`` of rows given by position: no gather of the batch's rows before it and no
+    scatter of their gradients after it (in torch: two gathers, a split, its concatenation and two
+    scatters of zero-filled tables, each a copy of the batch's rows)."""
+
+    @staticmethod
+    def forward(ctx, entities, relations, bias, index, relation_ids, kernel: tuple[int, int, int, bool, float]):
+        chunk_nll, probs = native.bernoulli_rows_forward(entities, index, relations, relation_ids, bias, *kernel)
+        ctx.save_for_backward(entities, relations, index, relation_ids, probs)
+        ctx.kernel, ctx.with_bias = kernel, bias is not None
+        return chunk_nll.sum().to(entities.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        entities, relations, index, relation_ids, probs = ctx.saved_tensors
+        grads = native.bernoulli_rows_backward(
+            entities, index, relations, relation_ids, probs, *ctx.kernel, float(grad), ctx.with_bias
+        )  # fmt: skip
+        return (*grads, None, None, None)
+
+
 class _FusedBernoulli(torch.autograd.Function):
     """The Bernoulli NLL of chunked facts in sharding/kernels/bilinear.c: queries, scores, softplus and
     sigmoids in one pass per chunk, and the backward (the queries' and the negatives' gradients, the complex

@@ -14,13 +14,20 @@
  * the exp its softplus takes anyway), so the backward takes no exp; the backward's gradients are matrix
  * products per chunk and side (the queries' G N, the negatives' G^T Q): `matmul` below.
  *
+ * The rows come either as they are (s, r, o [B, D], neg [C, K, D]) or by position in tables: the entity
+ * rows of a step's distinct entities (s, o and the negatives at positions index[i], index[B + i] and
+ * index[2B + c K + j]) and the relation rows (at r_index[i]), so the scorer's inputs need no gather before
+ * and no scatter of their gradients after, which in torch are six operations and three copies of the rows.
+ *
  * Chunks run on torch's OpenMP threads, each writing only its own facts' rows and its own negatives'
  * gradient block, so no two threads write one place and the result does not depend on the thread count.
  * Built without -ffast-math: a NaN input gives a NaN loss and NaN gradients, as in torch, which the
  * training step stops on.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vecmath.h"
 
@@ -174,33 +181,70 @@ static void query_backward(const float *restrict s, const float *restrict r, con
     }
 }
 
-/* Forward. s, r, o [B, D]; neg [C, K, D] with C = ceil(B / chunk); bias [B] or NULL. Writes each chunk's
- * NLL [C] (in double) and what the backward needs, the derivative of each term of the NLL in its score,
+/* Where the rows of a batch are: s, o and neg with row stride ld, each row either at its own place (index
+ * NULL: s [B], o [B], neg [C, K] rows) or at the positions `index` gives in one table (s = o = neg then:
+ * index[i], index[B + i], index[2B + c K + j]); r with stride r_ld at r_index[i], or row i without it. */
+typedef struct {
+    const float *s, *o, *neg, *r;
+    const int64_t *index, *r_index;
+    int64_t ld, r_ld, B;
+} Rows;
+
+static inline const float *s_row(const Rows *x, int64_t i) { return x->s + (x->index ? x->index[i] : i) * x->ld; }
+static inline const float *o_row(const Rows *x, int64_t i) {
+    return x->o + (x->index ? x->index[x->B + i] : i) * x->ld;
+}
+static inline const float *r_row(const Rows *x, int64_t i) {
+    return x->r + (x->r_index ? x->r_index[i] : i) * x->r_ld;
+}
+
+/* Fact i's rows, asked for while an earlier fact is worked on, where they are scattered over a table. */
+static inline void prefetch_fact(const Rows *x, int64_t i, int64_t D) {
+    if (!x->index || i >= x->B) return;
+    prefetch_row_for_reading(s_row(x, i), D);
+    prefetch_row_for_reading(o_row(x, i), D);
+}
+
+/* Chunk c's K negatives [K, D]: in place where they are contiguous, else copied into buf. */
+static const float *chunk_negatives(const Rows *x, int64_t c, int64_t K, int64_t D, float *buf) {
+    if (!x->index && x->ld == D) return x->neg + c * K * D;
+    for (int64_t j = 0; j < K; j++) {
+        const int64_t at = c * K + j;
+        if (x->index && j + PREFETCH_AHEAD < K)
+            prefetch_row_for_reading(x->neg + x->index[2 * x->B + at + PREFETCH_AHEAD] * x->ld, D);
+        memcpy(buf + j * D, x->neg + (x->index ? x->index[2 * x->B + at] : at) * x->ld, (size_t)D * sizeof(float));
+    }
+    return buf;
+}
+
+/* Forward. Rows as above (D of each row read); bias [B] or NULL. Writes each chunk's NLL [C] (in double)
+ * and what the backward needs, the derivative of each term of the NLL in its score,
  * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each negative as laid out in neg. The scores are
  * dot products, four negatives to each load of the query: the forward's products are half the backward's,
  * and the matrix form's transposes cost it what its tiles saved (measured inside a training step).
  * Returns 0, or -1 when a work buffer cannot be had. */
-int bernoulli_forward(const float *s, const float *r, const float *o, const float *neg, const float *bias, int64_t B,
-                      int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight, float *probs,
-                      double *chunk_nll) {
-    const int64_t C = (B + chunk - 1) / chunk, half = K / 2;
+static int forward(const Rows *x, const float *bias, int64_t chunk, int64_t K, int64_t D, int complex_valued,
+                   float weight, float *probs, double *chunk_nll) {
+    const int64_t B = x->B, C = (B + chunk - 1) / chunk, half = K / 2;
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
-        float *q = malloc(2 * (size_t)D * sizeof(float));
+        float *q = malloc((2 + (size_t)K) * (size_t)D * sizeof(float));
         failed = q == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
             if (q == NULL) continue;
             float *q_tail = q, *q_head = q + D;
-            const float *negs = neg + c * K * D;
+            const float *negs = chunk_negatives(x, c, K, D, q + 2 * D);
             double total = 0.0;
             const int64_t end = (c + 1) * chunk < B ? (c + 1) * chunk : B;
             for (int64_t i = c * chunk; i < end; i++) {
-                queries(s + i * D, r + i * D, o + i * D, D, (int)complex_valued, q_tail, q_head);
+                prefetch_fact(x, i + PREFETCH_AHEAD, D);
+                const float *o = o_row(x, i);
+                queries(s_row(x, i), r_row(x, i), o, D, complex_valued, q_tail, q_head);
                 const float b = bias ? bias[i] : 0.0f;
                 float *row = probs + i * (K + 1), sig;
-                const float pos = softplus_sigmoid(-(dot(q_tail, o + i * D, D) + b), &sig);
+                const float pos = softplus_sigmoid(-(dot(q_tail, o, D) + b), &sig);
                 row[0] = -sig;
                 dots(q_head, negs, half, D, b, row + 1);
                 dots(q_tail, negs + half * D, K - half, D, b, row + 1 + half);
@@ -216,35 +260,37 @@ int bernoulli_forward(const float *s, const float *r, const float *o, const floa
     return failed ? -1 : 0;
 }
 
-/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: gs, gr, go [B, D],
- * gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every score of fact i in its bias).
- * Per chunk, with G the negatives' sigmoids times w * grad: the queries' gradients G N and the negatives'
- * G^T Q, as matrix products. Returns 0, or -1 when a work buffer cannot be had. */
-int bernoulli_backward(const float *s, const float *r, const float *o, const float *neg, const float *probs,
-                       int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
-                       float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
-    const int64_t C = (B + chunk - 1) / chunk, half = K / 2;
+/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: the gradients of each
+ * fact's rows, gs, gr, go [B, D], gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every
+ * score of fact i in its bias). Per chunk, with G the negatives' sigmoids times w * grad: the queries'
+ * gradients G N and the negatives' G^T Q, as matrix products. Returns 0, or -1 when a work buffer cannot
+ * be had. */
+static int backward(const Rows *x, const float *probs, int64_t chunk, int64_t K, int64_t D, int complex_valued,
+                    float weight, float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
+    const int64_t B = x->B, C = (B + chunk - 1) / chunk, half = K / 2;
     const float negative_grad = weight * grad;
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
         const int64_t rows = chunk < B ? chunk : B; /* a chunk's facts at most */
-        float *work = malloc(4 * (size_t)rows * (size_t)D * sizeof(float));
+        float *work = malloc((4 * (size_t)rows + (size_t)K) * (size_t)D * sizeof(float));
         failed = work == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
             if (work == NULL) continue;
             /* The chunk's queries and their gradients [n, D]. */
             float *q_tail = work, *q_head = work + rows * D, *g_tail = q_head + rows * D, *g_head = g_tail + rows * D;
-            const float *negs = neg + c * K * D, *p = probs + c * chunk * (1 + K);
+            const float *negs = chunk_negatives(x, c, K, D, g_head + rows * D), *p = probs + c * chunk * (1 + K);
             float *g_negs = gneg + c * K * D;
             const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
             for (int64_t i = 0; i < n; i++) {
                 const int64_t f = first + i;
-                queries(s + f * D, r + f * D, o + f * D, D, (int)complex_valued, q_tail + i * D, q_head + i * D);
+                prefetch_fact(x, f + PREFETCH_AHEAD, D);
+                const float *o = o_row(x, f);
+                queries(s_row(x, f), r_row(x, f), o, D, complex_valued, q_tail + i * D, q_head + i * D);
                 const float g_pos = p[i * (1 + K)] * grad;
 #pragma omp simd
-                for (int64_t k = 0; k < D; k++) g_tail[i * D + k] = g_pos * o[f * D + k];
+                for (int64_t k = 0; k < D; k++) g_tail[i * D + k] = g_pos * o[k];
             }
             /* G(i, j) = p[i * (1 + K) + 1 + j], the sigmoids of fact i's negatives. */
             matmul(n, D, half, p + 1, 1 + K, 1, negs, D, g_head, D, negative_grad, 0);
@@ -258,8 +304,8 @@ int bernoulli_backward(const float *s, const float *r, const float *o, const flo
                 float *go_f = go + f * D;
 #pragma omp simd
                 for (int64_t k = 0; k < D; k++) go_f[k] = g_pos * q_tail[i * D + k];
-                query_backward(s + f * D, r + f * D, o + f * D, g_tail + i * D, g_head + i * D, D, (int)complex_valued,
-                               gs + f * D, gr + f * D, go_f);
+                query_backward(s_row(x, f), r_row(x, f), o_row(x, f), g_tail + i * D, g_head + i * D, D,
+                               complex_valued, gs + f * D, gr + f * D, go_f);
                 if (gbias) {
                     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
@@ -271,4 +317,69 @@ int bernoulli_backward(const float *s, const float *r, const float *o, const flo
         free(work);
     }
     return failed ? -1 : 0;
+}
+
+/* out[u] = the sum of src[p] over the positions p with index[p] = u, for u < rows (out [rows, D], src
+ * [n, D]), added in the order of p: each thread owns a range of out's rows and reads every index, so no
+ * two threads write one row and the sums do not depend on the thread count. */
+static void scatter_rows(const float *src, const int64_t *index, int64_t n, int64_t D, float *out, int64_t rows) {
+#pragma omp parallel if (n * D > PARALLEL_MIN)
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
+        memset(out + lo * D, 0, (size_t)((hi - lo) * D) * sizeof(float));
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t u = index[p];
+            if (u < lo || u >= hi) continue;
+            float *restrict to = out + u * D;
+            const float *restrict from = src + p * D;
+#pragma omp simd
+            for (int64_t k = 0; k < D; k++) to[k] += from[k];
+        }
+    }
+}
+
+/* The rows as they are: s, r, o [B, D], neg [C, K, D] with C = ceil(B / chunk). */
+int bernoulli_forward(const float *s, const float *r, const float *o, const float *neg, const float *bias, int64_t B,
+                      int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight, float *probs,
+                      double *chunk_nll) {
+    const Rows x = {s, o, neg, r, NULL, NULL, D, D, B};
+    return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
+}
+
+int bernoulli_backward(const float *s, const float *r, const float *o, const float *neg, const float *probs,
+                       int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
+                       float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
+    const Rows x = {s, o, neg, r, NULL, NULL, D, D, B};
+    return backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, gs, gr, go, gneg, gbias);
+}
+
+/* The rows by position: entity rows ent [U, >= D] (row stride ld), s, o and the negatives at index
+ * [2B + C K]; relation rows rel [R, >= D] (stride r_ld) at r_index [B]. Returns 0, -1 when a work buffer
+ * cannot be had, or 1 when a position is outside its table (nothing is computed then). */
+int bernoulli_rows_forward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
+                           int64_t r_ld, const int64_t *r_index, const float *bias, int64_t B, int64_t chunk, int64_t K,
+                           int64_t D, int64_t complex_valued, float weight, float *probs, double *chunk_nll) {
+    const int64_t C = (B + chunk - 1) / chunk;
+    if (!ids_in_range(index, 2 * B + C * K, U) || !ids_in_range(r_index, B, R)) return 1;
+    const Rows x = {ent, ent, ent, rel, index, r_index, ld, r_ld, B};
+    return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
+}
+
+/* The gradients of the tables, g_ent [U, D] and g_rel [R, D] (each position's gradient summed into its
+ * row), by way of each position's: work [2B + C K, D] (s, o, then the negatives, as index lists them) and
+ * r_work [B, D] are work space. */
+int bernoulli_rows_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
+                            int64_t r_ld, const int64_t *r_index, const float *probs, int64_t B, int64_t chunk,
+                            int64_t K, int64_t D, int64_t complex_valued, float weight, float grad, float *work,
+                            float *r_work, float *gbias, float *g_ent, float *g_rel) {
+    const int64_t C = (B + chunk - 1) / chunk, n = 2 * B + C * K;
+    if (!ids_in_range(index, n, U) || !ids_in_range(r_index, B, R)) return 1;
+    const Rows x = {ent, ent, ent, rel, index, r_index, ld, r_ld, B};
+    const int status = backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, work, r_work,
+                                work + B * D, work + 2 * B * D, gbias);
+    if (status) return status;
+    scatter_rows(work, index, n, D, g_ent, U);
+    scatter_rows(r_work, r_index, B, D, g_rel, R);
+    return 0;
 }

@@ -57,6 +57,8 @@ _SIGNATURES = {  # name: (argument types, return type)
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "bernoulli_forward": ([*[_P] * 5, *[_I] * 5, _F, _P, _P], ctypes.c_int),
     "bernoulli_backward": ([*[_P] * 5, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
+    "bernoulli_rows_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
+    "bernoulli_rows_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
@@ -343,6 +345,109 @@ def bernoulli_backward(
     if status:
         raise MemoryError("bernoulli_backward: no memory for a work buffer")
     return gs, gr, go, gneg, gbias
+
+
+def _rows_fit(rows: torch.Tensor, dim: int) -> bool:
+    """float32 CPU rows [n, dim] whose elements are adjacent (rows may be a column range of a wider table)."""
+    return (
+        rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] == dim
+        and (rows.stride(1) == 1 or dim == 1) and rows.stride(0) >= dim
+    )  # fmt: skip
+
+
+def bernoulli_rows_fits(
+    entities: torch.Tensor,
+    index: torch.Tensor,
+    relations: torch.Tensor,
+    relation_ids: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_pos: int,
+    chunk: int,
+    num_neg: int,
+    complex_valued: bool,
+) -> bool:
+    """Whether ``bernoulli_rows_forward`` can take these: the kernels built; entity rows [U, D] and relation
+    rows [R, D] in float32 on the CPU, each row's elements adjacent; contiguous int64 positions, index
+    [2 num_pos + C num_neg] with C = ceil(num_pos / chunk) and relation_ids [num_pos]; bias [num_pos] or
+    None; D even for ComplEx."""
+    if chunk < 1 or num_pos < 1 or num_neg < 1 or library() is None or relations.dim() != 2:
+        return False
+    dim, positions = relations.shape[1], 2 * num_pos + -(-num_pos // chunk) * num_neg
+    return (
+        _rows_fit(entities, dim) and _rows_fit(relations, dim) and not (complex_valued and dim % 2)
+        and applicable(index) and index.shape == (positions,) and applicable(relation_ids)
+        and relation_ids.shape == (num_pos,)
+        and (bias is None or (floats_applicable(bias) and bias.shape == (num_pos,)))
+    )  # fmt: skip
+
+
+def bernoulli_rows_forward(
+    entities: torch.Tensor,
+    index: torch.Tensor,
+    relations: torch.Tensor,
+    relation_ids: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_pos: int,
+    chunk: int,
+    num_neg: int,
+    complex_valued: bool,
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bernoulli_forward`` of rows given by position (see bilinear.c), for what ``bernoulli_rows_fits``
+    accepts."""
+    if not bernoulli_rows_fits(entities, index, relations, relation_ids, bias, num_pos, chunk, num_neg, complex_valued):
+        raise ValueError(
+            f"bernoulli_rows_forward: the kernel cannot take entities {tuple(entities.shape)}, index "
+            f"{tuple(index.shape)}, relations {tuple(relations.shape)} for {num_pos} facts, k={num_neg}"
+        )
+    num_chunks = -(-num_pos // chunk)
+    probs = entities.new_empty(num_pos, 1 + num_neg)
+    chunk_nll = torch.empty(num_chunks, dtype=torch.float64)
+    status = loaded().bernoulli_rows_forward(
+        entities.data_ptr(), len(entities), entities.stride(0), index.data_ptr(), relations.data_ptr(),
+        len(relations), relations.stride(0), relation_ids.data_ptr(), None if bias is None else bias.data_ptr(),
+        num_pos, chunk, num_neg, relations.shape[1], int(complex_valued), weight, probs.data_ptr(),
+        chunk_nll.data_ptr(),
+    )  # fmt: skip
+    _bernoulli_status(status, "bernoulli_rows_forward")
+    return chunk_nll, probs
+
+
+def bernoulli_rows_backward(
+    entities: torch.Tensor,
+    index: torch.Tensor,
+    relations: torch.Tensor,
+    relation_ids: torch.Tensor,
+    probs: torch.Tensor,
+    num_pos: int,
+    chunk: int,
+    num_neg: int,
+    complex_valued: bool,
+    weight: float,
+    grad: float,
+    with_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradients of the entity rows [U, D], of the relation rows [R, D] and of the bias (when
+    ``with_bias``) from ``bernoulli_rows_forward``'s tensors and the gradient ``grad`` of the summed NLL."""
+    dim = relations.shape[1]
+    g_entities, g_relations = entities.new_empty(len(entities), dim), relations.new_empty(len(relations), dim)
+    work, r_work = entities.new_empty(len(index), dim), entities.new_empty(num_pos, dim)
+    gbias = entities.new_empty(num_pos) if with_bias else None
+    status = loaded().bernoulli_rows_backward(
+        entities.data_ptr(), len(entities), entities.stride(0), index.data_ptr(), relations.data_ptr(),
+        len(relations), relations.stride(0), relation_ids.data_ptr(), probs.data_ptr(), num_pos, chunk, num_neg,
+        dim, int(complex_valued), weight, grad, work.data_ptr(), r_work.data_ptr(),
+        None if gbias is None else gbias.data_ptr(), g_entities.data_ptr(), g_relations.data_ptr(),
+    )  # fmt: skip
+    _bernoulli_status(status, "bernoulli_rows_backward")
+    return g_entities, g_relations, gbias
+
+
+def _bernoulli_status(status: int, name: str) -> None:
+    if status == 1:
+        raise IndexError(f"{name}: a position is outside its table")
+    if status:
+        raise MemoryError(f"{name}: no memory for a work buffer")
 
 
 def hash_strings(strings: pa.Array, seed: int = 0) -> np.ndarray | None:

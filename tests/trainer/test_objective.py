@@ -14,8 +14,10 @@ from trainer.objective import (
     local_log_partition,
     negative_weights,
     position_weights,
+    positioned_bernoulli_nll,
     softmax_nll,
 )
+from trainer.posterior import Gathered
 from trainer.scorers import ComplEx, DistMult, Scorer
 
 
@@ -419,8 +421,8 @@ def test_sampled_softmax_of_a_padded_chunk_matches_a_direct_computation():
         num_relations=nr, entity_frequency=torch.full((n,), 2.0), in_batch=True, num_negatives=k, chunk=chunk,
         num_entities=n, source="global", shard=(0, n), device=torch.device("cpu"),
     )  # fmt: skip
-    rows = FactRows(ent[facts[:, 0]], rel[facts[:, 1]], ent[facts[:, 2]], facts[:, 1], ent[neg_ids.view(-1)],
-                    neg_ids.shape, facts, neg_ids)  # fmt: skip
+    gathered = Gathered.of(facts, neg_ids)
+    rows = FactRows(ent[gathered.ids], gathered, rel, facts)
     got = likelihood.nll(DistMult(), rows, rel, None)
 
     candidates = [1, 5, *facts[:, 2].tolist(), *facts[:, 0].tolist()]
@@ -442,7 +444,7 @@ def test_bernoulli_keeps_every_negative_but_the_positives_own_entities():
     )  # fmt: skip
     positives = torch.tensor([[1, 0, 2], [3, 0, 4], [5, 1, 6]])
     negative_ids = torch.tensor([[1, 3, 4, 9], [5, 0, 6, 6]])  # [C=2, k=4]: two heads, then two tails
-    facts = FactRows(*(torch.empty(0),) * 4, torch.empty(0), negative_ids.shape, positives, negative_ids)
+    facts = FactRows(torch.empty(0), Gathered.of(positives, negative_ids), torch.empty(0), positives)
     keep = bernoulli._keep(facts)
     expected = torch.tensor(
         [
@@ -451,3 +453,116 @@ def test_bernoulli_keeps_every_negative_but_the_positives_own_entities():
         ]
     )
     assert torch.equal(keep, expected)
+
+
+def _positioned_case(scorer, num_pos, chunk, num_neg, bias, dim, seed=0):
+    """Entity rows as a column range of a wider table [U, dim + 3] (as the owners' packed samples are), the
+    positions of s, o and the negatives among them (with repeats), relation rows and ids, a bias or None."""
+    g = torch.Generator().manual_seed(seed)
+    num_rows, num_rel = max(3, num_pos // 2), 5
+    positions = 2 * num_pos + -(-num_pos // chunk) * num_neg
+    table = torch.randn(num_rows, dim + 3, generator=g, dtype=torch.float64)
+    index = torch.randint(0, num_rows, (positions,), generator=g)
+    relations = torch.randn(num_rel, dim, generator=g, dtype=torch.float64)
+    facts = torch.stack(
+        [index[:num_pos], torch.randint(0, num_rel, (num_pos,), generator=g), index[num_pos : 2 * num_pos]], 1
+    )
+    return table, index, relations, facts, torch.randn(num_pos, generator=g, dtype=torch.float64) if bias else None
+
+
+def _positioned_loss_and_grads(scorer, case, dim, chunk, num_neg, dtype, positioned=True):
+    table, index, relations, facts, bias = (
+        t.to(dtype, copy=True) if t is not None and t.is_floating_point() else t for t in case
+    )
+    table.requires_grad_(True), relations.requires_grad_(True)
+    bias = bias.requires_grad_(True) if bias is not None else None
+    entities, num_pos = table[:, :dim], len(facts)
+    if positioned:
+        loss = positioned_bernoulli_nll(scorer, entities, index, relations, facts[:, 1], num_neg, chunk, 37.5, bias)
+    else:
+        rows = entities[index]
+        neg = rows[2 * num_pos :].view(-1, num_neg, dim)
+        loss = bernoulli_nll(scorer, rows[:num_pos], relations[facts[:, 1]], rows[num_pos : 2 * num_pos], neg,
+                             chunk=chunk, negative_weight=37.5, bias_B=bias)  # fmt: skip
+    loss.backward()
+    return loss, [t.grad for t in (table, relations, bias) if t is not None]
+
+
+@pytest.mark.parametrize("scorer", [DistMult(), ComplEx()], ids=["distmult", "complex"])
+@pytest.mark.parametrize(
+    ("num_pos", "chunk", "num_neg", "bias", "dim"),
+    [(1000, 32, 32, False, 16), (1024, 256, 32, True, 128), (37, 32, 64, True, 22), (7, 5, 3, False, 16)],
+)
+def test_positioned_bernoulli_matches_gathering_then_the_torch_path(scorer, num_pos, chunk, num_neg, bias, dim):
+    """The kernel that reads the rows by position (float32) against gathering them and the torch ops
+    (float64): the loss, the table's gradient (each position's summed into its row, none outside the
+    entity columns), the relations' and the bias'; bit for bit the same on one thread and on two."""
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    case = _positioned_case(scorer, num_pos, chunk, num_neg, bias, dim)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_positioned_loss_and_grads(scorer, case, dim, chunk, num_neg, torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    (loss, grads), (loss_2, grads_2) = results
+    assert type(loss.grad_fn).__name__ == "_PositionedBernoulliBackward"
+    assert torch.equal(loss, loss_2) and all(torch.equal(a, b) for a, b in zip(grads, grads_2, strict=True))
+    want_loss, want_grads = _positioned_loss_and_grads(scorer, case, dim, chunk, num_neg, torch.float64, False)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=1e-4)
+    assert not grads[0][:, dim:].any()
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=max(1e-4, 1e-6 * want.abs().max().item()))
+
+
+def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
+    table, index, relations, facts, bias = (
+        t.float() if t is not None and t.is_floating_point() else t
+        for t in _positioned_case(ComplEx(), 10, 4, 6, True, 16)
+    )
+    entities, r = table[:, :16], facts[:, 1]
+    assert native.bernoulli_rows_fits(entities, index, relations, r.contiguous(), bias, 10, 4, 6, True)
+    misfits = [
+        (entities, index[:-1], relations, r, bias, 4, 6),  # one position short
+        (entities, index, relations, r, bias, 5, 6),  # 2 chunks, not 3
+        (table[:, :15], index, relations[:, :15], r, bias, 4, 6),  # odd D for ComplEx
+        (entities, index, relations[:, :8], r, bias, 4, 6),  # widths differ
+        (entities.double(), index, relations, r, bias, 4, 6),
+        (entities, index.int(), relations, r, bias, 4, 6),
+        (table[:, :32:2], index, relations, r, bias, 4, 6),  # a row's elements not adjacent
+    ]
+    for entities_, index_, relations_, r_, bias_, chunk, num_neg in misfits:
+        assert (
+            positioned_bernoulli_nll(ComplEx(), entities_, index_, relations_, r_, num_neg, chunk, 1.0, bias_) is None
+        )
+    outside = index.clone()
+    outside[-1] = len(table)
+    with pytest.raises(IndexError, match="outside its table"):
+        native.bernoulli_rows_forward(entities, outside, relations, r.contiguous(), bias, 10, 4, 6, True, 1.0)
+    with pytest.raises(ValueError, match="cannot take"):
+        native.bernoulli_rows_forward(entities, index[:-1], relations, r.contiguous(), bias, 10, 4, 6, True, 1.0)
+
+
+def test_the_bernoulli_likelihood_reads_rows_by_position_only_when_its_weights_are_uniform():
+    """Plain negatives take the positioned kernel; excluding the positives' own entities (weights per
+    negative) gathers the rows for the torch path; either way the loss is the gathered rows' loss."""
+    num_pos, chunk, num_neg, dim = 12, 4, 6, 16
+    table, index, relations, facts, _ = (
+        t.float() if t is not None and t.is_floating_point() else t
+        for t in _positioned_case(DistMult(), num_pos, chunk, num_neg, False, dim)
+    )
+    gathered = Gathered.of(facts, index[2 * num_pos :].view(-1, num_neg))
+    rows = FactRows(table[:, :dim][gathered.ids], gathered, relations, facts)
+    for exclude, kernel in ((False, "_PositionedBernoulliBackward"), (True, "_BilinearBernoulliBackward")):
+        bernoulli = Bernoulli(
+            negative_weight=2.0, exclude_positives=exclude, num_negatives=num_neg, chunk=chunk, num_entities=len(table),
+            source="global", shard=(0, len(table)), device=torch.device("cpu"),
+        )  # fmt: skip
+        rows.entities.requires_grad_(True)
+        loss = bernoulli.nll(DistMult(), rows, relations, None)
+        assert type(loss.grad_fn).__name__ == kernel
+        keep = bernoulli._keep(rows) if exclude else None
+        want = bernoulli_nll(DistMult(), *(t.double() for t in (rows.s, rows.r, rows.o)),
+                             rows.neg.double().view(-1, num_neg, dim), chunk, 2.0, keep_CBK=keep)  # fmt: skip
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
