@@ -133,10 +133,6 @@ def bernoulli_nll(
     ``positive_weight_B`` gives it. ``bias_B`` is added to every score of a positive's facts (its
     relation's bias).
     """
-    if keep_CBK is None and adversarial_temperature == 0 and positive_weight_B is None:
-        fused = _fused_bernoulli(scorer, s_BD, r_BD, o_BD, neg_CKD, chunk, negative_weight, bias_B)
-        if fused is not None:
-            return fused
     num_pos = len(s_BD)
     num_chunks, num_neg, _ = neg_CKD.shape
     pad = num_chunks * chunk - num_pos
@@ -175,24 +171,6 @@ _KERNEL_SCORERS: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
 """The scorers bilinear.c computes, whether complex-valued; the exact classes: a subclass may score otherwise."""
 
 
-def _fused_bernoulli(
-    scorer: Scorer,
-    s: torch.Tensor,
-    r: torch.Tensor,
-    o: torch.Tensor,
-    neg: torch.Tensor,
-    chunk: int,
-    weight: float,
-    bias: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """``bernoulli_nll`` with uniform weights in the compiled kernel (DistMult and ComplEx on the CPU);
-    None where it cannot take them."""
-    complex_valued = _KERNEL_SCORERS.get(type(scorer))
-    if complex_valued is None or not native.bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
-        return None
-    return _FusedBernoulli.apply(s, r, o, neg, bias, (chunk, complex_valued, float(weight)))
-
-
 def positioned_bernoulli_nll(
     scorer: Scorer,
     entities: torch.Tensor,
@@ -206,62 +184,41 @@ def positioned_bernoulli_nll(
 ) -> torch.Tensor | None:
     """``bernoulli_nll`` with uniform weights of B facts whose rows are given by position: s, o and the
     negatives [C, num_negatives] at ``entities[index]`` (index [2B + C*num_negatives], in that order), the
-    relations at ``relations[relation_ids]``. The compiled kernel reads the rows where they are and sums
-    their gradients into the tables' rows; None where it cannot take them (then the caller gathers the
-    rows for ``bernoulli_nll``)."""
+    relations at ``relations[relation_ids]``. The compiled kernel (sharding/kernels/bilinear.c) reads the
+    rows where they are and sums their gradients into the tables' rows: queries, scores, softplus and
+    sigmoids in one pass per chunk, where the torch path dispatches some fifty operations each way around a
+    gather of the rows and a scatter of their gradients. None where it cannot take them (DistMult and
+    ComplEx themselves on the CPU only; then the caller gathers the rows for ``bernoulli_nll``)."""
     complex_valued = _KERNEL_SCORERS.get(type(scorer))
     if complex_valued is None:
         return None
-    index, relation_ids = index.contiguous(), relation_ids.contiguous()
-    kernel = (len(relation_ids), chunk, num_negatives, complex_valued, float(weight))
-    if not native.bernoulli_rows_fits(entities, index, relations, relation_ids, bias, *kernel[:4]):
+    rows = native.BernoulliRows(
+        entities, index.contiguous(), relations, relation_ids.contiguous(), bias, chunk, num_negatives,
+        complex_valued,
+    )  # fmt: skip
+    if not rows.fits():
         return None
-    return _PositionedBernoulli.apply(entities, relations, bias, index, relation_ids, kernel)
+    return _PositionedBernoulli.apply(entities, relations, bias, rows, float(weight))
 
 
 class _PositionedBernoulli(torch.autograd.Function):
-    """``_FusedBernoulli`` of rows given by position: no gather of the batch's rows before it and no
-    scatter of their gradients after it (in torch: two gathers, a split, its concatenation and two
-    scatters of zero-filled tables, each a copy of the batch's rows)."""
+    """``positioned_bernoulli_nll`` as an autograd node: the gradients of the entity rows, the relation rows
+    and the bias."""
 
     @staticmethod
-    def forward(ctx, entities, relations, bias, index, relation_ids, kernel: tuple[int, int, int, bool, float]):
-        chunk_nll, probs = native.bernoulli_rows_forward(entities, index, relations, relation_ids, bias, *kernel)
-        ctx.save_for_backward(entities, relations, index, relation_ids, probs)
-        ctx.kernel, ctx.with_bias = kernel, bias is not None
+    def forward(ctx, entities, relations, bias, rows: native.BernoulliRows, weight: float):
+        chunk_nll, probs = native.bernoulli_forward(rows, weight)
+        # Saved, not kept on ctx: autograd then checks that nothing changed them before the backward.
+        ctx.save_for_backward(entities, relations, bias, rows.index, rows.relation_ids, probs)
+        ctx.layout, ctx.weight = (rows.chunk, rows.num_neg, rows.complex_valued), weight
         return chunk_nll.sum().to(entities.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        entities, relations, index, relation_ids, probs = ctx.saved_tensors
-        grads = native.bernoulli_rows_backward(
-            entities, index, relations, relation_ids, probs, *ctx.kernel, float(grad), ctx.with_bias
-        )  # fmt: skip
-        return (*grads, None, None, None)
-
-
-class _FusedBernoulli(torch.autograd.Function):
-    """The Bernoulli NLL of chunked facts in sharding/kernels/bilinear.c: queries, scores, softplus and
-    sigmoids in one pass per chunk, and the backward (the queries' and the negatives' gradients, the complex
-    products') in another, where the torch path below dispatches some fifty operations each way."""
-
-    @staticmethod
-    def forward(ctx, s, r, o, neg, bias, kernel: tuple[int, bool, float]):
-        chunk, complex_valued, weight = kernel
-        chunk_nll, probs = native.bernoulli_forward(s, r, o, neg, bias, chunk, complex_valued, weight)
-        ctx.save_for_backward(s, r, o, neg, probs)
-        ctx.kernel, ctx.with_bias = kernel, bias is not None
-        return chunk_nll.sum().to(s.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        chunk, complex_valued, weight = ctx.kernel
-        grads = native.bernoulli_backward(
-            *ctx.saved_tensors, chunk, complex_valued, weight, float(grad), ctx.with_bias
-        )  # fmt: skip
-        return (*grads, None)
+        entities, relations, bias, index, relation_ids, probs = ctx.saved_tensors
+        rows = native.BernoulliRows(entities, index, relations, relation_ids, bias, *ctx.layout)
+        return (*native.bernoulli_backward(rows, probs, ctx.weight, float(grad)), None, None)
 
 
 class _BilinearBernoulli(torch.autograd.Function):

@@ -1,8 +1,8 @@
 /* The Bernoulli negative log-likelihood of chunks of facts under a bilinear scorer (DistMult or ComplEx),
  * forward and backward, with the queries, the scores and their sigmoids computed in one pass per chunk.
  *
- * A batch of B facts (s, r, o) [B, D] is cut into chunks of `chunk` facts; chunk c shares the K negatives
- * neg[c] [K, D], the first K/2 replacing heads and the rest tails. Per fact i of chunk c:
+ * A batch of B facts (s, r, o) is cut into chunks of `chunk` facts; chunk c shares K negatives, the first
+ * K/2 replacing heads and the rest tails. Per fact i of chunk c:
  *   q_tail = s * r,  q_head = conj(r) * o       (ComplEx: complex products of (re, im) pairs)
  *   pos = q_tail . o + b_i,  head_j = q_head . neg_j + b_i,  tail_j = q_tail . neg_j + b_i
  *   nll_i = softplus(-pos) + w * (sum_j softplus(head_j) + sum_j softplus(tail_j))
@@ -14,13 +14,15 @@
  * the exp its softplus takes anyway), so the backward takes no exp; the backward's gradients are matrix
  * products per chunk and side (the queries' G N, the negatives' G^T Q): `matmul` below.
  *
- * The rows come either as they are (s, r, o [B, D], neg [C, K, D]) or by position in tables: the entity
- * rows of a step's distinct entities (s, o and the negatives at positions index[i], index[B + i] and
- * index[2B + c K + j]) and the relation rows (at r_index[i]), so the scorer's inputs need no gather before
- * and no scatter of their gradients after, which in torch are six operations and three copies of the rows.
+ * The rows are read where they are, by position in the step's tables: the sampled rows of the batch's
+ * distinct entities (s, o and the negatives at positions index[i], index[B + i] and index[2B + c K + j])
+ * and the relation rows (at r_index[i]); the backward sums each position's gradient into its row. So the
+ * scorer's inputs need no gather before and no scatter of their gradients after, which in torch are six
+ * operations and three copies of the batch's rows.
  *
- * Chunks run on torch's OpenMP threads, each writing only its own facts' rows and its own negatives'
- * gradient block, so no two threads write one place and the result does not depend on the thread count.
+ * Chunks run on torch's OpenMP threads, each writing only its own facts' and negatives' per-position
+ * gradients; the sums into rows are split by row between the threads (`scatter_rows`), so no two threads
+ * write one place and the result does not depend on the thread count.
  * Built without -ffast-math: a NaN input gives a NaN loss and NaN gradients, as in torch, which the
  * training step stops on.
  */
@@ -181,45 +183,38 @@ static void query_backward(const float *restrict s, const float *restrict r, con
     }
 }
 
-/* Where the rows of a batch are: s, o and neg with row stride ld, each row either at its own place (index
- * NULL: s [B], o [B], neg [C, K] rows) or at the positions `index` gives in one table (s = o = neg then:
- * index[i], index[B + i], index[2B + c K + j]); r with stride r_ld at r_index[i], or row i without it. */
+/* Where a batch's rows are: the entity rows ent (row stride ld) at positions index [2B + C K] (s, then o,
+ * then each chunk's K negatives), the relation rows rel (stride r_ld) at r_index [B]. */
 typedef struct {
-    const float *s, *o, *neg, *r;
+    const float *ent, *rel;
     const int64_t *index, *r_index;
     int64_t ld, r_ld, B;
 } Rows;
 
-static inline const float *s_row(const Rows *x, int64_t i) { return x->s + (x->index ? x->index[i] : i) * x->ld; }
-static inline const float *o_row(const Rows *x, int64_t i) {
-    return x->o + (x->index ? x->index[x->B + i] : i) * x->ld;
-}
-static inline const float *r_row(const Rows *x, int64_t i) {
-    return x->r + (x->r_index ? x->r_index[i] : i) * x->r_ld;
-}
+static inline const float *s_row(const Rows *x, int64_t i) { return x->ent + x->index[i] * x->ld; }
+static inline const float *o_row(const Rows *x, int64_t i) { return x->ent + x->index[x->B + i] * x->ld; }
+static inline const float *r_row(const Rows *x, int64_t i) { return x->rel + x->r_index[i] * x->r_ld; }
 
-/* Fact i's rows, asked for while an earlier fact is worked on, where they are scattered over a table. */
+/* Fact i's rows, asked for while an earlier fact is worked on: they are scattered over the table. */
 static inline void prefetch_fact(const Rows *x, int64_t i, int64_t D) {
-    if (!x->index || i >= x->B) return;
+    if (i >= x->B) return;
     prefetch_row_for_reading(s_row(x, i), D);
     prefetch_row_for_reading(o_row(x, i), D);
 }
 
-/* Chunk c's K negatives [K, D]: in place where they are contiguous, else copied into buf. */
+/* Chunk c's K negatives copied into buf [K, D], for the products' contiguous reads. */
 static const float *chunk_negatives(const Rows *x, int64_t c, int64_t K, int64_t D, float *buf) {
-    if (!x->index && x->ld == D) return x->neg + c * K * D;
+    const int64_t *at = x->index + 2 * x->B + c * K;
     for (int64_t j = 0; j < K; j++) {
-        const int64_t at = c * K + j;
-        if (x->index && j + PREFETCH_AHEAD < K)
-            prefetch_row_for_reading(x->neg + x->index[2 * x->B + at + PREFETCH_AHEAD] * x->ld, D);
-        memcpy(buf + j * D, x->neg + (x->index ? x->index[2 * x->B + at] : at) * x->ld, (size_t)D * sizeof(float));
+        if (j + PREFETCH_AHEAD < K) prefetch_row_for_reading(x->ent + at[j + PREFETCH_AHEAD] * x->ld, D);
+        memcpy(buf + j * D, x->ent + at[j] * x->ld, (size_t)D * sizeof(float));
     }
     return buf;
 }
 
 /* Forward. Rows as above (D of each row read); bias [B] or NULL. Writes each chunk's NLL [C] (in double)
  * and what the backward needs, the derivative of each term of the NLL in its score,
- * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each negative as laid out in neg. The scores are
+ * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each of the fact's chunk's negatives in order. The scores are
  * dot products, four negatives to each load of the query: the forward's products are half the backward's,
  * and the matrix form's transposes cost it what its tiles saved (measured inside a training step).
  * Returns 0, or -1 when a work buffer cannot be had. */
@@ -260,8 +255,8 @@ static int forward(const Rows *x, const float *bias, int64_t chunk, int64_t K, i
     return failed ? -1 : 0;
 }
 
-/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: the gradients of each
- * fact's rows, gs, gr, go [B, D], gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every
+/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: the gradients at each
+ * position, gs, gr, go [B, D], gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every
  * score of fact i in its bias). Per chunk, with G the negatives' sigmoids times w * grad: the queries'
  * gradients G N and the negatives' G^T Q, as matrix products. Returns 0, or -1 when a work buffer cannot
  * be had. */
@@ -339,43 +334,29 @@ static void scatter_rows(const float *src, const int64_t *index, int64_t n, int6
     }
 }
 
-/* The rows as they are: s, r, o [B, D], neg [C, K, D] with C = ceil(B / chunk). */
-int bernoulli_forward(const float *s, const float *r, const float *o, const float *neg, const float *bias, int64_t B,
-                      int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight, float *probs,
-                      double *chunk_nll) {
-    const Rows x = {s, o, neg, r, NULL, NULL, D, D, B};
-    return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
-}
-
-int bernoulli_backward(const float *s, const float *r, const float *o, const float *neg, const float *probs,
-                       int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
-                       float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
-    const Rows x = {s, o, neg, r, NULL, NULL, D, D, B};
-    return backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, gs, gr, go, gneg, gbias);
-}
-
-/* The rows by position: entity rows ent [U, >= D] (row stride ld), s, o and the negatives at index
- * [2B + C K]; relation rows rel [R, >= D] (stride r_ld) at r_index [B]. Returns 0, -1 when a work buffer
- * cannot be had, or 1 when a position is outside its table (nothing is computed then). */
-int bernoulli_rows_forward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
-                           int64_t r_ld, const int64_t *r_index, const float *bias, int64_t B, int64_t chunk, int64_t K,
-                           int64_t D, int64_t complex_valued, float weight, float *probs, double *chunk_nll) {
+/* The NLL of B facts in chunks of `chunk` sharing K negatives, from entity rows ent [U, >= D] (row stride
+ * ld), s, o and the negatives at index [2B + C K], and relation rows rel [R, >= D] (stride r_ld) at
+ * r_index [B]; bias [B] or NULL. Returns 0, -1 when a work buffer cannot be had, or 1 when a position is
+ * outside its table (nothing is computed then). */
+int bernoulli_forward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
+                      int64_t r_ld, const int64_t *r_index, const float *bias, int64_t B, int64_t chunk, int64_t K,
+                      int64_t D, int64_t complex_valued, float weight, float *probs, double *chunk_nll) {
     const int64_t C = (B + chunk - 1) / chunk;
     if (!ids_in_range(index, 2 * B + C * K, U) || !ids_in_range(r_index, B, R)) return 1;
-    const Rows x = {ent, ent, ent, rel, index, r_index, ld, r_ld, B};
+    const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
     return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
 }
 
 /* The gradients of the tables, g_ent [U, D] and g_rel [R, D] (each position's gradient summed into its
  * row), by way of each position's: work [2B + C K, D] (s, o, then the negatives, as index lists them) and
  * r_work [B, D] are work space. */
-int bernoulli_rows_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
-                            int64_t r_ld, const int64_t *r_index, const float *probs, int64_t B, int64_t chunk,
-                            int64_t K, int64_t D, int64_t complex_valued, float weight, float grad, float *work,
-                            float *r_work, float *gbias, float *g_ent, float *g_rel) {
+int bernoulli_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
+                       int64_t r_ld, const int64_t *r_index, const float *probs, int64_t B, int64_t chunk, int64_t K,
+                       int64_t D, int64_t complex_valued, float weight, float grad, float *work, float *r_work,
+                       float *gbias, float *g_ent, float *g_rel) {
     const int64_t C = (B + chunk - 1) / chunk, n = 2 * B + C * K;
     if (!ids_in_range(index, n, U) || !ids_in_range(r_index, B, R)) return 1;
-    const Rows x = {ent, ent, ent, rel, index, r_index, ld, r_ld, B};
+    const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
     const int status = backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, work, r_work,
                                 work + B * D, work + 2 * B * D, gbias);
     if (status) return status;

@@ -55,10 +55,8 @@ _SIGNATURES = {  # name: (argument types, return type)
     "row_adagrad": ([_P, _P, _P, _P, _I, _I, _I, _I, _F, _F], ctypes.c_int),
     "row_sum_exp": ([_P, _P, _P, _I, _I], None),
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
-    "bernoulli_forward": ([*[_P] * 5, *[_I] * 5, _F, _P, _P], ctypes.c_int),
-    "bernoulli_backward": ([*[_P] * 5, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
-    "bernoulli_rows_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
-    "bernoulli_rows_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
+    "bernoulli_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
+    "bernoulli_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
@@ -273,78 +271,54 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
     return out
 
 
-def bernoulli_fits(
-    s: torch.Tensor,
-    r: torch.Tensor,
-    o: torch.Tensor,
-    neg: torch.Tensor,
-    bias: torch.Tensor | None,
-    chunk: int,
-    complex_valued: bool,
-) -> bool:
-    """Whether ``bernoulli_forward`` can take these tensors: the kernels built, contiguous float32 on the CPU,
-    s, r, o [B, D], neg [ceil(B / chunk), K, D], bias [B] or None, D even for ComplEx."""
-    tensors = (s, r, o, neg) if bias is None else (s, r, o, neg, bias)
-    if chunk < 1 or library() is None or s.dim() != 2 or neg.dim() != 3 or not floats_applicable(*tensors):
-        return False
-    (num_pos, dim), (num_chunks, _, neg_dim) = s.shape, neg.shape
-    return (
-        r.shape == s.shape and o.shape == s.shape and neg_dim == dim and num_chunks == -(-num_pos // chunk)
-        and not (complex_valued and dim % 2) and (bias is None or bias.shape == (num_pos,))
-    )  # fmt: skip
+@dataclass(frozen=True)
+class BernoulliRows:
+    """Where a batch's rows are for the Bernoulli kernel (bilinear.c): the entity rows ``entities`` [U, D],
+    with s, o and each chunk's negatives at ``index`` [2B + C*K] in that order, and the relation rows
+    ``relations`` [R, D] at ``relation_ids`` [B]; ``bias`` [B] or None. B facts in chunks of ``chunk``
+    sharing ``num_neg`` negatives (C = ceil(B / chunk)), ``complex_valued`` for ComplEx."""
 
+    entities: torch.Tensor
+    index: torch.Tensor
+    relations: torch.Tensor
+    relation_ids: torch.Tensor
+    bias: torch.Tensor | None
+    chunk: int
+    num_neg: int
+    complex_valued: bool
 
-def bernoulli_forward(
-    s: torch.Tensor,
-    r: torch.Tensor,
-    o: torch.Tensor,
-    neg: torch.Tensor,
-    bias: torch.Tensor | None,
-    chunk: int,
-    complex_valued: bool,
-    weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c): (each chunk's NLL [C]
-    in float64, the derivatives of its terms in their scores [B, 1 + K] that its backward needs), for
-    tensors ``bernoulli_fits`` accepts."""
-    if not bernoulli_fits(s, r, o, neg, bias, chunk, complex_valued):
-        raise ValueError(f"bernoulli_forward: the kernel cannot take s {tuple(s.shape)}, neg {tuple(neg.shape)}")
-    lib, (num_pos, dim), (num_chunks, num_neg, _) = loaded(), s.shape, neg.shape
-    probs = s.new_empty(num_pos, 1 + num_neg)
-    chunk_nll = torch.empty(num_chunks, dtype=torch.float64)
-    status = lib.bernoulli_forward(
-        *(t.data_ptr() for t in (s, r, o, neg)), None if bias is None else bias.data_ptr(),
-        num_pos, chunk, num_neg, dim, int(complex_valued), weight, probs.data_ptr(), chunk_nll.data_ptr(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("bernoulli_forward: no memory for a work buffer")
-    return chunk_nll, probs
+    @property
+    def num_pos(self) -> int:
+        return len(self.relation_ids)
 
+    @property
+    def dim(self) -> int:
+        return self.relations.shape[-1]
 
-def bernoulli_backward(
-    s: torch.Tensor,
-    r: torch.Tensor,
-    o: torch.Tensor,
-    neg: torch.Tensor,
-    probs: torch.Tensor,
-    chunk: int,
-    complex_valued: bool,
-    weight: float,
-    grad: float,
-    with_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The gradients of s, r, o, neg (and of the bias when ``with_bias``) from ``bernoulli_forward``'s
-    tensors and the gradient ``grad`` of the summed NLL."""
-    gs, gr, go, gneg = (torch.empty_like(t) for t in (s, r, o, neg))
-    gbias = s.new_empty(len(s)) if with_bias else None
-    status = loaded().bernoulli_backward(
-        *(t.data_ptr() for t in (s, r, o, neg, probs)), len(s), chunk, neg.shape[1], s.shape[1],
-        int(complex_valued), weight, grad, *(t.data_ptr() for t in (gs, gr, go, gneg)),
-        None if gbias is None else gbias.data_ptr(),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("bernoulli_backward: no memory for a work buffer")
-    return gs, gr, go, gneg, gbias
+    def fits(self) -> bool:
+        """Whether the kernel can take them: the kernels built; entity and relation rows of one width D (even
+        for ComplEx) in float32 on the CPU, each row's elements adjacent; contiguous int64 positions of the
+        right lengths; a contiguous float32 bias."""
+        num_pos, chunk, num_neg, dim = self.num_pos, self.chunk, self.num_neg, self.dim
+        if chunk < 1 or num_pos < 1 or num_neg < 1 or library() is None or self.relations.dim() != 2:
+            return False
+        bias, positions = self.bias, 2 * num_pos + -(-num_pos // chunk) * num_neg
+        return (
+            _rows_fit(self.entities, dim) and _rows_fit(self.relations, dim)
+            and not (self.complex_valued and dim % 2) and applicable(self.index)
+            and self.index.shape == (positions,) and applicable(self.relation_ids)
+            and self.relation_ids.dim() == 1
+            and (bias is None or (floats_applicable(bias) and bias.shape == (num_pos,)))
+        )  # fmt: skip
+
+    def _pointers(self) -> tuple:
+        """The arguments both kernels start with: the entity rows, their count, stride and positions; the
+        relation rows, theirs."""
+        entities, relations = self.entities, self.relations
+        return (
+            entities.data_ptr(), len(entities), entities.stride(0), self.index.data_ptr(), relations.data_ptr(),
+            len(relations), relations.stride(0), self.relation_ids.data_ptr(),
+        )  # fmt: skip
 
 
 def _rows_fit(rows: torch.Tensor, dim: int) -> bool:
@@ -355,91 +329,43 @@ def _rows_fit(rows: torch.Tensor, dim: int) -> bool:
     )  # fmt: skip
 
 
-def bernoulli_rows_fits(
-    entities: torch.Tensor,
-    index: torch.Tensor,
-    relations: torch.Tensor,
-    relation_ids: torch.Tensor,
-    bias: torch.Tensor | None,
-    num_pos: int,
-    chunk: int,
-    num_neg: int,
-    complex_valued: bool,
-) -> bool:
-    """Whether ``bernoulli_rows_forward`` can take these: the kernels built; entity rows [U, D] and relation
-    rows [R, D] in float32 on the CPU, each row's elements adjacent; contiguous int64 positions, index
-    [2 num_pos + C num_neg] with C = ceil(num_pos / chunk) and relation_ids [num_pos]; bias [num_pos] or
-    None; D even for ComplEx."""
-    if chunk < 1 or num_pos < 1 or num_neg < 1 or library() is None or relations.dim() != 2:
-        return False
-    dim, positions = relations.shape[1], 2 * num_pos + -(-num_pos // chunk) * num_neg
-    return (
-        _rows_fit(entities, dim) and _rows_fit(relations, dim) and not (complex_valued and dim % 2)
-        and applicable(index) and index.shape == (positions,) and applicable(relation_ids)
-        and relation_ids.shape == (num_pos,)
-        and (bias is None or (floats_applicable(bias) and bias.shape == (num_pos,)))
-    )  # fmt: skip
-
-
-def bernoulli_rows_forward(
-    entities: torch.Tensor,
-    index: torch.Tensor,
-    relations: torch.Tensor,
-    relation_ids: torch.Tensor,
-    bias: torch.Tensor | None,
-    num_pos: int,
-    chunk: int,
-    num_neg: int,
-    complex_valued: bool,
-    weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bernoulli_forward`` of rows given by position (see bilinear.c), for what ``bernoulli_rows_fits``
-    accepts."""
-    if not bernoulli_rows_fits(entities, index, relations, relation_ids, bias, num_pos, chunk, num_neg, complex_valued):
+def bernoulli_forward(rows: BernoulliRows, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c), for rows that ``fits``:
+    (each chunk's NLL [C] in float64, the derivatives of its terms in their scores [B, 1 + K] that its
+    backward needs)."""
+    if not rows.fits():
         raise ValueError(
-            f"bernoulli_rows_forward: the kernel cannot take entities {tuple(entities.shape)}, index "
-            f"{tuple(index.shape)}, relations {tuple(relations.shape)} for {num_pos} facts, k={num_neg}"
+            f"bernoulli_forward: the kernel cannot take entities {tuple(rows.entities.shape)}, index "
+            f"{tuple(rows.index.shape)}, relations {tuple(rows.relations.shape)} for {rows.num_pos} facts, "
+            f"chunks of {rows.chunk}, k={rows.num_neg}"
         )
-    num_chunks = -(-num_pos // chunk)
-    probs = entities.new_empty(num_pos, 1 + num_neg)
-    chunk_nll = torch.empty(num_chunks, dtype=torch.float64)
-    status = loaded().bernoulli_rows_forward(
-        entities.data_ptr(), len(entities), entities.stride(0), index.data_ptr(), relations.data_ptr(),
-        len(relations), relations.stride(0), relation_ids.data_ptr(), None if bias is None else bias.data_ptr(),
-        num_pos, chunk, num_neg, relations.shape[1], int(complex_valued), weight, probs.data_ptr(),
-        chunk_nll.data_ptr(),
+    num_pos, num_neg, bias = rows.num_pos, rows.num_neg, rows.bias
+    probs = rows.entities.new_empty(num_pos, 1 + num_neg)
+    chunk_nll = torch.empty(-(-num_pos // rows.chunk), dtype=torch.float64)
+    status = loaded().bernoulli_forward(
+        *rows._pointers(), None if bias is None else bias.data_ptr(), num_pos, rows.chunk, num_neg, rows.dim,
+        int(rows.complex_valued), weight, probs.data_ptr(), chunk_nll.data_ptr(),
     )  # fmt: skip
-    _bernoulli_status(status, "bernoulli_rows_forward")
+    _bernoulli_status(status, "bernoulli_forward")
     return chunk_nll, probs
 
 
-def bernoulli_rows_backward(
-    entities: torch.Tensor,
-    index: torch.Tensor,
-    relations: torch.Tensor,
-    relation_ids: torch.Tensor,
-    probs: torch.Tensor,
-    num_pos: int,
-    chunk: int,
-    num_neg: int,
-    complex_valued: bool,
-    weight: float,
-    grad: float,
-    with_bias: bool,
+def bernoulli_backward(
+    rows: BernoulliRows, probs: torch.Tensor, weight: float, grad: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The gradients of the entity rows [U, D], of the relation rows [R, D] and of the bias (when
-    ``with_bias``) from ``bernoulli_rows_forward``'s tensors and the gradient ``grad`` of the summed NLL."""
-    dim = relations.shape[1]
-    g_entities, g_relations = entities.new_empty(len(entities), dim), relations.new_empty(len(relations), dim)
-    work, r_work = entities.new_empty(len(index), dim), entities.new_empty(num_pos, dim)
-    gbias = entities.new_empty(num_pos) if with_bias else None
-    status = loaded().bernoulli_rows_backward(
-        entities.data_ptr(), len(entities), entities.stride(0), index.data_ptr(), relations.data_ptr(),
-        len(relations), relations.stride(0), relation_ids.data_ptr(), probs.data_ptr(), num_pos, chunk, num_neg,
-        dim, int(complex_valued), weight, grad, work.data_ptr(), r_work.data_ptr(),
-        None if gbias is None else gbias.data_ptr(), g_entities.data_ptr(), g_relations.data_ptr(),
+    """The gradients of the entity rows [U, D], of the relation rows [R, D] and of the bias (or None) from
+    ``bernoulli_forward``'s ``probs`` and the gradient ``grad`` of the summed NLL: each position's gradient
+    summed into its row."""
+    dim, num_pos, entities = rows.dim, rows.num_pos, rows.entities
+    g_entities, g_relations = entities.new_empty(len(entities), dim), entities.new_empty(len(rows.relations), dim)
+    work, r_work = entities.new_empty(len(rows.index), dim), entities.new_empty(num_pos, dim)
+    gbias = entities.new_empty(num_pos) if rows.bias is not None else None
+    status = loaded().bernoulli_backward(
+        *rows._pointers(), probs.data_ptr(), num_pos, rows.chunk, rows.num_neg, dim, int(rows.complex_valued),
+        weight, grad, work.data_ptr(), r_work.data_ptr(), None if gbias is None else gbias.data_ptr(),
+        g_entities.data_ptr(), g_relations.data_ptr(),
     )  # fmt: skip
-    _bernoulli_status(status, "bernoulli_rows_backward")
+    _bernoulli_status(status, "bernoulli_backward")
     return g_entities, g_relations, gbias
 
 

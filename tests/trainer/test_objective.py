@@ -238,9 +238,19 @@ def _bernoulli_case(scorer, num_pos, chunk, num_neg, bias, scale=1.0, dim=16, se
 
 
 def _loss_and_grads(scorer, tensors, chunk, dtype):
+    """The loss and the gradients of s, r, o, neg (and the bias): float32 through the compiled kernel where it
+    takes the scorer (the rows as one table read by position, each fact its own relation row), else and in
+    float64 through the torch ops."""
     inputs = [t.to(dtype, copy=True).requires_grad_(True) if t is not None else None for t in tensors]
     s, r, o, neg, bias = inputs
-    loss = bernoulli_nll(scorer, s, r, o, neg, chunk=chunk, negative_weight=37.5, bias_B=bias)
+    num_pos, dim = s.shape
+    entities = torch.cat([s, o, neg.reshape(-1, dim)])
+    loss = None
+    if dtype == torch.float32:
+        index, relation_ids = torch.arange(len(entities)), torch.arange(num_pos)
+        loss = positioned_bernoulli_nll(scorer, entities, index, r, relation_ids, neg.shape[1], chunk, 37.5, bias)
+    if loss is None:
+        loss = bernoulli_nll(scorer, s, r, o, neg, chunk=chunk, negative_weight=37.5, bias_B=bias)
     loss.backward()
     return loss, [t.grad for t in inputs if t is not None]
 
@@ -270,9 +280,9 @@ def test_compiled_bernoulli_matches_the_torch_path(scorer, num_pos, chunk, num_n
         loss, grads = _loss_and_grads(scorer, tensors, chunk, torch.float32)
     finally:
         torch.set_num_threads(before)
-    assert type(loss.grad_fn).__name__ == "_FusedBernoulliBackward"
+    assert type(loss.grad_fn).__name__ == "_PositionedBernoulliBackward"
     want_loss, want_grads = _loss_and_grads(scorer, tensors, chunk, torch.float64)
-    assert type(want_loss.grad_fn).__name__ != "_FusedBernoulliBackward"
+    assert type(want_loss.grad_fn).__name__ != "_PositionedBernoulliBackward"
     torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=1e-4)
     for got, want in zip(grads, want_grads, strict=True):
         # float32 sums of terms up to the largest gradient: a small element may be off by its rounding.
@@ -284,7 +294,7 @@ def test_compiled_bernoulli_is_exact_at_large_scores_and_keeps_a_nan():
     the loss and the gradients NaN, which the training step stops on."""
     tensors = _bernoulli_case(ComplEx(), 64, 16, 8, True, scale=2.5)
     loss, grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float32)
-    assert type(loss.grad_fn).__name__ == "_FusedBernoulliBackward"
+    assert type(loss.grad_fn).__name__ == "_PositionedBernoulliBackward"
     want_loss, want_grads = _loss_and_grads(ComplEx(), tensors, 16, torch.float64)
     assert abs(want_loss.item()) > 1e4  # the scores reach tens
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-3)
@@ -295,35 +305,12 @@ def test_compiled_bernoulli_is_exact_at_large_scores_and_keeps_a_nan():
     assert math.isnan(loss.item()) and all(torch.isnan(g).any() for g in grads)
 
 
-def test_the_compiled_bernoulli_takes_only_what_fits_and_says_so_otherwise():
-    s, r, o, neg, bias = (t.float() for t in _bernoulli_case(ComplEx(), 10, 4, 6, True))
-    assert native.bernoulli_fits(s, r, o, neg, bias, 4, complex_valued=True)
-    strided_bias = torch.stack([bias, bias], 1)[:, 0]
-    misfits = [
-        (s, r, o, neg, strided_bias, 4, True),  # not contiguous: the torch path
-        (s, r, o, neg[:2], None, 4, True),  # 2 chunks for 10 positives in chunks of 4
-        (s, r, o, neg, None, 5, True),
-        (*(t[..., :15].contiguous() for t in (s, r, o, neg)), None, 4, True),  # odd D for ComplEx
-        (s, r, o, neg, None, 0, True),
-        (s.double(), r, o, neg, None, 4, True),
-    ]
-    for case in misfits:
-        assert not native.bernoulli_fits(*case)
-    with pytest.raises(ValueError, match="cannot take"):
-        native.bernoulli_forward(s, r, o, neg[:2], None, 4, True, 1.0)
-    loss = bernoulli_nll(ComplEx(), s.requires_grad_(), r, o, neg, chunk=4, negative_weight=2.0, bias_B=strided_bias)
-    want = bernoulli_nll(ComplEx(), *(t.double() for t in (s, r, o, neg)), chunk=4, negative_weight=2.0,
-                         bias_B=strided_bias.double())  # fmt: skip
-    assert type(loss.grad_fn).__name__ != "_FusedBernoulliBackward"
-    torch.testing.assert_close(loss.double(), want)
-
-
 def test_a_subclass_of_a_compiled_scorer_is_scored_by_its_own_queries():
     """The kernel takes DistMult and ComplEx themselves; a subclass that scores otherwise gets the torch path."""
     tensors = _bernoulli_case(DistMult(), 5, 4, 4, False)
     loss, _ = _loss_and_grads(_OffsetDistMult(), tensors, 4, torch.float32)
     want, _ = _loss_and_grads(_OffsetDistMult(), tensors, 4, torch.float64)
-    assert type(loss.grad_fn).__name__ != "_FusedBernoulliBackward"
+    assert type(loss.grad_fn).__name__ != "_PositionedBernoulliBackward"
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
 
 
@@ -522,7 +509,7 @@ def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
         for t in _positioned_case(ComplEx(), 10, 4, 6, True, 16)
     )
     entities, r = table[:, :16], facts[:, 1]
-    assert native.bernoulli_rows_fits(entities, index, relations, r.contiguous(), bias, 10, 4, 6, True)
+    assert native.BernoulliRows(entities, index, relations, r.contiguous(), bias, 4, 6, True).fits()
     misfits = [
         (entities, index[:-1], relations, r, bias, 4, 6),  # one position short
         (entities, index, relations, r, bias, 5, 6),  # 2 chunks, not 3
@@ -531,6 +518,8 @@ def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
         (entities.double(), index, relations, r, bias, 4, 6),
         (entities, index.int(), relations, r, bias, 4, 6),
         (table[:, :32:2], index, relations, r, bias, 4, 6),  # a row's elements not adjacent
+        (entities, index, relations, r, torch.stack([bias, bias], 1)[:, 0], 4, 6),  # a strided bias
+        (entities, index, relations, r, bias, 0, 6),
     ]
     for entities_, index_, relations_, r_, bias_, chunk, num_neg in misfits:
         assert (
@@ -539,9 +528,13 @@ def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
     outside = index.clone()
     outside[-1] = len(table)
     with pytest.raises(IndexError, match="outside its table"):
-        native.bernoulli_rows_forward(entities, outside, relations, r.contiguous(), bias, 10, 4, 6, True, 1.0)
+        native.bernoulli_forward(
+            native.BernoulliRows(entities, outside, relations, r.contiguous(), bias, 4, 6, True), 1.0
+        )
     with pytest.raises(ValueError, match="cannot take"):
-        native.bernoulli_rows_forward(entities, index[:-1], relations, r.contiguous(), bias, 10, 4, 6, True, 1.0)
+        native.bernoulli_forward(
+            native.BernoulliRows(entities, index[:-1], relations, r.contiguous(), bias, 4, 6, True), 1.0
+        )
 
 
 def test_the_bernoulli_likelihood_reads_rows_by_position_only_when_its_weights_are_uniform():
