@@ -243,10 +243,10 @@ def _loss_and_grads(scorer, tensors, chunk, dtype):
     float64 through the torch ops."""
     inputs = [t.to(dtype, copy=True).requires_grad_(True) if t is not None else None for t in tensors]
     s, r, o, neg, bias = inputs
-    num_pos, dim = s.shape
-    entities = torch.cat([s, o, neg.reshape(-1, dim)])
     loss = None
     if dtype == torch.float32:
+        num_pos, dim = s.shape
+        entities = torch.cat([s, o, neg.reshape(-1, dim)])
         index, relation_ids = torch.arange(len(entities)), torch.arange(num_pos)
         loss = positioned_bernoulli_nll(scorer, entities, index, r, relation_ids, neg.shape[1], chunk, 37.5, bias)
     if loss is None:
@@ -442,7 +442,7 @@ def test_bernoulli_keeps_every_negative_but_the_positives_own_entities():
     assert torch.equal(keep, expected)
 
 
-def _positioned_case(scorer, num_pos, chunk, num_neg, bias, dim, seed=0):
+def _positioned_case(num_pos, chunk, num_neg, bias, dim, seed=0):
     """Entity rows as a column range of a wider table [U, dim + 3] (as the owners' packed samples are), the
     positions of s, o and the negatives among them (with repeats), relation rows and ids, a bias or None."""
     g = torch.Generator().manual_seed(seed)
@@ -485,7 +485,7 @@ def test_positioned_bernoulli_matches_gathering_then_the_torch_path(scorer, num_
     (float64): the loss, the table's gradient (each position's summed into its row, none outside the
     entity columns), the relations' and the bias'; bit for bit the same on one thread and on two."""
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
-    case = _positioned_case(scorer, num_pos, chunk, num_neg, bias, dim)
+    case = _positioned_case(num_pos, chunk, num_neg, bias, dim)
     before, results = torch.get_num_threads(), []
     try:
         for threads in (1, 2):
@@ -505,8 +505,7 @@ def test_positioned_bernoulli_matches_gathering_then_the_torch_path(scorer, num_
 
 def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
     table, index, relations, facts, bias = (
-        t.float() if t is not None and t.is_floating_point() else t
-        for t in _positioned_case(ComplEx(), 10, 4, 6, True, 16)
+        t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(10, 4, 6, True, 16)
     )
     entities, r = table[:, :16], facts[:, 1]
     assert native.BernoulliRows(entities, index, relations, r.contiguous(), bias, 4, 6, True).fits()
@@ -543,7 +542,7 @@ def test_the_bernoulli_likelihood_reads_rows_by_position_only_when_its_weights_a
     num_pos, chunk, num_neg, dim = 12, 4, 6, 16
     table, index, relations, facts, _ = (
         t.float() if t is not None and t.is_floating_point() else t
-        for t in _positioned_case(DistMult(), num_pos, chunk, num_neg, False, dim)
+        for t in _positioned_case(num_pos, chunk, num_neg, False, dim)
     )
     gathered = Gathered.of(facts, index[2 * num_pos :].view(-1, num_neg))
     rows = FactRows(table[:, :dim][gathered.ids], gathered, relations, facts)
