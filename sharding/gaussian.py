@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -110,6 +111,23 @@ def sample_and_kl(
     return _SampleAndKL.apply(rows, eps, prior_var)
 
 
+@dataclass(frozen=True)
+class StreamSample:
+    """How ``stream_sample_and_kl`` drew rows ``local`` of ``table``: with noise ``eps`` [m, dim]. With the
+    gradient of its output, that is all the rows' gradient is made of (``sample_kl_backward``'s formula), so
+    a row update can form it row by row (``RowAdagrad.step_sampled``)."""
+
+    table: torch.Tensor
+    local: torch.Tensor
+    eps: torch.Tensor
+
+
+def stream_sample_of(output: torch.Tensor) -> StreamSample | None:
+    """How the kernel drew ``output`` when it is the [sample | KL] ``stream_sample_and_kl`` returned (its
+    autograd node keeps it), else None."""
+    return getattr(output.grad_fn, "stream_sample", None)
+
+
 class _StreamSampleAndKL(torch.autograd.Function):
     """``sample_and_kl`` of rows ``local`` of an owner's table in the compiled kernels of
     sharding/kernels/noise.c, with the noise drawn inside them.
@@ -134,6 +152,7 @@ class _StreamSampleAndKL(torch.autograd.Function):
             native.check(status, "sample_kl_forward", len(table))
             start += count
         ctx.save_for_backward(rows, eps)
+        ctx.stream_sample = StreamSample(table, local, eps)
         return out
 
     @staticmethod

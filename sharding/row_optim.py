@@ -19,7 +19,27 @@ from typing import Literal
 import torch
 from torch.optim.adam import adam
 
+from sharding.gaussian import StreamSample
 from sharding.kernels import native
+
+
+def _check_rows(ids: torch.Tensor, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """That ``grad`` holds one row of ``param``'s width for each of the ids [n]: the kernels would read past
+    a shorter one, and torch's fused Adam does not check."""
+    if ids.dim() != 1 or param.dim() != 2 or grad.shape != (len(ids), param.shape[1]):
+        raise ValueError(
+            f"row update: gradient {list(grad.shape)} for ids {list(ids.shape)} of rows {list(param.shape)}; "
+            "expected one gradient row per id"
+        )
+
+
+def _sampled_arrays(
+    param: torch.Tensor, runs: list[tuple[StreamSample, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """(local ids, noise, output gradient) of each run, or None unless every run was drawn from ``param``."""
+    if any(sample.table is not param for sample, _ in runs):
+        return None
+    return [(sample.local, sample.eps, grad) for sample, grad in runs]
 
 
 class RowAdam:
@@ -46,6 +66,7 @@ class RowAdam:
         if ids is None:
             self._update(param, self.exp_avg, self.exp_avg_sq, grad)
             return
+        _check_rows(ids, param, grad)
         tables = (param, self.exp_avg, self.exp_avg_sq)
         lib = native.library() if self.compiled else None
         if lib is not None and native.applicable(ids, *tables, grad):
@@ -72,6 +93,18 @@ class RowAdam:
             maximize=False,
         )  # fmt: skip
 
+    def step_sampled(self, param: torch.Tensor, runs: list[tuple[StreamSample, torch.Tensor]]) -> torch.Tensor | None:
+        """As ``RowAdagrad.step_sampled``, with this lazy Adam's update."""
+        arrays = _sampled_arrays(param, runs) if self.compiled else None
+        if arrays is None:
+            return None
+        t, (beta1, beta2) = int(self.steps) + 1, self.betas
+        hyper = (self.lr / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t), 1 - beta1, beta2, 1 - beta2, self.eps)
+        updated = native.sample_kl_update(param, arrays, "adam", (self.exp_avg, self.exp_avg_sq), hyper)
+        if updated is not None:
+            self.steps += 1
+        return updated
+
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "num_steps": self.num_steps}
 
@@ -88,6 +121,8 @@ class RowAdagrad:
         self.sum_sq = torch.zeros(param.shape[0], parts, dtype=param.dtype, device=param.device)
 
     def step(self, param: torch.Tensor, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
+        if ids is not None:
+            _check_rows(ids, param, grad)
         lib = native.library() if self.compiled else None
         if lib is not None and ids is not None and native.applicable(ids, param, self.sum_sq, grad):
             status = lib.row_adagrad(
@@ -110,6 +145,17 @@ class RowAdagrad:
             param.add_(update)
         else:
             param.index_add_(0, ids, update)
+
+    def step_sampled(self, param: torch.Tensor, runs: list[tuple[StreamSample, torch.Tensor]]) -> torch.Tensor | None:
+        """``step`` with the gradient that ``runs`` [(how the sample kernel drew some rows of ``param``, the
+        gradient of their [sample | KL])] give the rows, summed over the runs, formed row by row as it updates
+        them (the compiled ``sample_kl_update``): the distinct rows updated, or None, with nothing done, where
+        that kernel cannot take them. One run's rows are distinct; several runs' rows each strictly
+        ascending."""
+        arrays = _sampled_arrays(param, runs) if self.compiled else None
+        if arrays is None:
+            return None
+        return native.sample_kl_update(param, arrays, "adagrad", (self.sum_sq,), (self.lr, self.eps), self.parts)
 
     def state_dict(self) -> dict:
         return {"sum_sq": self.sum_sq}

@@ -26,7 +26,7 @@ import torch
 
 from sharding import rng
 from sharding.exchange import Exchange, Pending
-from sharding.gaussian import Encoder, Gaussian, identity
+from sharding.gaussian import Encoder, Gaussian, StreamSample, identity, stream_sample_of
 from sharding.kernels import native
 from sharding.plan import RowPlan
 from sharding.row_optim import RowOptimizerName, build_row_optimizer
@@ -82,6 +82,78 @@ class Encoded:
     """Local row indices this rank served, in the order it served them."""
     served: torch.Tensor
     output: torch.Tensor
+
+
+def _segments(item: Encoded) -> list[tuple[int, int]]:
+    """(offset, count) of each requester's non-empty segment of what ``item`` served."""
+    offsets = accumulate(item.recv_counts, initial=0)
+    return [(offset, count) for offset, count in zip(offsets, item.recv_counts, strict=False) if count]
+
+
+def summed_rows(
+    encoded: list[Encoded], grads: list[torch.Tensor], world_size: int, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct local ids, the sum of their gradient rows) of the rows of ``weight`` that ``encoded`` served,
+    given the gradient each owner's output got back (``grads``), through the encoders' backward."""
+    parts_ids, parts_grad = [], []
+    for item, grad in zip(encoded, grads, strict=True):
+        torch.autograd.backward(item.output, grad)
+        parts_ids.append(item.recv_local)
+        parts_grad.append(item.served.grad if item.served.grad is not None else torch.zeros_like(item.served))
+    if not parts_ids:
+        return torch.empty(0, dtype=torch.int64), weight.new_empty(0, weight.shape[1])
+    if len(parts_ids) == 1 and world_size == 1:
+        # One request served whole: its ids are already unique (the requester sends unique ids).
+        return parts_ids[0], parts_grad[0]
+    # Each requester's segment of a request holds its ascending distinct ids: a merge of those runs,
+    # not a sort of all of them (torch's sort where the kernel cannot take them).
+    runs = [
+        (ids[offset : offset + count], grad[offset : offset + count])
+        for item, ids, grad in zip(encoded, parts_ids, parts_grad, strict=True)
+        for offset, count in _segments(item)
+    ]
+    merged = native.merge_rows(runs)
+    if merged is not None:
+        return merged
+    unique, inverse = torch.unique(torch.cat(parts_ids), return_inverse=True)
+    return unique, weight.new_zeros(len(unique), weight.shape[1]).index_add_(0, inverse, torch.cat(parts_grad))
+
+
+@dataclass
+class SampledGradient:
+    """The gradient of rows the sample kernel drew (``stream_sample_and_kl``), left unformed: the gradient each
+    owner's output got back (``grads``, one per request served) and how the rows were drawn. The row
+    optimiser forms it row by row as it updates them: one pass where forming it (the kernel's backward),
+    summing the requests' rows and updating take three, two of them over gradient tables written out and
+    read back.
+    ``formed`` forms it as ``collect`` would have."""
+
+    encoded: list[Encoded]
+    grads: list[torch.Tensor]
+    samples: list[StreamSample]
+
+    @classmethod
+    def of(cls, encoded: list[Encoded], grads: list[torch.Tensor]) -> SampledGradient | None:
+        """None unless the sample kernel drew every request's rows, and sent them as it drew them."""
+        samples = [stream_sample_of(item.output) for item in encoded]
+        if not encoded or any(sample is None for sample in samples):
+            return None
+        return cls(encoded, grads, [sample for sample in samples if sample is not None])
+
+    def runs(self) -> list[tuple[StreamSample, torch.Tensor]]:
+        """The rows by requester: (how they were drawn, the gradient of their [sample | KL]); each run's rows
+        distinct, and ascending (a requester sends its sorted distinct ids)."""
+        if len(self.encoded) == 1 and len(_segments(self.encoded[0])) == 1:
+            return [(self.samples[0], self.grads[0])]
+        return [
+            (StreamSample(sample.table, sample.local[lo : lo + n], sample.eps[lo : lo + n]), grad[lo : lo + n])
+            for item, sample, grad in zip(self.encoded, self.samples, self.grads, strict=True)
+            for lo, n in _segments(item)
+        ]
+
+    def formed(self, world_size: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the distinct local ids, their summed gradient rows), through the encoders' backward."""
+        return summed_rows(self.encoded, self.grads, world_size, weight)
 
 
 class ShardedTable:
@@ -163,46 +235,43 @@ class ShardedTable:
         return self.encode(unique).values[inverse]
 
     def collect(
-        self, encoded: list[Encoded], local_leaf: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self, encoded: list[Encoded], local_leaf: torch.Tensor | None, unformed: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | SampledGradient]:
         """Send the gradients of encoded values back to their owners, which take them through their encoder;
-        return (local row ids or None for all, the summed gradient of those rows)."""
-        parts_ids, parts_grad = [], []
-        for item in encoded:
-            grad = item.values.grad if item.values.grad is not None else torch.zeros_like(item.values)
-            back = self.exchange.all_to_all_back(grad, item.send_counts, item.recv_counts)
-            torch.autograd.backward(item.output, back)
-            parts_ids.append(item.recv_local)
-            parts_grad.append(item.served.grad if item.served.grad is not None else torch.zeros_like(item.served))
+        return (local row ids or None for all, the summed gradient of those rows). With ``unformed``, the
+        gradient of rows the sample kernel drew comes back unformed (ids None), for ``step`` to form as it
+        updates them."""
+        grads = [
+            self.exchange.all_to_all_back(
+                item.values.grad if item.values.grad is not None else torch.zeros_like(item.values),
+                item.send_counts, item.recv_counts,
+            )
+            for item in encoded
+        ]  # fmt: skip
         if local_leaf is not None:
+            for item, grad in zip(encoded, grads, strict=True):
+                torch.autograd.backward(item.output, grad)
             total = local_leaf.grad if local_leaf.grad is not None else torch.zeros_like(self.weight)
-            for ids, grad in zip(parts_ids, parts_grad, strict=True):
-                total.index_add_(0, ids, grad)
+            for item in encoded:
+                if item.served.grad is not None:
+                    total.index_add_(0, item.recv_local, item.served.grad)
             return None, total
-        if not parts_ids:
-            return torch.empty(0, dtype=torch.int64), self.weight.new_empty(0, self.width)
-        if len(parts_ids) == 1 and self.exchange.world_size == 1:
-            # One request served whole: its ids are already unique (the requester sends unique ids).
-            return parts_ids[0], parts_grad[0]
-        # Each requester's segment of a request holds its ascending distinct ids: a merge of those runs,
-        # not a sort of all of them (torch's sort where the kernel cannot take them).
-        runs = [
-            (ids[offset : offset + count], grad[offset : offset + count])
-            for item, ids, grad in zip(encoded, parts_ids, parts_grad, strict=True)
-            for offset, count in zip(accumulate(item.recv_counts, initial=0), item.recv_counts, strict=False)
-            if count
-        ]
-        merged = native.merge_rows(runs)
-        if merged is not None:
-            return merged
-        unique, inverse = torch.unique(torch.cat(parts_ids), return_inverse=True)
-        total = self.weight.new_zeros(len(unique), self.width).index_add_(0, inverse, torch.cat(parts_grad))
-        return unique, total
+        sampled = SampledGradient.of(encoded, grads) if unformed else None
+        if sampled is not None:
+            return None, sampled
+        return summed_rows(encoded, grads, self.exchange.world_size, self.weight)
 
-    def step(self, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
-        """Row optimiser update of local rows ``ids`` (all when None)."""
+    def step(self, ids: torch.Tensor | None, grad: torch.Tensor | SampledGradient) -> torch.Tensor | None:
+        """Row optimiser update of local rows ``ids`` (all when None; those it holds for a
+        ``SampledGradient``); returns the rows updated (None: all)."""
+        if isinstance(grad, SampledGradient):
+            updated = self.optimizer.step_sampled(self.weight, grad.runs())
+            if updated is not None:
+                return updated
+            ids, grad = grad.formed(self.exchange.world_size, self.weight)
         if ids is None or len(ids):
             self.optimizer.step(self.weight, ids, grad)
+        return ids
 
     @torch.no_grad()
     def clip_sigma_norm(self, ids: torch.Tensor | None, max_norm: float) -> None:

@@ -19,7 +19,7 @@ import torch
 from sharding import rng
 from sharding.exchange import Exchange, LocalExchange, Pending
 from sharding.gaussian import sample_and_kl
-from sharding.table import Encoded, ReplicatedTable, ShardedTable
+from sharding.table import Encoded, ReplicatedTable, SampledGradient, ShardedTable
 from trainer.config import RunConfig
 from trainer.likelihood import FactRows, Likelihood, build_likelihood
 from trainer.objective import n3_penalty
@@ -46,11 +46,12 @@ class Forward:
 
 @dataclass
 class Gradients:
-    """The summed gradients of the rows a step touched: local entity rows (``entity_ids`` None: all of them)
-    and every relation row, whose sum over ranks is complete once ``relations_pending`` is waited for."""
+    """The summed gradients of the rows a step touched: local entity rows (``entity_ids`` None: all of them,
+    or those an unformed ``SampledGradient`` holds) and every relation row, whose sum over ranks is complete
+    once ``relations_pending`` is waited for."""
 
     entity_ids: torch.Tensor | None
-    entities: torch.Tensor
+    entities: torch.Tensor | SampledGradient
     relations: torch.Tensor
     relations_pending: Pending
     bias: tuple[torch.Tensor, Pending] | None = None
@@ -153,21 +154,22 @@ class KGModel:
         sums = [t.grad.sum() for t in leaves if t is not None and t.grad is not None]
         return torch.stack(sums).sum() if sums else torch.zeros(())
 
-    def gradients(self, forward: Forward) -> Gradients:
+    def gradients(self, forward: Forward, unformed: bool = False) -> Gradients:
         """After the backward: start summing the relation gradients over ranks and send the entity
-        gradients back to their owners."""
+        gradients back to their owners; ``unformed`` lets the entity rows' gradient stay unformed until
+        the update where the row optimiser can form it as it goes (``ShardedTable.collect``)."""
         relation_grad, pending = self.relations.collect(forward.relation_leaf)
         bias = None
         if self.bias is not None and forward.bias_leaf is not None:
             bias = self.bias.collect(forward.bias_leaf)
-        entity_ids, entity_grad = self.entities.collect(forward.encoded, forward.entity_leaf)
+        entity_ids, entity_grad = self.entities.collect(forward.encoded, forward.entity_leaf, unformed)
         return Gradients(entity_ids, entity_grad, relation_grad, pending, bias)
 
     def update(self, grads: Gradients) -> None:
         """The row optimisers' step; the entity update runs while the relation gradients travel."""
-        self.entities.step(grads.entity_ids, grads.entities)
+        updated = self.entities.step(grads.entity_ids, grads.entities)
         if self.clip_sigma_norm is not None:
-            self.entities.clip_sigma_norm(grads.entity_ids, self.clip_sigma_norm)
+            self.entities.clip_sigma_norm(updated, self.clip_sigma_norm)
         grads.relations_pending.wait()
         self.relations.step(grads.relations)
         if self.clip_sigma_norm is not None:

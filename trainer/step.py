@@ -53,7 +53,8 @@ class Step:
         # Checked on the requester's side: with finite parameters (checked each epoch) the owners' sums of
         # finite gradients are finite.
         flags, pending = self._start_check(loss, self.model.gradient_sum(forward))
-        grads = self.model.gradients(forward)
+        # Clipping needs the entity rows' gradient formed; without it the update may form it as it goes.
+        grads = self.model.gradients(forward, unformed=self.grad_clip is None)
         problem = self._problem(flags, pending)
         if problem is not None:
             grads.wait()  # no collective left in flight
@@ -61,6 +62,7 @@ class Step:
             raise Divergence(epoch + 1, step, problem)
         if self.grad_clip is not None:
             grads.relations_pending.wait()
+            assert isinstance(grads.entities, torch.Tensor)  # asked for formed
             clip_global_norm(grads.entities, grads.relations, self.grad_clip, self.model.exchange)
         self.model.update(grads)
         return StepTerms(*torch.stack([forward.nll, forward.kl, loss]).detach().tolist())

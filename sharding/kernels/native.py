@@ -61,6 +61,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
     "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
+    "sample_kl_update": ([_P, _I, _P, _I, _I, _I, _P, _P, _I, _P, _P], ctypes.c_int64),
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
     "unique_ids": ([_P, _I, _P, _P], ctypes.c_int64),
@@ -208,6 +209,8 @@ def normal_into(out: torch.Tensor, seed: int, first: int) -> bool:
     lib = library()
     if lib is None or not floats_applicable(out):
         return False
+    if first < 0:  # the kernel's chunk arithmetic assumes a position in the stream
+        raise ValueError(f"normal_into: first value {first} of a noise stream is negative")
     lib.normal_range(out.data_ptr(), seed, first, out.numel())
     return True
 
@@ -219,6 +222,10 @@ def normal_rows_into(out: torch.Tensor, seed: int, rows: torch.Tensor) -> bool:
     if lib is None or not floats_applicable(out) or rows.device.type != "cpu":
         return False
     rows = rows.to(torch.int64).contiguous()
+    if out.dim() != 2 or len(out) != len(rows):
+        raise ValueError(f"normal_rows_into: out {list(out.shape)} is not one row of each of {len(rows)} rows")
+    if len(rows) and int(rows.min()) < 0:
+        raise ValueError("normal_rows_into: a row of the noise stream is negative")
     lib.normal_rows(out.data_ptr(), seed, rows.data_ptr(), len(rows), out.shape[1])
     return True
 
@@ -240,6 +247,51 @@ def merge_rows(runs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return None if distinct < 0 else (out_ids[:distinct], out_grad[:distinct])
 
 
+ROW_UPDATES = {"adagrad": 0, "adam": 1}
+"""The row optimisers ``sample_kl_update`` applies (noise.c's UPDATE_*)."""
+
+
+def sample_kl_update(
+    table: torch.Tensor,
+    runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    kind: str,
+    state: tuple[torch.Tensor, ...],
+    hyper: tuple[float, ...],
+    parts: int = 1,
+) -> torch.Tensor | None:
+    """The row update ``kind`` (row-wise Adagrad: ``state`` its accumulators [rows, parts], ``hyper`` (lr, eps);
+    Adam: ``state`` its moments [rows, width] twice, ``hyper`` as ``row_adam`` takes them) of rows of
+    ``table`` [rows, 2 * dim] with the gradient ``runs`` [(local ids [n], their noise [n, dim], their
+    [sample | KL]'s gradient [n, dim + 1])] give them through ``sample_kl_forward`` (see noise.c): one run's
+    ids distinct, several runs' each strictly ascending. The distinct ids updated, or None, with nothing
+    written, where the kernel cannot take them; an id outside the table raises ``IndexError``."""
+    lib = library()
+    if lib is None or not runs or table.dim() != 2 or table.shape[1] % 2:
+        return None
+    dim, rows = table.shape[1] // 2, len(table)
+    shapes = [(rows, parts)] if kind == "adagrad" else [(rows, 2 * dim)] * 2
+    fits = [tuple(s.shape) for s in state] == shapes and all(
+        applicable(ids, table, *state, noise, grad) and noise.shape == (len(ids), dim)
+        and grad.shape == (len(ids), dim + 1)
+        for ids, noise, grad in runs
+    )  # fmt: skip
+    if not fits:
+        return None
+    addresses = torch.tensor(
+        [[ids.data_ptr(), noise.data_ptr(), grad.data_ptr(), len(ids)] for ids, noise, grad in runs], dtype=torch.int64
+    )
+    hyper_values = torch.tensor(hyper, dtype=torch.float32)
+    out_ids = torch.empty(sum(len(ids) for ids, _, _ in runs), dtype=torch.int64)
+    state_ptrs = [x.data_ptr() for x in state] + [0] * (2 - len(state))
+    status = lib.sample_kl_update(
+        table.data_ptr(), rows, addresses.data_ptr(), len(runs), dim, ROW_UPDATES[kind], *state_ptrs, parts,
+        hyper_values.data_ptr(), out_ids.data_ptr(),
+    )  # fmt: skip
+    if status == -3:
+        raise IndexError(f"sample_kl_update: a row id is outside the table's {rows} rows")
+    return None if status < 0 else out_ids[:status]
+
+
 def unique_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``torch.unique(ids, return_inverse=True)`` of a 1-d int64 CPU tensor of ids ≥ 0 (see rows.c); None where
     the kernel cannot take them (then the caller uses torch)."""
@@ -254,7 +306,7 @@ def unique_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """sum_c exp(logits[..., c] - shift[...]) over the last dimension."""
     lib = library()
-    if lib is None or logits.dim() == 0 or not floats_applicable(logits, shift):
+    if lib is None or logits.dim() == 0 or shift.shape != logits.shape[:-1] or not floats_applicable(logits, shift):
         return torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
     out = shift.new_empty(shift.shape)
     lib.row_sum_exp(logits.data_ptr(), shift.data_ptr(), out.data_ptr(), shift.numel(), logits.shape[-1])
@@ -264,7 +316,10 @@ def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """exp(logits - log_z[..., None]) * scale[..., None]: the softmax of each row times its gradient."""
     lib = library()
-    if lib is None or logits.dim() == 0 or not floats_applicable(logits, log_z, scale):
+    rows = logits.shape[:-1]
+    if lib is None or logits.dim() == 0 or log_z.shape != rows or scale.shape != rows:
+        return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+    if not floats_applicable(logits, log_z, scale):
         return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
     out = torch.empty_like(logits)
     lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])

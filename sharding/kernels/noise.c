@@ -10,14 +10,16 @@
  * gives the same bits as the same range of a longer draw, on one machine (the library is built for the
  * machine's CPU, see native.py, and another instruction set may round differently in the last bit).
  *
- * Sample and KL: the passes over a step's rows are bound by memory traffic, so each pass reads and writes every row once, and writes the sample and KL
- * where the owner sends them from.
+ * Sample and KL: the passes over a step's rows are bound by memory traffic, so each pass reads and writes
+ * every row once, and writes the sample and KL where the owner sends them from. The backward, the merge of
+ * the requests' rows and the row optimiser's update are one pass too (sample_kl_update).
  *
  * Loops over chunks and rows run on the threads of torch's OpenMP pool: the library links libgomp.so.1,
  * which resolves to the copy torch has loaded, so no second pool competes with torch's for the cores.
  * Built with -ffast-math, which lets gcc vectorise the row sums.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -139,4 +141,209 @@ void sample_kl_backward(const float *rows, const float *eps, const float *grad_o
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
     for (int64_t lo = 0; lo < m; lo += ROWS_PER_TASK)
         sample_grad_rows(rows, eps, grad_out, grad, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
+}
+
+/* Rows' gradients wider than this are not formed on the stack by sample_kl_update (the caller then
+ * forms them with sample_kl_backward); more runs than SAMPLED_MAX_RUNS go to the caller too (the merge
+ * scans every run's head for each row, as rows.c's merge_rows). */
+#define FUSED_MAX_WIDTH 4096
+#define SAMPLED_MAX_RUNS 64
+#define SAMPLED_MAX_THREADS 256
+
+/* The row optimiser sample_kl_update applies: rows.c's row_adagrad (state: the accumulators [rows, parts];
+ * hyper: lr, eps) or row_adam (state: exp_avg, exp_avg_sq [rows, width]; hyper: step_size,
+ * inv_sqrt_bias2, w1, beta2, w2, eps, as row_adam takes them). */
+enum { UPDATE_ADAGRAD = 0, UPDATE_ADAM = 1 };
+
+typedef struct {
+    int64_t width, parts;
+    float *state0, *state1;
+    const float *hyper;
+} RowUpdate;
+
+/* sample_kl_backward's gradient of one row (mean, logvar: the row as the forward read it) from its noise e
+ * and its output's gradient g, into grad [2 * dim]: set, or added (in the order of the calls). */
+static inline __attribute__((always_inline)) void form_row_gradient(const float *restrict row, const float *restrict e,
+                                                                    const float *restrict g, int64_t dim,
+                                                                    float *restrict grad, int add) {
+    const float w = g[dim];
+    for (int64_t j = 0; j < dim; j++) {
+        const float std = exp_approx(0.5f * row[dim + j]);
+        const float mean_grad = g[j] + w * row[j], logvar_grad = 0.5f * std * (g[j] * e[j] + w * std) - 0.5f * w;
+        grad[j] = add ? grad[j] + mean_grad : 0.0f + mean_grad;
+        grad[dim + j] = add ? grad[dim + j] + logvar_grad : 0.0f + logvar_grad;
+    }
+}
+
+/* Row `id` (at `row`) moved by its gradient grad [width], as row_adagrad or row_adam would move it. Inlined
+ * into loops specialised for each kind (see for_each_kind), so each kind's loops vectorise as rows.c's do. */
+static inline __attribute__((always_inline)) void update_row(const RowUpdate *u, int64_t kind, int64_t id,
+                                                             float *restrict row, const float *restrict grad) {
+    const int64_t width = u->width;
+    if (kind == UPDATE_ADAGRAD) {
+        const int64_t part = width / u->parts;
+        const float lr = u->hyper[0], tiny = u->hyper[1];
+        float *restrict acc = u->state0 + id * u->parts;
+        for (int64_t k = 0; k < u->parts; k++) {
+            float *restrict p = row + k * part;
+            const float *restrict gk = grad + k * part;
+            float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t j = 0; j < part; j++) squares += gk[j] * gk[j];
+            acc[k] += squares / (float)part;
+            const float step = lr / (sqrtf(acc[k]) + tiny);
+            for (int64_t j = 0; j < part; j++) p[j] -= step * gk[j];
+        }
+        return;
+    }
+    const float step_size = u->hyper[0], inv_sqrt_bias2 = u->hyper[1], w1 = u->hyper[2], beta2 = u->hyper[3];
+    const float w2 = u->hyper[4], eps = u->hyper[5];
+    float *restrict m = u->state0 + id * width, *restrict v = u->state1 + id * width;
+    for (int64_t j = 0; j < width; j++) {
+        const float mj = m[j] + w1 * (grad[j] - m[j]); /* lerp, as torch */
+        const float vj = beta2 * v[j] + w2 * grad[j] * grad[j];
+        m[j] = mj;
+        v[j] = vj;
+        row[j] -= step_size * mj / (sqrtf(vj) * inv_sqrt_bias2 + eps);
+    }
+}
+
+static inline __attribute__((always_inline)) void prefetch_update(const RowUpdate *u, int64_t kind, float *table,
+                                                                  int64_t id) {
+    prefetch_row(table + id * u->width, u->width);
+    if (kind == UPDATE_ADAM) {
+        prefetch_row(u->state0 + id * u->width, u->width);
+        prefetch_row(u->state1 + id * u->width, u->width);
+    }
+}
+
+/* The first position of ids[0..n) (ascending) holding an id >= id. */
+static int64_t lower_bound(const int64_t *ids, int64_t n, int64_t id) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (ids[mid] < id) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Rows with ids in [lo, hi) of several ascending runs (see sample_kl_update): merged in id order, each
+ * row's gradient summed over the runs that hold it in run order, then applied. Their ids go to out_ids;
+ * returns how many. */
+static inline __attribute__((always_inline)) int64_t merge_and_update(const RowUpdate *u, int64_t kind, float *table,
+                                                                       const int64_t *runs, int64_t k, int64_t dim,
+                                                                       int64_t lo, int64_t hi, int64_t *out_ids) {
+    int64_t cursor[SAMPLED_MAX_RUNS], end[SAMPLED_MAX_RUNS], m = 0;
+    for (int64_t r = 0; r < k; r++) {
+        const int64_t *ids = (const int64_t *)(intptr_t)runs[4 * r];
+        cursor[r] = lower_bound(ids, runs[4 * r + 3], lo);
+        end[r] = lower_bound(ids, runs[4 * r + 3], hi);
+    }
+    float grad[FUSED_MAX_WIDTH];
+    for (;;) {
+        int64_t id = -1;
+        for (int64_t r = 0; r < k; r++) {
+            if (cursor[r] == end[r]) continue;
+            const int64_t head = ((const int64_t *)(intptr_t)runs[4 * r])[cursor[r]];
+            id = id < 0 || head < id ? head : id;
+        }
+        if (id < 0) return m;
+        float *restrict row = table + id * u->width;
+        int formed = 0;
+        for (int64_t r = 0; r < k; r++) { /* every run whose head is this id, in run order */
+            const int64_t c = cursor[r];
+            if (c == end[r] || ((const int64_t *)(intptr_t)runs[4 * r])[c] != id) continue;
+            const float *e = (const float *)(intptr_t)runs[4 * r + 1] + c * dim;
+            const float *g = (const float *)(intptr_t)runs[4 * r + 2] + c * (dim + 1);
+            form_row_gradient(row, e, g, dim, grad, formed++);
+            cursor[r]++;
+        }
+        update_row(u, kind, id, row, grad);
+        out_ids[m++] = id;
+    }
+}
+
+/* One run's rows (distinct ids) split over the threads by position: formed and updated. */
+static inline __attribute__((always_inline)) void update_one_run(const RowUpdate *u, int64_t kind, float *table,
+                                                                 const int64_t *runs, int64_t dim) {
+    const int64_t *ids = (const int64_t *)(intptr_t)runs[0], m = runs[3];
+    const float *eps = (const float *)(intptr_t)runs[1], *grad_out = (const float *)(intptr_t)runs[2];
+#pragma omp parallel if (m * dim > PARALLEL_MIN)
+    {
+        float grad[FUSED_MAX_WIDTH];
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            if (i + PREFETCH_AHEAD < m) prefetch_update(u, kind, table, ids[i + PREFETCH_AHEAD]);
+            float *restrict row = table + ids[i] * u->width;
+            form_row_gradient(row, eps + i * dim, grad_out + i * (dim + 1), dim, grad, 0);
+            update_row(u, kind, ids[i], row, grad);
+        }
+    }
+}
+
+/* The owner's backward through sample_kl_forward, the merge of its requesters' rows and the row update in
+ * one pass: what sample_kl_backward, then merge_rows, then row_adagrad or row_adam do with three passes
+ * and two gradient tables written out and read back. runs [k, 4] holds each request's (address of its
+ * local ids [len], of their noise [len, dim] and of their output's gradient [len, dim + 1], len); a row's
+ * gradient is formed from the row as it is in table [rows, 2 * dim] (as the forward read it), summed over
+ * the runs that hold it in run order, and applied to it and its optimiser state (`kind`, state0, state1,
+ * parts, hyper: see RowUpdate). One run (its ids distinct) is split over the threads by position; several
+ * (each strictly ascending: one requester's sorted distinct ids) by ranges of ids, each thread merging
+ * the runs' rows in its range, so no two threads touch a row and the result does not depend on the thread
+ * count. out_ids [total len] receives the distinct ids updated, ascending for several runs. Returns their
+ * number; -1 when there are more than SAMPLED_MAX_RUNS runs or a run of several is not strictly
+ * ascending, -2 when 2 * dim is over FUSED_MAX_WIDTH or not a multiple of parts or `kind` is unknown, -3
+ * when an id is outside [0, rows): nothing is written then. */
+int64_t sample_kl_update(float *table, int64_t rows, const int64_t *runs, int64_t k, int64_t dim, int64_t kind,
+                         float *state0, float *state1, int64_t parts, const float *hyper, int64_t *out_ids) {
+    const RowUpdate u = {2 * dim, parts, state0, state1, hyper};
+    if (u.width > FUSED_MAX_WIDTH || (kind != UPDATE_ADAGRAD && kind != UPDATE_ADAM)) return -2;
+    if (kind == UPDATE_ADAGRAD && (parts <= 0 || u.width % parts)) return -2;
+    if (k > SAMPLED_MAX_RUNS) return -1;
+    int64_t total = 0, lowest = rows, highest = 0;
+    for (int64_t r = 0; r < k; r++) {
+        const int64_t *ids = (const int64_t *)(intptr_t)runs[4 * r], n = runs[4 * r + 3];
+        if (!ids_in_range(ids, n, rows)) return -3;
+        for (int64_t i = 1; k > 1 && i < n; i++)
+            if (ids[i] <= ids[i - 1]) return -1;
+        if (n && ids[0] < lowest) lowest = ids[0];
+        if (n && ids[n - 1] >= highest) highest = ids[n - 1] + 1;
+        total += n;
+    }
+    if (k == 1) {
+        if (kind == UPDATE_ADAGRAD) update_one_run(&u, UPDATE_ADAGRAD, table, runs, dim);
+        else update_one_run(&u, UPDATE_ADAM, table, runs, dim);
+        memcpy(out_ids, (const int64_t *)(intptr_t)runs[0], (size_t)runs[3] * sizeof(int64_t));
+        return runs[3];
+    }
+    /* Thread t merges ids [bound[t], bound[t + 1]) into out_ids from start[t] (the runs' rows before its
+     * range: room enough), then the pieces close up in order. */
+    int64_t bound[SAMPLED_MAX_THREADS + 1], start[SAMPLED_MAX_THREADS], count[SAMPLED_MAX_THREADS] = {0}, pieces = 1;
+#pragma omp parallel if (total * dim > PARALLEL_MIN)
+    {
+#pragma omp single
+        {
+            pieces = omp_get_num_threads() < SAMPLED_MAX_THREADS ? omp_get_num_threads() : SAMPLED_MAX_THREADS;
+            for (int64_t t = 0; t <= pieces; t++) bound[t] = lowest + (highest - lowest) * t / pieces;
+            for (int64_t t = 0; t < pieces; t++) {
+                start[t] = 0;
+                for (int64_t r = 0; r < k; r++)
+                    start[t] += lower_bound((const int64_t *)(intptr_t)runs[4 * r], runs[4 * r + 3], bound[t]);
+            }
+        }
+#pragma omp for schedule(static, 1)
+        for (int64_t t = 0; t < pieces; t++)
+            count[t] = kind == UPDATE_ADAGRAD
+                           ? merge_and_update(&u, UPDATE_ADAGRAD, table, runs, k, dim, bound[t], bound[t + 1],
+                                              out_ids + start[t])
+                           : merge_and_update(&u, UPDATE_ADAM, table, runs, k, dim, bound[t], bound[t + 1],
+                                              out_ids + start[t]);
+    }
+    int64_t m = 0;
+    for (int64_t t = 0; t < pieces; t++) {
+        memmove(out_ids + m, out_ids + start[t], (size_t)count[t] * sizeof(int64_t));
+        m += count[t];
+    }
+    return m;
 }

@@ -28,7 +28,7 @@ void hash_strings(const int32_t *offsets, const uint8_t *data, int64_t n, uint64
             h = mix64(h ^ word) + 0x9E3779B97F4A7C15ULL;
         }
         uint64_t word = 0;
-        memcpy(&word, p, (size_t)left);
+        if (left) memcpy(&word, p, (size_t)left); /* all strings empty: Arrow may give no data buffer (NULL) */
         out[i] = mix64(h ^ word);
     }
 }

@@ -98,3 +98,15 @@ def test_splitmix64_and_the_seeds_of_every_stream_are_pinned():
     assert seed_of(7, 3, 11) == 8055240834621979715
     assert seed_of(0, 0, 0, -1) == 8253454752062652499  # a step's relation stream
     assert seed_of(1, 2, 3, 4, 0x401E) == 1308931474230934346
+
+
+def test_the_kernels_refuse_a_negative_position_in_the_stream():
+    """The chunk arithmetic assumes positions >= 0: a negative one would skip chunks or copy a negative
+    length, so it is refused before the kernel runs."""
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    with pytest.raises(ValueError, match="negative"):
+        native.normal_into(torch.empty(1000), 1, -600)
+    with pytest.raises(ValueError, match="negative"):
+        native.normal_rows_into(torch.empty(3, 4), 1, torch.tensor([-1, 0, 2]))
+    with pytest.raises(ValueError, match="not one row of each"):
+        native.normal_rows_into(torch.empty(2, 4), 1, torch.tensor([0, 1, 2]))

@@ -233,3 +233,15 @@ def test_unique_ids_refuses_what_it_cannot_sort():
     assert native.unique_ids(torch.tensor([[1, 2]])) is None
     assert native.unique_ids(torch.tensor([1, 2], dtype=torch.int32)) is None
     assert native.unique_ids(torch.arange(6)[::2]) is None  # not contiguous
+
+
+@pytest.mark.parametrize("optimizer", [RowAdam, RowAdagrad])
+def test_a_gradient_of_the_wrong_shape_never_reaches_the_kernel(optimizer):
+    """Fewer gradient rows than ids would have the kernel read past the gradient's end (and torch's fused
+    Adam does not check): refused with both shapes, compiled or not, before anything is written."""
+    for compiled in (True, False):
+        param = torch.zeros(10, 8)
+        opt = optimizer(param, lr=0.1, compiled=compiled)
+        with pytest.raises(ValueError, match=r"gradient \[2, 8\] for ids \[3\] of rows \[10, 8\]"):
+            opt.step(param, torch.tensor([1, 2, 3]), torch.ones(2, 8))
+        assert torch.equal(param, torch.zeros(10, 8))

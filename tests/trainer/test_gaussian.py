@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from sharding.gaussian import Gaussian, _SampleAndKL, sample_and_kl, stream_sample_and_kl
+from sharding.gaussian import (
+    Gaussian,
+    StreamSample,
+    _SampleAndKL,
+    sample_and_kl,
+    stream_sample_and_kl,
+    stream_sample_of,
+)
 from sharding.kernels import native
+from sharding.row_optim import RowAdagrad, RowAdam
 from tests.trainer.conftest import unit_kl
 
 
@@ -131,3 +139,124 @@ def test_stream_kernel_declines_what_it_cannot_take(monkeypatch):
         assert stream_sample_and_kl(table, local, 128, SPANS) is None
     finally:
         native.library.cache_clear()
+
+
+def _sampled(table: torch.Tensor, local: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fused = stream_sample_and_kl(table, local, dim, [(len(local), 11, 0)])
+    assert fused is not None
+    return fused
+
+
+def _optimizer(kind: str, table: torch.Tensor, parts: int = 2, **options):
+    return RowAdagrad(table, 0.1, parts=parts, **options) if kind == "adagrad" else RowAdam(table, 0.1, **options)
+
+
+def _states(opt) -> list[torch.Tensor]:
+    return [v for v in opt.state_dict().values() if torch.is_tensor(v)]
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+@pytest.mark.parametrize(("dim", "parts"), [(128, 2), (24, 4), (6, 2)])  # 4: two roles' mean and logvar parts
+def test_the_row_optimiser_forms_the_sampled_gradient_as_it_updates(kind, dim, parts):
+    """One pass (``step_sampled``) updates the rows and the optimiser's state as the kernel's backward followed
+    by the row update does; the rows the step did not touch stay as they were."""
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    g = torch.Generator().manual_seed(5)
+    start = torch.cat([torch.randn(500, dim, generator=g), torch.randn(500, dim, generator=g) - 2], dim=1)
+    local = torch.randperm(500, generator=g)[:200]
+    formed_table, fused_table = start.clone(), start.clone()
+    formed, fused = _optimizer(kind, formed_table, parts), _optimizer(kind, fused_table, parts)
+    for step in range(3):
+        grad_out = torch.randn(200, dim + 1, generator=g)
+        rows, packed = _sampled(formed_table, local, dim)
+        packed.backward(grad_out)
+        formed.step(formed_table, local, rows.grad)
+        _, packed = _sampled(fused_table, local, dim)
+        updated = fused.step_sampled(fused_table, [(stream_sample_of(packed), grad_out)])
+        assert updated is not None and torch.equal(updated, local), step
+    torch.testing.assert_close(fused_table, formed_table, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(_states(fused), _states(formed), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert fused.state_dict().get("num_steps") == formed.state_dict().get("num_steps")
+    untouched = torch.ones(500, dtype=torch.bool).index_fill_(0, local, False)
+    assert torch.equal(fused_table[untouched], start[untouched])
+    assert not torch.equal(fused_table[local], start[local])
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+@pytest.mark.parametrize("requests", [1, 3])  # one split by position; several merged by ranges of ids
+def test_the_sampled_update_does_not_depend_on_the_thread_count(kind, requests):
+    dim, g = 64, torch.Generator().manual_seed(6)
+    start = torch.randn(3000, 2 * dim, generator=g)
+    local = [torch.randperm(3000, generator=g)[:2000].sort().values for _ in range(requests)]
+    grads = [torch.randn(2000, dim + 1, generator=g) for _ in range(requests)]
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            table = start.clone()
+            opt = _optimizer(kind, table)
+            runs = [
+                (stream_sample_of(_sampled(table, ids, dim)[1]), grad) for ids, grad in zip(local, grads, strict=True)
+            ]
+            updated = opt.step_sampled(table, runs)
+            assert updated is not None and torch.equal(updated, torch.cat(local).unique())
+            results.append([table, *_states(opt)])
+    finally:
+        torch.set_num_threads(threads)
+    for tensors in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(tensors, results[0], strict=True))
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_the_sampled_update_merges_requests_as_the_formed_update_does(kind):
+    """Rows drawn for several requests (each its ascending distinct rows, some shared): their gradients are
+    summed per row before the update, as ``merge_rows`` then the row update do."""
+    dim, g = 16, torch.Generator().manual_seed(8)
+    start = torch.randn(300, 2 * dim, generator=g)
+    requests = [torch.randperm(300, generator=g)[:n].sort().values for n in (120, 90, 150)]
+    formed_table, fused_table = start.clone(), start.clone()
+    formed, fused = _optimizer(kind, formed_table), _optimizer(kind, fused_table)
+    grads = [torch.randn(len(ids), dim + 1, generator=g) for ids in requests]
+    runs, formed_runs = [], []
+    for ids, grad_out in zip(requests, grads, strict=True):
+        rows, packed = _sampled(formed_table, ids, dim)
+        packed.backward(grad_out)
+        formed_runs.append((ids, rows.grad))
+        _, packed = _sampled(fused_table, ids, dim)
+        runs.append((stream_sample_of(packed), grad_out))
+    merged = native.merge_rows(formed_runs)
+    assert merged is not None
+    formed.step(formed_table, *merged)
+    updated = fused.step_sampled(fused_table, runs)
+    assert updated is not None and torch.equal(updated, merged[0])
+    torch.testing.assert_close(fused_table, formed_table, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(_states(fused), _states(formed), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert fused.step_sampled(fused_table, [*runs[::-1], (runs[0][0], runs[0][1])]) is not None  # any run order
+    unsorted = StreamSample(fused_table, requests[0].flip(0), runs[0][0].eps)
+    assert fused.step_sampled(fused_table, [(unsorted, grads[0]), runs[1]]) is None  # several: each ascending
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_the_sampled_update_declines_what_it_cannot_take_and_refuses_a_row_outside_the_table(kind):
+    dim, g = 8, torch.Generator().manual_seed(7)
+    table, other = torch.randn(50, 2 * dim, generator=g), torch.randn(50, 2 * dim, generator=g)
+    local, grad_out = torch.arange(10), torch.randn(10, dim + 1, generator=g)
+    _, packed = _sampled(table, local, dim)
+    sample = stream_sample_of(packed)
+    assert sample is not None and stream_sample_of(packed.detach()) is None
+    opt = _optimizer(kind, table)
+    assert _optimizer(kind, other).step_sampled(other, [(sample, grad_out)]) is None  # another table's
+    assert opt.step_sampled(table, [(sample, grad_out[:, :dim])]) is None  # not [sample | KL]
+    assert _optimizer(kind, table, compiled=False).step_sampled(table, [(sample, grad_out)]) is None
+    assert opt.step_sampled(table, [(sample, grad_out)] * 65) is None  # more runs than the merge takes
+    wide = torch.randn(4, 2 * 2100, generator=g)  # a row wider than the kernel's buffer
+    _, packed = _sampled(wide, torch.arange(4), 2100)
+    assert _optimizer(kind, wide).step_sampled(wide, [(stream_sample_of(packed), torch.ones(4, 2101))]) is None
+    before = table.clone()
+    outside = StreamSample(table, torch.tensor([3, 50]), sample.eps[:2])
+    with pytest.raises(IndexError, match="outside the table's 50 rows"):
+        opt.step_sampled(table, [(outside, grad_out[:2])])
+    assert torch.equal(table, before)
+    assert opt.state_dict().get("num_steps", 0) == 0  # a declined or refused update is no step

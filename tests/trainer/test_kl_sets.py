@@ -3,6 +3,7 @@ import torch
 
 from sharding import gaussian
 from sharding.rng import step_generator
+from sharding.row_optim import RowAdagrad, RowAdam
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
 from trainer.model import build_model
 from trainer.objective import chunk_negatives, n3_penalty
@@ -150,3 +151,43 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
     for key in ("nll", "kl", "loss"):
         assert getattr(fused_terms, key) == pytest.approx(getattr(torch_terms, key), rel=1e-5)
     torch.testing.assert_close(fused_weight, torch_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", [RowAdagrad, RowAdam])
+@pytest.mark.parametrize("reg", ["none", "n3"])
+def test_the_update_forms_the_sample_gradient_as_it_goes_where_the_kernel_drew_it(
+    tiny_dataset, monkeypatch, reg, optimizer
+):
+    """Where the sample kernel's output is sent as it is, the row update (row-wise Adagrad, lazy Adam) forms
+    the rows' gradient as it goes, with one request (data stream) or several merged; the step equals the
+    formed one. With the means sent beside the sample (N3) the gradient is formed first, as before."""
+    config = make_config(
+        "model.latent=lim", "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence",
+        f"optim.optimizer={'rowwise_adagrad' if optimizer is RowAdagrad else 'adam'}", f"objective.reg={reg}",
+        "objective.reg_weight=0.1",
+    )  # fmt: skip
+    fused_calls = []
+    step_sampled = optimizer.step_sampled
+
+    def counted(self, *args):
+        updated = step_sampled(self, *args)
+        fused_calls.append(updated is not None)
+        return updated
+
+    for batches in ([(0, TINY_TRAIN)], [(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])]):
+        results = []
+        for fused in (True, False):
+            fused_calls.clear()
+            monkeypatch.setattr(optimizer, "step_sampled", counted if fused else lambda *args: None)
+            model, step = _step(config, tiny_dataset)
+            terms = [step(batches, 0.5, 1.0, (0, 0, i)) for i in range(3)]
+            state = [v.clone() for v in model.entities.optimizer.state_dict().values() if torch.is_tensor(v)]
+            results.append((terms, model.entities.weight.clone(), state))
+            if fused:
+                assert fused_calls == ([True] * 3 if reg == "none" else []), (len(batches), reg)
+        (fused_terms, fused_weight, fused_sq), (formed_terms, formed_weight, formed_sq) = results
+        for a, b in zip(fused_terms, formed_terms, strict=True):
+            assert a.loss == pytest.approx(b.loss, rel=1e-5)
+        torch.testing.assert_close(fused_weight, formed_weight, rtol=1e-5, atol=1e-6)
+        for ours, theirs in zip(fused_sq, formed_sq, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
