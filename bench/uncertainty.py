@@ -6,9 +6,10 @@ small-graph configs; wn18rr: configs/wn18rr-vcomplex-lim.yaml for a fixed number
 time budget, so the numbers do not depend on the machine's load), then on each run's best checkpoint:
 
 * calibrate on validation, judged on test (trainer/calibration.py): ECE, Brier score and log loss of
-  ``magnitude`` and ``mc_mean`` before -> after the default (Platt per relation then isotonic, stored as the
-  run's calibration.json), Platt per relation alone and global isotonic regression; target: ECE <= 0.03
-  after calibration; beside it the ECE a calibrated model would show on as many test facts;
+  ``magnitude`` and ``mc_mean`` before -> after the default (``auto``: per measure, the method with the
+  lowest out-of-fold ECE on validation; stored as the run's calibration.json) and each method alone (Platt
+  per relation then isotonic, Platt per relation, global isotonic regression); target: ECE <= 0.03 after
+  calibration; beside it the ECE a calibrated model would show on as many test facts;
 * classify (trainer/classify.py): test accuracy with per-relation thresholds, and of the calibrated
   probability judged at 0.5;
 * the confidence study: each measure's area under precision against coverage, for the top-1 answers of
@@ -71,7 +72,7 @@ def config_for(dataset: str, model: str, seed: int, wn18rr_epochs: int) -> tuple
 
 def calibration_numbers(run: Run, samples: int) -> tuple[dict[str, Any], calibration.Calibration]:
     """Per measure, ECE (with a calibrated model's band) / Brier / log loss on test before and after each
-    method: the default stored with the run, Platt per relation, global isotonic; and the default."""
+    method: the default (auto) stored with the run, then each of ``calibration.METHODS``; and the default."""
     _, stored = calibration.calibrate(run, seed=EVAL_SEED, samples=samples)
     default = calibration.Calibration.from_dict(stored)
     test = calibration.judged(run, "test", EVAL_SEED)
@@ -91,10 +92,10 @@ def study_inputs(run: Run, split: str, samples: int) -> dict[str, tuple[dict[str
     """(confidences, right or wrong) of the link-prediction top-1 answers and of the facts of ``split``."""
     answers = link_answers(run, split, samples=samples, seed=EVAL_SEED)
     facts = calibration.judged(run, split, EVAL_SEED)
-    probs = uncertainty.fact_scores(run.model, facts.facts, samples, EVAL_SEED).probabilities()
+    scores = uncertainty.fact_scores(run.model, facts.facts, samples, EVAL_SEED)
     return {
         "link": (uncertainty.link_confidences(answers), answers.correct),
-        "triples": (uncertainty.truth_confidences(probs), facts.labels),
+        "triples": (uncertainty.truth_confidences(scores), facts.labels),
     }
 
 
@@ -136,7 +137,7 @@ def compare_measures(runs: list[dict[str, Any]], task: str, resamples: int) -> d
     coverage = uncertainty.coverage_grid()
 
     def area(confidence: np.ndarray, correct: np.ndarray) -> float:
-        return uncertainty.area(coverage, uncertainty.precision_at_coverage(confidence, correct, coverage))
+        return uncertainty.area(coverage, uncertainty.precision_at_coverage(confidence, correct))
 
     valid_area = {m: float(np.mean([area(c[m], y) for c, y in valid])) for m in measures}
     test_area = {m: float(np.mean([area(c[m], y) for c, y in test])) for m in measures}

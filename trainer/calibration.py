@@ -10,17 +10,18 @@ fitted on the validation facts (label 1) and as many corruptions (label 0), one 
 * ``mc_mean`` (variational models): the logit of the Monte-Carlo mean probability, logit(mean_s sigmoid(z_s)).
 
 Methods: Platt scaling p = sigmoid(a x + b), globally or per relation with shrinkage toward the global
-fit (``Platt``); isotonic regression (``Isotonic``, global only); and the default, Platt per relation
-followed by a global isotonic map of its output (``PlattIsotonic``): the relation's scale and offset from
-Platt, the shape of the curve from isotonic regression. Each is judged on test facts and corruptions
-drawn the way ``report`` draws them (``judged``), by ECE, Brier score and log loss, beside the ECE a
-perfectly calibrated model would show on as many facts (``quality``).
+fit (``Platt``); isotonic regression (``Isotonic``, global only); and Platt per relation followed by a
+global isotonic map of its output (``PlattIsotonic``): the relation's scale and offset from Platt, the
+shape of the curve from isotonic regression. The default, ``auto``, picks one of the three per measure by
+its out-of-fold ECE on validation (``choose_method``). Each is judged on test facts and corruptions drawn
+the way ``report`` draws them (``judged``), by ECE, Brier score and log loss, beside the ECE a perfectly
+calibrated model would show on as many facts (``quality``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,8 @@ class PlattIsotonic:
     """Platt scaling per relation, then a non-decreasing map of its output (as a logit) to a probability.
 
     Platt per relation gets each relation's scale and offset but forces a sigmoid's shape; isotonic
-    regression gets any monotone shape but one for every relation. Why it is the default:
-    docs/uncertainty.md."""
+    regression gets any monotone shape but one for every relation. Why it was the default before ``auto``,
+    and what ``auto`` chooses on the small graphs: docs/uncertainty.md."""
 
     platt: Platt
     isotonic: Isotonic
@@ -320,11 +321,13 @@ class Calibration:
     """One calibrator per measure, fitted on a run's validation facts with its checkpoint."""
 
     method: str
-    per_relation: bool
+    per_relation: bool | None
+    """None under ``auto``: each measure has the scope of the method chosen for it (``fitted_on["chosen"]``:
+    isotonic global, the others per relation)."""
     calibrators: dict[str, Calibrator]
     fitted_on: dict[str, Any] = field(default_factory=dict)
     """split, positives, negatives, negative_source (``sampled``, ``verified negatives from FILE`` or
-    ``given``), seed, samples."""
+    ``given``), seed, samples; under ``auto``, chosen (measure -> method)."""
     checkpoint: dict[str, Any] = field(default_factory=dict)
     """The checkpoint fitted: its directory name, epoch and train seconds (a later one makes this stale)."""
 
@@ -360,7 +363,29 @@ class Calibration:
             if name not in MEASURES or values.get("kind") not in _CALIBRATORS:
                 raise ValueError(f"measure {name!r} of kind {values.get('kind')!r}: not a known calibrator")
             calibrators[name] = _CALIBRATORS[values["kind"]].from_dict(values)
-        return cls(d["method"], bool(d["per_relation"]), calibrators, d["fitted_on"], d["checkpoint"])
+        if "magnitude" not in calibrators:
+            raise ValueError("measures.magnitude: missing, and predict, classify and report use it")
+        # Files written under auto before it stored null hold magnitude's scope alone: fitted_on.chosen says.
+        per_relation = None if d["method"] == AUTO else bool(d["per_relation"])
+        return cls(d["method"], per_relation, calibrators, d["fitted_on"], d["checkpoint"])
+
+    def check_relations(self, num_relations: int) -> None:
+        """A ValueError naming the field unless every per-relation Platt map has one (a, b) per relation:
+        a shorter list fails on the first relation beyond it, a longer one is of another graph."""
+        for field_name, platt in self._platt_maps():
+            if platt.relation_a is not None and len(platt.relation_a) != num_relations:
+                raise ValueError(
+                    f"{field_name}.relations: 'a' and 'b' have {len(platt.relation_a)} values, one per relation, "
+                    f"and the dataset has {num_relations} relations"
+                )
+
+    def _platt_maps(self) -> Iterator[tuple[str, Platt]]:
+        """(field of calibration.json, Platt map) of each measure's Platt map or Platt stage."""
+        for name, calibrator in self.calibrators.items():
+            if isinstance(calibrator, Platt):
+                yield f"measures.{name}", calibrator
+            elif isinstance(calibrator, PlattIsotonic):
+                yield f"measures.{name}.platt", calibrator.platt
 
 
 def judged(run: Run, split: str, seed: int, negatives: torch.Tensor | None = None) -> classify.LabelledFacts:
@@ -436,7 +461,7 @@ def fit(
     logits = measure_logits(scores, model.variational)
     chosen = {name: method for name in logits}
     if method == AUTO:
-        chosen = {name: choose_method(x, valid.labels, valid.relations, data.num_relations, seed)
+        chosen = {name: choose_method(x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts)
                   for name, x in logits.items()}  # fmt: skip
     calibrators = {
         name: fit_calibrator(
@@ -446,27 +471,42 @@ def fit(
         for name, x in logits.items()
     }  # fmt: skip
     fitted_on = {"split": "valid", **valid.counts(), "seed": seed, "samples": samples if model.variational else 0}
-    if method == AUTO:
-        fitted_on["chosen"] = chosen
-        per_relation = chosen["magnitude"] != "isotonic"
-    return Calibration(method, per_relation, calibrators, fitted_on, checkpoint_identity(run))
+    if method != AUTO:
+        return Calibration(method, per_relation, calibrators, fitted_on, checkpoint_identity(run))
+    fitted_on["chosen"] = chosen  # each measure's scope is its chosen method's: no one per_relation
+    return Calibration(method, None, calibrators, fitted_on, checkpoint_identity(run))
 
 
-def choose_method(logits: np.ndarray, labels: np.ndarray, relations: np.ndarray, num_relations: int, seed: int) -> str:
+def choose_method(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relations: np.ndarray,
+    num_relations: int,
+    seed: int,
+    pseudo_facts: float = PSEUDO_FACTS,
+) -> str:
     """The method of ``METHODS`` whose out-of-fold probabilities on these validation facts have the lowest
-    ECE (ties: the earlier one): chosen on validation, never on test."""
-    ece = {m: out_of_fold_quality(m, logits, labels, relations, num_relations, seed)["ece"] for m in METHODS}
+    ECE (ties: the earlier one): chosen on validation, never on test, with the shrinkage ``pseudo_facts``
+    that the chosen method is then fitted with."""
+    ece = {m: out_of_fold_quality(m, logits, labels, relations, num_relations, seed, pseudo_facts)["ece"]
+           for m in METHODS}  # fmt: skip
     return min(METHODS, key=lambda m: (ece[m], METHODS.index(m)))
 
 
 def out_of_fold_quality(
-    method: str, logits: np.ndarray, labels: np.ndarray, relations: np.ndarray, num_relations: int, seed: int
+    method: str,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    relations: np.ndarray,
+    num_relations: int,
+    seed: int,
+    pseudo_facts: float = PSEUDO_FACTS,
 ) -> dict[str, Any]:
     """ECE / Brier / log loss of ``method``'s out-of-fold probabilities (each fact's from the method fitted
     on the other folds; seeded with ``seed`` + 1, apart from the cross-fit inside platt-isotonic)."""
 
     def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> Calibrator:
-        return fit_calibrator(method, method != "isotonic", x, y, r, num_relations, seed=seed)
+        return fit_calibrator(method, method != "isotonic", x, y, r, num_relations, pseudo_facts, seed)
 
     held_out = out_of_fold(fit, logits, labels, relations, seed + 1)
     return {k: v for k, v in quality(held_out, labels).items() if k != "bins"}
@@ -492,7 +532,12 @@ def fit_calibrator(
 
 
 def cross_validated(
-    run: Run, methods: tuple[str, ...] = METHODS, *, seed: int, samples: int = 100
+    run: Run,
+    methods: tuple[str, ...] = METHODS,
+    *,
+    seed: int,
+    samples: int = 100,
+    pseudo_facts: float = PSEUDO_FACTS,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per measure and method, ``out_of_fold_quality`` on validation: what ``auto`` chooses by, without
     looking at test."""
@@ -500,9 +545,10 @@ def cross_validated(
     valid = judged(run, "valid", seed)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
     return {
-        name: {m: out_of_fold_quality(m, x, valid.labels, valid.relations, data.num_relations, seed) for m in methods}
+        name: {m: out_of_fold_quality(m, x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts)
+               for m in methods}
         for name, x in measure_logits(scores, model.variational).items()
-    }
+    }  # fmt: skip
 
 
 def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:
@@ -601,8 +647,9 @@ def stored(run: Run) -> tuple[Calibration | None, str]:
         return None, f"uncalibrated: sigmoid(score), not fitted to how often facts are true ({how})"
     try:
         calibration = Calibration.from_dict(json.loads(path.read_text()))
+        calibration.check_relations(run.dataset.num_relations)
     except (KeyError, TypeError, AttributeError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: not an nvkg calibration ({err})") from None
+        raise ValueError(f"{path}: not an nvkg calibration of this run ({err})") from None
     current = checkpoint_identity(run)
     if calibration.checkpoint != current:
         fitted = calibration.checkpoint.get("epoch", "?")

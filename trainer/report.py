@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 from sharding.gaussian import Gaussian
-from storage.atomic import atomic_write_json
+from storage.atomic import atomic_write_json, remove_stale_temps, temp_dir_beside
+from storage.dataset import KGDataset
 from trainer import calibration, evaluate, uncertainty
 from trainer.model import KGModel
 from trainer.runs import Run
@@ -101,8 +104,10 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
     assert known_name is not None
     known_id = _lookup(entity_names, known_name, "entity")
     scores = _candidate_scores(model, known_id, r, data.num_entities, tails=head is not None)
-    magnitude = torch.sigmoid(scores)
-    top = torch.topk(magnitude, min(top_k, data.num_entities)).indices
+    # Ranked by score: sigmoid in float32 rounds every score above ~17 to 1, and topk would pick among the
+    # tie in no particular order. The probability shown is float64's.
+    top = torch.topk(scores, min(top_k, data.num_entities)).indices
+    magnitude = torch.sigmoid(scores[top].double())
     fixed, relations = torch.full_like(top, known_id), torch.full_like(top, r)
     facts = torch.stack([fixed, relations, top] if head is not None else [top, relations, fixed], dim=1)
     missing = "tail" if head is not None else "head"
@@ -113,7 +118,7 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
     rows = [
         {
             missing: entity_names[i].as_py(),
-            "probability": float(magnitude[i]),
+            "probability": float(magnitude[k]),
             "mc_mean": float(probs.mean[k]),
             "mc_std": float(probs.std[k]),
             "known": bool(known[k]),
@@ -272,14 +277,14 @@ def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = Non
     scores = uncertainty.fact_scores(model, test.facts, samples, seed)
     probs = scores.probabilities()
     coverage = uncertainty.coverage_grid()
-    precision = {name: uncertainty.precision_at_coverage(c, labels, coverage)
-                 for name, c in uncertainty.truth_confidences(probs).items()}  # fmt: skip
+    truth = uncertainty.truth_confidences(scores)
+    precision = {name: uncertainty.precision_at_coverage(c, labels) for name, c in truth.items()}
     predicted = probs.mean > 0.5  # the magnitude of a point model: its one "sample" is the mean
     correct = (predicted == labels.astype(bool)).astype(np.float64)
     selective = {}
-    for name, confidence in uncertainty.prediction_confidences(probs).items():
+    for name, confidence in uncertainty.prediction_confidences(scores).items():
         own_correct = ((probs.magnitude > 0.5) == labels.astype(bool)) if name == "magnitude" else correct
-        selective[name] = uncertainty.precision_at_coverage(confidence, own_correct, coverage)
+        selective[name] = uncertainty.precision_at_coverage(confidence, own_correct)
     calibrator, calibrated = _calibrated(run, scores, test.relations, seed=seed, samples=samples)
     calibration_numbers = {}
     for name, p in (("magnitude", probs.magnitude), ("mc_mean", probs.mean)):
@@ -289,7 +294,7 @@ def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = Non
     link_samples = samples if link_samples is None else link_samples
     answers = link_answers(run, "test", samples=link_samples, seed=seed)
     study = confidence_study(
-        answers, uncertainty.truth_confidences(probs), labels, samples=link_samples if model.variational else 0,
+        answers, truth, labels, samples=link_samples if model.variational else 0,
         softmax=model.reciprocal, seed=seed, resamples=resamples,
     )  # fmt: skip
     return {
@@ -335,8 +340,8 @@ def confidence_study(
     measure's difference from ``magnitude`` with a 95% bootstrap interval over the queries (facts)."""
     coverage = uncertainty.coverage_grid()
     link = uncertainty.link_confidences(answers)
-    curves = {name: uncertainty.precision_at_coverage(c, answers.correct, coverage) for name, c in link.items()}
-    fact_curves = {name: uncertainty.precision_at_coverage(c, labels, coverage) for name, c in truth.items()}
+    curves = {name: uncertainty.precision_at_coverage(c, answers.correct) for name, c in link.items()}
+    fact_curves = {name: uncertainty.precision_at_coverage(c, labels) for name, c in truth.items()}
     return {
         "link_prediction": {
             "queries": len(answers.correct),
@@ -415,6 +420,7 @@ def _mean_variance(logvar: torch.Tensor) -> np.ndarray:
 def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000) -> dict:
     """Paper Figure 3: PCA of means and NMF of variances to 2-D, ``points`` samples per symbol."""
     data, model = run.dataset, run.model
+    check_fact_index(data, fact_index)
     ents, rels = model.entities.full(), model.relations.full()
     if ents.logvar is None or rels.logvar is None:
         raise ValueError("the fact visualisation needs a variational model")
@@ -426,8 +432,6 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     object_row = (roles - 1) * data.num_entities
     centre, projection = uncertainty.pca_2d(means)
     weights, _ = uncertainty.nmf_2d(variances, seed=seed)
-    if not 0 <= fact_index < len(data.test):
-        raise ValueError(f"--fact {fact_index}: the test split has facts 0 to {len(data.test) - 1}")
     s, r, o = data.test[fact_index].tolist()
     rng = np.random.default_rng(seed)
     corrupted = _uniform_other(rng, data.num_entities, {s, o})
@@ -447,9 +451,22 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     return out
 
 
+def check_fact_index(data: KGDataset, fact_index: int) -> None:
+    """``--fact``: the index of a test fact, else a ValueError that gives the valid range."""
+    if len(data.test) == 0:
+        raise ValueError(f"--fact {fact_index}: the test split has no facts to draw")
+    if not 0 <= fact_index < len(data.test):
+        raise ValueError(f"--fact {fact_index}: the test split has facts 0 to {len(data.test) - 1}")
+
+
 def _uniform_other(rng: np.random.Generator, num_entities: int, excluded: set[int]) -> int:
     """A uniform entity outside ``excluded``, drawing what ``rng.choice`` of the list of the others
     would (the same report as before), without building that list of every entity."""
+    if num_entities <= len(excluded):
+        raise ValueError(
+            f"no entity to draw as the corrupted one: the graph's {num_entities} entities are all in the "
+            f"fact ({', '.join(map(str, sorted(excluded)))})"
+        )
     index = int(rng.integers(0, num_entities - len(excluded)))
     for entity in sorted(excluded):
         index += index >= entity
@@ -466,13 +483,42 @@ def write_report(
     link_samples: int | None = None,
     resamples: int = RESAMPLES,
 ) -> dict:
-    """Figures (PNG) and report.json under ``out_dir``; returns the JSON written (without raw curves)."""
+    """Figures (PNG) and report.json under ``out_dir``; returns the JSON written (without raw curves).
+
+    Every file is written to a directory beside ``out_dir`` and moved in once all are: a report that fails
+    part-way leaves ``out_dir`` as it was, not old and new figures mixed. Files are moved one by one, not
+    the directory swapped (``storage.atomic.swap_dir``): ``out_dir`` may hold files that are not the report's.
+    """
+    if run.model.variational:  # the fact figure is drawn last: a bad --fact fails before the analysis
+        check_fact_index(run.dataset, fact_index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    with temp_dir_beside(out_dir) as staging:
+        try:
+            summary = _write_report_files(run, staging, samples=samples, seed=seed, fact_index=fact_index,
+                                          link_samples=link_samples, resamples=resamples)  # fmt: skip
+            _move_files(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _move_files(source: Path, target: Path) -> None:
+    """Every file of ``source`` into ``target``, report.json last: a reader that finds the new report.json
+    finds the figures it names."""
+    for path in sorted(source.iterdir(), key=lambda p: p.name == "report.json"):
+        os.replace(path, target / path.name)
+
+
+def _write_report_files(
+    run: Run, out_dir: Path, *, samples: int, seed: int, fact_index: int, link_samples: int | None, resamples: int
+) -> dict:
+    """``write_report``'s files, written straight into ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     numbers = analyse(run, samples=samples, seed=seed, link_samples=link_samples, resamples=resamples)
     figures = {}
 
@@ -553,9 +599,11 @@ def _plot_confidence(plt, study: dict, path: Path) -> str:
     rows = [(f"{task}: {name}", d) for task, key in (("link", "link_prediction"), ("facts", "triples"))
             for name, d in study[key]["versus_magnitude"].items()]  # fmt: skip
     for y, (label, d) in enumerate(rows):
-        lo, hi = d["interval"]
-        right.errorbar(d["difference"], y, xerr=[[d["difference"] - lo], [hi - d["difference"]]], fmt="o",
-                       color="C0" if label.startswith("link") else "C1", capsize=3)  # fmt: skip
+        colour = "C0" if label.startswith("link") else "C1"
+        # The interval from its ends, not errorbar's lengths from the point: a percentile bootstrap interval
+        # need not contain the difference, and errorbar refuses the negative length that gives.
+        right.plot(d["interval"], [y, y], "|-", color=colour)
+        right.plot(d["difference"], y, "o", color=colour)
     right.axvline(0, color="k", lw=1)
     right.invert_yaxis()  # the first row on top
     right.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
@@ -583,7 +631,7 @@ def _save(fig, path: Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
-    import matplotlib.pyplot as plt  # imported by write_report already
+    import matplotlib.pyplot as plt  # imported by _write_report_files already
 
     plt.close(fig)  # clf alone leaves the figure open in pyplot: a process writing many reports would grow
     tmp.replace(path)

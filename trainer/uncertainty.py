@@ -57,6 +57,13 @@ def known_mask(facts: torch.Tensor, known_chunks: Iterable[torch.Tensor]) -> tor
     return torch.from_numpy(found)
 
 
+MAX_DRAWS = 1000
+"""Rounds of redrawing before ``sampled_negatives`` enumerates a fact's corruptions instead. A fact with at
+least 1% of its corruptions unknown is left after 1,000 with probability under 5e-5 (0.99^1000): what is
+left has (nearly) every corruption known, which only a graph with few entities allows, where enumerating
+them is cheap."""
+
+
 def sampled_negatives(
     facts: torch.Tensor,
     is_known: Callable[[torch.Tensor], torch.Tensor],
@@ -64,10 +71,13 @@ def sampled_negatives(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """One corruption per fact (head or tail, uniformly), redrawn until ``is_known`` says it is not a
-    known fact (e.g. ``known_mask`` over a dataset's ``known_chunks``)."""
+    known fact (e.g. ``known_mask`` over a dataset's ``known_chunks``). A fact with no unknown corruption
+    (a graph with one entity) is a ValueError that names it."""
     out = facts.clone()
     todo = torch.ones(len(facts), dtype=torch.bool)
-    while todo.any():
+    for _ in range(MAX_DRAWS):
+        if not todo.any():
+            break
         rows = todo.nonzero().squeeze(1)
         side = torch.randint(2, (len(rows),), generator=generator) * 2  # column 0 (head) or 2 (tail)
         candidate = facts[rows].clone()
@@ -75,7 +85,31 @@ def sampled_negatives(
         clash = is_known(candidate)
         out[rows[~clash]] = candidate[~clash]
         todo[rows[~clash]] = False
+    for row in todo.nonzero().squeeze(1).tolist():
+        out[row] = _unknown_corruption(facts[row], is_known, num_entities, generator)
     return out
+
+
+def _unknown_corruption(
+    fact: torch.Tensor,
+    is_known: Callable[[torch.Tensor], torch.Tensor],
+    num_entities: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A uniform choice among the corruptions of ``fact`` [3] (each of its head and tail replaced by every
+    entity) that are not known facts: what redrawing until one is unknown gives, found in one pass."""
+    entities = torch.arange(num_entities, dtype=fact.dtype)
+    candidates = fact.repeat(2 * num_entities, 1)
+    candidates[:num_entities, 0] = entities
+    candidates[num_entities:, 2] = entities
+    unknown = candidates[~is_known(candidates)]
+    if len(unknown) == 0:
+        h, r, t = fact.tolist()
+        raise ValueError(
+            f"fact (head, relation, tail) = ({h}, {r}, {t}): every corruption of its head or tail among the "
+            f"{num_entities} entities is a known fact, so it has no negative to draw"
+        )
+    return unknown[int(torch.randint(len(unknown), (1,), generator=generator))]
 
 
 @dataclass
@@ -155,33 +189,74 @@ def mutual_information(samples: np.ndarray) -> np.ndarray:
     return binary_entropy(samples.mean(0)) - binary_entropy(samples).mean(0)
 
 
-def truth_confidences(probs: FactProbabilities) -> dict[str, np.ndarray]:
-    """Scores ranking facts by how likely they are true (precision against coverage, paper Figure 2)."""
+def probability_confidences(magnitude: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """Ranking keys of the probabilities p = sigmoid(z) of logits ``magnitude`` [N] (the means') and
+    ``samples`` [S, N] (each draw's): float64 functions increasing in each measure, not the measure itself,
+    because a float32 p rounds to 1 from z ~ 17 (a float64 one from ~37) and every item beyond would be one
+    tie, which ``precision_at_coverage`` averages.
+
+    * ``magnitude``: p with the means, ranked by z;
+    * ``mc_mean``: the mean of p over the draws, ranked by its logit (``logit_of_mean_probability``);
+    * ``mc_lower_bound``: that mean minus the draws' standard deviation, ranked by its odds
+      (``lower_bound_odds``).
+    """
     return {
-        "magnitude": probs.magnitude,
-        "mc_mean": probs.mean,
-        "mc_lower_bound": probs.mean - probs.std,  # the mean penalised by its spread
+        "magnitude": np.asarray(magnitude, dtype=np.float64),
+        "mc_mean": logit_of_mean_probability(samples),
+        "mc_lower_bound": lower_bound_odds(samples),
     }
 
 
-def prediction_confidences(probs: FactProbabilities) -> dict[str, np.ndarray]:
-    """How sure each measure is of the predicted label (selective prediction): larger is surer."""
+def lower_bound_odds(samples: np.ndarray) -> np.ndarray:
+    """L / (1 - L) of L = mean_s p_s - std_s p_s, p = sigmoid(z) of scores ``samples`` [S, N], in float64:
+    increasing in L, and exact where L rounds to 1 because 1 - L is taken as mean_s q_s + std_s q_s of
+    q = sigmoid(-z) = 1 - p (whose spread is p's), never as a difference. Ties only where every draw's score
+    is beyond ~700, where sigmoid(-z) underflows."""
+    z = torch.from_numpy(np.asarray(samples, dtype=np.float64))
+    p, q = torch.sigmoid(z), torch.sigmoid(-z)
+    lower = p.mean(0) - p.std(0, correction=0)
+    return (lower / (q.mean(0) + q.std(0, correction=0))).numpy()
+
+
+def truth_confidences(scores: FactScores) -> dict[str, np.ndarray]:
+    """Scores ranking facts by how likely they are true (precision against coverage, paper Figure 2):
+    ``magnitude``, ``mc_mean`` and ``mc_lower_bound`` of the facts' probabilities, as ranking keys
+    (``probability_confidences``)."""
+    return probability_confidences(scores.magnitude, scores.samples)
+
+
+def prediction_confidences(scores: FactScores) -> dict[str, np.ndarray]:
+    """How sure each measure is of the predicted label (selective prediction): larger is surer. |p - 1/2|
+    of ``magnitude`` and ``mc_mean`` is ranked by |logit p|, which increases with it and does not round to
+    one tie where p rounds to 1."""
+    probs = scores.probabilities()
     return {
-        "magnitude": np.abs(probs.magnitude - 0.5),
-        "mc_mean": np.abs(probs.mean - 0.5),
+        "magnitude": np.abs(scores.magnitude.astype(np.float64)),
+        "mc_mean": np.abs(logit_of_mean_probability(scores.samples)),
         "mc_std": -probs.std,
         "entropy": -binary_entropy(probs.mean),
         "mutual_information": -mutual_information(probs.samples),
     }
 
 
-def coverage_grid(num_points: int = 1000) -> np.ndarray:
-    """``num_points`` coverage values in (0, 1]."""
+COVERAGE_POINTS = 1000
+
+
+def coverage_grid(num_points: int = COVERAGE_POINTS) -> np.ndarray:
+    """``num_points`` coverage values i / num_points, i = 1 .. num_points: in (0, 1]."""
     return np.arange(1, num_points + 1) / num_points
 
 
-def precision_at_coverage(confidence: np.ndarray, correct: np.ndarray, coverage: np.ndarray) -> np.ndarray:
-    """Fraction of ``correct`` among the ceil(c * N) most confident items, for each coverage c.
+def kept_counts(num_items: int, num_points: int = COVERAGE_POINTS) -> np.ndarray:
+    """Items kept at each coverage c = i / num_points of ``coverage_grid``: ceil(c * num_items), at least 1,
+    in integers (the float product is not exact: 0.07 * 100 is 7.000000000000001, whose ceiling is 8)."""
+    i = np.arange(1, num_points + 1, dtype=np.int64)
+    return np.maximum(1, -(-i * num_items // num_points))
+
+
+def precision_at_coverage(confidence: np.ndarray, correct: np.ndarray, num_points: int = COVERAGE_POINTS) -> np.ndarray:
+    """Fraction of ``correct`` among the ceil(c * N) most confident items, for each coverage c of
+    ``coverage_grid(num_points)`` (``kept_counts``).
 
     Ties in confidence are broken by averaging (each tied group counts its mean correctness), so a
     constant confidence gives the base rate at every coverage rather than an order-dependent value.
@@ -194,7 +269,7 @@ def precision_at_coverage(confidence: np.ndarray, correct: np.ndarray, coverage:
     group = np.concatenate([[0], np.cumsum(~same)]) if len(conf) else np.zeros(0, dtype=np.int64)
     counts = np.bincount(group)
     hits = (np.bincount(group, weights=hits) / counts)[group]
-    kept = np.maximum(1, np.ceil(coverage * len(hits)).astype(int))
+    kept = kept_counts(len(hits), num_points)
     return np.cumsum(hits)[kept - 1] / kept
 
 
@@ -227,7 +302,7 @@ def area_differences(
     num_models, num_items = hits.shape
 
     def areas(items: np.ndarray) -> dict[str, float]:
-        return {name: float(np.mean([area(coverage, precision_at_coverage(c[k, items], hits[k, items], coverage))
+        return {name: float(np.mean([area(coverage, precision_at_coverage(c[k, items], hits[k, items]))
                                      for k in range(num_models)])) for name, c in scores.items()}  # fmt: skip
 
     whole = areas(np.arange(num_items))
@@ -261,21 +336,25 @@ class TopAnswers:
     correct: np.ndarray
     """[Q] whether it is the query's answer (the event filtered Hits@1 counts)."""
     magnitude: np.ndarray
-    """[Q] its probability with the means (``answer_probability``)."""
-    probabilities: np.ndarray
-    """[S, Q] its probability under each draw (S = 0: a point model)."""
+    """[Q] the logit of its probability with the means (``answer_logit``)."""
+    logits: np.ndarray
+    """[S, Q] the logit of its probability under each draw (S = 0: a point model)."""
     ranks: np.ndarray
     """[S, Q] its rank among the candidates under each draw (``answer_rank``)."""
 
 
-def answer_probability(scores_BN: torch.Tensor, answer_B: torch.Tensor, softmax: bool) -> torch.Tensor:
-    """[B]: the probability of answer ``answer_B`` of each query given the scores of its candidates
-    ``scores_BN`` (a candidate that is not one at -inf): its softmax over the candidates (a 1-vs-all model's
-    own distribution over answers) or, ``softmax`` False, sigmoid of its score (the Bernoulli likelihood)."""
+def answer_logit(scores_BN: torch.Tensor, answer_B: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """[B]: the logit of the probability of answer ``answer_B`` of each query given the scores of its
+    candidates ``scores_BN`` (a candidate that is not one at -inf). The probability is its softmax over the
+    candidates (a 1-vs-all model's own distribution over answers), whose logit is its score minus the
+    log-sum-exp of the others', or, ``softmax`` False, sigmoid of its score (the Bernoulli likelihood),
+    whose logit is the score. Kept as a logit: the float32 probability rounds to 1 once the answer leads by
+    ~17, and every such answer would tie."""
     chosen_B = scores_BN.gather(1, answer_B.unsqueeze(1)).squeeze(1)
-    if softmax:
-        return torch.exp(chosen_B - torch.logsumexp(scores_BN, 1))
-    return torch.sigmoid(chosen_B)
+    if not softmax:
+        return chosen_B
+    others_BN = scores_BN.scatter(1, answer_B.unsqueeze(1), -torch.inf)
+    return chosen_B - torch.logsumexp(others_BN, 1)  # +inf for a lone candidate: probability 1
 
 
 def answer_rank(scores_BN: torch.Tensor, answer_B: torch.Tensor) -> torch.Tensor:
@@ -300,14 +379,13 @@ def link_confidences(answers: TopAnswers) -> dict[str, np.ndarray]:
     * ``mc_reciprocal_rank``: the mean of 1 / its rank over the draws (stability that also counts how far
       it falls).
 
-    A point model (no draws) has ``magnitude`` alone.
+    The first three are ranking keys computed from the logits (``probability_confidences``), so answers
+    whose probability rounds to 1 still rank apart. A point model (no draws) has ``magnitude`` alone.
     """
-    out = {"magnitude": answers.magnitude.astype(np.float64)}
-    if len(answers.probabilities) == 0:
-        return out
-    p, rank = answers.probabilities.astype(np.float64), answers.ranks
-    out["mc_mean"] = p.mean(0)
-    out["mc_lower_bound"] = p.mean(0) - p.std(0)
+    if len(answers.logits) == 0:
+        return {"magnitude": answers.magnitude.astype(np.float64)}
+    out = probability_confidences(answers.magnitude, answers.logits)
+    rank = answers.ranks
     out["stability"] = (rank == 1).mean(0)
     out["rank_variance"] = -rank.var(0)
     out["mc_reciprocal_rank"] = (1 / rank).mean(0)
@@ -328,9 +406,10 @@ def top_answers(
     Each query is scored as evaluation scores it (a reciprocal model's head query as (o, r^-1, ?)) against
     every entity but its other known answers (``filters``: ``evaluate.build_filters`` of the known facts),
     with the means and then under ``num_samples`` draws of every entity and relation embedding (a generator
-    seeded with ``seed``; none for a point model). Probabilities are the model's likelihood's: the softmax
-    over the candidates for a reciprocal (1-vs-all) model, else sigmoid(score + relation bias). Queries are
-    scored ``cells`` // (number of entities) at a time; each draw is made once for all of them.
+    seeded with ``seed``; none for a point model). Probabilities, kept as their logits (``answer_logit``),
+    are the model's likelihood's: the softmax over the candidates for a reciprocal (1-vs-all) model, else
+    sigmoid(score + relation bias). Queries are scored ``cells`` // (number of entities) at a time; each
+    draw is made once for all of them.
     """
     ents, rels = model.entities.full(), model.relations.full()
     num_entities, device, softmax = len(ents.mean), ents.mean.device, model.reciprocal
@@ -360,9 +439,9 @@ def top_answers(
     for direction, lo, hi in batches:
         scores_BN = scores(ents.mean, rels.mean, direction, lo, hi)
         top[offset(direction, lo, hi)] = best = scores_BN.argmax(1)
-        magnitude[offset(direction, lo, hi)] = answer_probability(scores_BN, best, softmax)
+        magnitude[offset(direction, lo, hi)] = answer_logit(scores_BN, best, softmax)
     num_samples = num_samples if model.variational else 0
-    probabilities = torch.empty(num_samples, num_queries, device=device)
+    logits = torch.empty(num_samples, num_queries, device=device)
     ranks = torch.empty(num_samples, num_queries, dtype=torch.float64, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     for k in range(num_samples):
@@ -370,12 +449,12 @@ def top_answers(
         for direction, lo, hi in batches:
             scores_BN = scores(entities, relations, direction, lo, hi)
             chosen = top[offset(direction, lo, hi)]
-            probabilities[k, offset(direction, lo, hi)] = answer_probability(scores_BN, chosen, softmax)
+            logits[k, offset(direction, lo, hi)] = answer_logit(scores_BN, chosen, softmax)
             ranks[k, offset(direction, lo, hi)] = answer_rank(scores_BN, chosen)
     answers = torch.cat([o, s])
     return TopAnswers(
         top.cpu().numpy(), (top == answers).cpu().numpy(), magnitude.cpu().numpy(),
-        probabilities.cpu().numpy(), ranks.cpu().numpy(),
+        logits.cpu().numpy(), ranks.cpu().numpy(),
     )  # fmt: skip
 
 

@@ -1,5 +1,7 @@
+import inspect
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -130,6 +132,33 @@ def test_calibration_round_trips_through_json():
         np.testing.assert_array_equal(loaded.probabilities(logits, r)[name], p)
     with pytest.raises(ValueError, match="format"):
         Calibration.from_dict({**original.to_dict(), "format": 99})
+
+
+def test_auto_stores_no_single_scope_and_reads_older_files_that_stored_magnitude_s():
+    rng = np.random.default_rng(5)
+    x, r = rng.normal(size=300), rng.integers(0, 3, 300)
+    y = _bernoulli(rng, x, 1.0, 0.0)
+    auto = Calibration(
+        "auto", None, {"magnitude": Isotonic.fit(x, y), "mc_mean": PlattIsotonic.fit(x, y, r, 3)},
+        {"chosen": {"magnitude": "isotonic", "mc_mean": "platt-isotonic"}}, {},
+    )  # fmt: skip
+    stored = auto.to_dict()
+    assert stored["per_relation"] is None
+    assert Calibration.from_dict(json.loads(json.dumps(stored))).to_dict() == stored
+    older = {**stored, "per_relation": False}  # written before: magnitude's (isotonic, global) alone
+    assert Calibration.from_dict(older).per_relation is None
+    assert Calibration.from_dict({**stored, "method": "platt-isotonic", "per_relation": True}).per_relation
+
+
+def test_a_per_relation_map_is_checked_against_the_dataset_s_number_of_relations():
+    rng = np.random.default_rng(6)
+    x, r = rng.normal(size=300), rng.integers(0, 3, 300)
+    y = _bernoulli(rng, x, 1.0, 0.0)
+    fitted = Calibration("platt-isotonic", True, {"magnitude": PlattIsotonic.fit(x, y, r, 3)}, {}, {})
+    fitted.check_relations(3)
+    with pytest.raises(ValueError, match=r"measures\.magnitude\.platt\.relations: 'a' and 'b' have 3 .* 4 relations"):
+        fitted.check_relations(4)
+    Calibration("isotonic", False, {"magnitude": Isotonic.fit(x, y)}, {}, {}).check_relations(4)  # global
 
 
 def test_log_loss_and_the_logit_of_the_mean_probability():
@@ -290,5 +319,38 @@ def test_auto_fits_per_measure_the_method_with_the_lowest_out_of_fold_ece_on_val
     assert "calibrated on validation (auto, chosen by out-of-fold ECE: magnitude: " in capsys.readouterr().out
     stored = json.loads((run_dir / "calibration.json").read_text())
     assert stored["method"] == "auto" and stored["fitted_on"]["chosen"] == expected
+    assert stored["per_relation"] is None  # each measure has its chosen method's scope
     assert {name: m["kind"] for name, m in stored["measures"].items()} == expected
     assert calibration.Calibration.from_dict(stored).calibrators.keys() == expected.keys()
+
+
+def test_auto_chooses_with_the_shrinkage_it_then_fits_with(run_dir, monkeypatch):
+    used = []
+    fit_calibrator = calibration.fit_calibrator
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(fit_calibrator).bind(*args, **kwargs)
+        bound.apply_defaults()
+        used.append((bound.arguments["method"], bound.arguments["pseudo_facts"]))
+        return fit_calibrator(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "fit_calibrator", spy)
+    calibration.fit(load_run(run_dir), method="auto", pseudo_facts=10.0, seed=0, samples=2)
+    assert {method for method, _ in used} == set(calibration.METHODS)  # every method judged out of fold
+    assert {pseudo_facts for _, pseudo_facts in used} == {10.0}
+
+
+def test_a_hand_edited_calibration_is_refused_naming_the_file_and_the_field(run_dir):
+    run = load_run(run_dir)
+    path, stored = calibration.calibrate(run, method="platt", seed=0, samples=2)
+    file = re.escape(str(path))
+    path.write_text(json.dumps({**stored, "measures": {}}))
+    with pytest.raises(ValueError, match=rf"{file}: .*measures\.magnitude: missing"):
+        predict(run, head="usa", relation="embassy", tail=None, top_k=3, samples=2)
+    platt = stored["measures"]["magnitude"]
+    short = {k: v[:-1] for k, v in platt["relations"].items()}  # 54 of the 55 relations
+    path.write_text(json.dumps({**stored, "measures": {"magnitude": {**platt, "relations": short}}}))
+    with pytest.raises(ValueError, match=rf"{file}: .*measures\.magnitude\.relations: .* 54 values.* 55 relations"):
+        calibration.stored(run)
+    path.write_text(json.dumps(stored))
+    assert calibration.stored(run)[0] is not None

@@ -18,10 +18,14 @@ def _answers(mean_BN: torch.Tensor, draws_SBN: torch.Tensor, answer_B: torch.Ten
     return uncertainty.TopAnswers(
         top.numpy(),
         (top == answer_B).numpy(),
-        uncertainty.answer_probability(mean_BN, top, softmax).numpy(),
-        torch.stack([uncertainty.answer_probability(d, top, softmax) for d in draws_SBN]).numpy(),
+        uncertainty.answer_logit(mean_BN, top, softmax).numpy(),
+        torch.stack([uncertainty.answer_logit(d, top, softmax) for d in draws_SBN]).numpy(),
         torch.stack([uncertainty.answer_rank(d, top) for d in draws_SBN]).numpy(),
     )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def test_an_answer_top_in_every_draw_has_stability_one_and_no_rank_variance():
@@ -41,10 +45,28 @@ def test_an_answer_top_in_every_draw_has_stability_one_and_no_rank_variance():
     assert measures["stability"].tolist() == pytest.approx([1.0, 1 / 3])
     assert measures["rank_variance"].tolist() == pytest.approx([0.0, -2 / 3])  # ranks 1, 2, 3: variance 2/3
     assert measures["mc_reciprocal_rank"].tolist() == pytest.approx([1.0, (1 + 1 / 2 + 1 / 3) / 3])
+    # The probability measures are ranking keys: the logit of the mean, the odds of mean - std, the logit.
     softmax_0 = [math.exp(d[0][0]) / sum(math.exp(x) for x in d[0]) for d in draws.tolist()]
-    assert measures["mc_mean"][0] == pytest.approx(np.mean(softmax_0))
-    assert measures["mc_lower_bound"][0] == pytest.approx(np.mean(softmax_0) - np.std(softmax_0))
-    assert measures["magnitude"][0] == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + 2))
+    assert _sigmoid(measures["mc_mean"][0]) == pytest.approx(np.mean(softmax_0))
+    lower = np.mean(softmax_0) - np.std(softmax_0)
+    assert measures["mc_lower_bound"][0] == pytest.approx(lower / (1 - lower))
+    assert _sigmoid(measures["magnitude"][0]) == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + 2))
+
+
+def test_answers_whose_probability_rounds_to_one_still_rank_by_their_logits():
+    # Each top-1 answer leads by 20 to 40: its float32 softmax probability is exactly 1 with the means and
+    # in every draw, so ranking by probability would make the four one tie.
+    lead = torch.tensor([40.0, 20.0, 35.0, 25.0])
+    mean = torch.stack([lead, torch.zeros(4), torch.zeros(4)], 1)
+    draws = torch.stack([mean + 0.5, mean - 0.5])
+    answers = _answers(mean, draws, torch.tensor([0, 1, 0, 1]), softmax=True)  # right: the leads 40 and 35
+    assert (torch.softmax(mean, 1)[:, 0] == 1).all()
+    for name, confidence in uncertainty.probability_confidences(answers.magnitude, answers.logits).items():
+        assert np.argsort(-confidence).tolist() == [0, 2, 3, 1], name
+    link = uncertainty.link_confidences(answers)
+    for name in ("magnitude", "mc_mean", "mc_lower_bound"):
+        precision = uncertainty.precision_at_coverage(link[name], answers.correct, num_points=4)
+        np.testing.assert_allclose(precision, [1, 1, 2 / 3, 1 / 2], err_msg=name)
 
 
 def test_answer_probability_and_rank_ignore_excluded_candidates_and_count_ties_by_halves():
@@ -52,8 +74,11 @@ def test_answer_probability_and_rank_ignore_excluded_candidates_and_count_ties_b
     answer = torch.tensor([0])
     assert uncertainty.answer_rank(scores, answer).item() == 1.5  # tied with one other: not top
     expected = math.exp(2) / (2 * math.exp(2) + 1)  # the excluded candidate takes no mass
-    assert uncertainty.answer_probability(scores, answer, softmax=True).item() == pytest.approx(expected)
-    assert uncertainty.answer_probability(scores, answer, softmax=False).item() == pytest.approx(1 / (1 + math.exp(-2)))
+    softmax_logit = uncertainty.answer_logit(scores, answer, softmax=True).item()
+    assert _sigmoid(softmax_logit) == pytest.approx(expected)
+    assert uncertainty.answer_logit(scores, answer, softmax=False).item() == 2.0  # sigmoid(score)'s logit
+    lone = torch.tensor([[1.0, -torch.inf]])  # no other candidate: probability 1
+    assert uncertainty.answer_logit(lone, answer, softmax=True).item() == math.inf
 
 
 def test_a_point_model_has_only_magnitude():
@@ -99,8 +124,8 @@ def test_top_answers_match_a_brute_force_and_do_not_depend_on_the_batch(tiny_dat
     one_at_a_time = uncertainty.top_answers(model, facts, filters, num_samples=4, seed=3, cells=1)
     for field in ("top", "correct", "ranks"):
         np.testing.assert_array_equal(getattr(got, field), getattr(one_at_a_time, field))
-    for field in ("magnitude", "probabilities"):  # float32 products of another shape: equal to rounding
-        np.testing.assert_allclose(getattr(got, field), getattr(one_at_a_time, field), rtol=1e-6)
+    for field in ("magnitude", "logits"):  # float32 products of another shape: equal to rounding
+        np.testing.assert_allclose(getattr(got, field), getattr(one_at_a_time, field), rtol=1e-6, atol=1e-6)
     tables = _brute_force(model, facts, known, 4, seed=3)
     softmax = likelihood == "softmax"
     for q, (scores, answer) in enumerate(tables[0]):
@@ -108,13 +133,13 @@ def test_top_answers_match_a_brute_force_and_do_not_depend_on_the_batch(tiny_dat
         assert got.top[q] == top and got.correct[q] == (top == answer)
         for k, table in enumerate(tables):
             drawn = torch.tensor(table[q][0])
-            p = uncertainty.answer_probability(drawn[None], torch.tensor([top]), softmax).item()
-            assert (got.magnitude[q] if k == 0 else got.probabilities[k - 1, q]) == pytest.approx(p, rel=1e-5)
+            p = (drawn.double().softmax(0)[top] if softmax else drawn[top].double().sigmoid()).item()
+            assert _sigmoid(got.magnitude[q] if k == 0 else got.logits[k - 1, q]) == pytest.approx(p, rel=1e-5)
             if k:
                 finite = drawn[drawn > -math.inf]
                 rank = 1 + (finite > drawn[top]).sum().item() + ((finite == drawn[top]).sum().item() - 1) / 2
                 assert got.ranks[k - 1, q] == rank
-    assert got.probabilities.shape == got.ranks.shape == (4, 2 * len(facts))
+    assert got.logits.shape == got.ranks.shape == (4, 2 * len(facts))
 
 
 def test_the_bootstrap_interval_is_above_zero_for_a_clearly_better_measure():

@@ -1,5 +1,6 @@
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import make_config
+from trainer import report as reporting
 from trainer import uncertainty
 from trainer.evaluate import build_filters, evaluate
 from trainer.loop import train
@@ -18,16 +20,48 @@ def test_a_confidence_that_ranks_true_facts_first_has_precision_one_up_to_the_po
     labels = np.array([1] * 30 + [0] * 70)
     confidence = labels + np.random.default_rng(0).random(100) * 0.5  # every true fact above every false one
     coverage = uncertainty.coverage_grid()
-    precision = uncertainty.precision_at_coverage(confidence, labels, coverage)
+    precision = uncertainty.precision_at_coverage(confidence, labels)
     assert np.all(precision[coverage <= 0.3] == 1.0)
-    np.testing.assert_allclose(precision[coverage > 0.3], 30 / np.ceil(coverage[coverage > 0.3] * 100))
+    kept = (np.arange(1, 1001) * 100 + 999) // 1000  # ceil(c * 100) for c = i / 1000, in integers
+    np.testing.assert_allclose(precision[coverage > 0.3], 30 / kept[coverage > 0.3])
     assert len(coverage) == 1000 and coverage[0] > 0 and coverage[-1] == 1.0
 
 
 def test_constant_confidence_gives_the_base_rate_everywhere():
     labels = np.array([1, 0, 0, 1, 0, 0, 0, 0])
-    precision = uncertainty.precision_at_coverage(np.zeros(8), labels, uncertainty.coverage_grid(10))
+    precision = uncertainty.precision_at_coverage(np.zeros(8), labels, num_points=10)
     np.testing.assert_allclose(precision, 0.25)
+
+
+def test_the_kept_counts_are_exact_ceilings_of_the_coverage_times_the_items():
+    # Coverage 0.07 of 100 items keeps 7: the float 0.07 * 100 is 7.000000000000001, whose ceiling is 8.
+    assert uncertainty.kept_counts(100, 100)[6] == 7
+    labels = np.array([1] * 7 + [0] * 93)
+    assert uncertainty.precision_at_coverage(-np.arange(100.0), labels, num_points=100)[6] == 1.0
+    for num_points in (10, 100, 1000):
+        for num_items in range(1, 300):
+            expected = [max(1, math.ceil(Fraction(i, num_points) * num_items)) for i in range(1, num_points + 1)]
+            assert uncertainty.kept_counts(num_items, num_points).tolist() == expected
+
+
+def test_confidences_of_facts_whose_probability_rounds_to_one_rank_as_their_scores():
+    # float32 sigmoid is exactly 1 from a score of ~17: ranked by probability, these facts are one tie.
+    magnitude = np.array([30.0, 18.0, 25.0, 20.0], dtype=np.float32)
+    scores = uncertainty.FactScores(magnitude, magnitude + np.array([[-1.0], [1.0]], dtype=np.float32))
+    probs = scores.probabilities()
+    assert (probs.magnitude == 1).all() and (probs.samples == 1).all()
+    labels = np.array([1, 0, 1, 0])  # the true facts have the larger scores
+    for name, confidence in uncertainty.truth_confidences(scores).items():
+        precision = uncertainty.precision_at_coverage(confidence, labels, num_points=4)
+        np.testing.assert_allclose(precision, [1, 1, 2 / 3, 1 / 2], err_msg=name)
+    # Selective prediction: |p - 1/2| is 1/2 in float32 for all four; ranked by |score|, negated facts alike.
+    negated = (
+        np.concatenate([scores.magnitude, -scores.magnitude]),
+        np.concatenate([scores.samples, -scores.samples], 1),
+    )
+    for name in ("magnitude", "mc_mean"):
+        confidence = uncertainty.prediction_confidences(uncertainty.FactScores(*negated))[name]
+        assert np.argsort(-confidence, kind="stable").tolist() == [0, 4, 2, 6, 3, 7, 1, 5], name
 
 
 def test_ece_of_a_calibrated_predictor_is_near_zero_and_of_a_confident_one_is_not():
@@ -56,6 +90,23 @@ def test_sampled_negatives_are_never_known_facts():
     known_set = {tuple(f) for f in known.tolist()}
     assert not any(tuple(f) in known_set for f in negatives.tolist())
     assert ((known != negatives).sum(1) == 1).all()  # exactly one side corrupted
+
+
+def test_a_fact_whose_every_corruption_is_known_is_an_error_that_names_it():
+    one_entity = torch.tensor([[0, 0, 0]])
+    is_known = lambda facts: uncertainty.known_mask(facts, [one_entity])  # noqa: E731
+    with pytest.raises(ValueError, match=r"fact \(head, relation, tail\) = \(0, 0, 0\): every corruption .* known"):
+        uncertainty.sampled_negatives(one_entity, is_known, 1, torch.Generator().manual_seed(0))
+
+
+def test_a_fact_left_after_the_redraws_gets_one_of_its_unknown_corruptions(monkeypatch):
+    # Of the corruptions of (0, 0, 0) and (1, 0, 0) with 2 entities, only (0, 0, 1) and (1, 0, 1) are unknown.
+    known = torch.tensor([[0, 0, 0], [1, 0, 0]])
+    is_known = lambda facts: uncertainty.known_mask(facts, [known])  # noqa: E731
+    drawn = uncertainty.sampled_negatives(known, is_known, 2, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(uncertainty, "MAX_DRAWS", 0)  # no redraws: every fact's corruptions enumerated
+    enumerated = uncertainty.sampled_negatives(known, is_known, 2, torch.Generator().manual_seed(0))
+    assert drawn.tolist() == enumerated.tolist() == [[0, 0, 1], [1, 0, 1]]
 
 
 def test_pca_and_nmf_recover_low_rank_structure():
@@ -99,6 +150,36 @@ def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     assert -1 <= summary["variance_vs_frequency"]["entities"]["correlation"] <= 1
     assert len(summary["fact_visualisation"]) == 4
     assert summary["facts"]["positives"] == summary["facts"]["negatives"] > 0
+
+
+def test_a_fact_index_outside_the_test_split_is_refused_before_any_work(nations_run, tmp_path, monkeypatch):
+    run = load_run(nations_run)
+    monkeypatch.setattr(reporting, "analyse", lambda *args, **kwargs: pytest.fail("analysed before --fact was checked"))
+    last = len(run.dataset.test) - 1
+    with pytest.raises(ValueError, match=rf"--fact 999999: the test split has facts 0 to {last}"):
+        write_report(run, tmp_path / "report", samples=2, seed=0, fact_index=999999)
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_report_that_fails_part_way_leaves_the_previous_one_as_it_was(nations_run, tmp_path, monkeypatch):
+    run, out = load_run(nations_run), tmp_path / "report"
+    out.mkdir()
+    previous = {name: f"previous {name}" for name in ("precision_coverage.png", "report.json", "notes.txt")}
+    for name, text in previous.items():
+        (out / name).write_text(text)
+
+    def fails(*args: object) -> str:
+        raise RuntimeError("the fact figure failed")
+
+    monkeypatch.setattr(reporting, "_plot_fact", fails)  # the last figure: every other one is written by then
+    with pytest.raises(RuntimeError, match="the fact figure failed"):
+        write_report(run, out, samples=2, seed=0, link_samples=2, resamples=2)
+    assert {p.name: p.read_text() for p in out.iterdir()} == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging directory left beside it
+    monkeypatch.undo()
+    summary = write_report(run, out, samples=2, seed=0, link_samples=2, resamples=2)
+    assert {p.name for p in out.iterdir()} == {*summary["figures"].values(), "report.json", "notes.txt"}
+    assert json.loads((out / "report.json").read_text())["figures"] == summary["figures"]
 
 
 def test_report_json_holds_the_confidence_study(nations_run, tmp_path):
@@ -153,6 +234,19 @@ def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_
         predict(run, head="uas", relation="embassy", tail=None, top_k=5, samples=10)
 
 
+def test_predict_ranks_by_score_where_probabilities_round_to_one(nations_run, monkeypatch):
+    run = load_run(nations_run)
+    scores = torch.zeros(run.dataset.num_entities)
+    scores[[1, 3, 0, 2]] = torch.tensor([30.0, 25.0, 20.0, 18.0])  # sigmoid in float32: 1 for all four
+    monkeypatch.setattr(reporting, "_candidate_scores", lambda *args, **kwargs: scores)
+    rows = predict(run, head="usa", relation="embassy", tail=None, top_k=4, samples=2)["predictions"]
+    names = run.dataset.names("entities")["name"].to_pylist()
+    assert [names.index(row["tail"]) for row in rows] == [1, 3, 0, 2]
+    probabilities = [row["probability"] for row in rows]
+    assert probabilities == sorted(probabilities, reverse=True) and len(set(probabilities)) == 4  # float64
+    assert probabilities[0] == pytest.approx(1 / (1 + math.exp(-30.0)), rel=0, abs=1e-16)
+
+
 def test_export_parquet_and_tsv(nations_run, tmp_path):
     run = load_run(nations_run)
     table = pq.read_table(export(run, tmp_path / "emb.parquet")).to_pydict()
@@ -202,6 +296,11 @@ def test_variance_scatter_keeps_a_sample_of_a_large_table_and_the_full_correlati
     assert len(sampled["mean_variance"]) == 5 and sampled["points_of"] == 14
     assert sampled["correlation"] == full["correlation"]
     assert set(sampled["mean_variance"]) <= set(full["mean_variance"])
+
+
+def test_no_entity_besides_the_fact_s_own_to_corrupt_it_with_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no entity to draw as the corrupted one: the graph's 2 entities .* \(0, 1\)"):
+        _uniform_other(np.random.default_rng(0), 2, {0, 1})
 
 
 def test_the_corrupted_entity_is_the_one_a_choice_from_the_list_of_others_gives():
