@@ -175,37 +175,17 @@ static inline __attribute__((always_inline)) void form_row_gradient(const float 
     }
 }
 
-/* Row `id` (at `row`) moved by its gradient grad [width], as row_adagrad or row_adam would move it. Inlined
- * into loops specialised for each kind (see for_each_kind), so each kind's loops vectorise as rows.c's do. */
+/* Row `id` (at `row`) moved by its gradient grad [width], as row_adagrad or row_adam would move it (the
+ * update of one row is vecmath.h's, shared with rows.c). Inlined into loops specialised for each kind, so
+ * each kind's loops vectorise as rows.c's do. */
 static inline __attribute__((always_inline)) void update_row(const RowUpdate *u, int64_t kind, int64_t id,
                                                              float *restrict row, const float *restrict grad) {
-    const int64_t width = u->width;
-    if (kind == UPDATE_ADAGRAD) {
-        const int64_t part = width / u->parts;
-        const float lr = u->hyper[0], tiny = u->hyper[1];
-        float *restrict acc = u->state0 + id * u->parts;
-        for (int64_t k = 0; k < u->parts; k++) {
-            float *restrict p = row + k * part;
-            const float *restrict gk = grad + k * part;
-            float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-            for (int64_t j = 0; j < part; j++) squares += gk[j] * gk[j];
-            acc[k] += squares / (float)part;
-            const float step = lr / (sqrtf(acc[k]) + tiny);
-            for (int64_t j = 0; j < part; j++) p[j] -= step * gk[j];
-        }
-        return;
-    }
-    const float step_size = u->hyper[0], inv_sqrt_bias2 = u->hyper[1], w1 = u->hyper[2], beta2 = u->hyper[3];
-    const float w2 = u->hyper[4], eps = u->hyper[5];
-    float *restrict m = u->state0 + id * width, *restrict v = u->state1 + id * width;
-    for (int64_t j = 0; j < width; j++) {
-        const float mj = m[j] + w1 * (grad[j] - m[j]); /* lerp, as torch */
-        const float vj = beta2 * v[j] + w2 * grad[j] * grad[j];
-        m[j] = mj;
-        v[j] = vj;
-        row[j] -= step_size * mj / (sqrtf(vj) * inv_sqrt_bias2 + eps);
-    }
+    const float *h = u->hyper;
+    if (kind == UPDATE_ADAGRAD)
+        adagrad_row(row, u->state0 + id * u->parts, grad, u->width, u->parts, h[0], h[1]);
+    else
+        adam_row(row, u->state0 + id * u->width, u->state1 + id * u->width, grad, u->width, h[0], h[1], h[2], h[3],
+                 h[4], h[5]);
 }
 
 static inline __attribute__((always_inline)) void prefetch_update(const RowUpdate *u, int64_t kind, float *table,

@@ -36,15 +36,8 @@ int row_adam(float *param, float *exp_avg, float *exp_avg_sq, const int64_t *ids
             prefetch_row(exp_avg_sq + ahead, width);
         }
         const int64_t offset = ids[i] * width;
-        float *restrict p = param + offset, *restrict m = exp_avg + offset, *restrict v = exp_avg_sq + offset;
-        const float *restrict g = grad + i * width;
-        for (int64_t j = 0; j < width; j++) {
-            const float mj = m[j] + w1 * (g[j] - m[j]); /* lerp, as torch */
-            const float vj = beta2 * v[j] + w2 * g[j] * g[j];
-            m[j] = mj;
-            v[j] = vj;
-            p[j] -= step_size * mj / (sqrtf(vj) * inv_sqrt_bias2 + eps);
-        }
+        adam_row(param + offset, exp_avg + offset, exp_avg_sq + offset, grad + i * width, width, step_size,
+                 inv_sqrt_bias2, w1, beta2, w2, eps);
     }
     return 0;
 }
@@ -55,21 +48,10 @@ int row_adam(float *param, float *exp_avg, float *exp_avg_sq, const int64_t *ids
 int row_adagrad(float *param, float *sum_sq, const int64_t *ids, const float *grad, int64_t n, int64_t rows,
                 int64_t width, int64_t parts, float lr, float eps) {
     if (!ids_in_range(ids, n, rows)) return 1;
-    const int64_t part = width / parts;
 #pragma omp parallel for schedule(static) if (n * width > PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
         if (i + PREFETCH_AHEAD < n) prefetch_row(param + ids[i + PREFETCH_AHEAD] * width, width);
-        for (int64_t k = 0; k < parts; k++) {
-            float *restrict p = param + ids[i] * width + k * part;
-            const float *restrict g = grad + i * width + k * part;
-            float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-            for (int64_t j = 0; j < part; j++) squares += g[j] * g[j];
-            float *acc = sum_sq + ids[i] * parts + k;
-            *acc += squares / (float)part;
-            const float step = lr / (sqrtf(*acc) + eps);
-            for (int64_t j = 0; j < part; j++) p[j] -= step * g[j];
-        }
+        adagrad_row(param + ids[i] * width, sum_sq + ids[i] * parts, grad + i * width, width, parts, lr, eps);
     }
     return 0;
 }

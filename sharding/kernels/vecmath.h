@@ -27,6 +27,39 @@ static inline void prefetch_row_for_reading(const float *row, int64_t width) {
     for (int64_t j = 0; j < width; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(row + j, 0);
 }
 
+/* Lazy Adam (torch.optim.Adam's update) of one row's `width` numbers p with its moments m, v and gradient g:
+ * step_size = lr / (1 - beta1^t), inv_sqrt_bias2 = 1 / sqrt(1 - beta2^t), w1 = 1 - beta1, w2 = 1 - beta2
+ * (see rows.c's row_adam; noise.c's sample_kl_update applies it too). */
+static inline void adam_row(float *restrict p, float *restrict m, float *restrict v, const float *restrict g,
+                            int64_t width, float step_size, float inv_sqrt_bias2, float w1, float beta2, float w2,
+                            float eps) {
+    for (int64_t j = 0; j < width; j++) {
+        const float mj = m[j] + w1 * (g[j] - m[j]); /* lerp, as torch */
+        const float vj = beta2 * v[j] + w2 * g[j] * g[j];
+        m[j] = mj;
+        v[j] = vj;
+        p[j] -= step_size * mj / (sqrtf(vj) * inv_sqrt_bias2 + eps);
+    }
+}
+
+/* Row-wise Adagrad (PyTorch-BigGraph's) of one row p of `parts` equal parts of a row of `width`, each with
+ * its accumulator acc[k]: the part's mean squared gradient is added to it, and the part moves by
+ * -lr * g / (sqrt(accumulator) + eps) (see rows.c's row_adagrad). */
+static inline void adagrad_row(float *restrict p, float *restrict acc, const float *restrict g, int64_t width,
+                               int64_t parts, float lr, float eps) {
+    const int64_t part = width / parts;
+    for (int64_t k = 0; k < parts; k++) {
+        float *restrict pk = p + k * part;
+        const float *restrict gk = g + k * part;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t j = 0; j < part; j++) squares += gk[j] * gk[j];
+        acc[k] += squares / (float)part;
+        const float step = lr / (sqrtf(acc[k]) + eps);
+        for (int64_t j = 0; j < part; j++) pk[j] -= step * gk[j];
+    }
+}
+
 /* Whether every id of ids[0..n) is a row of a table of `rows` rows: checked before a kernel writes anything. */
 static inline int ids_in_range(const int64_t *ids, int64_t n, int64_t rows) {
     for (int64_t i = 0; i < n; i++)
