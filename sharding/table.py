@@ -142,9 +142,8 @@ class SampledGradient:
 
     def runs(self) -> list[tuple[StreamSample, torch.Tensor]]:
         """The rows by requester: (how they were drawn, the gradient of their [sample | KL]); each run's rows
-        distinct, and ascending (a requester sends its sorted distinct ids)."""
-        if len(self.encoded) == 1 and len(_segments(self.encoded[0])) == 1:
-            return [(self.samples[0], self.grads[0])]
+        distinct, and ascending (a requester sends its sorted distinct ids). One request at world size 1 is one
+        run over all its rows (views, not copies)."""
         return [
             (StreamSample(sample.table, sample.local[lo : lo + n], sample.eps[lo : lo + n]), grad[lo : lo + n])
             for item, sample, grad in zip(self.encoded, self.samples, self.grads, strict=True)

@@ -317,9 +317,8 @@ def softmax_scale(logits: torch.Tensor, log_z: torch.Tensor, scale: torch.Tensor
     """exp(logits - log_z[..., None]) * scale[..., None]: the softmax of each row times its gradient."""
     lib = library()
     rows = logits.shape[:-1]
-    if lib is None or logits.dim() == 0 or log_z.shape != rows or scale.shape != rows:
-        return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
-    if not floats_applicable(logits, log_z, scale):
+    fits = log_z.shape == rows and scale.shape == rows and floats_applicable(logits, log_z, scale)
+    if lib is None or logits.dim() == 0 or not fits:
         return torch.exp(logits - log_z.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
     out = torch.empty_like(logits)
     lib.softmax_scale(*(x.data_ptr() for x in (logits, log_z, scale, out)), log_z.numel(), logits.shape[-1])

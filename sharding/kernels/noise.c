@@ -117,25 +117,31 @@ int sample_kl_forward(const float *table, const int64_t *ids, int64_t table_rows
     return 0;
 }
 
-/* Rows [lo, hi) of sample_kl_backward. */
-static void sample_grad_rows(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t lo,
-                             int64_t hi, int64_t dim) {
-    for (int64_t i = lo; i < hi; i++) {
-        const float *restrict mean = rows + 2 * i * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
-        const float *restrict g = grad_out + i * (dim + 1);
-        const float w = g[dim];
-        float *restrict grad_mean = grad + 2 * i * dim, *restrict grad_logvar = grad_mean + dim;
-        for (int64_t j = 0; j < dim; j++) {
-            const float std = exp_approx(0.5f * logvar[j]);
-            grad_mean[j] = g[j] + w * mean[j];
-            grad_logvar[j] = 0.5f * std * (g[j] * e[j] + w * std) - 0.5f * w;
-        }
+/* The gradient of one row [mean | logvar] (as the forward read it) from its noise e [dim] and its output's
+ * gradient g [dim + 1] (the sample's, then the KL's w): d/d mean = g + w * mean and
+ * d/d logvar = std * (g * eps + w * std) / 2 - w / 2, into grad [2 * dim]: set, or added (in the order of
+ * the calls: sample_kl_update sums a row's requests). */
+static inline __attribute__((always_inline)) void form_row_gradient(const float *restrict row, const float *restrict e,
+                                                                    const float *restrict g, int64_t dim,
+                                                                    float *restrict grad, int add) {
+    const float w = g[dim];
+    for (int64_t j = 0; j < dim; j++) {
+        const float std = exp_approx(0.5f * row[dim + j]);
+        const float mean_grad = g[j] + w * row[j], logvar_grad = 0.5f * std * (g[j] * e[j] + w * std) - 0.5f * w;
+        grad[j] = add ? grad[j] + mean_grad : 0.0f + mean_grad;
+        grad[dim + j] = add ? grad[dim + j] + logvar_grad : 0.0f + logvar_grad;
     }
 }
 
-/* The gradient [m, 2 * dim] of the rows from that of forward's out (grad_out [m, dim + 1]): with g the
- * sample's gradient and w the KL's, d/d mean = g + w * mean and
- * d/d logvar = std * (g * eps + w * std) / 2 - w / 2. */
+/* Rows [lo, hi) of sample_kl_backward. */
+static void sample_grad_rows(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t lo,
+                             int64_t hi, int64_t dim) {
+    for (int64_t i = lo; i < hi; i++)
+        form_row_gradient(rows + 2 * i * dim, eps + i * dim, grad_out + i * (dim + 1), dim, grad + 2 * i * dim, 0);
+}
+
+/* The gradient [m, 2 * dim] of the rows from that of forward's out (grad_out [m, dim + 1]), row by row as
+ * form_row_gradient gives it. */
 void sample_kl_backward(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t m,
                         int64_t dim) {
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
@@ -160,20 +166,6 @@ typedef struct {
     float *state0, *state1;
     const float *hyper;
 } RowUpdate;
-
-/* sample_kl_backward's gradient of one row (mean, logvar: the row as the forward read it) from its noise e
- * and its output's gradient g, into grad [2 * dim]: set, or added (in the order of the calls). */
-static inline __attribute__((always_inline)) void form_row_gradient(const float *restrict row, const float *restrict e,
-                                                                    const float *restrict g, int64_t dim,
-                                                                    float *restrict grad, int add) {
-    const float w = g[dim];
-    for (int64_t j = 0; j < dim; j++) {
-        const float std = exp_approx(0.5f * row[dim + j]);
-        const float mean_grad = g[j] + w * row[j], logvar_grad = 0.5f * std * (g[j] * e[j] + w * std) - 0.5f * w;
-        grad[j] = add ? grad[j] + mean_grad : 0.0f + mean_grad;
-        grad[dim + j] = add ? grad[dim + j] + logvar_grad : 0.0f + logvar_grad;
-    }
-}
 
 /* Row `id` (at `row`) moved by its gradient grad [width], as row_adagrad or row_adam would move it (the
  * update of one row is vecmath.h's, shared with rows.c). Inlined into loops specialised for each kind, so
