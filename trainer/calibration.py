@@ -461,8 +461,11 @@ def fit(
     logits = measure_logits(scores, model.variational)
     chosen = {name: method for name in logits}
     if method == AUTO:
-        chosen = {name: choose_method(x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts)
-                  for name, x in logits.items()}  # fmt: skip
+        chosen = {
+            name: choose_method(out_of_fold_quality(x, valid.labels, valid.relations, data.num_relations, seed,
+                                                    pseudo_facts))
+            for name, x in logits.items()
+        }  # fmt: skip
     calibrators = {
         name: fit_calibrator(
             chosen[name], per_relation if method != AUTO else chosen[name] != "isotonic", x, valid.labels,
@@ -477,39 +480,34 @@ def fit(
     return Calibration(method, None, calibrators, fitted_on, checkpoint_identity(run))
 
 
-def choose_method(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    relations: np.ndarray,
-    num_relations: int,
-    seed: int,
-    pseudo_facts: float = PSEUDO_FACTS,
-) -> str:
-    """The method of ``METHODS`` whose out-of-fold probabilities on these validation facts have the lowest
-    ECE (ties: the earlier one): chosen on validation, never on test, with the shrinkage ``pseudo_facts``
-    that the chosen method is then fitted with."""
-    ece = {m: out_of_fold_quality(m, logits, labels, relations, num_relations, seed, pseudo_facts)["ece"]
-           for m in METHODS}  # fmt: skip
-    return min(METHODS, key=lambda m: (ece[m], METHODS.index(m)))
+def choose_method(qualities: dict[str, dict[str, Any]]) -> str:
+    """The method of ``METHODS`` whose out-of-fold probabilities on the validation facts have the lowest ECE
+    (ties: the earlier one), given ``out_of_fold_quality`` of every method: chosen on validation, never on
+    test."""
+    return min(METHODS, key=lambda m: (qualities[m]["ece"], METHODS.index(m)))
 
 
 def out_of_fold_quality(
-    method: str,
     logits: np.ndarray,
     labels: np.ndarray,
     relations: np.ndarray,
     num_relations: int,
     seed: int,
     pseudo_facts: float = PSEUDO_FACTS,
-) -> dict[str, Any]:
-    """ECE / Brier / log loss of ``method``'s out-of-fold probabilities (each fact's from the method fitted
-    on the other folds; seeded with ``seed`` + 1, apart from the cross-fit inside platt-isotonic)."""
+    methods: tuple[str, ...] = METHODS,
+) -> dict[str, dict[str, Any]]:
+    """Per method of ``methods``, ECE / Brier / log loss of its out-of-fold probabilities (each fact's from
+    the method fitted on the other folds with the shrinkage ``pseudo_facts`` that a final fit would use;
+    seeded with ``seed`` + 1, apart from the cross-fit inside platt-isotonic)."""
+    qualities = {}
+    for method in methods:
 
-    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> Calibrator:
-        return fit_calibrator(method, method != "isotonic", x, y, r, num_relations, pseudo_facts, seed)
+        def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray, method: str = method) -> Calibrator:
+            return fit_calibrator(method, method != "isotonic", x, y, r, num_relations, pseudo_facts, seed)
 
-    held_out = out_of_fold(fit, logits, labels, relations, seed + 1)
-    return {k: v for k, v in quality(held_out, labels).items() if k != "bins"}
+        held_out = out_of_fold(fit, logits, labels, relations, seed + 1)
+        qualities[method] = {k: v for k, v in quality(held_out, labels).items() if k != "bins"}
+    return qualities
 
 
 def fit_calibrator(
@@ -545,10 +543,9 @@ def cross_validated(
     valid = judged(run, "valid", seed)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
     return {
-        name: {m: out_of_fold_quality(m, x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts)
-               for m in methods}
+        name: out_of_fold_quality(x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts, methods)
         for name, x in measure_logits(scores, model.variational).items()
-    }  # fmt: skip
+    }
 
 
 def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:
