@@ -132,57 +132,66 @@ class _StreamSampleAndKL(torch.autograd.Function):
     """``sample_and_kl`` of rows ``local`` of an owner's table in the compiled kernels of
     sharding/kernels/noise.c, with the noise drawn inside them.
 
-    One pass each way over the rows, with an inline vectorised exp: the forward gathers each row from the
+    One pass each way over the rows, with an inline vectorised exp: the forward reads each row from the
     table as it samples it, and writes the sample and KL straight into the packed [U, dim + 1] layout the
-    owner sends back (no noise tensor, no concatenation). ``rows`` is an uninitialised leaf that the forward
-    fills with table[local] (what the backward reads) and that takes the rows' gradient.
+    owner sends back (no noise tensor, no concatenation). The backward reads the rows in the table again:
+    nothing changes a row between a step's forward and its backward (the update comes after), and an
+    in-place torch op on the table in between is refused by autograd (the table is saved for the
+    backward). ``rows`` is the leaf that takes the rows' gradient; the forward copies the rows into it only
+    when ``copy_rows`` (a caller that sends the means on), since copying 1 KiB a row costs the pass a tenth
+    of its time.
     """
 
     @staticmethod
-    def forward(ctx, rows, table, local, dim: int, spans: list[tuple[int, int, int]]) -> torch.Tensor:
-        lib, size = native.loaded(), rows.element_size()
-        eps, out = rows.new_empty(len(rows), dim), rows.new_empty(len(rows), dim + 1)
+    def forward(ctx, rows, table, local, dim: int, spans: list[tuple[int, int, int]], copy_rows: bool) -> torch.Tensor:
+        lib, size = native.loaded(), table.element_size()
+        eps, out = table.new_empty(len(local), dim), table.new_empty(len(local), dim + 1)
         start = 0
         for count, seed, first in spans:
             ids = local.data_ptr() + start * local.element_size()
-            rows_at, eps_at, out_at = (x.data_ptr() + start * x.shape[1] * size for x in (rows, eps, out))
+            rows_at = rows.data_ptr() + start * 2 * dim * size if copy_rows else None
+            eps_at, out_at = (x.data_ptr() + start * x.shape[1] * size for x in (eps, out))
             status = lib.sample_kl_forward(
                 table.data_ptr(), ids, len(table), rows_at, eps_at, out_at, count, dim, seed, first
             )  # fmt: skip
             native.check(status, "sample_kl_forward", len(table))
             start += count
-        ctx.save_for_backward(rows, eps)
+        ctx.save_for_backward(table, local, eps)
         ctx.stream_sample = StreamSample(table, local, eps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        rows, eps = ctx.saved_tensors
+        table, local, eps = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad = torch.empty_like(rows)
+        grad = table.new_empty(len(local), table.shape[1])
         native.loaded().sample_kl_backward(
-            rows.data_ptr(), eps.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), len(rows), eps.shape[1]
-        )
-        return grad, None, None, None, None
+            table.data_ptr(), local.data_ptr(), eps.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), len(local),
+            eps.shape[1],
+        )  # fmt: skip
+        return grad, None, None, None, None, None
 
 
 def stream_sample_and_kl(
-    table: torch.Tensor, local: torch.Tensor, dim: int, spans: list[tuple[int, int, int]]
+    table: torch.Tensor, local: torch.Tensor, dim: int, spans: list[tuple[int, int, int]], copy_rows: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows ``local`` [U] of ``table`` [N, 2*dim] = [mean | logvar] and their [sample | KL] [U, dim + 1],
-    drawn with the compiled counter streams: ``spans`` are (rows, stream seed, first value) for consecutive
-    runs of the rows, the noise of a run being values [first, first + rows * dim) of its stream
+    """A leaf for the rows ``local`` [U] of ``table`` [N, 2*dim] = [mean | logvar] and their [sample | KL]
+    [U, dim + 1], drawn with the compiled counter streams: ``spans`` are (rows, stream seed, first value) for
+    consecutive runs of the rows, the noise of a run being values [first, first + rows * dim) of its stream
     (``native.normal_into``'s stream, so the same as drawing it first and calling ``sample_and_kl``). The
-    kernel gathers the rows as it samples them; they come back as a leaf that takes their gradient when
-    grad is enabled. None where the kernels cannot take them."""
+    leaf takes the rows' gradient when grad is enabled; it holds the rows themselves only with
+    ``copy_rows`` (the kernel copies them as it samples them), else zeros (a view that holds no memory).
+    None where the kernels cannot take them."""
     fits = (
         native.library() is not None and native.applicable(local, table) and local.dim() == 1
         and table.dim() == 2 and table.shape[1] == 2 * dim and sum(c for c, _, _ in spans) == len(local)
     )  # fmt: skip
     if not fits:
         return None
-    rows = table.new_empty(len(local), 2 * dim).requires_grad_(torch.is_grad_enabled())
-    return rows, _StreamSampleAndKL.apply(rows, table, local, dim, spans)
+    shape = (len(local), 2 * dim)
+    rows = table.new_empty(shape) if copy_rows else table.new_zeros(()).expand(shape)
+    rows.requires_grad_(torch.is_grad_enabled())
+    return rows, _StreamSampleAndKL.apply(rows, table, local, dim, spans, copy_rows)
 
 
 Encoder = Callable[[torch.Tensor, torch.Tensor, "list[Segment]"], tuple[torch.Tensor, torch.Tensor]]
@@ -234,7 +243,7 @@ def training_encoder(
         if dense_eps is None and prior_var == 1.0 and kl_roles == 1:
             # The compiled kernel's KL is to N(0, I): another prior takes the torch path.
             spans = [(s.count, rng.seed_of(*key, s.tag, rng.NOISE), s.offset * dim) for s in segments]
-            fused = stream_sample_and_kl(table, local, dim, spans)
+            fused = stream_sample_and_kl(table, local, dim, spans, copy_rows=keep_mean)
             if fused is not None:
                 rows, packed = fused
                 return rows, torch.cat([packed, rows[:, :dim]], dim=1) if keep_mean else packed

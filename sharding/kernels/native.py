@@ -60,7 +60,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
-    "sample_kl_backward": ([_P, _P, _P, _P, _I, _I], None),
+    "sample_kl_backward": ([_P, _P, _P, _P, _P, _I, _I], None),
     "sample_kl_update": ([_P, _I, _P, _I, _I, _I, _P, _P, _I, _P, _P], ctypes.c_int64),
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),

@@ -87,7 +87,7 @@ static void sample_rows(const float *table, const int64_t *ids, float *rows, con
     for (int64_t i = lo; i < hi; i++) {
         if (i + PREFETCH_AHEAD < hi) prefetch_row_for_reading(table + 2 * ids[i + PREFETCH_AHEAD] * dim, 2 * dim);
         const float *restrict mean = table + 2 * ids[i] * dim, *restrict logvar = mean + dim, *restrict e = eps + i * dim;
-        memcpy(rows + 2 * i * dim, mean, 2 * (size_t)dim * sizeof(float));
+        if (rows) memcpy(rows + 2 * i * dim, mean, 2 * (size_t)dim * sizeof(float));
         float *restrict sample = out + i * (dim + 1);
         float total = 0.0f;
 #pragma omp simd reduction(+ : total) /* under -fopenmp, gcc 12 leaves the reduction scalar without it */
@@ -101,9 +101,10 @@ static void sample_rows(const float *table, const int64_t *ids, float *rows, con
 }
 
 /* Sample and KL of m rows [mean | logvar]: rows ids[0..m) of `table` [table_rows, 2 * dim], whose noise is
- * values [first, first + m * dim) of stream `seed`. rows [m, 2 * dim] receives the rows (what the backward
- * reads), eps [m, dim] the noise (kept for the backward too), out [m, dim + 1] the sample
- * mean + exp(logvar / 2) * eps and, last, the row's KL to N(0, I), 0.5 * sum(mean^2 + exp(logvar) - logvar - 1).
+ * values [first, first + m * dim) of stream `seed`. eps [m, dim] receives the noise (kept for the backward),
+ * out [m, dim + 1] the sample mean + exp(logvar / 2) * eps and, last, the row's KL to N(0, I),
+ * 0.5 * sum(mean^2 + exp(logvar) - logvar - 1), and rows [m, 2 * dim], unless NULL, a copy of the rows: the
+ * backward and the one-pass update read them in the table, so only a caller that sends the means on asks.
  * The gather and the sample in one pass, the next rows prefetched, where a gather (index_select) and then
  * a pass over its rows read every row twice and wait on each row's cache misses with nothing to do.
  * Returns 0, or 1 when an id is outside [0, table_rows) (nothing is written then). */
@@ -134,19 +135,23 @@ static inline __attribute__((always_inline)) void form_row_gradient(const float 
 }
 
 /* Rows [lo, hi) of sample_kl_backward. */
-static void sample_grad_rows(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t lo,
-                             int64_t hi, int64_t dim) {
-    for (int64_t i = lo; i < hi; i++)
-        form_row_gradient(rows + 2 * i * dim, eps + i * dim, grad_out + i * (dim + 1), dim, grad + 2 * i * dim, 0);
+static void sample_grad_rows(const float *table, const int64_t *ids, const float *eps, const float *grad_out,
+                             float *grad, int64_t lo, int64_t hi, int64_t dim) {
+    for (int64_t i = lo; i < hi; i++) {
+        if (i + PREFETCH_AHEAD < hi) prefetch_row_for_reading(table + 2 * ids[i + PREFETCH_AHEAD] * dim, 2 * dim);
+        form_row_gradient(table + 2 * ids[i] * dim, eps + i * dim, grad_out + i * (dim + 1), dim, grad + 2 * i * dim,
+                          0);
+    }
 }
 
-/* The gradient [m, 2 * dim] of the rows from that of forward's out (grad_out [m, dim + 1]), row by row as
- * form_row_gradient gives it. */
-void sample_kl_backward(const float *rows, const float *eps, const float *grad_out, float *grad, int64_t m,
-                        int64_t dim) {
+/* The gradient [m, 2 * dim] of rows ids[0..m) of `table` (as sample_kl_forward read them: nothing changes a
+ * row between a step's forward and its backward) from that of forward's out (grad_out [m, dim + 1]), row by
+ * row as form_row_gradient gives it. The ids were checked by the forward. */
+void sample_kl_backward(const float *table, const int64_t *ids, const float *eps, const float *grad_out, float *grad,
+                        int64_t m, int64_t dim) {
 #pragma omp parallel for schedule(static) if (m * dim > PARALLEL_MIN)
     for (int64_t lo = 0; lo < m; lo += ROWS_PER_TASK)
-        sample_grad_rows(rows, eps, grad_out, grad, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
+        sample_grad_rows(table, ids, eps, grad_out, grad, lo, lo + ROWS_PER_TASK < m ? lo + ROWS_PER_TASK : m, dim);
 }
 
 /* Rows' gradients wider than this are not formed on the stack by sample_kl_update (the caller then

@@ -95,20 +95,22 @@ def _stream_noise(rows: int, dim: int, spans) -> torch.Tensor:
     return eps
 
 
-def test_stream_kernel_gathers_and_samples_the_rows_with_the_streams_noise():
-    """The kernel gathers rows ``local`` of the table into the leaf it returns and samples them: the sample,
-    KL and gradient of ``sample_and_kl`` given the streams' noise; an id outside the table is refused."""
+@pytest.mark.parametrize("copy_rows", [False, True])
+def test_stream_kernel_samples_the_rows_with_the_streams_noise(copy_rows):
+    """The kernel samples rows ``local`` of the table: the sample, KL and gradient of ``sample_and_kl`` given
+    the streams' noise, its backward reading the rows in the table; the leaf it returns holds the rows only
+    when asked (else zeros); an id outside the table is refused."""
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
     dim, g = 128, torch.Generator().manual_seed(3)
     table = torch.cat([torch.randn(1000, dim, generator=g), torch.randn(1000, dim, generator=g) - 2], dim=1)
     local = torch.randperm(1000, generator=g)[:300]
     weights = torch.randn(300, dim + 1, generator=g)
 
-    fused = stream_sample_and_kl(table, local, dim, SPANS)
+    fused = stream_sample_and_kl(table, local, dim, SPANS, copy_rows=copy_rows)
     assert fused is not None
     rows, packed = fused
     (packed * weights).sum().backward()
-    assert rows.is_leaf and torch.equal(rows.detach(), table[local])
+    assert rows.is_leaf and torch.equal(rows.detach(), table[local] if copy_rows else torch.zeros(300, 2 * dim))
 
     torch_rows = table[local].requires_grad_(True)
     sample, kl = sample_and_kl(torch_rows, dim, _stream_noise(300, dim, SPANS))
@@ -124,6 +126,17 @@ def test_stream_kernel_gathers_and_samples_the_rows_with_the_streams_noise():
     assert not rows.requires_grad
     with pytest.raises(IndexError, match="outside"):
         stream_sample_and_kl(table, torch.cat([local[:-1], torch.tensor([1000])]), dim, SPANS)
+
+
+def test_stream_kernel_backward_refuses_a_table_changed_since_the_forward():
+    """The backward reads the rows in the table: a torch op that changed the table in place between the
+    forward and the backward would give the gradient at other values, and autograd refuses it."""
+    table, local = torch.randn(1000, 256), torch.arange(300)
+    fused = stream_sample_and_kl(table, local, 128, SPANS)
+    assert fused is not None
+    table[local[0]] += 1.0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        fused[1].sum().backward()
 
 
 def test_stream_kernel_declines_what_it_cannot_take(monkeypatch):

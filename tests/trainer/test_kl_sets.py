@@ -136,13 +136,13 @@ def test_a_step_is_the_same_with_the_fused_sample_kernel_and_without(tiny_datase
     results, taken = [], []
     kernel = gaussian.stream_sample_and_kl
 
-    def counted(*args):
-        found = kernel(*args)
+    def counted(*args, **kwargs):
+        found = kernel(*args, **kwargs)
         taken.append(found is not None)
         return found
 
     for fused in (True, False):
-        monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl", counted if fused else lambda *args: None)
+        monkeypatch.setattr("sharding.gaussian.stream_sample_and_kl", counted if fused else lambda *a, **k: None)
         model, step = _step(config, tiny_dataset)
         terms = step([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 0.5, 1.0, KEY)
         results.append((terms, model.entities.weight.clone()))
