@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch.optim.adam import adam
 
+from sharding import memory
 from sharding.gaussian import StreamSample
 from sharding.kernels import native
 
@@ -52,8 +53,9 @@ class RowAdam:
         compiled: bool = True,
     ):
         self.lr, self.betas, self.eps, self.compiled = lr, betas, eps, compiled
-        self.exp_avg = torch.zeros_like(param)
-        self.exp_avg_sq = torch.zeros_like(param)
+        # Read at random with the rows, as the table is: on huge pages where the OS allows.
+        self.exp_avg = memory.zeros_like(param)
+        self.exp_avg_sq = memory.zeros_like(param)
         # A float tensor, as torch's fused Adam wants (it increments it itself).
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
 

@@ -24,7 +24,7 @@ from itertools import accumulate
 
 import torch
 
-from sharding import rng
+from sharding import memory, rng
 from sharding.exchange import Exchange, Pending
 from sharding.gaussian import Encoder, Gaussian, StreamSample, identity, stream_sample_of
 from sharding.kernels import native
@@ -53,11 +53,12 @@ def init_rows(
     """
     width = dim // roles
     std = math.sqrt(2.0 / (global_rows + width)) if init_std is None else init_std
-    mean = rng.block_normal(row_range, dim, (seed, rng.INIT), block_rows, device) * std
-    if not variational:
-        return mean
-    logvar = torch.full_like(mean, math.log(1.0 / width) if init_logvar is None else init_logvar)
-    return torch.cat([mean, logvar], dim=1)
+    # On huge pages where the OS allows: a step reads its rows at random (sharding/memory.py).
+    table = memory.empty((row_range[1] - row_range[0], 2 * dim if variational else dim), device=device)
+    torch.mul(rng.block_normal(row_range, dim, (seed, rng.INIT), block_rows, device), std, out=table[:, :dim])
+    if variational:
+        table[:, dim:] = math.log(1.0 / width) if init_logvar is None else init_logvar
+    return table
 
 
 @dataclass
