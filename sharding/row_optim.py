@@ -120,7 +120,7 @@ class RowAdam:
 class RowAdagrad:
     def __init__(self, param: torch.Tensor, lr: float, parts: int = 1, eps: float = 1e-10, compiled: bool = True):
         self.lr, self.parts, self.eps, self.compiled = lr, parts, eps, compiled
-        self.sum_sq = torch.zeros(param.shape[0], parts, dtype=param.dtype, device=param.device)
+        self.sum_sq = memory.empty((param.shape[0], parts), param.dtype, param.device).zero_()
 
     def step(self, param: torch.Tensor, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
         if ids is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharding import memory, rng
-from sharding.row_optim import RowAdam
+from sharding.row_optim import RowAdagrad, RowAdam
 from sharding.table import init_rows
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -34,8 +34,10 @@ def test_the_entity_table_and_its_adam_state_are_backed_by_huge_pages():
     table = init_rows(4096, 512, (0, 4096), variational=True, init_std=None, init_logvar=None, seed=0,
                       block_rows=1024, device=torch.device("cpu"))  # fmt: skip
     adam = RowAdam(table, 0.1)  # 16 MiB each
-    for tensor in (table, adam.exp_avg, adam.exp_avg_sq):
+    adagrad = RowAdagrad(torch.empty(600_000, 8), 0.1, parts=2)  # accumulators of 4.8 MB
+    for tensor in (table, adam.exp_avg, adam.exp_avg_sq, adagrad.sum_sq):
         assert _huge_kib(tensor) >= memory.HUGE_PAGE // 1024
+    assert not adagrad.sum_sq.any()
 
 
 def test_small_tensors_and_tensors_without_whole_huge_pages_are_left_alone():
@@ -44,7 +46,7 @@ def test_small_tensors_and_tensors_without_whole_huge_pages_are_left_alone():
 
 
 def test_init_rows_and_adam_state_hold_the_values_they_held_before():
-    """The tables are written in place of what torch.cat and zeros_like made: the same numbers."""
+    """The tables are written in place of what torch.cat and torch.zeros made: the same numbers."""
     rows, dim, block = (100, 1600), 8, 512
     table = init_rows(3000, dim, rows, variational=True, init_std=None, init_logvar=None, seed=5, block_rows=block,
                       device=torch.device("cpu"))  # fmt: skip
