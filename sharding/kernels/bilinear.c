@@ -10,9 +10,10 @@
  * (queries, batched products, softplus, sums, their backward and the complex products' backward); at a
  * batch of a thousand facts their dispatch costs more than their arithmetic.
  *
- * The forward scores by dot products and keeps the derivative of each term in its score (a sigmoid, from
- * the exp its softplus takes anyway), so the backward takes no exp; the backward's gradients are matrix
- * products per chunk and side (the queries' G N, the negatives' G^T Q): `matmul` below.
+ * The forward scores the negatives by matrix products per chunk and side (the queries by the negatives
+ * transposed) and keeps the derivative of each term in its score (a sigmoid, from the exp its softplus
+ * takes anyway), so the backward takes no exp; the backward's gradients are matrix products per chunk and
+ * side too (the queries' G N, the negatives' G^T Q): `matmul` below.
  *
  * The rows are read where they are, by position in the step's tables: the sampled rows of the batch's
  * distinct entities (s, o and the negatives at positions index[i], index[B + i] and index[2B + c K + j])
@@ -48,28 +49,6 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 #pragma omp simd reduction(+ : total)
     for (int64_t k = 0; k < d; k++) total += a[k] * b[k];
     return total;
-}
-
-/* out[j] = q . rows[j] + b for j < n (rows [n, d]): four rows at a time share each load of q. */
-static inline void dots(const float *restrict q, const float *restrict rows, int64_t n, int64_t d, float b,
-                        float *restrict out) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *r0 = rows + j * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-        float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
-#pragma omp simd reduction(+ : t0, t1, t2, t3)
-        for (int64_t k = 0; k < d; k++) {
-            t0 += q[k] * r0[k];
-            t1 += q[k] * r1[k];
-            t2 += q[k] * r2[k];
-            t3 += q[k] * r3[k];
-        }
-        out[j] = t0 + b;
-        out[j + 1] = t1 + b;
-        out[j + 2] = t2 + b;
-        out[j + 3] = t3 + b;
-    }
-    for (; j < n; j++) out[j] = dot(q, rows + j * d, d) + b;
 }
 
 /* The products are small matrix products (a chunk's 32 facts by its 64 negatives over 128 numbers) done in
@@ -212,45 +191,63 @@ static const float *chunk_negatives(const Rows *x, int64_t c, int64_t K, int64_t
     return buf;
 }
 
+/* Chunk c's K negatives transposed into buf [D, K] (buf[k * K + j]: number k of negative j), the right-hand
+ * side of the forward's products. */
+static void chunk_negatives_transposed(const Rows *x, int64_t c, int64_t K, int64_t D, float *restrict buf) {
+    const int64_t *at = x->index + 2 * x->B + c * K;
+    for (int64_t j = 0; j < K; j++) {
+        if (j + PREFETCH_AHEAD < K) prefetch_row_for_reading(x->ent + at[j + PREFETCH_AHEAD] * x->ld, D);
+        const float *restrict row = x->ent + at[j] * x->ld;
+        for (int64_t k = 0; k < D; k++) buf[k * K + j] = row[k];
+    }
+}
+
 /* Forward. Rows as above (D of each row read); bias [B] or NULL. Writes each chunk's NLL [C] (in double)
  * and what the backward needs, the derivative of each term of the NLL in its score,
- * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each of the fact's chunk's negatives in order. The scores are
- * dot products, four negatives to each load of the query: the forward's products are half the backward's,
- * and the matrix form's transposes cost it what its tiles saved (measured inside a training step).
- * Returns 0, or -1 when a work buffer cannot be had. */
+ * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each of the fact's chunk's negatives in order.
+ * Per chunk, the negatives' scores are two matrix products, the chunk's head queries by its head
+ * negatives and its tail queries by its tail negatives, written into probs before the sigmoids replace
+ * them; the negatives are transposed once per chunk so that each product's tile broadcasts a query's
+ * number against a vector of negatives and sums nothing across lanes (dot products per negative spent
+ * most of the forward summing each one's lanes). Returns 0, or -1 when a work buffer cannot be had. */
 static int forward(const Rows *x, const float *bias, int64_t chunk, int64_t K, int64_t D, int complex_valued,
                    float weight, float *probs, double *chunk_nll) {
     const int64_t B = x->B, C = (B + chunk - 1) / chunk, half = K / 2;
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
-        float *q = malloc((2 + (size_t)K) * (size_t)D * sizeof(float));
-        failed = q == NULL;
+        const int64_t rows = chunk < B ? chunk : B; /* a chunk's facts at most */
+        float *work = malloc((2 * (size_t)rows + (size_t)K) * (size_t)D * sizeof(float));
+        failed = work == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
-            if (q == NULL) continue;
-            float *q_tail = q, *q_head = q + D;
-            const float *negs = chunk_negatives(x, c, K, D, q + 2 * D);
+            if (work == NULL) continue;
+            float *q_tail = work, *q_head = work + rows * D, *negs = q_head + rows * D;
+            chunk_negatives_transposed(x, c, K, D, negs);
+            const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
+            float *p = probs + first * (1 + K);
+            for (int64_t i = 0; i < n; i++) {
+                prefetch_fact(x, first + i + PREFETCH_AHEAD, D);
+                const float *o = o_row(x, first + i);
+                queries(s_row(x, first + i), r_row(x, first + i), o, D, complex_valued, q_tail + i * D, q_head + i * D);
+                p[i * (1 + K)] = dot(q_tail + i * D, o, D);
+            }
+            matmul(n, half, D, q_head, D, 1, negs, K, p + 1, 1 + K, 1.0f, 0);
+            matmul(n, K - half, D, q_tail, D, 1, negs + half, K, p + 1 + half, 1 + K, 1.0f, 0);
             double total = 0.0;
-            const int64_t end = (c + 1) * chunk < B ? (c + 1) * chunk : B;
-            for (int64_t i = c * chunk; i < end; i++) {
-                prefetch_fact(x, i + PREFETCH_AHEAD, D);
-                const float *o = o_row(x, i);
-                queries(s_row(x, i), r_row(x, i), o, D, complex_valued, q_tail, q_head);
-                const float b = bias ? bias[i] : 0.0f;
-                float *row = probs + i * (K + 1), sig;
-                const float pos = softplus_sigmoid(-(dot(q_tail, o, D) + b), &sig);
+            for (int64_t i = 0; i < n; i++) {
+                const float b = bias ? bias[first + i] : 0.0f;
+                float *row = p + i * (1 + K), sig;
+                const float pos = softplus_sigmoid(-(row[0] + b), &sig);
                 row[0] = -sig;
-                dots(q_head, negs, half, D, b, row + 1);
-                dots(q_tail, negs + half * D, K - half, D, b, row + 1 + half);
                 float negatives = 0.0f;
 #pragma omp simd reduction(+ : negatives)
-                for (int64_t j = 1; j <= K; j++) negatives += softplus_sigmoid(row[j], row + j);
+                for (int64_t j = 1; j <= K; j++) negatives += softplus_sigmoid(row[j] + b, row + j);
                 total += (double)pos + (double)weight * negatives;
             }
             chunk_nll[c] = total;
         }
-        free(q);
+        free(work);
     }
     return failed ? -1 : 0;
 }
