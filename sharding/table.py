@@ -306,20 +306,29 @@ class ShardedTable:
         return Gaussian.of_rows(self.weight, self.dim)
 
     @torch.no_grad()
-    def summary(self, collapsed_below: float = -math.inf, chunk_rows: int = 1 << 16) -> tuple[bool, int, float]:
-        """(every value finite, rows whose mean log-variance is below ``collapsed_below``, mean variance)
-        of this rank's rows, ``chunk_rows`` at a time: a whole-shard exp() or isfinite() would be as large
-        as the shard (8.6 GB of floats for a Freebase shard at dim 200)."""
-        finite, collapsed, variance = True, 0, 0.0
+    def health(self, collapsed_below: float, chunk_rows: int = 1 << 16) -> tuple[bool, int]:
+        """(every value finite, rows whose mean log-variance is below ``collapsed_below``) of this rank's rows,
+        from one sum per row part (mean, log-variance) over ``chunk_rows`` rows at a time: a value that is
+        not finite makes its part's sum so, and the pass reads each row once and writes two numbers per row,
+        where isfinite() writes a flag per value (a whole-shard one would be 8.6 GB for a Freebase shard at
+        dim 200). A part whose finite values sum past float32's range (~3e38) counts as not finite too."""
+        finite, collapsed = True, 0
         for lo in range(0, len(self.weight), chunk_rows):
             rows = self.weight[lo : lo + chunk_rows]
-            finite = finite and bool(torch.isfinite(rows).all())
+            sums = rows.unflatten(1, (-1, self.dim)).sum(2)  # [rows, 2]: means, log-variances (or [rows, 1])
+            finite = finite and bool(torch.isfinite(sums).all())
             if self.variational:
-                logvar = rows[:, self.dim :]
-                collapsed += int((logvar.mean(1) < collapsed_below).sum())
-                variance += float(logvar.exp().sum(dtype=torch.float64))
-        cells = len(self.weight) * self.dim
-        return finite, collapsed, variance / cells if self.variational and cells else 0.0
+                collapsed += int((sums[:, 1] / self.dim < collapsed_below).sum())
+        return finite, collapsed
+
+    def mean_variance(self, chunk_rows: int = 1 << 16) -> float:
+        """The mean of exp(log-variance) over this rank's rows (0 for point rows), ``chunk_rows`` at a time."""
+        if not self.variational or not len(self.weight):
+            return 0.0
+        total = 0.0
+        for lo in range(0, len(self.weight), chunk_rows):
+            total += float(self.weight[lo : lo + chunk_rows, self.dim :].exp().sum(dtype=torch.float64))
+        return total / (len(self.weight) * self.dim)
 
     def state_dict(self) -> dict:
         optim = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state_dict().items()}

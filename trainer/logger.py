@@ -91,7 +91,7 @@ class RunLogger:
             )  # fmt: skip
             if model.variational and global_step % self.variance_every == 0:
                 with torch.no_grad():
-                    self.exporter.observe_variance(model.entities.summary()[2])
+                    self.exporter.observe_variance(model.entities.mean_variance())
         if self.steps_path is not None:
             record = {"epoch": epoch, "step": step, "nll": totals.nll, "kl": totals.kl, "loss": totals.loss}
             with self.steps_path.open("a") as handle:

@@ -189,7 +189,7 @@ class KGModel:
     def health(self) -> tuple[float, float, float]:
         """On this rank: (1 if any parameter is not finite else 0, entity rows whose variance collapsed,
         entity rows), to be summed over ranks."""
-        finite, collapsed, _ = self.entities.summary(COLLAPSED_LOGVAR)
+        finite, collapsed = self.entities.health(COLLAPSED_LOGVAR)
         finite = finite and bool(torch.isfinite(self.relations.table.weight).all())
         return float(not finite), float(collapsed), float(len(self.entities.weight))
 

@@ -85,12 +85,19 @@ def test_clip_sigma_norm_bounds_each_role_of_a_row_apart():
     assert torch.equal(table.weight[0, 6:], before[0, 6:])  # in bound on its own: untouched
 
 
-def test_table_summary_in_chunks_equals_the_whole_shard_at_once():
+def test_table_health_and_variance_in_chunks_equal_the_whole_shard_at_once():
     table = ShardedTable(10, 3, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4)
     table.weight[:, 3:] = torch.linspace(-12.0, 2.0, 30).view(10, 3)
     logvar = table.weight[:, 3:]
-    finite, collapsed, variance = table.summary(-5.0, chunk_rows=3)
+    finite, collapsed = table.health(-5.0, chunk_rows=3)
     assert finite and collapsed == int((logvar.mean(1) < -5.0).sum()) > 0
-    assert variance == pytest.approx(float(logvar.exp().mean()), rel=1e-6)
-    table.weight[9, 0] = float("nan")  # in the last chunk
-    assert not table.summary(chunk_rows=3)[0]
+    assert table.mean_variance(chunk_rows=3) == pytest.approx(float(logvar.exp().mean()), rel=1e-6)
+    for row, column, value in ((9, 0, float("nan")), (4, 5, float("inf")), (0, 1, -float("inf"))):
+        broken = table.weight.clone()
+        table.weight[row, column] = value  # a mean in the last chunk, log-variances in others
+        assert not table.health(-5.0, chunk_rows=3)[0]
+        table.weight.copy_(broken)
+    point = ShardedTable(10, 3, LocalExchange(), variational=False, optimizer="adam", lr=0.1, seed=0, block_rows=4)
+    assert point.health(-5.0, chunk_rows=3) == (True, 0) and point.mean_variance() == 0.0
+    point.weight[7, 2] = float("nan")
+    assert not point.health(-5.0, chunk_rows=3)[0]
