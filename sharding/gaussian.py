@@ -135,9 +135,9 @@ class _StreamSampleAndKL(torch.autograd.Function):
     One pass each way over the rows, with an inline vectorised exp: the forward reads each row from the
     table as it samples it, and writes the sample and KL straight into the packed [U, dim + 1] layout the
     owner sends back (no noise tensor, no concatenation). The backward reads the rows in the table again:
-    nothing changes a row between a step's forward and its backward (the update comes after), and an
-    in-place torch op on the table in between is refused by autograd (the table is saved for the
-    backward). ``rows`` is the leaf that takes the rows' gradient; the forward copies the rows into it only
+    nothing changes a row between a step's forward and its backward (the update comes after), and autograd
+    refuses a backward after the table changed (the table is saved for the backward; the compiled row
+    updates count their writes as torch's in-place ops do). ``rows`` is the leaf that takes the rows' gradient; the forward copies the rows into it only
     when ``copy_rows`` (a caller that sends the means on), since copying 1 KiB a row costs the pass a tenth
     of its time.
     """

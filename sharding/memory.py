@@ -6,8 +6,12 @@ translation cache (TLB) as well as of the data caches, and the page walk adds to
 backs a range with transparent huge pages when the process asks (``madvise(MADV_HUGEPAGE)``) and
 /sys/kernel/mm/transparent_hugepage/enabled is ``madvise`` (the usual default) or ``always``; where it is
 ``never``, or on another system, the request is refused at no cost and the table is an ordinary one.
-Measured on this project's 2-core machine (docs/kernels.md): the owner's sample pass over 3,800 rows, 0.63
--> 0.52 ms on a 41 MB table and 1.00 -> 0.70 ms on a 2 GB one.
+Measured on this project's 2-core machine (docs/benchmarks.md): the owner's sample pass over 3,800 rows,
+0.63 -> 0.52 ms on a 41 MB table and 1.00 -> 0.70 ms on a 2 GB one.
+
+The advice marks the range; pages already there stay as they are until the kernel's khugepaged merges
+them. A table of 32 MiB or more is always fresh memory (glibc maps it on its own), so it faults in huge
+pages as it is first written; a smaller one may reuse heap pages freed earlier and get huge pages later.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     request was made and taken (False on systems without ``MADV_HUGEPAGE``; a kernel whose transparent huge
     pages are ``never`` takes it and ignores it)."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or not sys.platform.startswith("linux"):
-        return False
+    if advice is None or not sys.platform.startswith("linux") or not tensor.is_contiguous():
+        return False  # a view that is not contiguous does not own the span from its first to its last element
     start = tensor.data_ptr()
     first = -(-start // HUGE_PAGE) * HUGE_PAGE
     last = (start + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE

@@ -34,6 +34,13 @@ def _check_rows(ids: torch.Tensor, param: torch.Tensor, grad: torch.Tensor) -> N
         )
 
 
+def _changed(param: torch.Tensor) -> None:
+    """Count a kernel's write to ``param`` as torch counts its own in-place ops, so that a graph that saved
+    ``param`` before the update refuses a backward after it (the sample kernel's backward reads the rows
+    in the table)."""
+    torch.autograd.graph.increment_version(param)
+
+
 def _sampled_arrays(
     param: torch.Tensor, runs: list[tuple[StreamSample, torch.Tensor]]
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
@@ -79,6 +86,7 @@ class RowAdam:
                 self.lr / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t), 1 - beta1, beta2, 1 - beta2, self.eps,
             )  # fmt: skip
             native.check(status, "RowAdam", len(param))
+            _changed(param)
             return
         rows = [table.index_select(0, ids) for table in tables]
         self._update(rows[0], rows[1], rows[2], grad)
@@ -105,6 +113,7 @@ class RowAdam:
         updated = native.sample_kl_update(param, arrays, "adam", (self.exp_avg, self.exp_avg_sq), hyper)
         if updated is not None:
             self.steps += 1
+            _changed(param)
         return updated
 
     def state_dict(self) -> dict:
@@ -132,6 +141,7 @@ class RowAdagrad:
                 self.parts, self.lr, self.eps,
             )  # fmt: skip
             native.check(status, "RowAdagrad", len(param))
+            _changed(param)
             return
         grad_parts = grad.view(grad.shape[0], self.parts, -1)
         row_sq = grad_parts.square().mean(-1)
@@ -157,7 +167,10 @@ class RowAdagrad:
         arrays = _sampled_arrays(param, runs) if self.compiled else None
         if arrays is None:
             return None
-        return native.sample_kl_update(param, arrays, "adagrad", (self.sum_sq,), (self.lr, self.eps), self.parts)
+        updated = native.sample_kl_update(param, arrays, "adagrad", (self.sum_sq,), (self.lr, self.eps), self.parts)
+        if updated is not None:
+            _changed(param)
+        return updated
 
     def state_dict(self) -> dict:
         return {"sum_sq": self.sum_sq}

@@ -139,6 +139,24 @@ def test_stream_kernel_backward_refuses_a_table_changed_since_the_forward():
         fused[1].sum().backward()
 
 
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_a_backward_after_a_compiled_row_update_is_refused(kind):
+    """The compiled row updates write the table as torch's in-place ops would count it: a graph that read
+    the rows before an update refuses a backward after it (it would read the updated rows)."""
+    table, local = torch.randn(1000, 256), torch.arange(300)
+    fused = stream_sample_and_kl(table, local, 128, SPANS)
+    assert fused is not None
+    _optimizer(kind, table).step(table, local[:10], torch.ones(10, 256))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        fused[1].sum().backward()
+    fused = stream_sample_and_kl(table, local, 128, SPANS)
+    assert fused is not None
+    _, packed = fused
+    assert _optimizer(kind, table).step_sampled(table, [(stream_sample_of(packed), torch.ones(300, 129))]) is not None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        packed.sum().backward()
+
+
 def test_stream_kernel_declines_what_it_cannot_take(monkeypatch):
     table, local = torch.randn(1000, 256), torch.arange(300)
     assert stream_sample_and_kl(table[:, :128], local, 64, SPANS) is None  # not contiguous

@@ -266,12 +266,14 @@ def _loss_and_grads(scorer, tensors, chunk, dtype):
         (3, 8, 2, True, 2, 16),
         (37, 32, 64, True, 2, 22),
         (70, 24, 10, False, 1, 64),
+        (64, 32, 40, True, 2, 16),
     ],
 )
 def test_compiled_bernoulli_matches_the_torch_path(scorer, num_pos, chunk, num_neg, bias, threads, dim):
     """float32 on the CPU takes the compiled kernel (bilinear.c); float64 takes the torch ops. Padded last
     chunks, an odd k (more tail than head corruptions), a relation bias, one thread and two; widths whose
-    products take the kernel's tiles of two vectors, of one, and single columns (22: 16 + 6)."""
+    products take the kernel's tiles of two vectors, of one, and single columns: D = 22 (16 + 6) in the
+    backward's, k/2 = 20 (16 + 4) negatives a side in the forward's."""
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
     tensors = _bernoulli_case(scorer, num_pos, chunk, num_neg, bias, dim=dim)
     before = torch.get_num_threads()
