@@ -137,9 +137,9 @@ class _StreamSampleAndKL(torch.autograd.Function):
     owner sends back (no noise tensor, no concatenation). The backward reads the rows in the table again:
     nothing changes a row between a step's forward and its backward (the update comes after), and autograd
     refuses a backward after the table changed (the table is saved for the backward; the compiled row
-    updates count their writes as torch's in-place ops do). ``rows`` is the leaf that takes the rows' gradient; the forward copies the rows into it only
-    when ``copy_rows`` (a caller that sends the means on), since copying 1 KiB a row costs the pass a tenth
-    of its time.
+    updates count their writes as torch's in-place ops do). ``rows`` is the leaf that takes the rows'
+    gradient; the forward copies the rows into it only when ``copy_rows`` (a caller that sends the means
+    on): copying 1 KiB a row cost the pass a tenth to a fifth of its time.
     """
 
     @staticmethod
