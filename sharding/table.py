@@ -321,14 +321,18 @@ class ShardedTable:
                 collapsed += int((sums[:, 1] / self.dim < collapsed_below).sum())
         return finite, collapsed
 
-    def mean_variance(self, chunk_rows: int = 1 << 16) -> float:
-        """The mean of exp(log-variance) over this rank's rows (0 for point rows), ``chunk_rows`` at a time."""
-        if not self.variational or not len(self.weight):
+    def mean_variance(self, max_rows: int = 1 << 16) -> float:
+        """The mean of exp(log-variance) over this rank's rows (0 for point rows): over every row of a shard of
+        up to ``max_rows`` rows, else over ``max_rows`` evenly spaced ones. A dashboard's gauge, read every
+        few steps: on a 2M-row table (dim 64) the exp() of every log-variance took 608 ms and the sample's 25 ms,
+        within 3e-4 of it; a Freebase shard is ~1e9 log-variances. Row ids carry no order, so evenly spaced
+        rows are a fair sample."""
+        rows = len(self.weight)
+        if not self.variational or not rows:
             return 0.0
-        total = 0.0
-        for lo in range(0, len(self.weight), chunk_rows):
-            total += float(self.weight[lo : lo + chunk_rows, self.dim :].exp().sum(dtype=torch.float64))
-        return total / (len(self.weight) * self.dim)
+        stride = -(-rows // max_rows)
+        logvar = self.weight[::stride, self.dim :]
+        return float(logvar.exp().sum(dtype=torch.float64)) / logvar.numel()
 
     def state_dict(self) -> dict:
         optim = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state_dict().items()}

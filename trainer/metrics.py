@@ -76,7 +76,10 @@ class MetricsExporter:
         self.kl_weight = gauge("nvkg_kl_weight", "Multiplier of the KL term (warm-up times kl_weight)")
         self.throughput = gauge("nvkg_positives_per_second", "Positive facts per second over the last step")
         self.learning_rate = gauge("nvkg_learning_rate", "Learning rate of the row optimisers")
-        self.variance = gauge("nvkg_entity_variance_mean", "Mean posterior variance of this worker's entity rows")
+        self.variance = gauge(
+            "nvkg_entity_variance_mean",
+            "Mean posterior variance of this worker's entity rows (over up to 65,536 evenly spaced rows)",
+        )
         self.collapsed = gauge(
             "nvkg_variance_collapsed_ratio", "Share of the entities whose posterior variance has collapsed"
         )

@@ -85,13 +85,15 @@ def test_clip_sigma_norm_bounds_each_role_of_a_row_apart():
     assert torch.equal(table.weight[0, 6:], before[0, 6:])  # in bound on its own: untouched
 
 
-def test_table_health_and_variance_in_chunks_equal_the_whole_shard_at_once():
+def test_table_health_in_chunks_equals_the_whole_shard_at_once_and_the_variance_samples_rows():
     table = ShardedTable(10, 3, LocalExchange(), variational=True, optimizer="adam", lr=0.1, seed=0, block_rows=4)
     table.weight[:, 3:] = torch.linspace(-12.0, 2.0, 30).view(10, 3)
     logvar = table.weight[:, 3:]
     finite, collapsed = table.health(-5.0, chunk_rows=3)
     assert finite and collapsed == int((logvar.mean(1) < -5.0).sum()) > 0
-    assert table.mean_variance(chunk_rows=3) == pytest.approx(float(logvar.exp().mean()), rel=1e-6)
+    assert table.mean_variance() == pytest.approx(float(logvar.exp().mean()), rel=1e-6)
+    # Past max_rows: the evenly spaced rows 0, 3, 6, 9.
+    assert table.mean_variance(max_rows=4) == pytest.approx(float(logvar[::3].exp().mean()), rel=1e-6)
     for row, column, value in ((9, 0, float("nan")), (4, 5, float("inf")), (0, 1, -float("inf"))):
         broken = table.weight.clone()
         table.weight[row, column] = value  # a mean in the last chunk, log-variances in others
