@@ -37,7 +37,7 @@ def _check_rows(ids: torch.Tensor, param: torch.Tensor, grad: torch.Tensor) -> N
 def _changed(param: torch.Tensor) -> None:
     """Count a kernel's write to ``param`` as torch counts its own in-place ops, so that a graph that saved
     ``param`` before the update refuses a backward after it (the sample kernel's backward reads the rows
-    in the table)."""
+    in the table; ``native.sample_kl_update`` counts its own writes)."""
     torch.autograd.graph.increment_version(param)
 
 
@@ -113,7 +113,6 @@ class RowAdam:
         updated = native.sample_kl_update(param, arrays, "adam", (self.exp_avg, self.exp_avg_sq), hyper)
         if updated is not None:
             self.steps += 1
-            _changed(param)
         return updated
 
     def state_dict(self) -> dict:
@@ -167,10 +166,7 @@ class RowAdagrad:
         arrays = _sampled_arrays(param, runs) if self.compiled else None
         if arrays is None:
             return None
-        updated = native.sample_kl_update(param, arrays, "adagrad", (self.sum_sq,), (self.lr, self.eps), self.parts)
-        if updated is not None:
-            _changed(param)
-        return updated
+        return native.sample_kl_update(param, arrays, "adagrad", (self.sum_sq,), (self.lr, self.eps), self.parts)
 
     def state_dict(self) -> dict:
         return {"sum_sq": self.sum_sq}

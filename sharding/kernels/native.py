@@ -289,7 +289,11 @@ def sample_kl_update(
     )  # fmt: skip
     if status == -3:
         raise IndexError(f"sample_kl_update: a row id is outside the table's {rows} rows")
-    return None if status < 0 else out_ids[:status]
+    if status < 0:
+        return None
+    # Counted as torch counts an in-place op: a graph that saved the table refuses a backward now.
+    torch.autograd.graph.increment_version(table)
+    return out_ids[:status]
 
 
 def unique_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
