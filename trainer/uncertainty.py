@@ -368,8 +368,21 @@ def answer_rank(scores_BN: torch.Tensor, answer_B: torch.Tensor) -> torch.Tensor
     return (1.0 + better + equal / 2).double()
 
 
+def lexicographic_key(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """[N] float64 ranking key that orders items by ``primary``, then, among equal ``primary``, by
+    ``secondary`` (NaN lowest): each item's position 1..#distinct in that order, items equal in both
+    sharing one."""
+    secondary = np.nan_to_num(np.asarray(secondary, dtype=np.float64), nan=-np.inf)
+    order = np.lexsort((secondary, primary))
+    p, s = primary[order], secondary[order]
+    starts = np.concatenate([[True], (p[1:] != p[:-1]) | (s[1:] != s[:-1])]) if len(order) else np.zeros(0, bool)
+    key = np.empty(len(order))
+    key[order] = np.cumsum(starts)
+    return key
+
+
 def link_confidences(answers: TopAnswers) -> dict[str, np.ndarray]:
-    """How sure each measure is that a query's top-1 answer is right; larger is surer.
+    """How sure each measure is that a query's top-1 answer is right, as ranking keys: larger is surer.
 
     * ``magnitude``: its probability with the means;
     * ``mc_mean``: its mean probability over the draws (the predictive probability of that answer);
@@ -379,16 +392,19 @@ def link_confidences(answers: TopAnswers) -> dict[str, np.ndarray]:
     * ``mc_reciprocal_rank``: the mean of 1 / its rank over the draws (stability that also counts how far
       it falls).
 
-    The first three are ranking keys computed from the logits (``probability_confidences``), so answers
-    whose probability rounds to 1 still rank apart. A point model (no draws) has ``magnitude`` alone.
+    The first three are computed from the logits (``probability_confidences``), so answers whose
+    probability rounds to 1 still rank apart. The last three move in steps of the draws, and every answer
+    ranked first in every draw ties at the top (most of them where the model is good): their ties are
+    broken by ``mc_mean`` (``lexicographic_key``), the draws' own probability, rather than averaged into
+    one group. A point model (no draws) has ``magnitude`` alone.
     """
     if len(answers.logits) == 0:
         return {"magnitude": answers.magnitude.astype(np.float64)}
     out = probability_confidences(answers.magnitude, answers.logits)
-    rank = answers.ranks
-    out["stability"] = (rank == 1).mean(0)
-    out["rank_variance"] = -rank.var(0)
-    out["mc_reciprocal_rank"] = (1 / rank).mean(0)
+    rank, mean = answers.ranks, out["mc_mean"]
+    out["stability"] = lexicographic_key((rank == 1).mean(0), mean)
+    out["rank_variance"] = lexicographic_key(-rank.var(0), mean)
+    out["mc_reciprocal_rank"] = lexicographic_key((1 / rank).mean(0), mean)
     return out
 
 

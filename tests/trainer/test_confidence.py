@@ -42,9 +42,10 @@ def test_an_answer_top_in_every_draw_has_stability_one_and_no_rank_variance():
     assert answers.top.tolist() == [0, 0] and answers.correct.tolist() == [True, False]
     np.testing.assert_array_equal(answers.ranks, [[1, 1], [1, 2], [1, 3]])
     measures = uncertainty.link_confidences(answers)
-    assert measures["stability"].tolist() == pytest.approx([1.0, 1 / 3])
-    assert measures["rank_variance"].tolist() == pytest.approx([0.0, -2 / 3])  # ranks 1, 2, 3: variance 2/3
-    assert measures["mc_reciprocal_rank"].tolist() == pytest.approx([1.0, (1 + 1 / 2 + 1 / 3) / 3])
+    # Stability 1 against 1/3, rank variance 0 against 2/3 (ranks 1, 2, 3), mean reciprocal rank 1 against
+    # 11/18: as ranking keys, query 0 first on each.
+    for name in ("stability", "rank_variance", "mc_reciprocal_rank"):
+        assert measures[name].tolist() == [2.0, 1.0], name
     # The probability measures are ranking keys: the logit of the mean, the odds of mean - std, the logit.
     softmax_0 = [math.exp(d[0][0]) / sum(math.exp(x) for x in d[0]) for d in draws.tolist()]
     assert _sigmoid(measures["mc_mean"][0]) == pytest.approx(np.mean(softmax_0))
@@ -67,6 +68,28 @@ def test_answers_whose_probability_rounds_to_one_still_rank_by_their_logits():
     for name in ("magnitude", "mc_mean", "mc_lower_bound"):
         precision = uncertainty.precision_at_coverage(link[name], answers.correct, num_points=4)
         np.testing.assert_allclose(precision, [1, 1, 2 / 3, 1 / 2], err_msg=name)
+
+
+def test_answers_first_in_every_draw_rank_by_their_mean_probability_not_as_one_tie():
+    # Queries 0-2 keep their answer first in both draws (stability 1, rank variance 0, reciprocal rank 1),
+    # with mean probabilities high, low, middle; query 3 falls to rank 2 in one draw.
+    mean = torch.tensor([[6.0, 0.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    draws = torch.stack([mean, torch.tensor([[6.0, 0.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 9.0, 0.0]])])
+    answers = _answers(mean, draws, torch.tensor([0, 1, 0, 0]), softmax=True)  # query 1 is wrong
+    measures = uncertainty.link_confidences(answers)
+    for name in ("stability", "rank_variance", "mc_reciprocal_rank"):
+        assert measures[name].tolist() == [4.0, 2.0, 3.0, 1.0], name
+        # The wrong answer, least sure of the three tied ones, comes after both right ones.
+        precision = uncertainty.precision_at_coverage(measures[name], answers.correct, num_points=4)
+        np.testing.assert_allclose(precision, [1, 1, 2 / 3, 3 / 4], err_msg=name)
+
+
+def test_the_lexicographic_key_orders_by_the_first_then_the_second_and_keeps_full_ties():
+    primary = np.array([0.5, 1.0, 1.0, 0.5, 1.0, 0.5])
+    secondary = np.array([3.0, 2.0, np.nan, 3.0, 7.0, -1.0])
+    key = uncertainty.lexicographic_key(primary, secondary)
+    assert key.tolist() == [2.0, 4.0, 3.0, 2.0, 5.0, 1.0]  # NaN lowest; equal in both share a key
+    assert uncertainty.lexicographic_key(np.zeros(0), np.zeros(0)).tolist() == []
 
 
 def test_answer_probability_and_rank_ignore_excluded_candidates_and_count_ties_by_halves():
