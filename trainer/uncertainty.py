@@ -370,8 +370,9 @@ def answer_rank(scores_BN: torch.Tensor, answer_B: torch.Tensor) -> torch.Tensor
 
 def lexicographic_key(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
     """[N] float64 ranking key that orders items by ``primary``, then, among equal ``primary``, by
-    ``secondary`` (NaN lowest): each item's position 1..#distinct in that order, items equal in both
+    ``secondary`` (NaN lowest in either): each item's position 1..#distinct in that order, items equal in both
     sharing one."""
+    primary = np.nan_to_num(np.asarray(primary, dtype=np.float64), nan=-np.inf)
     secondary = np.nan_to_num(np.asarray(secondary, dtype=np.float64), nan=-np.inf)
     order = np.lexsort((secondary, primary))
     p, s = primary[order], secondary[order]
@@ -393,15 +394,17 @@ def link_confidences(answers: TopAnswers) -> dict[str, np.ndarray]:
       it falls).
 
     The first three are computed from the logits (``probability_confidences``), so answers whose
-    probability rounds to 1 still rank apart. The last three move in steps of the draws, and every answer
-    ranked first in every draw ties at the top (most of them where the model is good): their ties are
-    broken by ``mc_mean`` (``lexicographic_key``), the draws' own probability, rather than averaged into
-    one group. A point model (no draws) has ``magnitude`` alone.
+    probability rounds to 1 still rank apart. The last three are counts over the draws, so they take few
+    values, and every answer ranked first in every draw ties at the top (most of them where the model is
+    good): their ties are broken by ``mc_mean`` (``lexicographic_key``), the draws' own probability, rather
+    than averaged into one group. A point model (no draws) has ``magnitude`` alone.
     """
     if len(answers.logits) == 0:
         return {"magnitude": answers.magnitude.astype(np.float64)}
     out = probability_confidences(answers.magnitude, answers.logits)
-    rank, mean = answers.ranks, out["mc_mean"]
+    # Each query's ranks in ascending order: the variance and the mean of 1 / rank then add the same numbers
+    # in the same order for two queries with the same ranks in other draws, so they tie exactly.
+    rank, mean = np.sort(answers.ranks, axis=0), out["mc_mean"]
     out["stability"] = lexicographic_key((rank == 1).mean(0), mean)
     out["rank_variance"] = lexicographic_key(-rank.var(0), mean)
     out["mc_reciprocal_rank"] = lexicographic_key((1 / rank).mean(0), mean)

@@ -45,8 +45,8 @@ HEADERS = (HERE / "vecmath.h",)
 call); -ffast-math lets the row sums vectorise (noise and samples only); -march=native gives the
 polynomials FMA; -fopenmp runs the loops on torch's OpenMP threads (libgomp.so.1 is the copy torch has
 loaded, so torch.set_num_threads governs them too). -Wno-psabi: without AVX-512, gcc warns that bilinear.c's
-64-byte vectors would be passed by another ABI, which matters only for calls between objects; its are
-static inline."""
+64-byte vectors would be passed by another ABI, which matters only for calls between objects; its
+functions are static inline."""
 LINK = ("-shared", "-fopenmp", "-lm")
 WARNINGS = ("-Wall", "-Wextra", "-Werror")
 """What ``make lint`` adds to each file's flags (``python -m sharding.kernels.native --check``)."""

@@ -90,6 +90,18 @@ def test_the_lexicographic_key_orders_by_the_first_then_the_second_and_keeps_ful
     key = uncertainty.lexicographic_key(primary, secondary)
     assert key.tolist() == [2.0, 4.0, 3.0, 2.0, 5.0, 1.0]  # NaN lowest; equal in both share a key
     assert uncertainty.lexicographic_key(np.zeros(0), np.zeros(0)).tolist() == []
+    assert uncertainty.lexicographic_key([np.nan, 0.0], [0.0, 0.0]).tolist() == [1.0, 2.0]  # NaN lowest
+
+
+def test_queries_with_the_same_ranks_in_other_draws_tie_before_their_mean_probability():
+    # Ranks 1, 3, 7 and 3, 7, 1: the same variance and mean reciprocal rank (summed in draw order, 1/1 + 1/3
+    # + 1/7 and 1/3 + 1/7 + 1/1 differ in the last bit).
+    ranks = np.array([[1.0, 3.0], [3.0, 7.0], [7.0, 1.0]])
+    logits = np.array([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])  # query 0's mean probability is higher
+    answers = uncertainty.TopAnswers(np.zeros(2, int), np.ones(2, bool), np.zeros(2), logits, ranks)
+    measures = uncertainty.link_confidences(answers)
+    for name in ("stability", "rank_variance", "mc_reciprocal_rank"):
+        assert measures[name].tolist() == [2.0, 1.0], name
 
 
 def test_answer_probability_and_rank_ignore_excluded_candidates_and_count_ties_by_halves():
