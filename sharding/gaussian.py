@@ -56,26 +56,57 @@ class Gaussian(NamedTuple):
         )
 
 
-class _SampleAndKL(torch.autograd.Function):
-    """Reparameterised sample and per-row KL to N(0, v I) of [mean | logvar] rows in one pass each way.
+def sample_kl_values(
+    rows: torch.Tensor, eps: torch.Tensor, prior_var: float
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The reparameterised sample [U, D] and per-row KL to N(0, v I) [U] of [mean | logvar] rows [U, 2D]
+    given standard normal ``eps`` [U, D], and what ``sample_kl_grad`` needs from them: (mean, sigma)."""
+    dim = eps.shape[-1]
+    mean, logvar = rows[:, :dim], rows[:, dim:]
+    std = torch.exp(0.5 * logvar)
+    sample = torch.addcmul(mean, std, eps)
+    # Row sums as dot products: no [U, D] temporaries for mean^2 and sigma^2.
+    squares = torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std)
+    if prior_var == 1.0:
+        kl = 0.5 * (squares - logvar.sum(-1) - dim)
+    else:
+        kl = 0.5 * (squares / prior_var - logvar.sum(-1) - dim + dim * math.log(prior_var))
+    return sample, kl, (mean, std)
 
-    The analytic backward (d sample/d mean = 1, d sample/d logvar = eps * sigma / 2,
-    d KL/d mean = mean / v, d KL/d logvar = (sigma^2 / v - 1) / 2) replaces a dozen autograd nodes over
-    the batch's rows.
-    """
+
+def sample_kl_grad(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    eps: torch.Tensor,
+    prior_var: float,
+    grad_sample: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+) -> torch.Tensor:
+    """The gradient [U, 2D] of the rows from those of their sample [U, D] and KL [U] (None: zero), written out:
+    d sample/d mean = 1, d sample/d logvar = eps * sigma / 2, d KL/d mean = mean / v,
+    d KL/d logvar = (sigma^2 / v - 1) / 2."""
+    dim = mean.shape[-1]
+    grad = mean.new_empty(mean.shape[0], 2 * dim)
+    grad_mean, grad_logvar = grad[:, :dim], grad[:, dim:]
+    weight = grad_kl.unsqueeze(-1) if grad_kl is not None else mean.new_zeros(mean.shape[0], 1)
+    if grad_sample is None:
+        grad_sample = mean.new_zeros(())
+    # d/d mean = g + w mean / v;  d/d logvar = (g eps sigma + w (sigma^2 / v - 1)) / 2
+    #                                        = sigma (g eps + (w / v) sigma) / 2 - w / 2
+    scaled = weight if prior_var == 1.0 else weight / prior_var
+    torch.addcmul(grad_sample, scaled, mean, out=grad_mean)
+    inner = torch.addcmul(grad_sample * eps, scaled, std)
+    torch.addcmul(weight * -0.5, inner, std, value=0.5, out=grad_logvar)
+    return grad
+
+
+class _SampleAndKL(torch.autograd.Function):
+    """Reparameterised sample and per-row KL to N(0, v I) of [mean | logvar] rows in one pass each way: the
+    analytic backward (``sample_kl_grad``) replaces a dozen autograd nodes over the batch's rows."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, eps: torch.Tensor, prior_var: float) -> tuple[torch.Tensor, torch.Tensor]:
-        dim = eps.shape[-1]
-        mean, logvar = rows[:, :dim], rows[:, dim:]
-        std = torch.exp(0.5 * logvar)
-        sample = torch.addcmul(mean, std, eps)
-        # Row sums as dot products: no [U, D] temporaries for mean^2 and sigma^2.
-        squares = torch.linalg.vecdot(mean, mean) + torch.linalg.vecdot(std, std)
-        if prior_var == 1.0:
-            kl = 0.5 * (squares - logvar.sum(-1) - dim)
-        else:
-            kl = 0.5 * (squares / prior_var - logvar.sum(-1) - dim + dim * math.log(prior_var))
+        sample, kl, (mean, std) = sample_kl_values(rows, eps, prior_var)
         ctx.save_for_backward(mean, std, eps)
         ctx.prior_var = prior_var
         return sample, kl
@@ -83,19 +114,7 @@ class _SampleAndKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sample: torch.Tensor | None, grad_kl: torch.Tensor | None):
         mean, std, eps = ctx.saved_tensors
-        dim = mean.shape[-1]
-        grad = mean.new_empty(mean.shape[0], 2 * dim)
-        grad_mean, grad_logvar = grad[:, :dim], grad[:, dim:]
-        weight = grad_kl.unsqueeze(-1) if grad_kl is not None else mean.new_zeros(mean.shape[0], 1)
-        if grad_sample is None:
-            grad_sample = mean.new_zeros(())
-        # d/d mean = g + w mean / v;  d/d logvar = (g eps sigma + w (sigma^2 / v - 1)) / 2
-        #                                        = sigma (g eps + (w / v) sigma) / 2 - w / 2
-        scaled = weight if ctx.prior_var == 1.0 else weight / ctx.prior_var
-        torch.addcmul(grad_sample, scaled, mean, out=grad_mean)
-        inner = torch.addcmul(grad_sample * eps, scaled, std)
-        torch.addcmul(weight * -0.5, inner, std, value=0.5, out=grad_logvar)
-        return grad, None, None
+        return sample_kl_grad(mean, std, eps, ctx.prior_var, grad_sample, grad_kl), None, None
 
 
 def sample_and_kl(

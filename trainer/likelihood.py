@@ -28,8 +28,11 @@ from trainer.objective import (
     bernoulli_negative_weight,
     bernoulli_nll,
     chunk_negatives,
+    kernel_scores,
     position_weights,
+    positioned_bernoulli_gradients,
     positioned_bernoulli_nll,
+    positioned_bernoulli_rows,
     sampled_softmax_nll,
     sharded_log_z,
     softmax_nll,
@@ -117,6 +120,19 @@ class Likelihood:
         dense likelihood, this rank's sampled entity rows."""
         raise NotImplementedError
 
+    def writes_gradients(self, scorer: Scorer, device: torch.device) -> bool:
+        """Whether ``nll_and_gradients`` takes every batch of this scorer on this device."""
+        return False
+
+    def nll_and_gradients(
+        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``nll`` of a likelihood that needs no candidates, with its gradients written out: (the NLL, the
+        gradient of ``facts.entities`` [U, D] (into the first D columns of ``grad_out`` [U, >= D] when given),
+        of ``facts.relations``, of ``facts.bias`` or None); None where it has no written gradients (then
+        ``nll`` is traced)."""
+        return None
+
 
 class SampledNegatives(Likelihood):
     """A likelihood that scores each chunk of ``chunk`` positives against k uniform negatives it shares,
@@ -164,11 +180,30 @@ class Bernoulli(SampledNegatives):
         self.exclude_positives, self.adversarial_temperature = exclude_positives, adversarial_temperature
         self.split_by_position = split_by_position
 
+    @property
+    def uniform(self) -> bool:
+        """Whether every negative weighs ``weight`` (what the compiled kernel computes)."""
+        return not (self.exclude_positives or self.split_by_position or self.adversarial_temperature)
+
+    def writes_gradients(self, scorer: Scorer, device: torch.device) -> bool:
+        return self.uniform and kernel_scores(scorer) and device.type == "cpu"
+
+    def nll_and_gradients(
+        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        if not self.uniform or facts.neg_layout is None:
+            return None
+        rows = positioned_bernoulli_rows(
+            scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],
+            self.chunk, facts.bias,
+        )  # fmt: skip
+        return None if rows is None else positioned_bernoulli_gradients(rows, self.weight, grad_out)
+
     def nll(
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
     ) -> torch.Tensor:
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
-        if not (self.exclude_positives or self.split_by_position or self.adversarial_temperature):
+        if self.uniform:
             positioned = positioned_bernoulli_nll(
                 scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],
                 self.chunk, self.weight, facts.bias,

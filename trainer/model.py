@@ -6,19 +6,22 @@ which KL the ELBO carries; the likelihood (trainer/likelihood.py: Bernoulli, sof
 Both are chosen once, here. With a reciprocal likelihood the relation table has 2*Nr rows: row r + Nr
 is the reciprocal of r, so the head query (?, r, o) becomes the tail query (o, r^-1, ?).
 
-A step is ``forward`` (encode the rows each batch needs, then the negative ELBO's terms), backward,
-``gradients`` (send them to the rows' owners) and ``update`` (the row optimisers); trainer/step.py runs it.
+A step is ``forward_backward`` (encode the rows each batch needs, the negative ELBO's terms and their
+gradients: written out where the likelihood and posterior allow, else traced by ``forward`` and
+back-propagated), ``gradients`` (send them to the rows' owners) and ``update`` (the row optimisers);
+trainer/step.py runs it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from sharding import rng
 from sharding.exchange import Exchange, LocalExchange, Pending
-from sharding.gaussian import sample_and_kl
+from sharding.gaussian import Encoder, sample_and_kl, sample_kl_grad, sample_kl_values
 from sharding.table import Encoded, ReplicatedTable, SampledGradient, ShardedTable
 from trainer.config import RunConfig
 from trainer.likelihood import FactRows, Likelihood, build_likelihood
@@ -42,6 +45,21 @@ class Forward:
     entity_leaf: torch.Tensor | None
     encoded: list[Encoded]
     bias_leaf: torch.Tensor | None = None
+
+
+@dataclass
+class EncodedBatch:
+    """One stream's batch with the rows its owners sent: the facts, their relation ids ``r``, where each part
+    sits among the distinct rows (``rows``), what the owners sent (``item``) and its parts (``sample``, the
+    KL per row ``entity_kl``, ``mean``)."""
+
+    positives: torch.Tensor
+    r: torch.Tensor
+    rows: Gathered
+    item: Encoded
+    sample: torch.Tensor
+    entity_kl: torch.Tensor
+    mean: torch.Tensor
 
 
 @dataclass
@@ -108,6 +126,29 @@ class KGModel:
         if self.bias is not None:
             self.bias.table.optimizer.lr = lr
 
+    def forward_backward(
+        self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...], kl_multiplier: float
+    ) -> tuple[Forward, torch.Tensor]:
+        """``forward``, then the gradients of the loss nll + kl_multiplier * kl + reg in the leaves: (the
+        forward, the loss). Written out where ``writes_gradients``, else traced and back-propagated."""
+        if self.writes_gradients:
+            return self._written_step(batches, share, key, kl_multiplier)
+        forward = self.forward(batches, share, key)
+        loss = forward.nll + kl_multiplier * forward.kl + forward.reg
+        loss.backward()
+        return forward, loss
+
+    @cached_property
+    def writes_gradients(self) -> bool:
+        """Whether a step's gradients are written out rather than traced (``_written_step``): a likelihood
+        that writes its gradients (the compiled Bernoulli kernel, ``Likelihood.writes_gradients``) under a
+        posterior whose batch KL is a weighted sum of the rows' (``Posterior.weighted_fact_kl``: LIM with
+        the per-occurrence KL, point estimates), with nothing dense and no N3."""
+        return (
+            self.likelihood.writes_gradients(self.scorer, self.device) and self.posterior.weighted_fact_kl
+            and not self.dense and not self.n3_weight
+        )  # fmt: skip
+
     def forward(self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...]) -> Forward:
         """The negative ELBO's terms of this rank's ``batches`` (stream, positives [B, 3]) in step ``key`` =
         (seed, epoch, step); ``share`` is this step's share of the epoch's whole-table KL."""
@@ -126,21 +167,93 @@ class KGModel:
         encoded: list[Encoded] = []
         nll = kl = reg = relation_leaf.new_zeros(())
         for stream, positives in batches:
-            positives = positives.to(self.device, non_blocking=True)
-            r = positives[:, 1]
-            rows = Gathered.of(positives, self.likelihood.negatives(len(positives), key, stream))
-            item = ents.encode(rows.ids, encoder, tag=stream)
-            encoded.append(item)
-            sample, entity_kl, mean = posterior.split(item.values, ents.dim)
-            bias = bias_leaf[:, 0].index_select(0, r) if bias_leaf is not None else None
-            nll = nll + self.likelihood.nll(
-                self.scorer, FactRows(sample, rows, relations, positives, bias), relations, candidates
-            )
-            kl = kl + posterior.fact_kl(entity_kl, relation_kl, rows, r)
+            batch = self._encode_batch(stream, positives, key, encoder)
+            encoded.append(batch.item)
+            bias = bias_leaf[:, 0].index_select(0, batch.r) if bias_leaf is not None else None
+            facts = FactRows(batch.sample, batch.rows, relations, batch.positives, bias)
+            nll = nll + self.likelihood.nll(self.scorer, facts, relations, candidates)
+            kl = kl + posterior.fact_kl(batch.entity_kl, relation_kl, batch.rows, batch.r)
             if self.n3_weight > 0:
-                reg = reg + self.n3_weight * self._n3(mean, relation_leaf, rows, r)
+                reg = reg + self.n3_weight * self._n3(batch.mean, relation_leaf, batch.rows, batch.r)
         kl = kl + posterior.table_kl(dense_kl, relation_kl, share, self.exchange.rank)
         return Forward(nll, kl, reg, relation_leaf, entity_leaf, encoded, bias_leaf)
+
+    def _encode_batch(
+        self, stream: int, positives: torch.Tensor, key: tuple[int, ...], encoder: Encoder
+    ) -> EncodedBatch:
+        """Draw one stream's negatives and have the owners encode every row its batch needs."""
+        positives = positives.to(self.device, non_blocking=True)
+        rows = Gathered.of(positives, self.likelihood.negatives(len(positives), key, stream))
+        item = self.entities.encode(rows.ids, encoder, tag=stream)
+        sample, entity_kl, mean = self.posterior.split(item.values, self.entities.dim)
+        return EncodedBatch(positives, positives[:, 1], rows, item, sample, entity_kl, mean)
+
+    def _written_step(
+        self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...], kl_multiplier: float
+    ) -> tuple[Forward, torch.Tensor]:
+        """``forward_backward`` with the gradients written out, not traced: each batch's NLL and its gradients
+        in one call of the compiled kernel (``Likelihood.nll_and_gradients``), the KL's as the weights
+        ``Posterior.fact_kl_weights`` times ``kl_multiplier``, the relations' sample and KL by the same
+        operations ``sample_and_kl`` runs each way. The same numbers as the traced step, bit for bit with one
+        data stream, without the ~20 small autograd nodes a batch traces (about a third of a step at PBG's
+        sampling on WN18RR: docs/benchmarks.md). The owners' encoding stays an autograd node: its gradient
+        travels back to them as in the traced step."""
+        ents, rels, posterior = self.entities, self.relations, self.posterior
+        relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
+        relation_rows = rels.table.weight
+        # Only the leaves' gradients are read (collect, the finiteness check): a view that holds no memory.
+        relation_leaf = relation_rows.new_zeros(()).expand(relation_rows.shape)
+        bias_leaf = self.bias.table.weight.new_zeros(()).expand(self.bias.table.weight.shape) if self.bias else None
+        grad_bias = torch.zeros_like(self.bias.table.weight[:, 0]) if self.bias is not None else None
+        encoder = posterior.encoder(ents.dim, key, None, keep_mean=False)
+        encoded: list[Encoded] = []
+        with torch.no_grad():
+            if relation_eps is None:
+                relations, relation_kl, saved = relation_rows, relation_rows.new_zeros(len(relation_rows)), None
+            else:
+                relations, relation_kl, saved = sample_kl_values(relation_rows, relation_eps, posterior.prior_var)
+        grad_relations: torch.Tensor | None = None
+        nll = kl = relations.new_zeros(())
+        for stream, positives in batches:
+            batch = self._encode_batch(stream, positives, key, encoder)
+            encoded.append(batch.item)
+            with torch.no_grad():
+                bias = self.bias.table.weight[:, 0].index_select(0, batch.r) if self.bias is not None else None
+                facts = FactRows(batch.sample, batch.rows, relations, batch.positives, bias)
+                values = batch.item.values
+                # [sample | KL] (or the rows themselves): the kernel writes the samples' columns.
+                grad_values = torch.empty_like(values)
+                terms = self.likelihood.nll_and_gradients(self.scorer, facts, grad_values)
+                if terms is None:
+                    raise ValueError("the likelihood wrote no gradients for a batch it was chosen to write")
+                batch_nll, _, batch_grad_relations, batch_grad_bias = terms
+                weights = posterior.fact_kl_weights(batch.rows, batch.entity_kl.dtype)
+                batch_kl = batch.entity_kl.new_zeros(()) if weights is None else (batch.entity_kl * weights).sum()
+                nll, kl = nll + batch_nll, kl + batch_kl
+                if values.shape[1] > ents.dim:  # d loss / d KL: kl_multiplier times the row's weight
+                    kl_column = grad_values[:, ents.dim]
+                    if weights is None:
+                        kl_column.zero_()
+                    else:
+                        torch.mul(weights, kl_multiplier, out=kl_column)
+                values.grad = grad_values
+                if grad_relations is not None:
+                    batch_grad_relations = grad_relations + batch_grad_relations
+                grad_relations = batch_grad_relations
+                if grad_bias is not None and batch_grad_bias is not None:
+                    grad_bias.index_add_(0, batch.r, batch_grad_bias)
+        with torch.no_grad():
+            kl = kl + posterior.table_kl(None, relation_kl, share, self.exchange.rank)
+            loss = nll + kl_multiplier * kl
+            if saved is None:
+                relation_leaf.grad = grad_relations
+            else:
+                table_weight = posterior.table_kl_weight(share, self.exchange.rank)
+                grad_kl = (relation_rows.new_full((), kl_multiplier) * table_weight).expand(len(relation_rows))
+                relation_leaf.grad = sample_kl_grad(*saved, relation_eps, posterior.prior_var, grad_relations, grad_kl)
+            if bias_leaf is not None and grad_bias is not None:
+                bias_leaf.grad = grad_bias.unsqueeze(1)
+        return Forward(nll, kl, relations.new_zeros(()), relation_leaf, None, encoded, bias_leaf), loss
 
     @staticmethod
     def gradient_sum(forward: Forward) -> torch.Tensor:

@@ -171,6 +171,11 @@ _KERNEL_SCORERS: dict[type[Scorer], bool] = {DistMult: False, ComplEx: True}
 """The scorers bilinear.c computes, whether complex-valued; the exact classes: a subclass may score otherwise."""
 
 
+def kernel_scores(scorer: Scorer) -> bool:
+    """Whether the compiled Bernoulli kernel scores with ``scorer`` (and is built) on the CPU."""
+    return type(scorer) in _KERNEL_SCORERS and native.library() is not None
+
+
 def positioned_bernoulli_nll(
     scorer: Scorer,
     entities: torch.Tensor,
@@ -189,6 +194,23 @@ def positioned_bernoulli_nll(
     sigmoids in one pass per chunk, where the torch path dispatches some fifty operations each way around a
     gather of the rows and a scatter of their gradients. None where it cannot take them (DistMult and
     ComplEx themselves on the CPU only; then the caller gathers the rows for ``bernoulli_nll``)."""
+    rows = positioned_bernoulli_rows(scorer, entities, index, relations, relation_ids, num_negatives, chunk, bias)
+    if rows is None:
+        return None
+    return _PositionedBernoulli.apply(entities, relations, bias, rows, float(weight))
+
+
+def positioned_bernoulli_rows(
+    scorer: Scorer,
+    entities: torch.Tensor,
+    index: torch.Tensor,
+    relations: torch.Tensor,
+    relation_ids: torch.Tensor,
+    num_negatives: int,
+    chunk: int,
+    bias: torch.Tensor | None,
+) -> native.BernoulliRows | None:
+    """The kernel's view of ``positioned_bernoulli_nll``'s arguments, or None where it cannot take them."""
     complex_valued = _KERNEL_SCORERS.get(type(scorer))
     if complex_valued is None:
         return None
@@ -196,9 +218,19 @@ def positioned_bernoulli_nll(
         entities, index.contiguous(), relations, relation_ids.contiguous(), bias, chunk, num_negatives,
         complex_valued,
     )  # fmt: skip
-    if not rows.fits():
-        return None
-    return _PositionedBernoulli.apply(entities, relations, bias, rows, float(weight))
+    return rows if rows.fits() else None
+
+
+def positioned_bernoulli_gradients(
+    rows: native.BernoulliRows, weight: float, grad_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``positioned_bernoulli_nll`` and its gradients, written out without autograd: (the NLL, the gradient of
+    the entity rows [U, D] (in the first D columns of ``grad_out`` when given), of the relation rows [R, D], of
+    the bias [B] or None). What ``_PositionedBernoulli`` computes each way, for a step that writes its
+    gradients (``KGModel.forward_backward``)."""
+    chunk_nll, probs = native.bernoulli_forward(rows, weight)
+    grads = native.bernoulli_backward(rows, probs, weight, 1.0, grad_out)
+    return chunk_nll.sum().to(rows.entities.dtype), *grads
 
 
 class _PositionedBernoulli(torch.autograd.Function):
@@ -343,10 +375,3 @@ def n3_penalty(*embeddings: torch.Tensor, complex_valued: bool) -> torch.Tensor:
         else:
             total = total + x.abs().pow(3).sum()
     return total
-
-
-def per_occurrence_kl(kl_U: torch.Tensor, occurrences_U: torch.Tensor, frequency_U: torch.Tensor) -> torch.Tensor:
-    """sum_u KL_u * c_u / f_u: an entity seen f times per epoch carries 1/f of its KL each time,
-    so an epoch sums to the full KL of the training entities."""
-    weights = occurrences_U.to(kl_U.dtype) / frequency_U.clamp_min(1).to(kl_U.dtype)
-    return (kl_U * weights).sum()

@@ -21,7 +21,6 @@ import torch
 
 from sharding.gaussian import Encoder, identity, split_encoding, training_encoder
 from sharding.kernels import native
-from trainer.objective import per_occurrence_kl
 
 Latent = Literal["lim", "lfm", "point"]
 KLEstimator = Literal["full", "per_occurrence"]
@@ -70,13 +69,25 @@ class Posterior:
         """(sample, KL per row, mean) of what the owners sent; a point estimate is its own sample."""
         return values, values.new_zeros(len(values)), values
 
+    weighted_fact_kl = True
+    """Whether ``fact_kl`` is sum(``fact_kl_weights`` * the entities' KL) (0 where there are no weights), so a
+    step can write its gradient out (``KGModel.forward_backward``)."""
+
     def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
         """The KL that belongs to one stream's batch of facts."""
         return ent_kl.new_zeros(())
 
+    def fact_kl_weights(self, rows: Gathered, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight [U] of each of the batch's entities' KL in ``fact_kl`` (None: the batch carries none)."""
+        return None
+
     def table_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float, rank: int) -> torch.Tensor:
         """The KL of whole tables charged to this step on this rank."""
         return rel_kl.new_zeros(())
+
+    def table_kl_weight(self, share: float, rank: int) -> float:
+        """The derivative of ``table_kl`` in each relation's KL, without dense terms (a written step's)."""
+        return 0.0
 
 
 class GaussianPosterior(Posterior):
@@ -97,14 +108,21 @@ class LatentInformation(GaussianPosterior):
     def __init__(self, kl_estimator: KLEstimator, entity_frequency: torch.Tensor | None):
         if kl_estimator == "per_occurrence" and entity_frequency is None:
             raise ValueError("objective.kl_estimator=per_occurrence needs the entities' training frequencies")
-        self.frequency = entity_frequency
+        # An entity seen f times per epoch carries 1/f of its KL each time, so an epoch sums to the full KL
+        # of the training entities (clamped: an entity never in training occurs in no batch, only as a negative).
+        self.divisor = entity_frequency.clamp_min(1) if entity_frequency is not None else None
         self.dense_kl = kl_estimator == "full"
 
     def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
-        if self.frequency is None:
-            return ent_kl.new_zeros(())
-        occurrences = torch.bincount(torch.cat([rows.s, rows.o]), minlength=len(rows.ids))
-        return per_occurrence_kl(ent_kl, occurrences, self.frequency[rows.ids])
+        weights = self.fact_kl_weights(rows, ent_kl.dtype)
+        return ent_kl.new_zeros(()) if weights is None else (ent_kl * weights).sum()
+
+    def fact_kl_weights(self, rows: Gathered, dtype: torch.dtype) -> torch.Tensor | None:
+        """c / f for an entity that occurs c times in the batch and f times in an epoch."""
+        if self.divisor is None:
+            return None
+        occurrences = torch.bincount(rows.flat[: 2 * len(rows.s)], minlength=len(rows.ids))  # heads, then tails
+        return occurrences.to(dtype) / self.divisor.index_select(0, rows.ids).to(dtype)
 
     def table_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float, rank: int) -> torch.Tensor:
         total = rel_kl.sum() if rank == 0 else rel_kl.new_zeros(())
@@ -112,9 +130,14 @@ class LatentInformation(GaussianPosterior):
             total = total + dense_kl.sum()
         return share * total
 
+    def table_kl_weight(self, share: float, rank: int) -> float:
+        return share if rank == 0 else 0.0
+
 
 class LatentFact(GaussianPosterior):
     """LFM: the KL of the embeddings of each batch's facts (and their reciprocal relations)."""
+
+    weighted_fact_kl = False
 
     def __init__(self, num_relations: int, reciprocal: bool):
         self.num_relations, self.reciprocal = num_relations, reciprocal

@@ -1,4 +1,4 @@
-"""One global training step on this rank: encode -> loss -> backward -> exchange -> update.
+"""One global training step on this rank: encode -> loss and gradients -> exchange -> update.
 
 A step whose loss or gradients are not finite raises ``Divergence`` before anything is updated, on every
 rank alike, so the tables keep their last finite values. The ranks agree through a small all-reduce of two
@@ -47,9 +47,7 @@ class Step:
     ) -> StepTerms:
         """``batches``: (stream, positives [B, 3]) of this rank's streams; ``share``: this step's share of the
         epoch's whole-table KL; ``key``: (seed, epoch, step)."""
-        forward = self.model.forward(batches, share, key)
-        loss = forward.nll + kl_multiplier * forward.kl + forward.reg
-        loss.backward()
+        forward, loss = self.model.forward_backward(batches, share, key, kl_multiplier)
         # Checked on the requester's side: with finite parameters (checked each epoch) the owners' sums of
         # finite gradients are finite.
         flags, pending = self._start_check(loss, self.model.gradient_sum(forward))

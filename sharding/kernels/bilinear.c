@@ -322,19 +322,24 @@ static int backward(const Rows *x, const float *probs, int64_t chunk, int64_t K,
     return failed ? -1 : 0;
 }
 
-/* out[u] = the sum of src[p] over the positions p with index[p] = u, for u < rows (out [rows, D], src
- * [n, D]), added in the order of p: each thread owns a range of out's rows and reads every index, so no
- * two threads write one row and the sums do not depend on the thread count. */
-static void scatter_rows(const float *src, const int64_t *index, int64_t n, int64_t D, float *out, int64_t rows) {
+/* out[u] = the sum of src[p] over the positions p with index[p] = u, for u < rows (out [rows, >= D], row
+ * stride ld; src [n, D]), added in the order of p: each thread owns a range of out's rows and reads every
+ * index, so no two threads write one row and the sums do not depend on the thread count. Columns past D of
+ * a wider out are left as they are. */
+static void scatter_rows(const float *src, const int64_t *index, int64_t n, int64_t D, float *out, int64_t ld,
+                         int64_t rows) {
 #pragma omp parallel if (n * D > PARALLEL_MIN)
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
-        memset(out + lo * D, 0, (size_t)((hi - lo) * D) * sizeof(float));
+        if (ld == D)
+            memset(out + lo * D, 0, (size_t)((hi - lo) * D) * sizeof(float));
+        else
+            for (int64_t u = lo; u < hi; u++) memset(out + u * ld, 0, (size_t)D * sizeof(float));
         for (int64_t p = 0; p < n; p++) {
             const int64_t u = index[p];
             if (u < lo || u >= hi) continue;
-            float *restrict to = out + u * D;
+            float *restrict to = out + u * ld;
             const float *restrict from = src + p * D;
 #pragma omp simd
             for (int64_t k = 0; k < D; k++) to[k] += from[k];
@@ -355,20 +360,20 @@ int bernoulli_forward(const float *ent, int64_t U, int64_t ld, const int64_t *in
     return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
 }
 
-/* The gradients of the tables, g_ent [U, D] and g_rel [R, D] (each position's gradient summed into its
- * row), by way of each position's: work [2B + C K, D] (s, o, then the negatives, as index lists them) and
- * r_work [B, D] are work space. */
+/* The gradients of the tables, g_ent [U, >= D] (row stride g_ld: columns past D are left as they are) and
+ * g_rel [R, D] (each position's gradient summed into its row), by way of each position's: work
+ * [2B + C K, D] (s, o, then the negatives, as index lists them) and r_work [B, D] are work space. */
 int bernoulli_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
                        int64_t r_ld, const int64_t *r_index, const float *probs, int64_t B, int64_t chunk, int64_t K,
                        int64_t D, int64_t complex_valued, float weight, float grad, float *work, float *r_work,
-                       float *gbias, float *g_ent, float *g_rel) {
+                       float *gbias, float *g_ent, int64_t g_ld, float *g_rel) {
     const int64_t C = (B + chunk - 1) / chunk, n = 2 * B + C * K;
     if (!ids_in_range(index, n, U) || !ids_in_range(r_index, B, R)) return 1;
     const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
     const int status = backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, work, r_work,
                                 work + B * D, work + 2 * B * D, gbias);
     if (status) return status;
-    scatter_rows(work, index, n, D, g_ent, U);
-    scatter_rows(r_work, r_index, B, D, g_rel, R);
+    scatter_rows(work, index, n, D, g_ent, g_ld, U);
+    scatter_rows(r_work, r_index, B, D, g_rel, D, R);
     return 0;
 }

@@ -58,7 +58,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "row_sum_exp": ([_P, _P, _P, _I, _I], None),
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "bernoulli_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
-    "bernoulli_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 5], ctypes.c_int),
+    "bernoulli_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 4, _I, _P], ctypes.c_int),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
@@ -411,19 +411,23 @@ def bernoulli_forward(rows: BernoulliRows, weight: float) -> tuple[torch.Tensor,
 
 
 def bernoulli_backward(
-    rows: BernoulliRows, probs: torch.Tensor, weight: float, grad: float
+    rows: BernoulliRows, probs: torch.Tensor, weight: float, grad: float, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The gradients of the entity rows [U, D], of the relation rows [R, D] and of the bias (or None) from
     ``bernoulli_forward``'s ``probs`` and the gradient ``grad`` of the summed NLL: each position's gradient
-    summed into its row."""
+    summed into its row. With ``out`` [U, >= D] (float32 rows whose elements are adjacent), the entity rows'
+    gradient is written into its first D columns (the rest left as they are) and ``out`` returned."""
     dim, num_pos, entities = rows.dim, rows.num_pos, rows.entities
-    g_entities, g_relations = entities.new_empty(len(entities), dim), entities.new_empty(len(rows.relations), dim)
+    if out is not None and not (out.dim() == 2 and len(out) == len(entities) and _rows_fit(out[:, :dim], dim)):
+        raise ValueError(f"bernoulli_backward: out {tuple(out.shape)} cannot take {len(entities)} rows of {dim}")
+    g_entities = entities.new_empty(len(entities), dim) if out is None else out
+    g_relations = entities.new_empty(len(rows.relations), dim)
     work, r_work = entities.new_empty(len(rows.index), dim), entities.new_empty(num_pos, dim)
     gbias = entities.new_empty(num_pos) if rows.bias is not None else None
     status = loaded().bernoulli_backward(
         *rows._pointers(), probs.data_ptr(), num_pos, rows.chunk, rows.num_neg, dim, int(rows.complex_valued),
         weight, grad, work.data_ptr(), r_work.data_ptr(), None if gbias is None else gbias.data_ptr(),
-        g_entities.data_ptr(), g_relations.data_ptr(),
+        g_entities.data_ptr(), g_entities.stride(0), g_relations.data_ptr(),
     )  # fmt: skip
     _bernoulli_status(status, "bernoulli_backward")
     return g_entities, g_relations, gbias

@@ -505,6 +505,25 @@ def test_positioned_bernoulli_matches_gathering_then_the_torch_path(scorer, num_
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=max(1e-4, 1e-6 * want.abs().max().item()))
 
 
+def test_bernoulli_backward_writes_the_entity_gradient_into_wider_rows():
+    """``out`` [U, D + 1]: the same gradient in its first D columns, the last column left as it was; an
+    ``out`` of the wrong shape is refused."""
+    table, index, relations, facts, bias = (
+        t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(37, 8, 6, True, 16)
+    )
+    rows = native.BernoulliRows(table[:, :16], index, relations, facts[:, 1].contiguous(), bias, 8, 6, True)
+    _, probs = native.bernoulli_forward(rows, 2.0)
+    want = native.bernoulli_backward(rows, probs, 2.0, 1.5)
+    out = torch.full((len(table), 17), 7.0)
+    got = native.bernoulli_backward(rows, probs, 2.0, 1.5, out)
+    assert got[0] is out and torch.equal(out[:, :16], want[0])
+    assert torch.equal(out[:, 16], torch.full((len(table),), 7.0))
+    assert torch.equal(got[1], want[1]) and got[2] is not None and want[2] is not None and torch.equal(got[2], want[2])
+    for wrong in (torch.zeros(len(table) - 1, 17), torch.zeros(len(table), 15), torch.zeros(len(table), 17).double()):
+        with pytest.raises(ValueError, match="cannot take"):
+            native.bernoulli_backward(rows, probs, 2.0, 1.5, wrong)
+
+
 def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
     table, index, relations, facts, bias = (
         t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(10, 4, 6, True, 16)
