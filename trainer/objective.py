@@ -228,8 +228,7 @@ def positioned_bernoulli_gradients(
     the entity rows [U, D] (in the first D columns of ``grad_out`` when given), of the relation rows [R, D], of
     the bias [B] or None). What ``_PositionedBernoulli`` computes each way, for a step that writes its
     gradients (``KGModel.forward_backward``)."""
-    chunk_nll, probs = native.bernoulli_forward(rows, weight)
-    grads = native.bernoulli_backward(rows, probs, weight, 1.0, grad_out)
+    chunk_nll, *grads = native.bernoulli_forward_backward(rows, weight, grad_out)
     return chunk_nll.sum().to(rows.entities.dtype), *grads
 
 

@@ -213,109 +213,108 @@ static void chunk_negatives_transposed(const Rows *x, int64_t c, int64_t K, int6
     }
 }
 
-/* Forward. Rows as above (D of each row read); bias [B] or NULL. Writes each chunk's NLL [C] (in double)
- * and what the backward needs, the derivative of each term of the NLL in its score,
- * probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each of the fact's chunk's negatives in order.
- * Per chunk, the negatives' scores are two matrix products, the chunk's head queries by its head
- * negatives and its tail queries by its tail negatives, written into probs before the sigmoids replace
- * them; the negatives are transposed once per chunk so that each product's tile broadcasts a query's
- * number against a vector of negatives and sums nothing across lanes (dot products per negative spent
- * most of the forward summing each one's lanes). Returns 0, or -1 when a work buffer cannot be had. */
-static int forward(const Rows *x, const float *bias, int64_t chunk, int64_t K, int64_t D, int complex_valued,
-                   float weight, float *probs, double *chunk_nll) {
-    const int64_t B = x->B, C = (B + chunk - 1) / chunk, half = K / 2;
-    int failed = 0;
-#pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
-    {
-        const int64_t rows = chunk < B ? chunk : B; /* a chunk's facts at most */
-        float *work = malloc((2 * (size_t)rows + (size_t)K) * (size_t)D * sizeof(float));
-        failed = work == NULL;
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; c++) {
-            if (work == NULL) continue;
-            float *q_tail = work, *q_head = work + rows * D, *negs = q_head + rows * D;
-            chunk_negatives_transposed(x, c, K, D, negs);
-            const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
-            float *p = probs + first * (1 + K);
-            for (int64_t i = 0; i < n; i++) {
-                prefetch_fact(x, first + i + PREFETCH_AHEAD, D);
-                const float *o = o_row(x, first + i);
-                queries(s_row(x, first + i), r_row(x, first + i), o, D, complex_valued, q_tail + i * D, q_head + i * D);
-                p[i * (1 + K)] = dot(q_tail + i * D, o, D);
-            }
-            matmul(n, half, D, q_head, D, 1, negs, K, p + 1, 1 + K, 1.0f, 0);
-            matmul(n, K - half, D, q_tail, D, 1, negs + half, K, p + 1 + half, 1 + K, 1.0f, 0);
-            double total = 0.0;
-            for (int64_t i = 0; i < n; i++) {
-                const float b = bias ? bias[first + i] : 0.0f;
-                float *row = p + i * (1 + K), sig;
-                const float pos = softplus_sigmoid(-(row[0] + b), &sig);
-                row[0] = -sig;
-                float negatives = 0.0f;
-#pragma omp simd reduction(+ : negatives)
-                for (int64_t j = 1; j <= K; j++) negatives += softplus_sigmoid(row[j] + b, row + j);
-                total += (double)pos + (double)weight * negatives;
-            }
-            chunk_nll[c] = total;
-        }
-        free(work);
+/* Chunk c's forward. Rows as above (D of each row read); bias [B] or NULL. Returns the chunk's NLL and
+ * writes what the backward needs, the derivative of each term of the NLL in its score, into its facts' rows
+ * of probs [B, 1 + K]: -sigmoid(-pos), then sigmoid(score) of each of the chunk's negatives in order. The
+ * negatives' scores are two matrix products, the chunk's head queries by its head negatives and its tail
+ * queries by its tail negatives, written into probs before the sigmoids replace them; the negatives are
+ * transposed once per chunk so that each product's tile broadcasts a query's number against a vector of
+ * negatives and sums nothing across lanes (dot products per negative spent most of the forward summing
+ * each one's lanes). work: (2 chunk + K) D floats. */
+static double forward_chunk(const Rows *x, const float *bias, int64_t c, int64_t chunk, int64_t K, int64_t D,
+                            int complex_valued, float weight, float *probs, float *work) {
+    const int64_t B = x->B, half = K / 2, rows = chunk < B ? chunk : B;
+    float *q_tail = work, *q_head = work + rows * D, *negs = q_head + rows * D;
+    chunk_negatives_transposed(x, c, K, D, negs);
+    const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
+    float *p = probs + first * (1 + K);
+    for (int64_t i = 0; i < n; i++) {
+        prefetch_fact(x, first + i + PREFETCH_AHEAD, D);
+        const float *o = o_row(x, first + i);
+        queries(s_row(x, first + i), r_row(x, first + i), o, D, complex_valued, q_tail + i * D, q_head + i * D);
+        p[i * (1 + K)] = dot(q_tail + i * D, o, D);
     }
-    return failed ? -1 : 0;
+    matmul(n, half, D, q_head, D, 1, negs, K, p + 1, 1 + K, 1.0f, 0);
+    matmul(n, K - half, D, q_tail, D, 1, negs + half, K, p + 1 + half, 1 + K, 1.0f, 0);
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const float b = bias ? bias[first + i] : 0.0f;
+        float *row = p + i * (1 + K), sig;
+        const float pos = softplus_sigmoid(-(row[0] + b), &sig);
+        row[0] = -sig;
+        float negatives = 0.0f;
+#pragma omp simd reduction(+ : negatives)
+        for (int64_t j = 1; j <= K; j++) negatives += softplus_sigmoid(row[j] + b, row + j);
+        total += (double)pos + (double)weight * negatives;
+    }
+    return total;
 }
 
-/* Backward, given the forward's probs and the gradient `grad` of the summed NLL: the gradients at each
- * position, gs, gr, go [B, D], gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every
- * score of fact i in its bias). Per chunk, with G the negatives' sigmoids times w * grad: the queries'
- * gradients G N and the negatives' G^T Q, as matrix products. Returns 0, or -1 when a work buffer cannot
- * be had. */
-static int backward(const Rows *x, const float *probs, int64_t chunk, int64_t K, int64_t D, int complex_valued,
-                    float weight, float grad, float *gs, float *gr, float *go, float *gneg, float *gbias) {
-    const int64_t B = x->B, C = (B + chunk - 1) / chunk, half = K / 2;
+/* Chunk c's backward, given the forward's probs and the gradient `grad` of the summed NLL: the gradients at
+ * its positions in gs, gr, go [B, D], gneg [C, K, D] and, when not NULL, gbias [B] (the derivative of every
+ * score of fact i in its bias). With G the negatives' sigmoids times w * grad: the queries' gradients G N
+ * and the negatives' G^T Q, as matrix products. work: (4 chunk + K) D floats. */
+static void backward_chunk(const Rows *x, const float *probs, int64_t c, int64_t chunk, int64_t K, int64_t D,
+                           int complex_valued, float weight, float grad, float *gs, float *gr, float *go,
+                           float *gneg, float *gbias, float *work) {
+    const int64_t B = x->B, half = K / 2, rows = chunk < B ? chunk : B;
     const float negative_grad = weight * grad;
+    /* The chunk's queries and their gradients [n, D]. */
+    float *q_tail = work, *q_head = work + rows * D, *g_tail = q_head + rows * D, *g_head = g_tail + rows * D;
+    const float *negs = chunk_negatives(x, c, K, D, g_head + rows * D), *p = probs + c * chunk * (1 + K);
+    float *g_negs = gneg + c * K * D;
+    const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t f = first + i;
+        prefetch_fact(x, f + PREFETCH_AHEAD, D);
+        const float *o = o_row(x, f);
+        queries(s_row(x, f), r_row(x, f), o, D, complex_valued, q_tail + i * D, q_head + i * D);
+        const float g_pos = p[i * (1 + K)] * grad;
+#pragma omp simd
+        for (int64_t k = 0; k < D; k++) g_tail[i * D + k] = g_pos * o[k];
+    }
+    /* G(i, j) = p[i * (1 + K) + 1 + j], the sigmoids of fact i's negatives. */
+    matmul(n, D, half, p + 1, 1 + K, 1, negs, D, g_head, D, negative_grad, 0);
+    matmul(n, D, K - half, p + 1 + half, 1 + K, 1, negs + half * D, D, g_tail, D, negative_grad, 1);
+    matmul(half, D, n, p + 1, 1, 1 + K, q_head, D, g_negs, D, negative_grad, 0);
+    matmul(K - half, D, n, p + 1 + half, 1, 1 + K, q_tail, D, g_negs + half * D, D, negative_grad, 0);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t f = first + i;
+        const float *row = p + i * (1 + K);
+        const float g_pos = row[0] * grad;
+        float *go_f = go + f * D;
+#pragma omp simd
+        for (int64_t k = 0; k < D; k++) go_f[k] = g_pos * q_tail[i * D + k];
+        query_backward(s_row(x, f), r_row(x, f), o_row(x, f), g_tail + i * D, g_head + i * D, D, complex_valued,
+                       gs + f * D, gr + f * D, go_f);
+        if (gbias) {
+            float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+            for (int64_t j = 1; j <= K; j++) total += row[j];
+            gbias[f] = g_pos + negative_grad * total;
+        }
+    }
+}
+
+/* The chunks on torch's OpenMP threads, each its forward (when chunk_nll is not NULL: each chunk's NLL [C]
+ * in double, and probs) then its backward (when gs is not NULL, from probs: the gradients at each position,
+ * as backward_chunk), so a chunk's rows are still in the caches when its backward reads them again. Returns
+ * 0, or -1 when a work buffer cannot be had. */
+static int chunks(const Rows *x, const float *bias, int64_t chunk, int64_t K, int64_t D, int complex_valued,
+                  float weight, float grad, float *probs, double *chunk_nll, float *gs, float *gr, float *go,
+                  float *gneg, float *gbias) {
+    const int64_t B = x->B, C = (B + chunk - 1) / chunk;
     int failed = 0;
 #pragma omp parallel if (B * (K + 1) * D > PARALLEL_MIN) reduction(| : failed)
     {
         const int64_t rows = chunk < B ? chunk : B; /* a chunk's facts at most */
-        float *work = malloc((4 * (size_t)rows + (size_t)K) * (size_t)D * sizeof(float));
+        float *work = malloc(((gs ? 4 : 2) * (size_t)rows + (size_t)K) * (size_t)D * sizeof(float));
         failed = work == NULL;
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; c++) {
             if (work == NULL) continue;
-            /* The chunk's queries and their gradients [n, D]. */
-            float *q_tail = work, *q_head = work + rows * D, *g_tail = q_head + rows * D, *g_head = g_tail + rows * D;
-            const float *negs = chunk_negatives(x, c, K, D, g_head + rows * D), *p = probs + c * chunk * (1 + K);
-            float *g_negs = gneg + c * K * D;
-            const int64_t first = c * chunk, n = (c + 1) * chunk < B ? chunk : B - first;
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t f = first + i;
-                prefetch_fact(x, f + PREFETCH_AHEAD, D);
-                const float *o = o_row(x, f);
-                queries(s_row(x, f), r_row(x, f), o, D, complex_valued, q_tail + i * D, q_head + i * D);
-                const float g_pos = p[i * (1 + K)] * grad;
-#pragma omp simd
-                for (int64_t k = 0; k < D; k++) g_tail[i * D + k] = g_pos * o[k];
-            }
-            /* G(i, j) = p[i * (1 + K) + 1 + j], the sigmoids of fact i's negatives. */
-            matmul(n, D, half, p + 1, 1 + K, 1, negs, D, g_head, D, negative_grad, 0);
-            matmul(n, D, K - half, p + 1 + half, 1 + K, 1, negs + half * D, D, g_tail, D, negative_grad, 1);
-            matmul(half, D, n, p + 1, 1, 1 + K, q_head, D, g_negs, D, negative_grad, 0);
-            matmul(K - half, D, n, p + 1 + half, 1, 1 + K, q_tail, D, g_negs + half * D, D, negative_grad, 0);
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t f = first + i;
-                const float *row = p + i * (1 + K);
-                const float g_pos = row[0] * grad;
-                float *go_f = go + f * D;
-#pragma omp simd
-                for (int64_t k = 0; k < D; k++) go_f[k] = g_pos * q_tail[i * D + k];
-                query_backward(s_row(x, f), r_row(x, f), o_row(x, f), g_tail + i * D, g_head + i * D, D,
-                               complex_valued, gs + f * D, gr + f * D, go_f);
-                if (gbias) {
-                    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-                    for (int64_t j = 1; j <= K; j++) total += row[j];
-                    gbias[f] = g_pos + negative_grad * total;
-                }
-            }
+            if (chunk_nll) chunk_nll[c] = forward_chunk(x, bias, c, chunk, K, D, complex_valued, weight, probs, work);
+            if (gs) backward_chunk(x, probs, c, chunk, K, D, complex_valued, weight, grad, gs, gr, go, gneg, gbias, work);
         }
         free(work);
     }
@@ -349,29 +348,34 @@ static void scatter_rows(const float *src, const int64_t *index, int64_t n, int6
 
 /* The NLL of B facts in chunks of `chunk` sharing K negatives, from entity rows ent [U, >= D] (row stride
  * ld), s, o and the negatives at index [2B + C K], and relation rows rel [R, >= D] (stride r_ld) at
- * r_index [B]; bias [B] or NULL. Returns 0, -1 when a work buffer cannot be had, or 1 when a position is
- * outside its table (nothing is computed then). */
+ * r_index [B]; bias [B] or NULL. Writes each chunk's NLL [C] and probs [B, 1 + K] (forward_chunk). Returns
+ * 0, -1 when a work buffer cannot be had, or 1 when a position is outside its table (nothing is computed
+ * then). */
 int bernoulli_forward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
                       int64_t r_ld, const int64_t *r_index, const float *bias, int64_t B, int64_t chunk, int64_t K,
                       int64_t D, int64_t complex_valued, float weight, float *probs, double *chunk_nll) {
     const int64_t C = (B + chunk - 1) / chunk;
     if (!ids_in_range(index, 2 * B + C * K, U) || !ids_in_range(r_index, B, R)) return 1;
     const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
-    return forward(&x, bias, chunk, K, D, (int)complex_valued, weight, probs, chunk_nll);
+    return chunks(&x, bias, chunk, K, D, (int)complex_valued, weight, 0.0f, probs, chunk_nll, NULL, NULL, NULL,
+                  NULL, NULL);
 }
 
-/* The gradients of the tables, g_ent [U, >= D] (row stride g_ld: columns past D are left as they are) and
- * g_rel [R, D] (each position's gradient summed into its row), by way of each position's: work
- * [2B + C K, D] (s, o, then the negatives, as index lists them) and r_work [B, D] are work space. */
+/* The gradients of the tables given probs, g_ent [U, >= D] (row stride g_ld: columns past D are left as
+ * they are) and g_rel [R, D] (each position's gradient summed into its row), by way of each position's:
+ * work [2B + C K, D] (s, o, then the negatives, as index lists them) and r_work [B, D] are work space.
+ * With chunk_nll not NULL, each chunk's forward first (bernoulli_forward's NLL and probs, written), then
+ * its backward: the same numbers as the two calls, in one pass over the chunks. */
 int bernoulli_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
-                       int64_t r_ld, const int64_t *r_index, const float *probs, int64_t B, int64_t chunk, int64_t K,
-                       int64_t D, int64_t complex_valued, float weight, float grad, float *work, float *r_work,
-                       float *gbias, float *g_ent, int64_t g_ld, float *g_rel) {
+                       int64_t r_ld, const int64_t *r_index, const float *bias, double *chunk_nll, float *probs,
+                       int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
+                       float grad, float *work, float *r_work, float *gbias, float *g_ent, int64_t g_ld,
+                       float *g_rel) {
     const int64_t C = (B + chunk - 1) / chunk, n = 2 * B + C * K;
     if (!ids_in_range(index, n, U) || !ids_in_range(r_index, B, R)) return 1;
     const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
-    const int status = backward(&x, probs, chunk, K, D, (int)complex_valued, weight, grad, work, r_work,
-                                work + B * D, work + 2 * B * D, gbias);
+    const int status = chunks(&x, bias, chunk, K, D, (int)complex_valued, weight, grad, probs, chunk_nll, work,
+                              r_work, work + B * D, work + 2 * B * D, gbias);
     if (status) return status;
     scatter_rows(work, index, n, D, g_ent, g_ld, U);
     scatter_rows(r_work, r_index, B, D, g_rel, D, R);

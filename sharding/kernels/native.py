@@ -58,7 +58,10 @@ _SIGNATURES = {  # name: (argument types, return type)
     "row_sum_exp": ([_P, _P, _P, _I, _I], None),
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "bernoulli_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
-    "bernoulli_backward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _F, *[_P] * 4, _I, _P], ctypes.c_int),
+    "bernoulli_backward": (
+        [_P, _I, _I, _P, _P, _I, _I, _P, *[_P] * 3, *[_I] * 5, _F, _F, *[_P] * 4, _I, _P],
+        ctypes.c_int,
+    ),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
     "normal_rows": ([_P, ctypes.c_uint64, _P, _I, _I], None),
     "sample_kl_forward": ([_P, _P, _I, _P, _P, _P, _I, _I, ctypes.c_uint64, _I], ctypes.c_int),
@@ -371,6 +374,12 @@ class BernoulliRows:
             and (bias is None or (floats_applicable(bias) and bias.shape == (num_pos,)))
         )  # fmt: skip
 
+    def describe(self) -> str:
+        return (
+            f"entities {tuple(self.entities.shape)}, index {tuple(self.index.shape)}, relations "
+            f"{tuple(self.relations.shape)} for {self.num_pos} facts, chunks of {self.chunk}, k={self.num_neg}"
+        )
+
     def _pointers(self) -> tuple:
         """The arguments both kernels start with: the entity rows, their count, stride and positions; the
         relation rows, theirs."""
@@ -394,11 +403,7 @@ def bernoulli_forward(rows: BernoulliRows, weight: float) -> tuple[torch.Tensor,
     (each chunk's NLL [C] in float64, the derivatives of its terms in their scores [B, 1 + K] that its
     backward needs)."""
     if not rows.fits():
-        raise ValueError(
-            f"bernoulli_forward: the kernel cannot take entities {tuple(rows.entities.shape)}, index "
-            f"{tuple(rows.index.shape)}, relations {tuple(rows.relations.shape)} for {rows.num_pos} facts, "
-            f"chunks of {rows.chunk}, k={rows.num_neg}"
-        )
+        raise ValueError(f"bernoulli_forward: the kernel cannot take {rows.describe()}")
     num_pos, num_neg, bias = rows.num_pos, rows.num_neg, rows.bias
     probs = rows.entities.new_empty(num_pos, 1 + num_neg)
     chunk_nll = torch.empty(-(-num_pos // rows.chunk), dtype=torch.float64)
@@ -417,6 +422,31 @@ def bernoulli_backward(
     ``bernoulli_forward``'s ``probs`` and the gradient ``grad`` of the summed NLL: each position's gradient
     summed into its row. With ``out`` [U, >= D] (float32 rows whose elements are adjacent), the entity rows'
     gradient is written into its first D columns (the rest left as they are) and ``out`` returned."""
+    return _backward(rows, probs, weight, grad, out, None)
+
+
+def bernoulli_forward_backward(
+    rows: BernoulliRows, weight: float, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``bernoulli_forward`` and then ``bernoulli_backward`` with ``grad`` 1 in one call, each chunk's backward
+    right after its forward (its rows still in the caches): (each chunk's NLL [C] in float64, the gradients as
+    ``bernoulli_backward`` returns them). The same numbers as the two calls, bit for bit."""
+    if not rows.fits():
+        raise ValueError(f"bernoulli_forward_backward: the kernel cannot take {rows.describe()}")
+    chunk_nll = torch.empty(-(-rows.num_pos // rows.chunk), dtype=torch.float64)
+    probs = rows.entities.new_empty(rows.num_pos, 1 + rows.num_neg)
+    return chunk_nll, *_backward(rows, probs, weight, 1.0, out, chunk_nll)
+
+
+def _backward(
+    rows: BernoulliRows,
+    probs: torch.Tensor,
+    weight: float,
+    grad: float,
+    out: torch.Tensor | None,
+    chunk_nll: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The kernel's backward, after its forward when ``chunk_nll`` is given (it then writes it and ``probs``)."""
     dim, num_pos, entities = rows.dim, rows.num_pos, rows.entities
     if out is not None and not (out.dim() == 2 and len(out) == len(entities) and _rows_fit(out[:, :dim], dim)):
         raise ValueError(f"bernoulli_backward: out {tuple(out.shape)} cannot take {len(entities)} rows of {dim}")
@@ -424,10 +454,12 @@ def bernoulli_backward(
     g_relations = entities.new_empty(len(rows.relations), dim)
     work, r_work = entities.new_empty(len(rows.index), dim), entities.new_empty(num_pos, dim)
     gbias = entities.new_empty(num_pos) if rows.bias is not None else None
+    bias = rows.bias.data_ptr() if rows.bias is not None and chunk_nll is not None else None
     status = loaded().bernoulli_backward(
-        *rows._pointers(), probs.data_ptr(), num_pos, rows.chunk, rows.num_neg, dim, int(rows.complex_valued),
-        weight, grad, work.data_ptr(), r_work.data_ptr(), None if gbias is None else gbias.data_ptr(),
-        g_entities.data_ptr(), g_entities.stride(0), g_relations.data_ptr(),
+        *rows._pointers(), bias, None if chunk_nll is None else chunk_nll.data_ptr(), probs.data_ptr(), num_pos,
+        rows.chunk, rows.num_neg, dim, int(rows.complex_valued), weight, grad, work.data_ptr(), r_work.data_ptr(),
+        None if gbias is None else gbias.data_ptr(), g_entities.data_ptr(), g_entities.stride(0),
+        g_relations.data_ptr(),
     )  # fmt: skip
     _bernoulli_status(status, "bernoulli_backward")
     return g_entities, g_relations, gbias

@@ -524,6 +524,33 @@ def test_bernoulli_backward_writes_the_entity_gradient_into_wider_rows():
             native.bernoulli_backward(rows, probs, 2.0, 1.5, wrong)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bernoulli_forward_backward_is_the_two_calls_bit_for_bit(bias, threads):
+    """One pass over the chunks, each chunk's backward right after its forward: the same NLL and gradients
+    as ``bernoulli_forward`` then ``bernoulli_backward`` (a padded last chunk, an odd k)."""
+    table, index, relations, facts, bias_ = (
+        t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(1000, 32, 33, bias, 32)
+    )
+    rows = native.BernoulliRows(table[:, :32], index, relations, facts[:, 1].contiguous(), bias_, 32, 33, True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunk_nll, probs = native.bernoulli_forward(rows, 3.0)
+        want = native.bernoulli_backward(rows, probs, 3.0, 1.0)
+        got_nll, *got = native.bernoulli_forward_backward(rows, 3.0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got_nll, chunk_nll)
+    for a, b in zip(got, want, strict=True):
+        assert (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    with pytest.raises(ValueError, match="cannot take"):
+        native.bernoulli_forward_backward(
+            native.BernoulliRows(table[:, :32], index[:-1], relations, facts[:, 1].contiguous(), bias_, 32, 33, True),
+            3.0,
+        )
+
+
 def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
     table, index, relations, facts, bias = (
         t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(10, 4, 6, True, 16)
