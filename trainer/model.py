@@ -194,10 +194,10 @@ class KGModel:
         """``forward_backward`` with the gradients written out, not traced: each batch's NLL and its gradients
         in one call of the compiled kernel (``Likelihood.nll_and_gradients``), the KL's as the weights
         ``Posterior.fact_kl_weights`` times ``kl_multiplier``, the relations' sample and KL by the same
-        operations ``sample_and_kl`` runs each way. The same numbers as the traced step, bit for bit with one
-        data stream, without the ~20 small autograd nodes a batch traces (about a third of a step at PBG's
-        sampling on WN18RR: docs/benchmarks.md). The owners' encoding stays an autograd node: its gradient
-        travels back to them as in the traced step."""
+        operations ``sample_and_kl`` runs each way. The same numbers as the traced step, bit for bit, without
+        the autograd engine and the ~20 small nodes a batch traces (a step 1.08x faster at PBG's sampling on
+        WN18RR: docs/benchmarks.md). The owners' encoding stays an autograd node: its gradient travels back
+        to them as in the traced step."""
         ents, rels, posterior = self.entities, self.relations, self.posterior
         relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
         relation_rows = rels.table.weight
