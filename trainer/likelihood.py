@@ -203,6 +203,8 @@ class Bernoulli(SampledNegatives):
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
     ) -> torch.Tensor:
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
+        if not len(facts.positives):  # a stream that ran out
+            return facts.entities.new_zeros(())
         if self.uniform:
             positioned = positioned_bernoulli_nll(
                 scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],

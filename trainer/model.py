@@ -203,25 +203,32 @@ class KGModel:
         relation_rows = rels.table.weight
         # Only the leaves' gradients are read (collect, the finiteness check): a view that holds no memory.
         relation_leaf = relation_rows.new_zeros(()).expand(relation_rows.shape)
-        bias_leaf = self.bias.table.weight.new_zeros(()).expand(self.bias.table.weight.shape) if self.bias else None
-        grad_bias = torch.zeros_like(self.bias.table.weight[:, 0]) if self.bias is not None else None
+        bias_rows = self.bias.table.weight if self.bias is not None else relation_rows.new_zeros(0, 1)
+        bias_leaf = bias_rows.new_zeros(()).expand(bias_rows.shape) if self.bias is not None else None
         encoder = posterior.encoder(ents.dim, key, None, keep_mean=False)
         encoded: list[Encoded] = []
+        saved: tuple[torch.Tensor, torch.Tensor] | None = None  # the relations' (mean, sigma)
         with torch.no_grad():
             if relation_eps is None:
-                relations, relation_kl, saved = relation_rows, relation_rows.new_zeros(len(relation_rows)), None
+                relations, relation_kl = relation_rows, relation_rows.new_zeros(len(relation_rows))
             else:
                 relations, relation_kl, saved = sample_kl_values(relation_rows, relation_eps, posterior.prior_var)
-        grad_relations: torch.Tensor | None = None
+        # Each batch's gradients in the relations and the biases, summed as the autograd engine sums them.
+        relation_grads: list[torch.Tensor] = []
+        bias_grads: list[torch.Tensor] = []
         nll = kl = relations.new_zeros(())
         for stream, positives in batches:
             batch = self._encode_batch(stream, positives, key, encoder)
             encoded.append(batch.item)
+            values = batch.item.values
+            if not len(batch.positives):  # a stream that ran out: the owners still served it (no rows)
+                values.grad = torch.zeros_like(values)
+                continue
             with torch.no_grad():
-                bias = self.bias.table.weight[:, 0].index_select(0, batch.r) if self.bias is not None else None
+                bias = bias_rows[:, 0].index_select(0, batch.r) if self.bias is not None else None
                 facts = FactRows(batch.sample, batch.rows, relations, batch.positives, bias)
-                values = batch.item.values
                 # [sample | KL] (or the rows themselves): the kernel writes the samples' columns.
+                assert values.shape[1] <= ents.dim + 1, "the owners sent more than a sample and its KL"
                 grad_values = torch.empty_like(values)
                 terms = self.likelihood.nll_and_gradients(self.scorer, facts, grad_values)
                 if terms is None:
@@ -237,20 +244,22 @@ class KGModel:
                     else:
                         torch.mul(weights, kl_multiplier, out=kl_column)
                 values.grad = grad_values
-                if grad_relations is not None:
-                    batch_grad_relations = grad_relations + batch_grad_relations
-                grad_relations = batch_grad_relations
-                if grad_bias is not None and batch_grad_bias is not None:
-                    grad_bias.index_add_(0, batch.r, batch_grad_bias)
+                relation_grads.append(batch_grad_relations)
+                if bias is not None and batch_grad_bias is not None:  # as the bias' index_select backward makes it
+                    bias_grads.append(relations.new_zeros(len(bias_rows)).index_add_(0, batch.r, batch_grad_bias))
         with torch.no_grad():
             kl = kl + posterior.table_kl(None, relation_kl, share, self.exchange.rank)
             loss = nll + kl_multiplier * kl
-            if saved is None:
+            grad_relations, grad_bias = _engine_sum(relation_grads), _engine_sum(bias_grads)
+            if saved is None or relation_eps is None:
                 relation_leaf.grad = grad_relations
             else:
                 table_weight = posterior.table_kl_weight(share, self.exchange.rank)
                 grad_kl = (relation_rows.new_full((), kl_multiplier) * table_weight).expand(len(relation_rows))
-                relation_leaf.grad = sample_kl_grad(*saved, relation_eps, posterior.prior_var, grad_relations, grad_kl)
+                mean, std = saved
+                relation_leaf.grad = sample_kl_grad(
+                    mean, std, relation_eps, posterior.prior_var, grad_relations, grad_kl
+                )
             if bias_leaf is not None and grad_bias is not None:
                 bias_leaf.grad = grad_bias.unsqueeze(1)
         return Forward(nll, kl, relations.new_zeros(()), relation_leaf, None, encoded, bias_leaf), loss
@@ -337,6 +346,17 @@ class KGModel:
         if side == "tail":
             return self.scorer.score_tails(query_emb, rel_emb, candidates)
         return self.scorer.score_heads(rel_emb, query_emb, candidates)
+
+
+def _engine_sum(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of one tensor's gradients from several batches in the order the autograd engine adds them
+    (the last batch's first: its nodes were made last), so a written step adds them as a traced one does."""
+    if not grads:
+        return None
+    total = grads[-1]
+    for grad in reversed(grads[:-1]):
+        total = total + grad
+    return total
 
 
 def build_model(

@@ -228,8 +228,8 @@ def positioned_bernoulli_gradients(
     the entity rows [U, D] (in the first D columns of ``grad_out`` when given), of the relation rows [R, D], of
     the bias [B] or None). What ``_PositionedBernoulli`` computes each way, for a step that writes its
     gradients (``KGModel.forward_backward``)."""
-    chunk_nll, *grads = native.bernoulli_forward_backward(rows, weight, grad_out)
-    return chunk_nll.sum().to(rows.entities.dtype), *grads
+    chunk_nll, grad_entities, grad_relations, grad_bias = native.bernoulli_forward_backward(rows, weight, grad_out)
+    return chunk_nll.sum().to(rows.entities.dtype), grad_entities, grad_relations, grad_bias
 
 
 class _PositionedBernoulli(torch.autograd.Function):

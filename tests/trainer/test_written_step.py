@@ -43,8 +43,19 @@ def _trained(config, tmp_path, written: bool, steps: int = 12, kl_multiplier: fl
         ["model.latent=point", "objective.relation_bias=true"],
         ["model.prior=1/dim"],  # the owners sample with torch ops (the kernel's KL is to N(0, I))
         ["sharding.streams=2"],  # two batches a step share the relations' sample
+        # Their gradients added in the order the engine adds them.
+        ["sharding.streams=3", "train.batch_size=510", "objective.relation_bias=true"],
+        ["model.latent=point", "sharding.streams=2", "objective.relation_bias=true"],
     ],
-    ids=["lim-complex", "lim-distmult-adam-bias", "point-bias", "prior", "two-streams"],
+    ids=[
+        "lim-complex",
+        "lim-distmult-adam-bias",
+        "point-bias",
+        "prior",
+        "two-streams",
+        "three-streams-bias",
+        "point-two-streams-bias",
+    ],
 )
 def test_the_written_step_is_the_traced_step_bit_for_bit(tmp_path, overrides):
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
@@ -61,6 +72,23 @@ def test_the_written_step_is_the_traced_step_bit_for_bit(tmp_path, overrides):
     for a, b in tables:
         assert torch.equal(a, b)
     assert not torch.equal(written.entities.weight, _trained(config, tmp_path / "x", True, steps=0)[1].entities.weight)
+
+
+def test_a_stream_that_ran_out_is_an_empty_batch_both_ways(tmp_path):
+    """The schedule gives a stream that ran out an empty batch; its owners still serve it (no rows), its NLL and
+    KL are 0, and the written step takes it as the traced one does."""
+    config = _config("sharding.streams=2", "objective.relation_bias=true")
+    results = []
+    for written in (True, False):
+        run = Training.set_up(config, tmp_path / str(written), load_data(config.data), LocalExchange(), None)
+        run.model.__dict__["writes_gradients"] = written
+        (stream, positives), (other, _) = next(iter(run.schedule.epoch(0)))
+        batches = [(stream, positives), (other, torch.empty(0, 3, dtype=torch.int64))]
+        results.append((run.step(batches, 0.1, 0.7, (0, 0, 0)), run.model))
+    (written_terms, written), (traced_terms, traced) = results
+    assert written_terms == traced_terms and written_terms.nll > 0
+    assert torch.equal(written.entities.weight, traced.entities.weight)
+    assert torch.equal(written.relations.table.weight, traced.relations.table.weight)
 
 
 def test_the_step_is_written_only_where_it_computes_the_same(monkeypatch):
