@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sharding import rng
 from sharding.exchange import Exchange
+from sharding.kernels.native import BernoulliRows
 from trainer.objective import (
     LogZ,
     bernoulli_negative_weight,
@@ -191,13 +192,18 @@ class Bernoulli(SampledNegatives):
     def nll_and_gradients(
         self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        rows = self._kernel_rows(scorer, facts)
+        return None if rows is None else positioned_bernoulli_gradients(rows, self.weight, grad_out)
+
+    def _kernel_rows(self, scorer: Scorer, facts: FactRows) -> BernoulliRows | None:
+        """The batch as the compiled kernel takes it, or None where it does not (weighted negatives, another
+        scorer or device)."""
         if not self.uniform or facts.neg_layout is None:
             return None
-        rows = positioned_bernoulli_rows(
+        return positioned_bernoulli_rows(
             scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],
             self.chunk, facts.bias,
         )  # fmt: skip
-        return None if rows is None else positioned_bernoulli_gradients(rows, self.weight, grad_out)
 
     def nll(
         self, scorer: Scorer, facts: FactRows, relations: torch.Tensor, candidates: torch.Tensor | None
@@ -205,13 +211,9 @@ class Bernoulli(SampledNegatives):
         assert facts.neg_layout is not None, "the Bernoulli likelihood scores sampled negatives"
         if not len(facts.positives):  # a stream that ran out
             return facts.entities.new_zeros(())
-        if self.uniform:
-            positioned = positioned_bernoulli_nll(
-                scorer, facts.entities, facts.rows.flat, facts.relations, facts.relation_ids, facts.neg_layout[1],
-                self.chunk, self.weight, facts.bias,
-            )  # fmt: skip
-            if positioned is not None:
-                return positioned
+        rows = self._kernel_rows(scorer, facts)
+        if rows is not None:
+            return positioned_bernoulli_nll(rows, self.weight)
         neg = facts.neg.view(*facts.neg_layout, -1)
         keep = self._keep(facts) if self.exclude_positives else None
         weight, positive_weight = self.weight, None

@@ -176,30 +176,6 @@ def kernel_scores(scorer: Scorer) -> bool:
     return type(scorer) in _KERNEL_SCORERS and native.library() is not None
 
 
-def positioned_bernoulli_nll(
-    scorer: Scorer,
-    entities: torch.Tensor,
-    index: torch.Tensor,
-    relations: torch.Tensor,
-    relation_ids: torch.Tensor,
-    num_negatives: int,
-    chunk: int,
-    weight: float,
-    bias: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """``bernoulli_nll`` with uniform weights of B facts whose rows are given by position: s, o and the
-    negatives [C, num_negatives] at ``entities[index]`` (index [2B + C*num_negatives], in that order), the
-    relations at ``relations[relation_ids]``. The compiled kernel (sharding/kernels/bilinear.c) reads the
-    rows where they are and sums their gradients into the tables' rows: queries, scores, softplus and
-    sigmoids in one pass per chunk, where the torch path dispatches some fifty operations each way around a
-    gather of the rows and a scatter of their gradients. None where it cannot take them (DistMult and
-    ComplEx themselves on the CPU only; then the caller gathers the rows for ``bernoulli_nll``)."""
-    rows = positioned_bernoulli_rows(scorer, entities, index, relations, relation_ids, num_negatives, chunk, bias)
-    if rows is None:
-        return None
-    return _PositionedBernoulli.apply(entities, relations, bias, rows, float(weight))
-
-
 def positioned_bernoulli_rows(
     scorer: Scorer,
     entities: torch.Tensor,
@@ -210,7 +186,13 @@ def positioned_bernoulli_rows(
     chunk: int,
     bias: torch.Tensor | None,
 ) -> native.BernoulliRows | None:
-    """The kernel's view of ``positioned_bernoulli_nll``'s arguments, or None where it cannot take them."""
+    """B facts whose rows are given by position, as the compiled Bernoulli kernel (sharding/kernels/bilinear.c)
+    takes them: s, o and the negatives [C, num_negatives] at ``entities[index]`` (index [2B + C*num_negatives],
+    in that order), the relations at ``relations[relation_ids]``. The kernel reads the rows where they are and
+    sums their gradients into the tables' rows: queries, scores, softplus and sigmoids in one pass per chunk,
+    where the torch path dispatches some fifty operations each way around a gather of the rows and a scatter
+    of their gradients. None where it cannot take them (DistMult and ComplEx themselves on the CPU only; then
+    the caller gathers the rows for ``bernoulli_nll``)."""
     complex_valued = _KERNEL_SCORERS.get(type(scorer))
     if complex_valued is None:
         return None
@@ -219,6 +201,11 @@ def positioned_bernoulli_rows(
         complex_valued,
     )  # fmt: skip
     return rows if rows.fits() else None
+
+
+def positioned_bernoulli_nll(rows: native.BernoulliRows, weight: float) -> torch.Tensor:
+    """``bernoulli_nll`` with uniform weights ``weight`` of the facts ``rows`` places, as an autograd node."""
+    return _PositionedBernoulli.apply(rows.entities, rows.relations, rows.bias, rows, float(weight))
 
 
 def positioned_bernoulli_gradients(

@@ -15,6 +15,7 @@ from trainer.objective import (
     negative_weights,
     position_weights,
     positioned_bernoulli_nll,
+    positioned_bernoulli_rows,
     softmax_nll,
 )
 from trainer.posterior import Gathered
@@ -248,7 +249,8 @@ def _loss_and_grads(scorer, tensors, chunk, dtype):
         num_pos, dim = s.shape
         entities = torch.cat([s, o, neg.reshape(-1, dim)])
         index, relation_ids = torch.arange(len(entities)), torch.arange(num_pos)
-        loss = positioned_bernoulli_nll(scorer, entities, index, r, relation_ids, neg.shape[1], chunk, 37.5, bias)
+        rows = positioned_bernoulli_rows(scorer, entities, index, r, relation_ids, neg.shape[1], chunk, bias)
+        loss = positioned_bernoulli_nll(rows, 37.5) if rows is not None else None
     if loss is None:
         loss = bernoulli_nll(scorer, s, r, o, neg, chunk=chunk, negative_weight=37.5, bias_B=bias)
     loss.backward()
@@ -467,7 +469,9 @@ def _positioned_loss_and_grads(scorer, case, dim, chunk, num_neg, dtype, positio
     bias = bias.requires_grad_(True) if bias is not None else None
     entities, num_pos = table[:, :dim], len(facts)
     if positioned:
-        loss = positioned_bernoulli_nll(scorer, entities, index, relations, facts[:, 1], num_neg, chunk, 37.5, bias)
+        rows = positioned_bernoulli_rows(scorer, entities, index, relations, facts[:, 1], num_neg, chunk, bias)
+        assert rows is not None
+        loss = positioned_bernoulli_nll(rows, 37.5)
     else:
         rows = entities[index]
         neg = rows[2 * num_pos :].view(-1, num_neg, dim)
@@ -569,9 +573,7 @@ def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
         (entities, index, relations, r, bias, 0, 6),
     ]
     for entities_, index_, relations_, r_, bias_, chunk, num_neg in misfits:
-        assert (
-            positioned_bernoulli_nll(ComplEx(), entities_, index_, relations_, r_, num_neg, chunk, 1.0, bias_) is None
-        )
+        assert positioned_bernoulli_rows(ComplEx(), entities_, index_, relations_, r_, num_neg, chunk, bias_) is None
     outside = index.clone()
     outside[-1] = len(table)
     with pytest.raises(IndexError, match="outside its table"):
