@@ -154,6 +154,9 @@ class TrainConfig:
     """Rollbacks allowed in one process before the run stops (on_divergence=rollback)."""
     log_steps: bool = False
     """Also write steps.jsonl: one line per global step (epoch, step, nll, kl, loss, summed over workers)."""
+    written_gradients: bool = True
+    """Write a step's gradients out where the compiled Bernoulli kernel allows it (the same numbers as tracing
+    them, bit for bit, in less time; docs/model.md); false traces every step, to check one against the other."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations in a row without a better validation MRR (None: never); the
     final evaluation uses the best checkpoint either way."""

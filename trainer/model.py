@@ -93,6 +93,7 @@ class KGModel:
         n3_weight: float = 0.0,
         bias: ReplicatedTable | None = None,
         clip_sigma_norm: float | None = None,
+        write_gradients: bool = True,
     ):
         self.entities, self.relations, self.scorer = entities, relations, scorer
         self.posterior, self.likelihood, self.num_relations = posterior, likelihood, num_relations
@@ -100,6 +101,8 @@ class KGModel:
         self.bias = bias
         """A point-estimate bias per relation [Nr, 1] added to every score (``objective.relation_bias``)."""
         self.clip_sigma_norm = clip_sigma_norm
+        self.write_gradients = write_gradients
+        """Whether to write a step's gradients out where ``writes_gradients`` allows (``train.written_gradients``)."""
         # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
         self.dense = likelihood.dense or posterior.dense_kl
 
@@ -143,10 +146,11 @@ class KGModel:
         """Whether a step's gradients are written out rather than traced (``_written_step``): a likelihood
         that writes its gradients (the compiled Bernoulli kernel, ``Likelihood.writes_gradients``) under a
         posterior whose batch KL is a weighted sum of the rows' (``Posterior.weighted_fact_kl``: LIM with
-        the per-occurrence KL, point estimates), with nothing dense and no N3."""
+        the per-occurrence KL, point estimates), with nothing dense and no N3, unless ``train.written_gradients``
+        is off."""
         return (
-            self.likelihood.writes_gradients(self.scorer, self.device) and self.posterior.weighted_fact_kl
-            and not self.dense and not self.n3_weight
+            self.write_gradients and self.likelihood.writes_gradients(self.scorer, self.device)
+            and self.posterior.weighted_fact_kl and not self.dense and not self.n3_weight
         )  # fmt: skip
 
     def forward(self, batches: list[tuple[int, torch.Tensor]], share: float, key: tuple[int, ...]) -> Forward:
@@ -406,5 +410,6 @@ def build_model(
         bias = ReplicatedTable(bias_table, exchange)
     scorer = build_scorer(model_cfg.scorer, model_cfg.separate_roles)
     return KGModel(
-        entities, relations, scorer, posterior, likelihood, num_relations, n3_weight, bias, optim.clip_sigma_norm
-    )
+        entities, relations, scorer, posterior, likelihood, num_relations, n3_weight, bias, optim.clip_sigma_norm,
+        config.train.written_gradients,
+    )  # fmt: skip

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.sharding.conftest import read_jsonl, run_trainer
 
@@ -87,3 +88,21 @@ def test_resumed_two_worker_run_continues_exactly(runs, tmp_path):
     _train(tmp_path / "resumed", 2, likelihood, epochs=2)
     _train(tmp_path / "resumed", 2, likelihood, epochs=3)
     _assert_same_steps(read_jsonl(root / "two" / "steps.jsonl"), read_jsonl(tmp_path / "resumed" / "steps.jsonl"))
+
+
+def test_two_workers_write_the_gradients_they_would_trace(tmp_path):
+    """At world size 2 (rank 1 charges no relation KL; each rank's gradients go to the rows' owners and the
+    relations' are all-reduced) the written step gives the traced step's numbers bit for bit: every step's
+    terms and the tables at the end."""
+    extra = ["objective.relation_bias=true", "train.eval_every=0"]
+    for written in ("true", "false"):
+        _train(tmp_path / written, 2, "bernoulli", epochs=2, extra=[*extra, f"train.written_gradients={written}"])
+    written, traced = (read_jsonl(tmp_path / name / "steps.jsonl") for name in ("true", "false"))
+    assert len(written) == len(traced) > 0 and written == traced
+    shards = sorted(p.name for p in (tmp_path / "true" / "checkpoint").glob("*.pt"))
+    assert sum(name.startswith("entities-") for name in shards) == 2 and "relations.pt" in shards
+    for name in shards:  # each rank's entity rows, the relations, the biases: rows and optimiser state
+        a, b = (torch.load(tmp_path / run / "checkpoint" / name, weights_only=False) for run in ("true", "false"))
+        assert torch.equal(a["weight"], b["weight"]), name
+        for key, value in a["optim"].items():
+            assert torch.equal(value, b["optim"][key]) if torch.is_tensor(value) else value == b["optim"][key], name

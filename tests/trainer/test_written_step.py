@@ -24,9 +24,10 @@ def _config(*overrides: str):
 
 def _trained(config, tmp_path, written: bool, steps: int = 12, kl_multiplier: float = 0.7):
     """(each step's terms, the model) after ``steps`` steps, with the gradients written out or traced."""
+    config.train.written_gradients = written
     out = tmp_path / ("written" if written else "traced")
     run = Training.set_up(config, out, load_data(config.data), LocalExchange(), None)
-    run.model.__dict__["writes_gradients"] = written  # the cached choice, overridden
+    assert run.model.writes_gradients == written
     terms, total = [], run.schedule.num_steps
     for i, batches in enumerate(run.schedule.epoch(0)):
         if i == steps:
@@ -80,8 +81,9 @@ def test_a_stream_that_ran_out_is_an_empty_batch_both_ways(tmp_path):
     config = _config("sharding.streams=2", "objective.relation_bias=true")
     results = []
     for written in (True, False):
+        config.train.written_gradients = written
         run = Training.set_up(config, tmp_path / str(written), load_data(config.data), LocalExchange(), None)
-        run.model.__dict__["writes_gradients"] = written
+        assert run.model.writes_gradients == written
         (stream, positives), (other, _) = next(iter(run.schedule.epoch(0)))
         batches = [(stream, positives), (other, torch.empty(0, 3, dtype=torch.int64))]
         results.append((run.step(batches, 0.1, 0.7, (0, 0, 0)), run.model))
@@ -101,6 +103,7 @@ def test_the_step_is_written_only_where_it_computes_the_same(monkeypatch):
 
     assert writes() and writes("model.latent=point") and writes("objective.relation_bias=true")
     for traced in (
+        ["train.written_gradients=false"],
         ["objective.likelihood=softmax"],
         ["objective.likelihood=sampled_softmax"],
         ["model.latent=lfm"],
