@@ -93,7 +93,7 @@ class KGModel:
         n3_weight: float = 0.0,
         bias: ReplicatedTable | None = None,
         clip_sigma_norm: float | None = None,
-        write_gradients: bool = True,
+        written_gradients: bool = True,
     ):
         self.entities, self.relations, self.scorer = entities, relations, scorer
         self.posterior, self.likelihood, self.num_relations = posterior, likelihood, num_relations
@@ -101,8 +101,8 @@ class KGModel:
         self.bias = bias
         """A point-estimate bias per relation [Nr, 1] added to every score (``objective.relation_bias``)."""
         self.clip_sigma_norm = clip_sigma_norm
-        self.write_gradients = write_gradients
-        """Whether to write a step's gradients out where ``writes_gradients`` allows (``train.written_gradients``)."""
+        self.written_gradients = written_gradients
+        """``train.written_gradients``: whether a step may write its gradients out (``writes_gradients`` decides)."""
         # The softmax and the full LIM KL touch every entity row: each rank takes its own rows whole.
         self.dense = likelihood.dense or posterior.dense_kl
 
@@ -149,7 +149,7 @@ class KGModel:
         the per-occurrence KL, point estimates), with nothing dense and no N3, unless ``train.written_gradients``
         is off."""
         return (
-            self.write_gradients and self.likelihood.writes_gradients(self.scorer, self.device)
+            self.written_gradients and self.likelihood.writes_gradients(self.scorer, self.device)
             and self.posterior.weighted_fact_kl and not self.dense and not self.n3_weight
         )  # fmt: skip
 
