@@ -172,10 +172,14 @@ def calibrate(
     return stored
 
 
-def classify(run: RunLike, *, seed: int | None = None, out: str | Path | None = None) -> dict[str, Any]:
+def classify(
+    run: RunLike, *, seed: int | None = None, out: str | Path | None = None, measure: str = "auto"
+) -> dict[str, Any]:
     """``nvkg classify``: triple classification with per-relation thresholds chosen on validation, accuracy
     and F1 on test (``result["test"]["accuracy"]``), and at 0.5 of the calibrated probability when the
     run is calibrated (``result["calibrated"]``). Written to ``out`` (default RUN/classification.json).
+    ``measure``: ``magnitude`` (sigmoid(score)), ``likelihood`` (a 1-vs-all model's own probabilities of the
+    fact's two answers) or ``auto``, the one more accurate on validation (``result["measure"]``).
 
     Example: ``classify(run)["test"]["f1"]``
     """
@@ -183,7 +187,7 @@ def classify(run: RunLike, *, seed: int | None = None, out: str | Path | None = 
     assert loaded.directory is not None  # load_run sets it
     chosen = loaded.config.train.seed if seed is None else seed
     target = Path(out) if out is not None else loaded.directory / "classification.json"
-    return classification.write_classification(loaded, target, seed=chosen)
+    return classification.write_classification(loaded, target, seed=chosen, measure=measure)
 
 
 def export(run: RunLike, out: str | Path, *, fmt: Literal["parquet", "tsv"] | None = None) -> Path:

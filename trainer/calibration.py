@@ -8,6 +8,8 @@ fitted on the validation facts (label 1) and as many corruptions (label 0), one 
 * ``magnitude``: the score with the posterior means (plus the relation's bias, as in
   ``uncertainty.fact_scores``);
 * ``mc_mean`` (variational models): the logit of the Monte-Carlo mean probability, logit(mean_s sigmoid(z_s)).
+* ``likelihood`` (1-vs-all models): the model's own mean log-probability of the fact's two answers,
+  (log p(o | s, r) + log p(s | o, r^-1)) / 2 (``uncertainty.fact_log_likelihood``).
 
 Methods: Platt scaling p = sigmoid(a x + b), globally or per relation with shrinkage toward the global
 fit (``Platt``); isotonic regression (``Isotonic``, global only); and Platt per relation followed by a
@@ -32,16 +34,19 @@ import torch.nn.functional as F
 
 from storage.atomic import atomic_write_json
 from trainer import checkpoint, classify, uncertainty
+from trainer.model import KGModel
 from trainer.runs import Run
 
 FILE = "calibration.json"
-FORMAT = 1
+FORMAT = 2
+"""2 adds the ``likelihood`` measure; files of format 1 (magnitude and mc_mean) are read as they are."""
+READS = (1, 2)
 METHODS = ("platt-isotonic", "platt", "isotonic")
 AUTO = "auto"
 """Per measure, the method of ``METHODS`` with the lowest out-of-fold ECE on validation (``choose_method``)."""
 CHOICES = (AUTO, *METHODS)
 DEFAULT_METHOD = AUTO
-MEASURES = ("magnitude", "mc_mean")
+MEASURES = ("magnitude", "mc_mean", "likelihood")
 
 PSEUDO_FACTS = 50.0
 """Strength of the pull of a relation's (a_r, b_r) toward the global (a, b), in facts: the Gaussian prior
@@ -354,8 +359,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"format {d.get('format')!r}, this nvkg reads format {FORMAT}")
+        if d.get("format") not in READS:
+            raise ValueError(f"format {d.get('format')!r}, this nvkg reads formats {', '.join(map(str, READS))}")
         if d["method"] not in CHOICES:
             raise ValueError(f"method {d['method']!r}: expected one of {', '.join(CHOICES)}")
         calibrators: dict[str, Calibrator] = {}
@@ -416,13 +421,18 @@ def measure_logits(scores: uncertainty.FactScores, variational: bool) -> dict[st
     logits = {"magnitude": scores.magnitude.astype(np.float64)}
     if variational:
         logits["mc_mean"] = uncertainty.logit_of_mean_probability(scores.samples)
+    if scores.likelihood is not None:
+        logits["likelihood"] = scores.likelihood  # a mean log-probability: the calibrators take any score
     return logits
 
 
 def raw_probabilities(scores: uncertainty.FactScores, variational: bool) -> dict[str, np.ndarray]:
     """The uncalibrated probabilities of the measures ``measure_logits`` gives (as ``report`` has them)."""
     probs = scores.probabilities()
-    return {"magnitude": probs.magnitude, **({"mc_mean": probs.mean} if variational else {})}
+    raw = {"magnitude": probs.magnitude, **({"mc_mean": probs.mean} if variational else {})}
+    if scores.likelihood is not None:  # the geometric mean of the two answers' probabilities
+        raw["likelihood"] = np.exp(scores.likelihood)
+    return raw
 
 
 def fit(
@@ -434,12 +444,14 @@ def fit(
     samples: int = 100,
     negatives: torch.Tensor | None = None,
     pseudo_facts: float = PSEUDO_FACTS,
+    likelihood: bool = True,
 ) -> Calibration:
     """Calibrators of ``run``'s measures fitted on its validation facts and ``negatives`` (default: one
     sampled, filtered corruption per fact, seeded with ``seed``). ``per_relation`` defaults to True for
     Platt scaling; isotonic regression is fitted globally only (a step function per relation would need
     far more facts than most relations have); platt-isotonic is per relation (its Platt stage); auto picks
-    one of the three per measure by its out-of-fold ECE on the same validation facts (each in its scope)."""
+    one of the three per measure by its out-of-fold ECE on the same validation facts (each in its scope).
+    ``likelihood``: fit the 1-vs-all likelihood's calibrator too, where ``uncertainty.likelihood_affordable``."""
     if method not in CHOICES:
         raise ValueError(f"--method {method!r}: expected one of {', '.join(CHOICES)}")
     if method == AUTO and per_relation is not None:
@@ -457,7 +469,7 @@ def fit(
     if len(data.valid) == 0:
         raise ValueError(f"{data.name}: no validation facts to calibrate on")
     valid = judged(run, "valid", seed, negatives)
-    scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
+    scores = uncertainty.fact_scores(model, valid.facts, samples, seed, likelihood=likelihood)
     logits = measure_logits(scores, model.variational)
     chosen = {name: method for name in logits}
     if method == AUTO:
@@ -541,23 +553,27 @@ def cross_validated(
     looking at test."""
     data, model = run.dataset, run.model
     valid = judged(run, "valid", seed)
-    scores = uncertainty.fact_scores(model, valid.facts, samples, seed)
+    scores = uncertainty.fact_scores(model, valid.facts, samples, seed, likelihood=True)
     return {
         name: out_of_fold_quality(x, valid.labels, valid.relations, data.num_relations, seed, pseudo_facts, methods)
         for name, x in measure_logits(scores, model.variational).items()
     }
 
 
-def magnitude_probability(run: Run, calibration: Calibration) -> Callable[[torch.Tensor], np.ndarray]:
-    """facts [N, 3] -> their calibrated probabilities with the posterior means (no draws): the
-    ``calibrated_probability`` that ``classify`` judges at 0.5."""
-    calibrator = calibration.calibrators["magnitude"]
+def calibrated_probabilities(run: Run, calibration: Calibration) -> dict[str, Callable[[torch.Tensor], np.ndarray]]:
+    """Per measure ``classify`` judges by (``classify.MEASURES``) that ``calibration`` has a calibrator
+    for: facts [N, 3] -> their calibrated probabilities with the posterior means (no draws), what
+    ``classify`` judges at 0.5."""
+    features = {
+        "magnitude": lambda facts: classify.mean_scores(run.model, facts),
+        "likelihood": lambda facts: uncertainty.fact_log_likelihood(run.model, facts),
+    }
 
-    def probability(facts: torch.Tensor) -> np.ndarray:
-        logits = uncertainty.fact_scores(run.model, facts, 0, 0).magnitude.astype(np.float64)
-        return calibrator.probability(logits, facts[:, 1].numpy())
+    def probability(name: str) -> Callable[[torch.Tensor], np.ndarray]:
+        calibrator, feature = calibration.calibrators[name], features[name]
+        return lambda facts: calibrator.probability(feature(facts), facts[:, 1].numpy())
 
-    return probability
+    return {name: probability(name) for name in classify.MEASURES if name in calibration.calibrators}
 
 
 def checkpoint_identity(run: Run) -> dict[str, Any]:
@@ -587,6 +603,17 @@ def compare(
             for name, p in after.items()}  # fmt: skip
 
 
+def scores_for(
+    calibration: Calibration, model: KGModel, facts: torch.Tensor, samples: int, seed: int
+) -> uncertainty.FactScores:
+    """``uncertainty.fact_scores`` of ``facts`` with every measure ``calibration`` has a calibrator of: the
+    likelihood whenever it has one (fitted on validation, it is judged on any number of facts)."""
+    scores = uncertainty.fact_scores(model, facts, samples, seed)
+    if "likelihood" in calibration.calibrators:
+        scores.likelihood = uncertainty.fact_log_likelihood(model, facts)
+    return scores
+
+
 def calibrate(
     run: Run,
     *,
@@ -602,7 +629,7 @@ def calibrate(
         raise ValueError("calibrate: the run has no directory to store calibration.json in")
     calibration = fit(run, method=method, per_relation=per_relation, seed=seed, samples=samples, negatives=negatives)
     test = judged(run, "test", seed)
-    scores = uncertainty.fact_scores(run.model, test.facts, samples, seed)
+    scores = scores_for(calibration, run.model, test.facts, samples, seed)
     compared = compare(calibration, scores, test, run.model.variational)
     stored = calibration.to_dict()
     stored["test"] = {
@@ -626,7 +653,7 @@ def format_calibrated(path: Path, stored: dict[str, Any]) -> str:
         "before -> after:",
     ]
     metrics = (("ece", "ECE"), ("brier", "Brier"), ("log_loss", "log loss"))
-    for name in calibration.calibrators:
+    for name in (name for name in MEASURES if name in test):
         before, after = test[name]["before"], test[name]["after"]
         numbers = [f"{label} {before[key]:.4f} -> {after[key]:.4f}" for key, label in metrics]
         band = after["ece_if_calibrated"]

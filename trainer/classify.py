@@ -1,20 +1,24 @@
-"""Triple classification: is a fact true? ``python -m trainer classify RUN [--seed N]``.
+"""Triple classification: is a fact true? ``python -m trainer classify RUN [--seed N] [--measure M]``.
 
-A fact is judged true when its probability, sigmoid(score + relation bias) with the posterior means, is
-above its relation's threshold. Thresholds are chosen on validation: the positives are the valid facts,
+A fact is judged true when its probability under a measure (``MEASURES``) is above its relation's
+threshold: ``magnitude``, sigmoid(score + relation bias) with the posterior means, for every model, and
+for a 1-vs-all model also ``likelihood``, the geometric mean of p(o | s, r) and p(s | o, r^-1), the
+model's own probabilities of the fact's two answers against every other entity. Under ``auto`` (the
+default) the measure is the one whose thresholds are the more accurate on validation (magnitude on a
+tie). Thresholds are chosen on validation: the positives are the valid facts,
 the negatives the dataset's facts known to be false (``valid_negatives.txt``) when it has them, else one
 sampled corruption per positive (head or tail replaced by a uniform entity, never a known fact, drawn as
 ``report`` draws them). Each relation with validation facts gets the threshold that maximises its
 validation accuracy; a relation without any gets the one that maximises accuracy over all of them.
 Accuracy and F1 are then measured on the test facts against ``test_negatives.txt``, or sampled negatives.
 
-A calibration step plugs in through ``calibrated_probability`` (facts -> calibrated probabilities),
-judged at 0.5 beside the thresholds.
+A calibration step plugs in through ``calibrated`` (measure -> facts -> calibrated probabilities): the
+chosen measure's calibrated probability (else magnitude's) is judged at 0.5 beside the thresholds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,13 @@ SAMPLED = "sampled"
 CHUNK_ROWS = 1 << 20
 # The probability a calibrated model is judged at.
 CALIBRATED_THRESHOLD = 0.5
+
+AUTO = "auto"
+MEASURES = {
+    "magnitude": "sigmoid(score + relation bias) with the posterior means",
+    "likelihood": "the geometric mean of p(o | s, r) and p(s | o, r^-1) with the posterior means (1-vs-all)",
+}
+"""What a fact's probability is under each measure ``classify`` can judge by."""
 
 CalibratedProbability = Callable[[torch.Tensor], np.ndarray]
 """Calibrated probabilities [N] of facts [N, 3] (e.g. trainer/calibration.py's calibrator of a run)."""
@@ -87,16 +98,28 @@ def mean_probabilities(model: KGModel, facts: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(torch.from_numpy(mean_scores(model, facts))).numpy()
 
 
-def stored_calibration(run: Run) -> tuple[CalibratedProbability | None, str]:
-    """The calibrated probability of the posterior means' score (the ``magnitude`` measure) from the run's
-    calibration.json, when one is fitted on the checkpoint loaded, and a line saying which."""
+def measure_probabilities(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndarray:
+    """The probability of each fact [N, 3] under ``measure`` (``MEASURES``), [N] float64."""
+    if measure == "magnitude":
+        return mean_probabilities(model, facts)
+    if measure == "likelihood":
+        return np.exp(uncertainty.fact_log_likelihood(model, facts))
+    raise ValueError(f"measure {measure!r}: expected one of {', '.join(MEASURES)}")
+
+
+def available_measures(model: KGModel, num_facts: int) -> tuple[str, ...]:
+    """The measures ``auto`` chooses among for ``num_facts`` facts: likelihood for a 1-vs-all model while
+    scoring them against every entity stays affordable (``uncertainty.likelihood_affordable``)."""
+    return tuple(MEASURES) if uncertainty.likelihood_affordable(model, num_facts) else ("magnitude",)
+
+
+def stored_calibration(run: Run) -> tuple[dict[str, CalibratedProbability], str]:
+    """The calibrated probabilities of the measures ``classify`` judges by (those the run's
+    calibration.json has, when it is fitted on the checkpoint loaded), and a line saying which."""
     from trainer import calibration  # imported here: calibration builds on this module's labelled facts
 
     fitted, description = calibration.stored(run)
-    if fitted is None or "magnitude" not in fitted.calibrators:
-        return None, description
-    calibrator = fitted.calibrators["magnitude"]
-    return lambda facts: calibrator.probability(mean_scores(run.model, facts), facts[:, 1].numpy()), description
+    return ({} if fitted is None else calibration.calibrated_probabilities(run, fitted)), description
 
 
 def best_threshold(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -169,19 +192,40 @@ def binary_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float
 
 
 @torch.no_grad()
-def classify(run: Run, *, seed: int, calibrated_probability: CalibratedProbability | None = None) -> dict:
-    """Thresholds chosen on validation, accuracy and F1 on test; with ``calibrated_probability``, also
-    accuracy and F1 of its probabilities on test at 0.5 (``calibrated``)."""
+def classify(
+    run: Run, *, seed: int, calibrated: Mapping[str, CalibratedProbability] | None = None, measure: str = AUTO
+) -> dict:
+    """Thresholds chosen on validation, accuracy and F1 on test, by ``measure`` (``auto``: of
+    ``available_measures``, the one more accurate on validation); with ``calibrated``, also accuracy and
+    F1 of the chosen measure's calibrated probabilities (else magnitude's) on test at 0.5."""
     data, model = run.dataset, run.model
     valid, test = labelled_facts(data, "valid", seed), labelled_facts(data, "test", seed)
-    valid_p, test_p = mean_probabilities(model, valid.facts), mean_probabilities(model, test.facts)
-    thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
+    available = available_measures(model, len(valid.facts) + len(test.facts))
+    if measure != AUTO and measure not in available:
+        why = (
+            ""
+            if measure not in MEASURES
+            else (" (likelihood: a 1-vs-all model's, and within uncertainty.LIKELIHOOD_MAX_PAIRS fact-entity pairs)")
+        )
+        raise ValueError(f"--measure {measure!r}: this run offers {', '.join((AUTO, *available))}{why}")
+    judged = {}
+    for name in available if measure == AUTO else (measure,):
+        valid_p, test_p = (measure_probabilities(model, split.facts, name) for split in (valid, test))
+        thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
+        judged[name] = (thresholds, test_p, binary_metrics(thresholds.judge(valid_p, valid.relations), valid.labels),
+                        binary_metrics(thresholds.judge(test_p, test.relations), test.labels))  # fmt: skip
+    chosen = max(judged, key=lambda name: judged[name][2]["accuracy"])  # the first (magnitude) on a tie
+    thresholds, test_p, valid_metrics, test_metrics = judged[chosen]
     names = data.names("relations")["name"].to_pylist()
     own = np.isin(test.relations, list(thresholds.by_relation))
+    each = {name: {"valid_accuracy": v["accuracy"], "test_accuracy": t["accuracy"], "test_f1": t["f1"]}
+            for name, (*_, v, t) in judged.items()}  # fmt: skip
     result = {
         "seed": seed,
-        "probability": "sigmoid(score + relation bias) with the posterior means",
-        "valid": {**valid.counts(), **binary_metrics(thresholds.judge(valid_p, valid.relations), valid.labels)},
+        "measure": chosen,
+        "probability": MEASURES[chosen],
+        "measures": each,
+        "valid": {**valid.counts(), **valid_metrics},
         "thresholds": {
             "global": thresholds.fallback,
             "num_per_relation": len(thresholds.by_relation),
@@ -191,33 +235,36 @@ def classify(run: Run, *, seed: int, calibrated_probability: CalibratedProbabili
         "test": {
             **test.counts(),
             **({"dropped_negatives": data.dropped_negatives["test"]} if "test" in data.dropped_negatives else {}),
-            **binary_metrics(thresholds.judge(test_p, test.relations), test.labels),
+            **test_metrics,
             "facts_at_global_threshold": int((~own).sum()),
             "global_threshold_only": binary_metrics(test_p > thresholds.fallback, test.labels),
         },
     }
-    if calibrated_probability is not None:
-        calibrated = np.asarray(calibrated_probability(test.facts))
+    calibrated_by = chosen if calibrated and chosen in calibrated else "magnitude"
+    if calibrated and calibrated_by in calibrated:
+        probabilities = np.asarray(calibrated[calibrated_by](test.facts))
         result["calibrated"] = {
+            "measure": calibrated_by,
             "threshold": CALIBRATED_THRESHOLD,
-            **binary_metrics(calibrated > CALIBRATED_THRESHOLD, test.labels),
+            **binary_metrics(probabilities > CALIBRATED_THRESHOLD, test.labels),
         }
     return result
 
 
-def write_classification(run: Run, out: Path, *, seed: int) -> dict:
+def write_classification(run: Run, out: Path, *, seed: int, measure: str = AUTO) -> dict:
     """``classify`` the run, with its stored calibration when there is one, and write the result to
     ``out`` (atomically); returns it."""
-    calibrated_probability, description = stored_calibration(run)
-    result = {**classify(run, seed=seed, calibrated_probability=calibrated_probability), "calibration": description}
+    calibrated, description = stored_calibration(run)
+    result = {**classify(run, seed=seed, calibrated=calibrated, measure=measure), "calibration": description}
     atomic_write_json(out, result)
     return result
 
 
 def format_classification(result: dict) -> str:
     valid, test, thresholds = result["valid"], result["test"], result["thresholds"]
+    others = ", ".join(f"{name} {m['valid_accuracy']:.4f}" for name, m in result["measures"].items())
     lines = [
-        f"probability: {result['probability']} (seed {result['seed']})",
+        f"measure: {result['measure']}, {result['probability']} (seed {result['seed']}; valid accuracy: {others})",
         f"valid: {valid['positives']:,} facts, {valid['negatives']:,} negatives ({valid['negative_source']}); "
         f"thresholds for {thresholds['num_per_relation']:,} of {thresholds['num_relations']:,} relations, "
         f"global {thresholds['global']:.4f}; valid accuracy {valid['accuracy']:.4f}",
@@ -230,7 +277,7 @@ def format_classification(result: dict) -> str:
     if "calibrated" in result:
         calibrated = result["calibrated"]
         lines.append(f"  calibrated, at {calibrated['threshold']}:   accuracy {calibrated['accuracy']:.4f}  "
-                     f"F1 {calibrated['f1']:.4f}")  # fmt: skip
+                     f"F1 {calibrated['f1']:.4f}  ({calibrated['measure']})")  # fmt: skip
     if "calibration" in result:
         lines.append(f"calibration: {result['calibration']}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import yaml
 
 from sharding.launch import choose_device, process_group
 from storage.cli import HelpFormatter, add_command, version_text
-from trainer import calibration
+from trainer import calibration, classify
 from trainer.config import RunConfig, describe, load_config
 from trainer.evaluate import evaluate_run, rank_filters
 from trainer.loop import train
@@ -144,6 +144,11 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     classify_cmd = add_command(commands, "classify", "triple classification: thresholds on valid, accuracy on test")
     classify_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     classify_cmd.add_argument("--seed", type=_count(0), help="sampled negatives (default: the run's train.seed)")
+    classify_cmd.add_argument(
+        "--measure", choices=(classify.AUTO, *classify.MEASURES), default=classify.AUTO,
+        help="what a fact's probability is: sigmoid(score) (magnitude), the 1-vs-all model's own probabilities of "
+        "its two answers (likelihood), or the one more accurate on validation (auto)",
+    )  # fmt: skip
     export_cmd = add_command(commands, "export", "means and variances with names, to Parquet or TSV")
     export_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     export_cmd.add_argument("--out", type=Path, required=True, help="the file to write")
@@ -318,7 +323,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir)
     out = args.run_dir / "classification.json"
     seed = run.config.train.seed if args.seed is None else args.seed
-    print(format_classification(write_classification(run, out, seed=seed)))
+    print(format_classification(write_classification(run, out, seed=seed, measure=args.measure)))
     print(f"wrote {out}")
 
 

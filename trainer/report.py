@@ -375,7 +375,7 @@ def _calibrated(
     found, note = calibration.stored(run)
     is_stored = found is not None
     if found is None:
-        found = calibration.fit(run, seed=seed, samples=samples)
+        found = calibration.fit(run, seed=seed, samples=samples, likelihood=False)  # the report shows none
         note = f"{found.describe()}, fitted for this report and not stored ({note})"
     logits = calibration.measure_logits(scores, run.model.variational)
     about = {"description": note, "stored": is_stored, "method": found.method,

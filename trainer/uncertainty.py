@@ -130,10 +130,12 @@ class FactProbabilities:
 
 @dataclass
 class FactScores:
-    """Scores (logits) of each fact: with the means (``magnitude``, [N]) and per sample ``samples`` [S, N]."""
+    """Scores (logits) of each fact: with the means (``magnitude``, [N]) and per sample ``samples`` [S, N];
+    and, when asked of a 1-vs-all model, its ``likelihood`` [N] (``fact_log_likelihood``)."""
 
     magnitude: np.ndarray
     samples: np.ndarray
+    likelihood: np.ndarray | None = None
 
     def probabilities(self) -> FactProbabilities:
         magnitude, samples = (torch.sigmoid(torch.from_numpy(x)).numpy() for x in (self.magnitude, self.samples))
@@ -141,10 +143,17 @@ class FactScores:
 
 
 @torch.no_grad()
-def fact_scores(model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail") -> FactScores:
+def fact_scores(
+    model: KGModel, facts: torch.Tensor, num_samples: int, seed: int, missing: str = "tail", likelihood: bool = False
+) -> FactScores:
     """Scores of ``facts`` [N, 3] with the posterior means and over ``num_samples`` draws (one draw, the
     means, for a point model). As answers to head queries (``missing="head"``) a reciprocal model scores
-    them as evaluation ranks them: (o, r^-1, s)."""
+    them as evaluation ranks them: (o, r^-1, s). ``likelihood``: also the 1-vs-all model's own
+    ``fact_log_likelihood`` (a model without reciprocal relations has none: left None)."""
+    if likelihood and likelihood_affordable(model, len(facts)):
+        found = fact_scores(model, facts, num_samples, seed, missing)
+        found.likelihood = fact_log_likelihood(model, facts)
+        return found
     ents, rels = model.entities.full(), model.relations.full()
     s, r, o = facts.unbind(-1)
     if missing == "head" and model.reciprocal:
@@ -161,6 +170,49 @@ def fact_scores(model: KGModel, facts: torch.Tensor, num_samples: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     draws = [score(ents.sample(generator), rels.sample(generator)) for _ in range(num_samples)]
     return FactScores(magnitude.numpy(), torch.stack(draws).numpy())
+
+
+LIKELIHOOD_SCORE_BYTES = 256 << 20
+"""The all-entity scores ``fact_log_likelihood`` holds at a time (it scores facts in chunks within it)."""
+LIKELIHOOD_MAX_PAIRS = 1 << 33
+"""(fact, entity) pairs above which the likelihood is not computed unasked: each fact's two answers are
+scored against every entity, an exact evaluation's work (~8.6G pairs: a minute or two on 2 CPU cores at
+128 dimensions; 50k validation facts of Freebase86m would be 500 times that)."""
+
+
+def likelihood_affordable(model: KGModel, num_facts: int) -> bool:
+    """Whether ``fact_log_likelihood`` applies to ``model`` (1-vs-all) and ``num_facts`` facts stay within
+    ``LIKELIHOOD_MAX_PAIRS``."""
+    return model.reciprocal and num_facts * model.entities.num_rows <= LIKELIHOOD_MAX_PAIRS
+
+
+@torch.no_grad()
+def fact_log_likelihood(model: KGModel, facts: torch.Tensor, max_bytes: int = LIKELIHOOD_SCORE_BYTES) -> np.ndarray:
+    """(log p(o | s, r) + log p(s | o, r^-1)) / 2 of each fact [N, 3] under a 1-vs-all (reciprocal) model
+    with the posterior means, [N] float64: the mean log-probability of the fact's two answers, each a
+    softmax over every entity (the likelihood the model was trained with). Unlike sigmoid(score), it
+    weighs an answer against every other answer to the same query, so a plausible but wrong entity of
+    the right kind scores low when the right one scores higher. Needs every entity's row in this
+    process (a run loaded whole, as ``load_run`` loads it by default)."""
+    if not model.reciprocal:
+        raise ValueError("fact_log_likelihood: the model has no reciprocal relations (a 1-vs-all likelihood)")
+    entities, relations = model.entities.full().mean, model.relations.full().mean
+    if len(entities) != model.entities.num_rows:
+        raise ValueError(f"fact_log_likelihood: {len(entities):,} of {model.entities.num_rows:,} entity rows here "
+                         "(a shard): the softmax needs every entity")  # fmt: skip
+    s, r, o = facts.unbind(-1)
+    inverse = r + model.num_relations
+    rows = max(1, max_bytes // (4 * max(1, len(entities))))
+    out = torch.empty(len(facts), dtype=torch.float64)
+    for lo in range(0, len(facts), rows):
+        part = slice(lo, lo + rows)
+        total = torch.zeros(len(out[part]), dtype=torch.float64)
+        for query, relation, answer in ((s, r, o), (o, inverse, s)):
+            scores = model.scorer.score_tails(entities[query[part]], relations[relation[part]], entities)
+            answered = scores.gather(1, answer[part, None]).squeeze(1)
+            total += (answered - torch.logsumexp(scores, 1)).double()
+        out[part] = total / 2
+    return out.numpy()
 
 
 def fact_probabilities(

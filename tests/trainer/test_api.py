@@ -102,6 +102,7 @@ def test_classify_writes_where_asked(run, tmp_path):
     out = tmp_path / "classified.json"
     assert api.classify(run, out=out) == json.loads(out.read_text())
     assert 0 <= json.loads(out.read_text())["test"]["accuracy"] <= 1
+    assert api.classify(run, out=out, measure="magnitude")["measure"] == "magnitude"
 
 
 def test_export_picks_the_format_from_the_name(run, tmp_path):

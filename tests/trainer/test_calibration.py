@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import make_config
-from trainer import calibration, uncertainty
+from trainer import calibration, classify, uncertainty
 from trainer.calibration import Calibration, Isotonic, Platt, PlattIsotonic, pava
 from trainer.cli import main
 from trainer.loop import train
@@ -130,8 +130,12 @@ def test_calibration_round_trips_through_json():
     logits = {"magnitude": x, "mc_mean": x}
     for name, p in original.probabilities(logits, r).items():
         np.testing.assert_array_equal(loaded.probabilities(logits, r)[name], p)
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(ValueError, match="format 99, this nvkg reads formats 1, 2"):
         Calibration.from_dict({**original.to_dict(), "format": 99})
+    # Format 1 (before the likelihood measure) reads as it is.
+    assert json.dumps(Calibration.from_dict({**json.loads(text), "format": 1}).calibrators["magnitude"].to_dict()) == (
+        json.dumps(original.calibrators["magnitude"].to_dict())
+    )
 
 
 def test_auto_stores_no_single_scope_and_reads_older_files_that_stored_magnitude_s():
@@ -201,13 +205,13 @@ def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(
     assert f"wrote {run_dir / 'calibration.json'}: calibrated on validation (platt-isotonic, per relation)" in out
     assert "(a calibrated model: " in out
     stored = json.loads((run_dir / "calibration.json").read_text())
-    assert stored["format"] == 1 and set(stored["measures"]) == {"magnitude", "mc_mean"}
+    assert stored["format"] == 2 and set(stored["measures"]) == {"magnitude", "mc_mean", "likelihood"}
     assert stored["fitted_on"]["positives"] == stored["fitted_on"]["negatives"] == 199
     assert stored["measures"]["magnitude"]["kind"] == "platt-isotonic"
     assert len(stored["measures"]["magnitude"]["platt"]["relations"]["a"]) == 55
     band = stored["test"]["magnitude"]["after"]["ece_if_calibrated"]
     assert 0 < band["mean"] < band["p95"] < 0.2  # 402 test facts: a calibrated model's ECE is well above 0
-    for name in ("magnitude", "mc_mean"):
+    for name in ("magnitude", "mc_mean", "likelihood"):
         before, after = stored["test"][name]["before"], stored["test"][name]["after"]
         assert after["ece"] < before["ece"] / 2, name
         assert after["log_loss"] < before["log_loss"] and after["brier"] < before["brier"]
@@ -225,6 +229,27 @@ def test_calibrate_writes_the_file_and_lowers_the_ece_of_an_overconfident_model(
     assert "auto fits each method in its own scope" in capsys.readouterr().err
     assert main(["calibrate", str(run_dir), "--method", "platt", "--samples", "10"]) == 0
     assert json.loads((run_dir / "calibration.json").read_text())["measures"]["magnitude"]["kind"] == "platt"
+
+
+def test_a_likelihood_fitted_on_validation_is_judged_on_test_whatever_the_budget(run_dir, monkeypatch, capsys):
+    run = load_run(run_dir)
+    valid, test = (len(calibration.judged(run, split, 0).facts) for split in ("valid", "test"))
+    assert test > valid  # nations: 199 valid facts, 201 test facts, as many negatives each
+    monkeypatch.setattr(uncertainty, "LIKELIHOOD_MAX_PAIRS", valid * run.model.entities.num_rows)
+    path, stored = calibration.calibrate(run, seed=0, samples=2)
+    assert "likelihood" in stored["measures"] and "likelihood" in stored["test"]
+    assert "likelihood" in calibration.format_calibrated(path, stored)
+    # Without the likelihood (the report's fit), nothing is fitted or judged of it.
+    assert "likelihood" not in calibration.fit(run, seed=0, samples=2, likelihood=False).calibrators
+
+
+def test_classify_falls_back_to_magnitude_s_calibration_when_the_file_has_no_likelihood(run_dir):
+    run = load_run(run_dir)
+    _, stored = calibration.calibrate(run, seed=0, samples=2)
+    del stored["measures"]["likelihood"]
+    (run_dir / "calibration.json").write_text(json.dumps({**stored, "format": 1}))
+    result = classify.classify(run, seed=0, calibrated=classify.stored_calibration(run)[0], measure="likelihood")
+    assert result["measure"] == "likelihood" and result["calibrated"]["measure"] == "magnitude"
 
 
 def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run_dir):
@@ -252,8 +277,12 @@ def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run
     expected = found.probabilities(calibration.measure_logits(scores, True), facts[:, 1].numpy())
     assert [row["calibrated_probability"] for row in after["predictions"]] == pytest.approx(expected["magnitude"])
     assert [row["calibrated_mc_mean"] for row in after["predictions"]] == pytest.approx(expected["mc_mean"])
-    by_means = calibration.magnitude_probability(run, found)(facts)  # classify's calibrated_probability
-    np.testing.assert_allclose(by_means, expected["magnitude"])
+    by_means = calibration.calibrated_probabilities(run, found)  # what classify judges at 0.5
+    assert set(by_means) == {"magnitude", "likelihood"}
+    np.testing.assert_allclose(by_means["magnitude"](facts), expected["magnitude"])
+    with_likelihood = uncertainty.fact_scores(run.model, facts, 10, run.config.train.seed, likelihood=True)
+    expected = found.probabilities(calibration.measure_logits(with_likelihood, True), facts[:, 1].numpy())
+    np.testing.assert_allclose(by_means["likelihood"](facts), expected["likelihood"])
     ents, rels = run.model.entities.full().mean, run.model.relations.full().mean
     softmax = torch.softmax(run.model.scorer.score_tails(ents[[usa]], rels[[embassy]], ents)[0], 0)
     assert [row["softmax_probability"] for row in after["predictions"]] == pytest.approx(
@@ -300,7 +329,8 @@ def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
 def test_cross_validated_methods_judge_out_of_fold_probabilities_on_validation(run_dir):
     run = load_run(run_dir)
     numbers = calibration.cross_validated(run, seed=0, samples=5)
-    assert set(numbers) == {"magnitude", "mc_mean"} and set(numbers["magnitude"]) == set(calibration.METHODS)
+    assert set(numbers) == {"magnitude", "mc_mean", "likelihood"}
+    assert set(numbers["magnitude"]) == set(calibration.METHODS)
     valid = calibration.judged(run, "valid", 0)
     raw = uncertainty.fact_scores(run.model, valid.facts, 0, 0).probabilities().magnitude
     before = calibration.quality(raw, valid.labels)

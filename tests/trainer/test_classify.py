@@ -9,12 +9,14 @@ import torch
 
 from storage.dataset import open_dataset
 from tests.trainer.conftest import make_config
+from trainer import uncertainty
 from trainer.classify import (
     Thresholds,
     best_threshold,
     binary_metrics,
     choose_thresholds,
     classify,
+    labelled_facts,
     write_classification,
 )
 from trainer.loop import train
@@ -120,6 +122,7 @@ def test_classify_samples_negatives_without_files_and_writes_json_from_the_cli(p
     assert done.returncode == 0, done.stderr
     result = json.loads((run_dir / "classification.json").read_text())
     assert result["seed"] == 3 and "sampled" in done.stdout
+    assert f"measure: {result['measure']}, " in done.stdout and set(result["measures"]) == {"magnitude", "likelihood"}
     assert result["valid"]["negative_source"] == result["test"]["negative_source"] == "sampled"
     assert result["test"]["positives"] == result["test"]["negatives"] == 100
     # Every same-group fact is in train, valid or test: sampled corruptions are cross-group facts too.
@@ -135,8 +138,45 @@ def test_calibrated_probabilities_are_judged_at_one_half(planted_runs):
     names = run.dataset.names("entities")["name"].to_pylist()
     group = torch.tensor([int(name[1:]) // 10 for name in names])
     perfect = lambda facts: (group[facts[:, 0]] == group[facts[:, 2]]).double().numpy()  # noqa: E731
-    result = classify(run, seed=0, calibrated_probability=perfect)
-    assert result["calibrated"] == {"threshold": 0.5, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0}
+    result = classify(run, seed=0, calibrated={"magnitude": perfect})
+    assert result["calibrated"] == {"measure": "magnitude", "threshold": 0.5, "accuracy": 1.0, "precision": 1.0,
+                                    "recall": 1.0, "f1": 1.0}  # fmt: skip
+    # The chosen measure's calibrated probability when there is one.
+    chance = lambda facts: np.full(len(facts), 0.25)  # noqa: E731
+    result = classify(run, seed=0, calibrated={"magnitude": perfect, "likelihood": chance}, measure="likelihood")
+    assert result["calibrated"]["measure"] == "likelihood" and result["calibrated"]["accuracy"] == 0.5
+
+
+def test_auto_judges_by_the_measure_more_accurate_on_validation(planted_runs):
+    run = load_run(planted_runs[True])
+    each = {measure: classify(run, seed=0, measure=measure) for measure in ("magnitude", "likelihood")}
+    assert each["magnitude"]["probability"].startswith("sigmoid(score")
+    # Thresholded is the geometric mean of the two answers' probabilities.
+    test = labelled_facts(run.dataset, "test", 0)
+    likelihood = np.exp(uncertainty.fact_log_likelihood(run.model, test.facts))
+    valid = labelled_facts(run.dataset, "valid", 0)
+    valid_p = np.exp(uncertainty.fact_log_likelihood(run.model, valid.facts))
+    judged = choose_thresholds(valid_p, valid.labels, valid.relations).judge(likelihood, test.relations)
+    expected = binary_metrics(judged, test.labels)
+    assert {k: each["likelihood"]["test"][k] for k in expected} == expected
+    auto = classify(run, seed=0)
+    best = max(each, key=lambda m: each[m]["valid"]["accuracy"])  # magnitude first: it wins a tie
+    assert auto["measure"] == best and auto["test"] == each[best]["test"]
+    assert auto["measures"] == {m: {"valid_accuracy": r["valid"]["accuracy"], "test_accuracy": r["test"]["accuracy"],
+                                    "test_f1": r["test"]["f1"]} for m, r in each.items()}  # fmt: skip
+    with pytest.raises(ValueError, match="--measure 'entropy'"):
+        classify(run, seed=0, measure="entropy")
+
+
+def test_a_model_without_reciprocal_relations_is_judged_by_magnitude(tmp_path):
+    dataset = _planted(tmp_path / "data", negatives=True)
+    config = make_config(f"data.dataset={dataset}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2",
+                         "objective.likelihood=bernoulli", "objective.num_negatives=2")  # fmt: skip
+    train(config, tmp_path / "run")
+    result = classify(load_run(tmp_path / "run"), seed=0)
+    assert result["measure"] == "magnitude" and list(result["measures"]) == ["magnitude"]
+    with pytest.raises(ValueError, match=r"this run offers auto, magnitude \(likelihood: a 1-vs-all"):
+        classify(load_run(tmp_path / "run"), seed=0, measure="likelihood")
 
 
 def test_dataset_negatives_are_none_without_files(tmp_path):

@@ -136,6 +136,41 @@ def nations_run(tmp_path_factory):
     return out
 
 
+def test_fact_log_likelihood_is_the_mean_log_softmax_of_the_two_answers(nations_run):
+    run = load_run(nations_run)
+    model, facts = run.model, run.dataset.test[:37]
+    entities, relations = model.entities.full().mean.double(), model.relations.full().mean.double()
+    expected = []
+    for s, r, o in facts.tolist():  # one fact at a time, in float64, by the scorer's own score
+        tails = model.scorer.score(entities[s], relations[r], entities)
+        heads = model.scorer.score(entities[o], relations[r + model.num_relations], entities)
+        expected.append((torch.log_softmax(tails, 0)[o] + torch.log_softmax(heads, 0)[s]).item() / 2)
+    # Chunks of one fact (a score budget of one row) give what one chunk gives.
+    np.testing.assert_allclose(uncertainty.fact_log_likelihood(model, facts), expected, rtol=1e-5)
+    np.testing.assert_allclose(uncertainty.fact_log_likelihood(model, facts, max_bytes=1), expected, rtol=1e-5)
+    scores = uncertainty.fact_scores(model, facts, 2, 0, likelihood=True)
+    np.testing.assert_allclose(scores.likelihood, expected, rtol=1e-5)
+    assert uncertainty.fact_scores(model, facts, 2, 0).likelihood is None
+
+
+def test_the_likelihood_is_skipped_beyond_its_budget_and_refused_without_reciprocal_relations(
+    nations_run, tmp_path, monkeypatch
+):
+    model, facts = load_run(nations_run).model, load_run(nations_run).dataset.test[:11]
+    monkeypatch.setattr(uncertainty, "LIKELIHOOD_MAX_PAIRS", 14 * 10)  # nations: 14 entities
+    assert uncertainty.likelihood_affordable(model, 10) and not uncertainty.likelihood_affordable(model, 11)
+    assert uncertainty.fact_scores(model, facts[:10], 1, 0, likelihood=True).likelihood is not None
+    assert uncertainty.fact_scores(model, facts, 1, 0, likelihood=True).likelihood is None
+    config = make_config("data.dataset=nations", "model.dim=4", "train.epochs=1", "train.batch_size=512",
+                         "objective.likelihood=bernoulli", "objective.num_negatives=2")  # fmt: skip
+    train(config, tmp_path / "run")
+    bernoulli = load_run(tmp_path / "run").model
+    with pytest.raises(ValueError, match="no reciprocal relations"):
+        uncertainty.fact_log_likelihood(bernoulli, facts)
+    assert not uncertainty.likelihood_affordable(bernoulli, 1)
+    assert uncertainty.fact_scores(bernoulli, facts, 1, 0, likelihood=True).likelihood is None
+
+
 def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     summary = write_report(load_run(nations_run), tmp_path, samples=20, seed=0)
     for name in ("variance_vs_frequency.png", "precision_coverage.png", "selective_prediction.png",
