@@ -200,18 +200,18 @@ def fact_log_likelihood(model: KGModel, facts: torch.Tensor, max_bytes: int = LI
     if len(entities) != model.entities.num_rows:
         raise ValueError(f"fact_log_likelihood: {len(entities):,} of {model.entities.num_rows:,} entity rows here "
                          "(a shard): the softmax needs every entity")  # fmt: skip
-    s, r, o = facts.unbind(-1)
+    s, r, o = facts.to(entities.device).unbind(-1)
     inverse = r + model.num_relations
     rows = max(1, max_bytes // (4 * max(1, len(entities))))
     out = torch.empty(len(facts), dtype=torch.float64)
     for lo in range(0, len(facts), rows):
         part = slice(lo, lo + rows)
-        total = torch.zeros(len(out[part]), dtype=torch.float64)
+        total = torch.zeros(len(out[part]), dtype=torch.float64, device=entities.device)
         for query, relation, answer in ((s, r, o), (o, inverse, s)):
             scores = model.scorer.score_tails(entities[query[part]], relations[relation[part]], entities)
             answered = scores.gather(1, answer[part, None]).squeeze(1)
             total += (answered - torch.logsumexp(scores, 1)).double()
-        out[part] = total / 2
+        out[part] = (total / 2).cpu()
     return out.numpy()
 
 
