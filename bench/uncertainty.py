@@ -122,13 +122,13 @@ def _typed_corruption(
     return None
 
 
-def typed_negatives(source: Path, out: Path, seed: int = EVAL_SEED) -> Path:
+def typed_negatives(source: Path, out: Path, seed: int = EVAL_SEED) -> dict[str, dict[str, int]]:
     """A copy of the dataset directory ``source`` in ``out`` with ``valid_negatives.txt`` and
     ``test_negatives.txt``: for each valid (test) fact, its head or its tail (a fair coin) replaced by an
     entity seen in that role of that relation in train, never a known fact nor one drawn before
     (``_typed_corruption``: on a small graph, such as nations with 14 entities, some facts have none of
     the kind left, and take any entity, or the other side).
-    Returns ``out``."""
+    Returns, per split, how many negatives it wrote and how many of them are not of the kind."""
     splits = {name: _read_facts(source / f"{name}.txt") for name in ("train", "valid", "test")}
     known = {fact for facts in splits.values() for fact in facts}
     seen: dict[str, tuple[set[str], set[str]]] = defaultdict(lambda: (set(), set()))
@@ -141,16 +141,20 @@ def typed_negatives(source: Path, out: Path, seed: int = EVAL_SEED) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid", "test"):
         shutil.copyfile(source / f"{name}.txt", out / f"{name}.txt")
+    counts = {}
     for name in ("valid", "test"):
-        negatives, taken = [], set[tuple[str, ...]](known)
+        negatives, taken, off_kind = [], set[tuple[str, ...]](known), 0
         for head, relation, tail in splits[name]:
             fact = _typed_corruption((head, relation, tail), roles[relation], every, taken, rng)
             if fact is None:
                 raise ValueError(f"{source / name}.txt: every corruption of {head} {relation} {tail} is a known fact")
             taken.add(fact)
             negatives.append("\t".join(fact) + "\n")
+            replaced_head = fact[0] != head  # the other entity is the fact's own, of whatever kind
+            off_kind += fact[0] not in seen[relation][0] if replaced_head else fact[2] not in seen[relation][1]
         (out / f"{name}_negatives.txt").write_text("".join(negatives))
-    return out
+        counts[name] = {"negatives": len(negatives), "not_of_the_kind": off_kind}
+    return counts
 
 
 def calibration_numbers(run: Run, samples: int) -> tuple[dict[str, Any], calibration.Calibration]:
@@ -183,13 +187,14 @@ def study_inputs(run: Run, split: str, samples: int) -> dict[str, tuple[dict[str
 
 
 def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    data = None
+    data, typed = None, None
     if args.negatives == "typed":
-        data = typed_negatives(BUNDLED_DIR / dataset, RESULTS / "runs" / f"typed-{dataset}")
+        data = RESULTS / "runs" / f"typed-{dataset}"
+        typed = typed_negatives(BUNDLED_DIR / dataset, data)
     path, overrides = config_for(dataset, model, seed, args.wn18rr_epochs, data)
     config = load_config(path, overrides)
-    typed = "-typed" if data else ""
-    out = RESULTS / "runs" / f"uncertainty{typed}-{dataset}-{model.split()[0].lower()}-seed{seed}"
+    kind = "-typed" if data else ""
+    out = RESULTS / "runs" / f"uncertainty{kind}-{dataset}-{model.split()[0].lower()}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
     start = time.perf_counter()
     metrics = train(config, out, load_data(config.data))
@@ -213,6 +218,7 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
             "magnitude_calibrated_at_0.5": magnitude["calibrated"]["accuracy"],
         },
         "measure": classified["measure"],
+        **({"typed_negatives": typed} if typed else {}),
         "inputs": inputs,
         "seconds": {"train": trained - start, "after": time.perf_counter() - trained},
     }
@@ -271,6 +277,8 @@ def summarise(dataset: str, model: str, runs: list[dict[str, Any]], resamples: i
     for key in runs[0]["classification"]:
         row[f"accuracy_{key}"] = float(np.mean([r["classification"][key] for r in runs]))
     row["classified_by"] = [r["measure"] for r in runs]
+    if "typed_negatives" in runs[0]:
+        row["typed_negatives"] = runs[0]["typed_negatives"]
     row["link"] = compare_measures(runs, "link", resamples)
     row["triples"] = compare_measures(runs, "triples", resamples)
     row["seconds"] = [r["seconds"] for r in runs]
@@ -301,6 +309,17 @@ def _difference(result: dict[str, Any]) -> str:
         return "no sampling measure"
     lo, hi = result["interval"]
     return f"{result['chosen']}: {result['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _typed_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """How many typed negatives of each dataset are not of the relation's kind (the fallbacks)."""
+    counts = {row["dataset"]: row["typed_negatives"] for row in rows if "typed_negatives" in row}
+    if not counts:
+        return []
+    parts = [", ".join(f"{name} {c['not_of_the_kind']:,} of {c['negatives']:,}" for name, c in splits.items())
+             for splits in counts.values()]  # fmt: skip
+    listed = "; ".join(f"{dataset}: {part}" for dataset, part in zip(counts, parts, strict=True))
+    return [f"Typed negatives not of the relation's kind (no corruption of the kind left): {listed}.\n"]
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -348,6 +367,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "by magnitude (sigmoid(score)), and by the measure auto chooses on validation (magnitude or the 1-vs-all "
         "model's likelihood of the fact's two answers); the calibrated probability of either judged at 0.5.\n",
         markdown_table(calibration_rows, list(calibration_rows[0])),
+        *_typed_lines(rows),
         "## Area under precision against coverage: magnitude, and the sampling measure chosen on validation\n",
         "Link prediction: the posterior means' top-1 answer of each test query (filtered), right or wrong. "
         "Facts: test facts against as many negatives. Difference: mean over seeds, 95% bootstrap interval over "
