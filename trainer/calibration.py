@@ -564,14 +564,12 @@ def calibrated_probabilities(run: Run, calibration: Calibration) -> dict[str, Ca
     """Per measure ``classify`` judges by (``classify.MEASURES``) that ``calibration`` has a calibrator
     for: facts [N, 3] -> their calibrated probabilities with the posterior means (no draws), what
     ``classify`` judges at 0.5."""
-    features = {
-        "magnitude": lambda facts: classify.mean_scores(run.model, facts),
-        "likelihood": lambda facts: uncertainty.fact_log_likelihood(run.model, facts),
-    }
 
     def probability(name: str) -> Callable[[torch.Tensor], np.ndarray]:
-        calibrator, feature = calibration.calibrators[name], features[name]
-        return lambda facts: calibrator.probability(feature(facts), facts[:, 1].numpy())
+        calibrator = calibration.calibrators[name]
+        return lambda facts: calibrator.probability(
+            classify.measure_scores(run.model, facts, name), facts[:, 1].numpy()
+        )
 
     return {name: probability(name) for name in classify.MEASURES if name in calibration.calibrators}
 

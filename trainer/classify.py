@@ -93,18 +93,21 @@ def mean_scores(model: KGModel, facts: torch.Tensor, chunk_rows: int = CHUNK_ROW
     return np.concatenate(chunks).astype(np.float64) if chunks else np.empty(0)
 
 
-def mean_probabilities(model: KGModel, facts: torch.Tensor) -> np.ndarray:
-    """sigmoid(score + relation bias) of ``facts`` [N, 3] with the posterior means, [N] float64."""
-    return torch.sigmoid(torch.from_numpy(mean_scores(model, facts))).numpy()
+def measure_scores(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndarray:
+    """What each fact [N, 3] scores under ``measure`` (``MEASURES``), [N] float64, as a calibrator takes it:
+    the score with the posterior means (magnitude), the mean log-probability of its answers (likelihood)."""
+    if measure == "magnitude":
+        return mean_scores(model, facts)
+    if measure == "likelihood":
+        return uncertainty.fact_log_likelihood(model, facts)
+    raise ValueError(f"measure {measure!r}: expected one of {', '.join(MEASURES)}")
 
 
 def measure_probabilities(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndarray:
-    """The probability of each fact [N, 3] under ``measure`` (``MEASURES``), [N] float64."""
-    if measure == "magnitude":
-        return mean_probabilities(model, facts)
-    if measure == "likelihood":
-        return np.exp(uncertainty.fact_log_likelihood(model, facts))
-    raise ValueError(f"measure {measure!r}: expected one of {', '.join(MEASURES)}")
+    """The probability of each fact [N, 3] under ``measure``, [N] float64: sigmoid of the magnitude, exp of
+    the likelihood's mean log-probability."""
+    scores = measure_scores(model, facts, measure)
+    return torch.sigmoid(torch.from_numpy(scores)).numpy() if measure == "magnitude" else np.exp(scores)
 
 
 def available_measures(model: KGModel, num_facts: int) -> tuple[str, ...]:
@@ -202,12 +205,9 @@ def classify(
     valid, test = labelled_facts(data, "valid", seed), labelled_facts(data, "test", seed)
     available = available_measures(model, len(valid.facts) + len(test.facts))
     if measure != AUTO and measure not in available:
-        why = (
-            ""
-            if measure not in MEASURES
-            else (" (likelihood: a 1-vs-all model's, and within uncertainty.LIKELIHOOD_MAX_PAIRS fact-entity pairs)")
-        )
-        raise ValueError(f"--measure {measure!r}: this run offers {', '.join((AUTO, *available))}{why}")
+        why = " (likelihood: a 1-vs-all model's, within uncertainty.LIKELIHOOD_MAX_PAIRS fact-entity pairs)"
+        raise ValueError(f"--measure {measure!r}: this run offers {', '.join((AUTO, *available))}"
+                         f"{why if measure in MEASURES else ''}")  # fmt: skip
     judged = {}
     for name in available if measure == AUTO else (measure,):
         valid_p, test_p = (measure_probabilities(model, split.facts, name) for split in (valid, test))

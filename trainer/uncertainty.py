@@ -150,10 +150,6 @@ def fact_scores(
     means, for a point model). As answers to head queries (``missing="head"``) a reciprocal model scores
     them as evaluation ranks them: (o, r^-1, s). ``likelihood``: also the 1-vs-all model's own
     ``fact_log_likelihood`` (a model without reciprocal relations has none: left None)."""
-    if likelihood and likelihood_affordable(model, len(facts)):
-        found = fact_scores(model, facts, num_samples, seed, missing)
-        found.likelihood = fact_log_likelihood(model, facts)
-        return found
     ents, rels = model.entities.full(), model.relations.full()
     s, r, o = facts.unbind(-1)
     if missing == "head" and model.reciprocal:
@@ -166,10 +162,12 @@ def fact_scores(
 
     magnitude = score(ents.mean, rels.mean)
     if not model.variational or num_samples == 0:  # 0: the means alone (triple classification)
-        return FactScores(magnitude.numpy(), magnitude.numpy()[None])
-    generator = torch.Generator().manual_seed(seed)
-    draws = [score(ents.sample(generator), rels.sample(generator)) for _ in range(num_samples)]
-    return FactScores(magnitude.numpy(), torch.stack(draws).numpy())
+        draws = magnitude[None]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        draws = torch.stack([score(ents.sample(generator), rels.sample(generator)) for _ in range(num_samples)])
+    found = fact_log_likelihood(model, facts) if likelihood and likelihood_affordable(model, len(facts)) else None
+    return FactScores(magnitude.numpy(), draws.numpy(), found)
 
 
 LIKELIHOOD_SCORE_BYTES = 256 << 20
