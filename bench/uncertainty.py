@@ -201,7 +201,7 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     trained = time.perf_counter()
     run = load_run(out)
     calibrated, default = calibration_numbers(run, args.samples)
-    probabilities = calibration.calibrated_probabilities(run, default)
+    probabilities = calibration.calibrated_probabilities(default)
     classified = classify.classify(run, seed=EVAL_SEED, calibrated=probabilities)
     magnitude = classify.classify(run, seed=EVAL_SEED, calibrated=probabilities, measure="magnitude")
     inputs = {split: study_inputs(run, split, args.samples) for split in ("valid", "test")}
@@ -418,6 +418,8 @@ def main() -> None:
                "rows": rows}  # fmt: skip
     name = "uncertainty" + ("-typed" if args.negatives == "typed" else "")
     name += "" if set(args.datasets) == set(DATASETS) else "-" + "-".join(args.datasets)
+    if "wn18rr" in args.datasets and args.wn18rr_epochs != WN18RR_EPOCHS:  # beside the default's, not over it
+        name += f"-{args.wn18rr_epochs}epochs"
     write_results(name, payload, markdown(rows, args))
 
 

@@ -560,18 +560,12 @@ def cross_validated(
     }
 
 
-def calibrated_probabilities(run: Run, calibration: Calibration) -> dict[str, Callable[[torch.Tensor], np.ndarray]]:
+def calibrated_probabilities(calibration: Calibration) -> dict[str, classify.CalibratedProbability]:
     """Per measure ``classify`` judges by (``classify.MEASURES``) that ``calibration`` has a calibrator
-    for: facts [N, 3] -> their calibrated probabilities with the posterior means (no draws), what
-    ``classify`` judges at 0.5."""
-
-    def probability(name: str) -> Callable[[torch.Tensor], np.ndarray]:
-        calibrator = calibration.calibrators[name]
-        return lambda facts: calibrator.probability(
-            classify.measure_scores(run.model, facts, name), facts[:, 1].numpy()
-        )
-
-    return {name: probability(name) for name in classify.MEASURES if name in calibration.calibrators}
+    for: (facts' scores under it with the posterior means, no draws (``classify.measure_scores``), their
+    relations) -> their calibrated probabilities, what ``classify`` judges at 0.5."""
+    return {name: calibration.calibrators[name].probability for name in classify.MEASURES
+            if name in calibration.calibrators}  # fmt: skip
 
 
 def checkpoint_identity(run: Run) -> dict[str, Any]:

@@ -12,8 +12,9 @@ sampled corruption per positive (head or tail replaced by a uniform entity, neve
 validation accuracy; a relation without any gets the one that maximises accuracy over all of them.
 Accuracy and F1 are then measured on the test facts against ``test_negatives.txt``, or sampled negatives.
 
-A calibration step plugs in through ``calibrated`` (measure -> facts -> calibrated probabilities): the
-chosen measure's calibrated probability (else magnitude's) is judged at 0.5 beside the thresholds.
+A calibration step plugs in through ``calibrated`` (measure -> (the facts' scores under it, their relations)
+-> calibrated probabilities): the chosen measure's calibrated probability (else magnitude's) is judged at 0.5
+beside the thresholds, from the scores the thresholds were judged on (a likelihood is computed once).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ MEASURES = {
 }
 """What a fact's probability is under each measure ``classify`` can judge by."""
 
-CalibratedProbability = Callable[[torch.Tensor], np.ndarray]
-"""Calibrated probabilities [N] of facts [N, 3] (e.g. trainer/calibration.py's calibrator of a run)."""
+CalibratedProbability = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Calibrated probabilities [N] of facts from their scores under a measure (``measure_scores``) [N] and their
+relations [N] (e.g. ``probability`` of a trainer/calibration.py calibrator)."""
 
 
 @dataclass
@@ -103,10 +105,9 @@ def measure_scores(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndar
     raise ValueError(f"measure {measure!r}: expected one of {', '.join(MEASURES)}")
 
 
-def measure_probabilities(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndarray:
-    """The probability of each fact [N, 3] under ``measure``, [N] float64: sigmoid of the magnitude, exp of
-    the likelihood's mean log-probability."""
-    scores = measure_scores(model, facts, measure)
+def measure_probabilities(scores: np.ndarray, measure: str) -> np.ndarray:
+    """The probability under ``measure`` of facts that score ``scores`` under it (``measure_scores``), [N]
+    float64: sigmoid of the magnitude, exp of the likelihood's mean log-probability."""
     return torch.sigmoid(torch.from_numpy(scores)).numpy() if measure == "magnitude" else np.exp(scores)
 
 
@@ -122,7 +123,7 @@ def stored_calibration(run: Run) -> tuple[dict[str, CalibratedProbability], str]
     from trainer import calibration  # imported here: calibration builds on this module's labelled facts
 
     fitted, description = calibration.stored(run)
-    return ({} if fitted is None else calibration.calibrated_probabilities(run, fitted)), description
+    return ({} if fitted is None else calibration.calibrated_probabilities(fitted)), description
 
 
 def best_threshold(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -208,9 +209,10 @@ def classify(
         why = " (likelihood: a 1-vs-all model's, within uncertainty.LIKELIHOOD_MAX_PAIRS fact-entity pairs)"
         raise ValueError(f"--measure {measure!r}: this run offers {', '.join((AUTO, *available))}"
                          f"{why if measure in MEASURES else ''}")  # fmt: skip
-    judged = {}
+    judged, test_scores = {}, {}
     for name in available if measure == AUTO else (measure,):
-        valid_p, test_p = (measure_probabilities(model, split.facts, name) for split in (valid, test))
+        valid_s, test_scores[name] = (measure_scores(model, split.facts, name) for split in (valid, test))
+        valid_p, test_p = measure_probabilities(valid_s, name), measure_probabilities(test_scores[name], name)
         thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
         judged[name] = (thresholds, test_p, binary_metrics(thresholds.judge(valid_p, valid.relations), valid.labels),
                         binary_metrics(thresholds.judge(test_p, test.relations), test.labels))  # fmt: skip
@@ -242,7 +244,9 @@ def classify(
     }
     calibrated_by = chosen if calibrated and chosen in calibrated else "magnitude"
     if calibrated and calibrated_by in calibrated:
-        probabilities = np.asarray(calibrated[calibrated_by](test.facts))
+        if calibrated_by not in test_scores:  # judged by the likelihood, calibrated by magnitude's
+            test_scores[calibrated_by] = measure_scores(model, test.facts, calibrated_by)
+        probabilities = np.asarray(calibrated[calibrated_by](test_scores[calibrated_by], test.relations))
         result["calibrated"] = {
             "measure": calibrated_by,
             "threshold": CALIBRATED_THRESHOLD,

@@ -277,12 +277,15 @@ def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run
     expected = found.probabilities(calibration.measure_logits(scores, True), facts[:, 1].numpy())
     assert [row["calibrated_probability"] for row in after["predictions"]] == pytest.approx(expected["magnitude"])
     assert [row["calibrated_mc_mean"] for row in after["predictions"]] == pytest.approx(expected["mc_mean"])
-    by_means = calibration.calibrated_probabilities(run, found)  # what classify judges at 0.5
+    by_means = calibration.calibrated_probabilities(found)  # what classify judges at 0.5
     assert set(by_means) == {"magnitude", "likelihood"}
-    np.testing.assert_allclose(by_means["magnitude"](facts), expected["magnitude"])
+    relations = facts[:, 1].numpy()
+    by_magnitude = by_means["magnitude"](classify.measure_scores(run.model, facts, "magnitude"), relations)
+    np.testing.assert_allclose(by_magnitude, expected["magnitude"])
     with_likelihood = uncertainty.fact_scores(run.model, facts, 10, run.config.train.seed, likelihood=True)
     expected = found.probabilities(calibration.measure_logits(with_likelihood, True), facts[:, 1].numpy())
-    np.testing.assert_allclose(by_means["likelihood"](facts), expected["likelihood"])
+    by_likelihood = by_means["likelihood"](classify.measure_scores(run.model, facts, "likelihood"), relations)
+    np.testing.assert_allclose(by_likelihood, expected["likelihood"])
     ents, rels = run.model.entities.full().mean, run.model.relations.full().mean
     softmax = torch.softmax(run.model.scorer.score_tails(ents[[usa]], rels[[embassy]], ents)[0], 0)
     assert [row["softmax_probability"] for row in after["predictions"]] == pytest.approx(

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from storage.dataset import open_dataset
 from tests.trainer.conftest import make_config
@@ -17,6 +16,7 @@ from trainer.classify import (
     choose_thresholds,
     classify,
     labelled_facts,
+    measure_scores,
     write_classification,
 )
 from trainer.loop import train
@@ -135,16 +135,30 @@ def test_classify_samples_negatives_without_files_and_writes_json_from_the_cli(p
 
 def test_calibrated_probabilities_are_judged_at_one_half(planted_runs):
     run = load_run(planted_runs[True])
-    names = run.dataset.names("entities")["name"].to_pylist()
-    group = torch.tensor([int(name[1:]) // 10 for name in names])
-    perfect = lambda facts: (group[facts[:, 0]] == group[facts[:, 2]]).double().numpy()  # noqa: E731
-    result = classify(run, seed=0, calibrated={"magnitude": perfect})
-    assert result["calibrated"] == {"measure": "magnitude", "threshold": 0.5, "accuracy": 1.0, "precision": 1.0,
-                                    "recall": 1.0, "f1": 1.0}  # fmt: skip
-    # The chosen measure's calibrated probability when there is one.
-    chance = lambda facts: np.full(len(facts), 0.25)  # noqa: E731
-    result = classify(run, seed=0, calibrated={"magnitude": perfect, "likelihood": chance}, measure="likelihood")
+    test = labelled_facts(run.dataset, "test", 0)
+    scores = measure_scores(run.model, test.facts, "magnitude")
+    cut = float(np.quantile(scores, 0.3))
+    # A calibrator is handed each test fact's score under the measure and its relation.
+    seen = {}
+
+    def step(s, relations):
+        seen["scores"], seen["relations"] = s, relations
+        return (s > cut).astype(np.float64)
+
+    result = classify(run, seed=0, calibrated={"magnitude": step}, measure="magnitude")
+    np.testing.assert_array_equal(seen["scores"], scores)
+    np.testing.assert_array_equal(seen["relations"], test.relations)
+    expected = binary_metrics(scores > cut, test.labels)
+    assert result["calibrated"] == {"measure": "magnitude", "threshold": 0.5, **expected}
+    assert expected["accuracy"] != result["test"]["accuracy"] or expected["f1"] != result["test"]["f1"]
+    # The chosen measure's calibrated probability when there is one; the likelihood's scores are its own.
+    chance = lambda s, relations: np.full(len(s), 0.25)  # noqa: E731
+    result = classify(run, seed=0, calibrated={"magnitude": step, "likelihood": chance}, measure="likelihood")
     assert result["calibrated"]["measure"] == "likelihood" and result["calibrated"]["accuracy"] == 0.5
+    # Judged by the likelihood with only magnitude's calibrator: magnitude's scores, not the likelihood's.
+    result = classify(run, seed=0, calibrated={"magnitude": step}, measure="likelihood")
+    assert result["calibrated"]["measure"] == "magnitude"
+    np.testing.assert_array_equal(seen["scores"], scores)
 
 
 def test_auto_judges_by_the_measure_more_accurate_on_validation(planted_runs):
