@@ -186,6 +186,27 @@ def study_inputs(run: Run, split: str, samples: int) -> dict[str, tuple[dict[str
     }
 
 
+def _length(args: argparse.Namespace) -> str:
+    return f"-{args.wn18rr_epochs}epochs" if args.wn18rr_epochs != WN18RR_EPOCHS else ""
+
+
+def run_name(dataset: str, model: str, seed: int, args: argparse.Namespace) -> str:
+    """The directory of one trained run under bench/results/runs: a WN18RR run of another length than the
+    default's beside the default's, not over it."""
+    length = _length(args) if dataset == "wn18rr" else ""
+    kind = "-typed" if args.negatives == "typed" else ""
+    return f"uncertainty{kind}-{dataset}-{model.split()[0].lower()}{length}-seed{seed}"
+
+
+def results_name(args: argparse.Namespace) -> str:
+    """The results files' name: the negatives, and whatever is not the default (a subset of the datasets or
+    the models, another WN18RR length), so a partial run is written beside the full one, not over it."""
+    name = "uncertainty" + ("-typed" if args.negatives == "typed" else "")
+    name += "" if set(args.datasets) == set(DATASETS) else "-" + "-".join(args.datasets)
+    name += "" if set(args.models) == set(MODELS) else "-" + "-".join(m.split()[0].lower() for m in args.models)
+    return name + (_length(args) if "wn18rr" in args.datasets else "")
+
+
 def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data, typed = None, None
     if args.negatives == "typed":
@@ -193,8 +214,7 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
         typed = typed_negatives(BUNDLED_DIR / dataset, data)
     path, overrides = config_for(dataset, model, seed, args.wn18rr_epochs, data)
     config = load_config(path, overrides)
-    kind = "-typed" if data else ""
-    out = RESULTS / "runs" / f"uncertainty{kind}-{dataset}-{model.split()[0].lower()}-seed{seed}"
+    out = RESULTS / "runs" / run_name(dataset, model, seed, args)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
     start = time.perf_counter()
     metrics = train(config, out, load_data(config.data))
@@ -416,11 +436,7 @@ def main() -> None:
     payload = {"machine": machine(), "seeds": args.seeds, "samples": args.samples, "resamples": args.resamples,
                "wn18rr_epochs": args.wn18rr_epochs, "eval_seed": EVAL_SEED, "negatives": args.negatives,
                "rows": rows}  # fmt: skip
-    name = "uncertainty" + ("-typed" if args.negatives == "typed" else "")
-    name += "" if set(args.datasets) == set(DATASETS) else "-" + "-".join(args.datasets)
-    if "wn18rr" in args.datasets and args.wn18rr_epochs != WN18RR_EPOCHS:  # beside the default's, not over it
-        name += f"-{args.wn18rr_epochs}epochs"
-    write_results(name, payload, markdown(rows, args))
+    write_results(results_name(args), payload, markdown(rows, args))
 
 
 if __name__ == "__main__":

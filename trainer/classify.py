@@ -14,7 +14,7 @@ Accuracy and F1 are then measured on the test facts against ``test_negatives.txt
 
 A calibration step plugs in through ``calibrated`` (measure -> (the facts' scores under it, their relations)
 -> calibrated probabilities): the chosen measure's calibrated probability (else magnitude's) is judged at 0.5
-beside the thresholds, from the scores the thresholds were judged on (a likelihood is computed once).
+beside the thresholds; a measure's test scores are computed once, for its thresholds and its calibrator.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_classify_samples_negatives_without_files_and_writes_json_from_the_cli(p
     assert report["facts"]["negative_source"] == "sampled"
 
 
-def test_calibrated_probabilities_are_judged_at_one_half(planted_runs):
+def test_calibrated_probabilities_are_judged_at_one_half(planted_runs, monkeypatch):
     run = load_run(planted_runs[True])
     test = labelled_facts(run.dataset, "test", 0)
     scores = measure_scores(run.model, test.facts, "magnitude")
@@ -151,11 +151,23 @@ def test_calibrated_probabilities_are_judged_at_one_half(planted_runs):
     expected = binary_metrics(scores > cut, test.labels)
     assert result["calibrated"] == {"measure": "magnitude", "threshold": 0.5, **expected}
     assert expected["accuracy"] != result["test"]["accuracy"] or expected["f1"] != result["test"]["f1"]
-    # The chosen measure's calibrated probability when there is one; the likelihood's scores are its own.
-    chance = lambda s, relations: np.full(len(s), 0.25)  # noqa: E731
+    # The chosen measure's calibrated probability when there is one, from the likelihood's own scores,
+    # computed once per split (valid, test): the calibrator is handed the test ones the thresholds judged.
+    likelihood = measure_scores(run.model, test.facts, "likelihood")
+    computed = []
+    scored = uncertainty.fact_log_likelihood
+    monkeypatch.setattr(uncertainty, "fact_log_likelihood", lambda *a, **k: computed.append(1) or scored(*a, **k))
+
+    def chance(s, relations):
+        seen["scores"] = s
+        return np.full(len(s), 0.25)
+
     result = classify(run, seed=0, calibrated={"magnitude": step, "likelihood": chance}, measure="likelihood")
     assert result["calibrated"]["measure"] == "likelihood" and result["calibrated"]["accuracy"] == 0.5
+    np.testing.assert_array_equal(seen["scores"], likelihood)
+    assert len(computed) == 2
     # Judged by the likelihood with only magnitude's calibrator: magnitude's scores, not the likelihood's.
+    seen.clear()
     result = classify(run, seed=0, calibrated={"magnitude": step}, measure="likelihood")
     assert result["calibrated"]["measure"] == "magnitude"
     np.testing.assert_array_equal(seen["scores"], scores)

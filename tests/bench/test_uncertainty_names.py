@@ -1,0 +1,23 @@
+import argparse
+
+from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, results_name, run_name
+
+
+def args(**changes) -> argparse.Namespace:
+    default = {"datasets": list(DATASETS), "models": list(MODELS), "negatives": "sampled",
+               "wn18rr_epochs": WN18RR_EPOCHS}  # fmt: skip
+    return argparse.Namespace(**{**default, **changes})
+
+
+def test_a_partial_or_longer_run_is_written_beside_the_default_s_not_over_it():
+    assert results_name(args()) == "uncertainty"
+    assert results_name(args(negatives="typed", datasets=["wn18rr"])) == "uncertainty-typed-wn18rr"
+    longer = args(negatives="typed", datasets=["wn18rr"], models=["V-ComplEx (LIM)"], wn18rr_epochs=20)
+    assert results_name(longer) == "uncertainty-typed-wn18rr-v-complex-20epochs"
+    # Another WN18RR length names nothing else differently.
+    assert results_name(args(datasets=["nations"], wn18rr_epochs=20)) == "uncertainty-nations"
+    typed = args(negatives="typed")
+    names = {run_name(d, m, s, a) for d in DATASETS for m in MODELS for s in (0, 1) for a in (typed, longer)}
+    assert len(names) == len(DATASETS) * len(MODELS) * 2 + len(MODELS) * 2  # the longer runs: WN18RR's only
+    assert run_name("wn18rr", "V-ComplEx (LIM)", 1, longer) == "uncertainty-typed-wn18rr-v-complex-20epochs-seed1"
+    assert run_name("wn18rr", "V-DistMult (LIM)", 0, args()) == "uncertainty-wn18rr-v-distmult-seed0"
