@@ -186,6 +186,10 @@ def study_inputs(run: Run, split: str, samples: int) -> dict[str, tuple[dict[str
     }
 
 
+def _slug(model: str) -> str:
+    return model.split()[0].lower()  # V-ComplEx (LIM) -> v-complex
+
+
 def _length(args: argparse.Namespace) -> str:
     return f"-{args.wn18rr_epochs}epochs" if args.wn18rr_epochs != WN18RR_EPOCHS else ""
 
@@ -195,7 +199,7 @@ def run_name(dataset: str, model: str, seed: int, args: argparse.Namespace) -> s
     default's beside the default's, not over it."""
     length = _length(args) if dataset == "wn18rr" else ""
     kind = "-typed" if args.negatives == "typed" else ""
-    return f"uncertainty{kind}-{dataset}-{model.split()[0].lower()}{length}-seed{seed}"
+    return f"uncertainty{kind}-{dataset}-{_slug(model)}{length}-seed{seed}"
 
 
 def results_name(args: argparse.Namespace) -> str:
@@ -203,7 +207,7 @@ def results_name(args: argparse.Namespace) -> str:
     the models, another WN18RR length), so a partial run is written beside the full one, not over it."""
     name = "uncertainty" + ("-typed" if args.negatives == "typed" else "")
     name += "" if set(args.datasets) == set(DATASETS) else "-" + "-".join(args.datasets)
-    name += "" if set(args.models) == set(MODELS) else "-" + "-".join(m.split()[0].lower() for m in args.models)
+    name += "" if set(args.models) == set(MODELS) else "-" + "-".join(map(_slug, args.models))
     return name + (_length(args) if "wn18rr" in args.datasets else "")
 
 

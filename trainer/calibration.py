@@ -431,7 +431,7 @@ def raw_probabilities(scores: uncertainty.FactScores, variational: bool) -> dict
     probs = scores.probabilities()
     raw = {"magnitude": probs.magnitude, **({"mc_mean": probs.mean} if variational else {})}
     if scores.likelihood is not None:  # the geometric mean of the two answers' probabilities
-        raw["likelihood"] = np.exp(scores.likelihood)
+        raw["likelihood"] = classify.measure_probabilities(scores.likelihood, "likelihood")
     return raw
 
 
