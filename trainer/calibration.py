@@ -47,6 +47,8 @@ AUTO = "auto"
 CHOICES = (AUTO, *METHODS)
 DEFAULT_METHOD = AUTO
 MEASURES = ("magnitude", "mc_mean", "likelihood")
+"""The measures a calibrator is fitted for: what ``predict`` shows (``magnitude``, ``mc_mean``) and what
+``classify`` may judge by (``classify.MEASURES``: ``magnitude``, ``likelihood``)."""
 
 PSEUDO_FACTS = 50.0
 """Strength of the pull of a relation's (a_r, b_r) toward the global (a, b), in facts: the Gaussian prior

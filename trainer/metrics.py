@@ -18,6 +18,7 @@ import json
 import os
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,22 @@ DURATION_BUCKETS = (
     600.0, 1800.0, 3600.0,
 )  # fmt: skip
 """Seconds: a step on a small graph takes milliseconds, an 86M-entity evaluation or checkpoint minutes."""
+
+
+@dataclass(frozen=True)
+class StepSeries:
+    """This worker's series that every step sets (``MetricsExporter``'s metrics of the same names)."""
+
+    negative_elbo: Gauge
+    kl: Gauge
+    log_likelihood: Gauge
+    kl_weight: Gauge
+    throughput: Gauge
+    learning_rate: Gauge
+    step: Gauge
+    step_seconds: Histogram
+    steps_total: Counter
+    positives_total: Counter
 
 
 class MetricsExporter:
@@ -95,6 +112,10 @@ class MetricsExporter:
             "evaluation": histogram("nvkg_evaluation_duration_seconds", "Wall time of a periodic evaluation"),
             "checkpoint": histogram("nvkg_checkpoint_write_duration_seconds", "Wall time of a checkpoint write"),
         }
+        # Every step sets ten series: labels(), a locked lookup each, bound once (31 -> 4 us a step).
+        self.step_series = StepSeries(**{
+            field.name: getattr(self, field.name).labels(**self.labels) for field in fields(StepSeries)
+        })  # fmt: skip
         # The count lives in the checkpoint: set before the first scrape, so a panel never sees it restart at 0.
         self.restarts_total.labels(**self.labels).inc(restarts)
         self.server, _ = start_http_server(port + rank, addr=host, registry=self.registry)
@@ -109,17 +130,17 @@ class MetricsExporter:
     def observe_step(
         self, *, nll: float, kl: float, kl_weight: float, positives: int, seconds: float, lr: float, step: int
     ) -> None:
-        labels = self.labels
-        self.negative_elbo.labels(**labels).set(nll + kl)
-        self.kl.labels(**labels).set(kl)
-        self.log_likelihood.labels(**labels).set(-nll)
-        self.kl_weight.labels(**labels).set(kl_weight)
-        self.throughput.labels(**labels).set(positives / max(seconds, 1e-9))
-        self.learning_rate.labels(**labels).set(lr)
-        self.step.labels(**labels).set(step)
-        self.step_seconds.labels(**labels).observe(seconds)
-        self.steps_total.labels(**labels).inc()
-        self.positives_total.labels(**labels).inc(positives)
+        series = self.step_series
+        series.negative_elbo.set(nll + kl)
+        series.kl.set(kl)
+        series.log_likelihood.set(-nll)
+        series.kl_weight.set(kl_weight)
+        series.throughput.set(positives / max(seconds, 1e-9))
+        series.learning_rate.set(lr)
+        series.step.set(step)
+        series.step_seconds.observe(seconds)
+        series.steps_total.inc()
+        series.positives_total.inc(positives)
 
     def observe_variance(self, mean_variance: float) -> None:
         self.variance.labels(**self.labels).set(mean_variance)

@@ -158,7 +158,7 @@ class KGModel:
         (seed, epoch, step); ``share`` is this step's share of the epoch's whole-table KL."""
         ents, rels, posterior = self.entities, self.relations, self.posterior
         relation_leaf = rels.local()
-        relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
+        relation_eps = self._relation_noise(key)
         relations, relation_kl = sample_and_kl(relation_leaf, rels.dim, relation_eps, posterior.prior_var)
         bias_leaf = self.bias.local() if self.bias is not None else None
         entity_leaf = dense_eps = candidates = dense_kl = None
@@ -203,7 +203,7 @@ class KGModel:
         WN18RR: docs/benchmarks.md). The owners' encoding stays an autograd node: its gradient travels back
         to them as in the traced step."""
         ents, rels, posterior = self.entities, self.relations, self.posterior
-        relation_eps = self._noise(rels.num_rows, rels.dim, rng.step_generator(key, rng.RELATION_STREAM, self.device))
+        relation_eps = self._relation_noise(key)
         relation_rows = rels.table.weight
         # Only the leaves' gradients are read (collect, the finiteness check): a view that holds no memory.
         relation_leaf = relation_rows.new_zeros(()).expand(relation_rows.shape)
@@ -319,10 +319,12 @@ class KGModel:
         finite = finite and bool(torch.isfinite(self.relations.table.weight).all())
         return float(not finite), float(collapsed), float(len(self.entities.weight))
 
-    def _noise(self, rows: int, dim: int, generator: torch.Generator) -> torch.Tensor | None:
+    def _relation_noise(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        """The standard normal noise of every relation row's sample in step ``key`` (None: point rows)."""
         if not self.variational:
             return None
-        return torch.randn(rows, dim, generator=generator, device=self.device)
+        generator = rng.step_generator(key, rng.RELATION_STREAM, self.device)
+        return torch.randn(self.relations.num_rows, self.relations.dim, generator=generator, device=self.device)
 
     def _n3(self, entity_mean: torch.Tensor, relation_leaf: torch.Tensor, rows: Gathered, r: torch.Tensor):
         relation_mean = relation_leaf[:, : self.relations.dim]

@@ -402,11 +402,8 @@ def bernoulli_forward(rows: BernoulliRows, weight: float) -> tuple[torch.Tensor,
     """The Bernoulli NLL of chunked facts under DistMult or ComplEx (see bilinear.c), for rows that ``fits``:
     (each chunk's NLL [C] in float64, the derivatives of its terms in their scores [B, 1 + K] that its
     backward needs)."""
-    if not rows.fits():
-        raise ValueError(f"bernoulli_forward: the kernel cannot take {rows.describe()}")
+    chunk_nll, probs = _forward_outputs(rows, "bernoulli_forward")
     num_pos, num_neg, bias = rows.num_pos, rows.num_neg, rows.bias
-    probs = rows.entities.new_empty(num_pos, 1 + num_neg)
-    chunk_nll = torch.empty(-(-num_pos // rows.chunk), dtype=torch.float64)
     status = loaded().bernoulli_forward(
         *rows._pointers(), None if bias is None else bias.data_ptr(), num_pos, rows.chunk, num_neg, rows.dim,
         int(rows.complex_valued), weight, probs.data_ptr(), chunk_nll.data_ptr(),
@@ -431,11 +428,17 @@ def bernoulli_forward_backward(
     """``bernoulli_forward`` and then ``bernoulli_backward`` with ``grad`` 1 in one call, each chunk's backward
     right after its forward (its rows still in the caches): (each chunk's NLL [C] in float64, the gradients as
     ``bernoulli_backward`` returns them). The same numbers as the two calls, bit for bit."""
-    if not rows.fits():
-        raise ValueError(f"bernoulli_forward_backward: the kernel cannot take {rows.describe()}")
-    chunk_nll = torch.empty(-(-rows.num_pos // rows.chunk), dtype=torch.float64)
-    probs = rows.entities.new_empty(rows.num_pos, 1 + rows.num_neg)
+    chunk_nll, probs = _forward_outputs(rows, "bernoulli_forward_backward")
     return chunk_nll, *_backward(rows, probs, weight, 1.0, out, chunk_nll)
+
+
+def _forward_outputs(rows: BernoulliRows, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the forward writes, once ``rows`` are checked: each chunk's NLL [C] (float64) and ``probs``
+    [B, 1 + K]."""
+    if not rows.fits():
+        raise ValueError(f"{name}: the kernel cannot take {rows.describe()}")
+    chunk_nll = torch.empty(-(-rows.num_pos // rows.chunk), dtype=torch.float64)
+    return chunk_nll, rows.entities.new_empty(rows.num_pos, 1 + rows.num_neg)
 
 
 def _backward(
