@@ -1,9 +1,10 @@
 """Confidence a user can act on (#16): calibration, triple classification, and whether sampling the
 embeddings ranks right answers before the probability's magnitude does.
 
-For nations, umls, kinships and wn18rr, V-ComplEx (LIM) and V-DistMult (LIM), seeds 0-2: train (the tuned
-small-graph configs; wn18rr: configs/wn18rr-vcomplex-lim.yaml for a fixed number of epochs instead of its
-time budget, so the numbers do not depend on the machine's load), then on each run's best checkpoint:
+For every bundled graph (nations, umls, kinships, wn18rr, wn18), V-ComplEx (LIM) and V-DistMult (LIM), seeds
+0-2: train (the tuned small-graph configs; wn18rr and wn18: configs/wn18rr-vcomplex-lim.yaml for a fixed
+number of epochs instead of its time budget, so the numbers do not depend on the machine's load), then on
+each run's best checkpoint:
 
 * calibrate on validation, judged on test (trainer/calibration.py): ECE, Brier score and log loss of
   ``magnitude`` and ``mc_mean`` before -> after the default (``auto``: per measure, the method with the
@@ -62,7 +63,9 @@ from trainer.runs import Run, load_run
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 MODELS = {"V-ComplEx (LIM)": ["model.scorer=complex"], "V-DistMult (LIM)": ["model.scorer=distmult"]}
-DATASETS = ("nations", "umls", "kinships", "wn18rr")
+DATASETS = ("nations", "umls", "kinships", "wn18rr", "wn18")
+WORDNET = ("wn18rr", "wn18")
+"""Trained with the WN18RR config for ``--wn18rr-epochs``: WN18 is WN18RR with the inverse relations kept."""
 EVAL_SEED = 0
 """Seed of the negatives and of the draws of every run: each training seed is judged on the same facts."""
 ECE_TARGET = 0.03
@@ -86,7 +89,7 @@ def config_for(dataset: str, model: str, seed: int, wn18rr_epochs: int, data: st
                ) -> tuple[Path, list[str]]:  # fmt: skip
     """The run config of ``dataset`` (trained on the directory ``data`` when given: its typed copy)."""
     common = [f"data.dataset={data or dataset}", "train.progress=false", f"train.seed={seed}", *MODELS[model]]
-    if dataset == "wn18rr":
+    if dataset in WORDNET:
         fixed = [f"train.epochs={wn18rr_epochs}", "train.time_budget_s=null"]
         return CONFIGS / "wn18rr-vcomplex-lim.yaml", [*common, *fixed]
     return CONFIGS / f"small-{dataset}.yaml", common
@@ -195,9 +198,9 @@ def _length(args: argparse.Namespace) -> str:
 
 
 def run_name(dataset: str, model: str, seed: int, args: argparse.Namespace) -> str:
-    """The directory of one trained run under bench/results/runs: a WN18RR run of another length than the
-    default's beside the default's, not over it."""
-    length = _length(args) if dataset == "wn18rr" else ""
+    """The directory of one trained run under bench/results/runs: a WN18RR (WN18) run of another length than
+    the default's beside the default's, not over it."""
+    length = _length(args) if dataset in WORDNET else ""
     kind = "-typed" if args.negatives == "typed" else ""
     return f"uncertainty{kind}-{dataset}-{_slug(model)}{length}-seed{seed}"
 
@@ -208,7 +211,7 @@ def results_name(args: argparse.Namespace) -> str:
     name = "uncertainty" + ("-typed" if args.negatives == "typed" else "")
     name += "" if set(args.datasets) == set(DATASETS) else "-" + "-".join(args.datasets)
     name += "" if set(args.models) == set(MODELS) else "-" + "-".join(map(_slug, args.models))
-    return name + (_length(args) if "wn18rr" in args.datasets else "")
+    return name + (_length(args) if set(WORDNET) & set(args.datasets) else "")
 
 
 def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -375,10 +378,12 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "facts: chosen − magnitude [95%]": _difference(row["triples"]),
         })  # fmt: skip
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    wordnet = [d for d in datasets if d in WORDNET]
+    trained = f"{' and '.join(wordnet)} trained {args.wn18rr_epochs} epochs. " if wordnet else ""
     lines = [
         "# Confidence a user can act on: calibration, triple classification, sampling against magnitude\n",
         f"Seeds {args.seeds}, {args.samples} draws of the embeddings, {args.resamples} bootstrap resamples; "
-        f"wn18rr trained {args.wn18rr_epochs} epochs. Means over seeds. Negatives: {NEGATIVES[args.negatives]}\n",
+        f"{trained}Means over seeds. Negatives: {NEGATIVES[args.negatives]}\n",
         "## Calibration on test and triple classification\n",
         "Validation: ECE of each method's out-of-fold probabilities (5 folds of the validation facts), "
         "Platt per relation then isotonic / Platt per relation / global isotonic: what the default (auto) "
@@ -423,7 +428,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=50, help="draws of the embeddings (calibration, study)")
-    parser.add_argument("--wn18rr-epochs", type=int, default=WN18RR_EPOCHS, help="training epochs per wn18rr run")
+    parser.add_argument("--wn18rr-epochs", type=int, default=WN18RR_EPOCHS, help="epochs of a wn18rr or wn18 run")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     about = "; ".join(f"{k}: {v}" for k, v in NEGATIVES.items())
     parser.add_argument("--negatives", choices=tuple(NEGATIVES), default="sampled", help=f"judged against: {about}")

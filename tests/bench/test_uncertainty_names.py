@@ -1,6 +1,6 @@
 import argparse
 
-from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, results_name, run_name
+from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, WORDNET, results_name, run_name
 
 
 def args(**changes) -> argparse.Namespace:
@@ -18,6 +18,10 @@ def test_a_partial_or_longer_run_is_written_beside_the_default_s_not_over_it():
     assert results_name(args(datasets=["nations"], wn18rr_epochs=20)) == "uncertainty-nations"
     typed = args(negatives="typed")
     names = {run_name(d, m, s, a) for d in DATASETS for m in MODELS for s in (0, 1) for a in (typed, longer)}
-    assert len(names) == len(DATASETS) * len(MODELS) * 2 + len(MODELS) * 2  # the longer runs: WN18RR's only
+    assert len(names) == len(DATASETS) * len(MODELS) * 2 + len(WORDNET) * len(MODELS) * 2  # longer: WordNet's only
     assert run_name("wn18rr", "V-ComplEx (LIM)", 1, longer) == "uncertainty-typed-wn18rr-v-complex-20epochs-seed1"
     assert run_name("wn18rr", "V-DistMult (LIM)", 0, args()) == "uncertainty-wn18rr-v-distmult-seed0"
+    # WN18 trains as WN18RR does: its length names its runs and results too.
+    assert run_name("wn18", "V-ComplEx (LIM)", 2, args(wn18rr_epochs=20)) == "uncertainty-wn18-v-complex-20epochs-seed2"
+    assert results_name(args(datasets=["wn18"])) == "uncertainty-wn18"
+    assert results_name(args(datasets=["wn18", "nations"], wn18rr_epochs=8)) == "uncertainty-wn18-nations-8epochs"
