@@ -105,6 +105,16 @@ def measure_scores(model: KGModel, facts: torch.Tensor, measure: str) -> np.ndar
     raise ValueError(f"measure {measure!r}: expected one of {', '.join(MEASURES)}")
 
 
+def check_finite(scores: np.ndarray, measure: str, split: str) -> np.ndarray:
+    """``scores``, unless some are NaN or infinite: thresholds and calibrators fitted on them would be
+    meaningless without a word (a NaN compares false with every threshold)."""
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"{measure}: {bad} of {len(scores)} {split} facts score NaN or infinity; "
+                         "the checkpoint holds non-finite values")  # fmt: skip
+    return scores
+
+
 def measure_probabilities(scores: np.ndarray, measure: str) -> np.ndarray:
     """The probability under ``measure`` of facts that score ``scores`` under it (``measure_scores``), [N]
     float64: sigmoid of the magnitude, exp of the likelihood's mean log-probability."""
@@ -144,6 +154,9 @@ def best_threshold(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     cut = upper > lower  # not inside a run of equal values
     best = np.flatnonzero(cut & (right == right[cut].max()))
     thresholds = (lower[best] + upper[best]) / 2
+    # Between two adjacent floats the midpoint rounds to one of them; at the upper one "p > t" would judge
+    # the facts there false. The lower one cuts the same way.
+    thresholds = np.where(thresholds < upper[best], thresholds, lower[best])
     pick = np.lexsort((thresholds, np.abs(thresholds - 0.5)))[0]
     return float(thresholds[pick]), float(right[best[pick]] / len(p))
 
@@ -211,7 +224,10 @@ def classify(
                          f"{why if measure in MEASURES else ''}")  # fmt: skip
     judged, test_scores = {}, {}
     for name in available if measure == AUTO else (measure,):
-        valid_s, test_scores[name] = (measure_scores(model, split.facts, name) for split in (valid, test))
+        valid_s, test_scores[name] = (
+            check_finite(measure_scores(model, split.facts, name), name, split_name)
+            for split_name, split in (("valid", valid), ("test", test))
+        )
         valid_p, test_p = measure_probabilities(valid_s, name), measure_probabilities(test_scores[name], name)
         thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
         judged[name] = (thresholds, test_p, binary_metrics(thresholds.judge(valid_p, valid.relations), valid.labels),
@@ -227,7 +243,11 @@ def classify(
         "measure": chosen,
         "probability": MEASURES[chosen],
         "measures": each,
-        "valid": {**valid.counts(), **valid_metrics},
+        "valid": {
+            **valid.counts(),
+            **({"dropped_negatives": data.dropped_negatives["valid"]} if "valid" in data.dropped_negatives else {}),
+            **valid_metrics,
+        },
         "thresholds": {
             "global": thresholds.fallback,
             "num_per_relation": len(thresholds.by_relation),

@@ -130,15 +130,19 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
         for row, p in zip(rows, softmax.tolist(), strict=True):
             row["softmax_probability"] = p
     found, note = calibration.stored(run)
+    draws = calibration.fitted_draws(found, samples) if found is not None and model.variational else samples
     if found is not None:
-        # The calibrators map triple scores (s, r, o): a reciprocal model's head answers are rescored so.
-        triple = fact_scores if missing == "tail" or not model.reciprocal else uncertainty.fact_scores(
-            model, facts, samples, seed)  # fmt: skip
+        # The calibrators map triple scores (s, r, o), of as many draws as they were fitted on: a reciprocal
+        # model's head answers, or another number of draws, are rescored so.
+        same = (missing == "tail" or not model.reciprocal) and draws == samples
+        triple = fact_scores if same else uncertainty.fact_scores(model, facts, draws, seed)
         calibrated = found.probabilities(calibration.measure_logits(triple, model.variational), facts[:, 1].numpy())
         for k, row in enumerate(rows):
             row["calibrated_probability"] = float(calibrated["magnitude"][k])
             if "mc_mean" in calibrated:
                 row["calibrated_mc_mean"] = float(calibrated["mc_mean"][k])
+    if draws != samples:
+        note += f"; its MC mean from the {draws} draws it was fitted with"
     query = {"head": head, "relation": relation, "tail": tail, "samples": samples if model.variational else 0,
              "calibration": note, "calibrated": found is not None}  # fmt: skip
     return {"query": query, "predictions": rows}
@@ -285,7 +289,7 @@ def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = Non
     for name, confidence in uncertainty.prediction_confidences(scores).items():
         own_correct = ((probs.magnitude > 0.5) == labels.astype(bool)) if name == "magnitude" else correct
         selective[name] = uncertainty.precision_at_coverage(confidence, own_correct)
-    calibrator, calibrated = _calibrated(run, scores, test.relations, seed=seed, samples=samples)
+    calibrator, calibrated = _calibrated(run, scores, test.facts, seed=seed, samples=samples)
     calibration_numbers = {}
     for name, p in (("magnitude", probs.magnitude), ("mc_mean", probs.mean)):
         calibration_numbers[name] = calibration.quality(p, labels)
@@ -367,20 +371,24 @@ def confidence_study(
 
 
 def _calibrated(
-    run: Run, scores: uncertainty.FactScores, relations: np.ndarray, *, seed: int, samples: int
+    run: Run, scores: uncertainty.FactScores, facts: torch.Tensor, *, seed: int, samples: int
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """The calibration stored with the run, else one fitted here on validation with the defaults and not
     written (the report shows what calibration would do; ``trainer calibrate`` stores it): what it is,
-    and the calibrated probabilities of the facts scored (of relations ``relations``)."""
+    and the calibrated probabilities of ``facts``, which ``samples`` draws scored ``scores``."""
     found, note = calibration.stored(run)
     is_stored = found is not None
     if found is None:
         found = calibration.fit(run, seed=seed, samples=samples, likelihood=False)  # the report shows none
         note = f"{found.describe()}, fitted for this report and not stored ({note})"
+    draws = calibration.fitted_draws(found, samples)
+    if run.model.variational and draws != samples:  # its MC mean's calibrator maps a mean of `draws` draws
+        scores = uncertainty.fact_scores(run.model, facts, draws, seed)
+        note += f"; its MC mean from the {draws} draws it was fitted with"
     logits = calibration.measure_logits(scores, run.model.variational)
     about = {"description": note, "stored": is_stored, "method": found.method,
              "per_relation": found.per_relation, "fitted_on": found.fitted_on}  # fmt: skip
-    return about, found.probabilities(logits, relations)
+    return about, found.probabilities(logits, facts[:, 1].numpy())
 
 
 def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: int = 0) -> dict:

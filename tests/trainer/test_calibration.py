@@ -387,3 +387,56 @@ def test_a_hand_edited_calibration_is_refused_naming_the_file_and_the_field(run_
         calibration.stored(run)
     path.write_text(json.dumps(stored))
     assert calibration.stored(run)[0] is not None
+
+
+def test_a_calibration_with_fields_of_the_wrong_kind_or_values_no_map_could_give_is_refused(run_dir):
+    run = load_run(run_dir)
+    path, stored = calibration.calibrate(run, method="isotonic", seed=0, samples=2)
+    file = re.escape(str(path))
+    isotonic = stored["measures"]["magnitude"]
+    platt = {"kind": "platt", "a": 1.0, "b": 0.0, "pseudo_facts": 50.0, "relations": None}
+    for edit, field in [
+        ({"checkpoint": None}, "checkpoint"),
+        ({"fitted_on": []}, "fitted_on"),
+        ({"fitted_on": {**stored["fitted_on"], "chosen": ["x"]}}, "fitted_on.chosen"),
+        ({"format": True}, "format"),
+        ({"measures": {"magnitude": {**isotonic, "y": [5.0] * len(isotonic["y"])}}}, "isotonic"),
+        ({"measures": {"magnitude": {**isotonic, "x": [float("nan"), *isotonic["x"][1:]]}}}, "isotonic"),
+        ({"measures": {"magnitude": {**platt, "a": float("nan")}}}, "platt"),
+    ]:
+        path.write_text(json.dumps({**stored, **edit}))
+        with pytest.raises(ValueError, match=rf"{file}: .*{field}"):
+            predict(run, head="usa", relation="embassy", tail=None, top_k=3, samples=2)
+    path.write_text(json.dumps(stored))
+    assert calibration.stored(run)[0] is not None
+
+
+def test_non_finite_scores_are_an_error_not_a_calibration_or_thresholds(run_dir):
+    run = load_run(run_dir)
+    with torch.no_grad():
+        run.model.entities.weight[run.dataset.valid[0, 0]] = float("nan")
+    with pytest.raises(ValueError, match=r"magnitude: \d+ of 398 valid facts score NaN or infinity"):
+        calibration.fit(run, seed=0, samples=2)
+    with pytest.raises(ValueError, match=r"magnitude: \d+ of 398 valid facts score NaN or infinity"):
+        classify.classify(run, seed=0)
+
+
+def test_the_mc_mean_is_calibrated_from_as_many_draws_as_it_was_fitted_with(run_dir, tmp_path):
+    run = load_run(run_dir)
+    calibration.calibrate(run, seed=0, samples=6)
+    found, _ = calibration.stored(run)
+    assert found is not None and calibration.fitted_draws(found, 1) == 6
+    shown = predict(run, head="usa", relation="embassy", tail=None, top_k=4, samples=1)
+    assert "its MC mean from the 6 draws it was fitted with" in shown["query"]["calibration"]
+    names = run.dataset.names("entities")["name"].to_pylist()
+    usa, embassy = names.index("usa"), run.dataset.names("relations")["name"].to_pylist().index("embassy")
+    facts = torch.tensor([[usa, embassy, names.index(row["tail"])] for row in shown["predictions"]])
+    seed = run.config.train.seed
+    six = found.probabilities(calibration.measure_logits(uncertainty.fact_scores(run.model, facts, 6, seed), True),
+                              facts[:, 1].numpy())  # fmt: skip
+    assert [row["calibrated_mc_mean"] for row in shown["predictions"]] == pytest.approx(six["mc_mean"])
+    # The uncalibrated MC mean is still of the draws asked for.
+    one = uncertainty.fact_scores(run.model, facts, 1, seed).probabilities().mean
+    assert [row["mc_mean"] for row in shown["predictions"]] == pytest.approx(one.tolist())
+    same = predict(run, head="usa", relation="embassy", tail=None, top_k=4, samples=6)
+    assert "draws it was fitted with" not in same["query"]["calibration"]

@@ -37,6 +37,11 @@ def test_best_threshold_is_the_accuracy_maximising_midpoint():
     assert best_threshold(np.array([0.8, 0.9]), np.array([1, 1])) == (pytest.approx(0.4), 1.0)
     # Equal values are never split; equally accurate thresholds go to the one nearest 0.5.
     assert best_threshold(np.array([0.2, 0.2, 0.9]), np.array([1, 0, 1]))[0] == pytest.approx(0.55)
+    # Adjacent floats: their midpoint rounds to the upper one, where "p > t" would judge that fact false.
+    below_one = np.nextafter(1.0, 0.0)
+    t, accuracy = best_threshold(np.array([below_one, 1.0]), np.array([0, 1]))
+    assert accuracy == 1.0 and below_one <= t < 1.0
+    assert ((np.array([below_one, 1.0]) > t) == [False, True]).all()
 
 
 def test_per_relation_thresholds_are_chosen_on_each_relation_with_a_global_fallback():
