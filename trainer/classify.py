@@ -183,14 +183,17 @@ class Thresholds:
 
 
 def choose_thresholds(p: np.ndarray, labels: np.ndarray, relations: np.ndarray) -> Thresholds:
-    """The accuracy-maximising threshold (``best_threshold``) of each relation with facts in
-    (``p``, ``labels``, ``relations``), and of all of them together as the fallback."""
+    """The accuracy-maximising threshold (``best_threshold``) of each relation with true and false facts in
+    (``p``, ``labels``, ``relations``), and of all of them together as the fallback. A relation whose
+    validation facts are all true (or all false: verified negatives need not cover every relation) says
+    nothing about where its false facts start, and is judged at the fallback."""
     fallback, _ = best_threshold(p, labels)
     order = np.argsort(relations, kind="stable")
     ids, starts = np.unique(relations[order], return_index=True)
     by_relation = {
         int(r): best_threshold(p[rows], labels[rows])[0]
         for r, rows in zip(ids, np.split(order, starts[1:]), strict=True)
+        if 0 < labels[rows].sum() < len(rows)
     }
     return Thresholds(fallback, by_relation)
 

@@ -58,6 +58,10 @@ def test_per_relation_thresholds_are_chosen_on_each_relation_with_a_global_fallb
     # A relation without validation facts (1) is judged at the fallback.
     assert thresholds.of(np.array([1, 0, 3])).tolist() == pytest.approx([0.45, 0.5, 0.2])
     assert Thresholds(0.5, {}).judge(np.array([0.4, 0.6]), np.array([2, 2])).tolist() == [False, True]
+    # A relation with one class in validation (5: only true facts; 6: only false) takes the fallback too.
+    one_class = choose_thresholds(np.append(p, [0.9, 0.35, 0.2]), np.append(labels, [1, 1, 0]),
+                                  np.append(relations, [5, 5, 6]))  # fmt: skip
+    assert set(one_class.by_relation) == {0, 3}
 
 
 def test_binary_metrics_hand_values():
