@@ -195,7 +195,9 @@ def open_dataset(
         facts = torch.from_numpy(store.read_split(split))
         kept = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
         if len(kept) == 0:
-            raise ValueError(f"{store.root}: the {split} split has no fact whose symbols all occur in train")
+            source = manifest.source.get("files", {}).get(split, split)
+            raise ValueError(f"{source} (converted to {store.root}): none of its {len(facts)} negatives has all its "
+                             "symbols in train, so none can be scored")  # fmt: skip
         evaluated = split.removesuffix("_negatives")
         negatives[evaluated], dropped_negatives[evaluated] = kept, len(facts) - len(kept)
     return KGDataset(name=manifest.name, store=store, dropped=dropped, negative_facts=negatives,
