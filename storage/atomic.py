@@ -14,6 +14,7 @@ step 4, or back into place when ``NAME`` is missing), so it is called before a d
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -50,9 +51,11 @@ def _atomic(path: Path, write: Any, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp makes the file 0600, and the rename keeps that: the result gets a new file's usual mode.
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
+            # mkstemp makes the file 0600, and the rename keeps that: give it a new file's usual mode. Best
+            # effort: a filesystem without Unix modes (vfat, some FUSE mounts) refuses, and the write goes on.
+            with contextlib.suppress(OSError):
+                os.fchmod(handle.fileno(), 0o666 & ~_umask())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -19,7 +19,7 @@ import torch
 
 from storage.atomic import recover_swap
 from storage.convert import convert
-from storage.layout import FORMAT_VERSION, MANIFEST
+from storage.layout import FORMAT_VERSION, MANIFEST, Manifest
 from storage.reader import Engine, TripleStore
 from storage.sources import TsvSource
 
@@ -88,8 +88,7 @@ class KGDataset:
 
     def negatives_file(self, split: str) -> str:
         """The name of the file ``split``'s negatives were converted from (``test_negatives.txt``)."""
-        source = self.store.manifest.source.get("files", {}).get(f"{split}_negatives")
-        return Path(source).name if source else f"{split}_negatives"
+        return Path(source_file(self.store.manifest, f"{split}_negatives")).name
 
     def all_known(self) -> torch.Tensor:
         """Every known true fact (train + valid + test), used to filter rankings."""
@@ -178,6 +177,12 @@ def load_data(data: DataConfig, *, lead: bool = True, barrier: Callable[[], None
     return open_dataset(root, cache_dir=data.cache_dir, engine=data.engine, verify=data.verify_checksums)
 
 
+def source_file(manifest: Manifest, split: str) -> str:
+    """The file ``split`` (``test``, ``valid_negatives``) was converted from, as the manifest records it, else
+    the split's name."""
+    return str(manifest.source.get("files", {}).get(split) or split)
+
+
 def open_dataset(
     name_or_dir: str | Path, *, cache_dir: str | Path, engine: Engine = "pyarrow", verify: bool = True
 ) -> KGDataset:
@@ -195,9 +200,10 @@ def open_dataset(
         facts = torch.from_numpy(store.read_split(split))
         kept = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
         if len(kept) == 0:
-            source = manifest.source.get("files", {}).get(split, split)
-            raise ValueError(f"{source} (converted to {store.root}): none of its {len(facts)} negatives has all its "
-                             "symbols in train, so none can be scored")  # fmt: skip
+            raise ValueError(
+                f"{source_file(manifest, split)} (converted to {store.root}): none of its {len(facts)} negatives "
+                "has all its symbols in train, so none can be scored"
+            )
         evaluated = split.removesuffix("_negatives")
         negatives[evaluated], dropped_negatives[evaluated] = kept, len(facts) - len(kept)
     return KGDataset(name=manifest.name, store=store, dropped=dropped, negative_facts=negatives,

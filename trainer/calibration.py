@@ -651,6 +651,8 @@ def calibrate(
     calibration = fit(run, method=method, per_relation=per_relation, seed=seed, samples=samples, negatives=negatives)
     test = judged(run, "test", seed)
     scores = scores_for(calibration, run.model, test.facts, samples, seed)
+    for name, x in measure_logits(scores, run.model.variational).items():
+        classify.check_finite(x, name, "test")
     compared = compare(calibration, scores, test, run.model.variational)
     stored = calibration.to_dict()
     stored["test"] = {

@@ -139,8 +139,9 @@ def stored_calibration(run: Run) -> tuple[dict[str, CalibratedProbability], str]
 def best_threshold(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """The threshold t for which "true iff p > t" labels (``p``, ``labels``) right most often, and that
     accuracy. The candidates are the midpoints between consecutive distinct values of 0, ``p`` and 1 (a
-    threshold anywhere between two values labels alike); equally accurate ones go to the one nearest
-    0.5, then the lower. O(N log N): one sort, then the accuracy of every cut from cumulative sums."""
+    threshold anywhere between two values labels alike; the lower value where the midpoint of two adjacent
+    floats rounds onto the upper); equally accurate ones go to the one nearest 0.5, then the lower.
+    O(N log N): one sort, then the accuracy of every cut from cumulative sums."""
     if len(p) == 0:
         raise ValueError("no facts to choose a threshold on")
     order = np.argsort(p, kind="stable")

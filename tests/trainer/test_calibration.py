@@ -294,6 +294,11 @@ def test_predict_shows_the_calibrated_probability_once_the_run_is_calibrated(run
     # Head answers: the calibrated probability is of the fact (s, r, o), as for tail answers.
     heads = predict(run, head=None, relation="embassy", tail="usa", top_k=3, samples=10)
     assert "p(h|r,t)" in format_predictions(heads) and "calibrated_probability" in heads["predictions"][0]
+    facts = torch.tensor([[names.index(row["head"]), embassy, usa] for row in heads["predictions"]])
+    triple = uncertainty.fact_scores(run.model, facts, 10, run.config.train.seed)  # scored as (s, r, o)
+    expected = found.probabilities(calibration.measure_logits(triple, True), facts[:, 1].numpy())
+    assert [row["calibrated_probability"] for row in heads["predictions"]] == pytest.approx(expected["magnitude"])
+    assert [row["calibrated_mc_mean"] for row in heads["predictions"]] == pytest.approx(expected["mc_mean"])
 
 
 def test_a_calibration_of_another_checkpoint_is_not_used(run_dir):
@@ -327,6 +332,13 @@ def test_report_shows_calibration_before_and_after(run_dir, tmp_path):
             assert numbers[key] == pytest.approx(stored["test"][name]["before"][key])
             assert numbers["calibrated"][key] == pytest.approx(stored["test"][name]["after"][key])
     assert (tmp_path / "b" / "reliability.png").stat().st_size > 1000
+    # With fewer draws than the calibration was fitted on, the calibrated MC mean still takes its 10: the
+    # same calibrated numbers as `trainer calibrate`, while the uncalibrated one is of the 2 asked for.
+    fewer = write_report(load_run(run_dir), tmp_path / "c", samples=2, seed=0)
+    assert "its MC mean from the 10 draws it was fitted with" in fewer["calibrator"]["description"]
+    after = fewer["calibration"]["mc_mean"]["calibrated"]
+    assert after["ece"] == pytest.approx(stored["test"]["mc_mean"]["after"]["ece"])
+    assert fewer["calibration"]["mc_mean"]["ece"] != pytest.approx(stored["test"]["mc_mean"]["before"]["ece"])
 
 
 def test_cross_validated_methods_judge_out_of_fold_probabilities_on_validation(run_dir):
@@ -419,6 +431,20 @@ def test_non_finite_scores_are_an_error_not_a_calibration_or_thresholds(run_dir)
         calibration.fit(run, seed=0, samples=2)
     with pytest.raises(ValueError, match=r"magnitude: \d+ of 398 valid facts score NaN or infinity"):
         classify.classify(run, seed=0)
+
+
+def test_calibrate_refuses_non_finite_test_scores_and_writes_nothing(run_dir, monkeypatch):
+    scores_for = calibration.scores_for
+
+    def one_nan(*args, **kwargs):  # a test fact whose score is NaN, as a non-finite entity row gives
+        scores = scores_for(*args, **kwargs)
+        scores.magnitude[0] = np.nan
+        return scores
+
+    monkeypatch.setattr(calibration, "scores_for", one_nan)
+    with pytest.raises(ValueError, match=r"magnitude: 1 of 402 test facts score NaN or infinity"):
+        calibration.calibrate(load_run(run_dir), seed=0, samples=2)
+    assert not (run_dir / "calibration.json").exists()
 
 
 def test_the_mc_mean_is_calibrated_from_as_many_draws_as_it_was_fitted_with(run_dir, tmp_path):

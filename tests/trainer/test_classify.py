@@ -230,3 +230,17 @@ def test_a_stored_calibration_is_reported_at_one_half(planted_runs, tmp_path):
     assert result["calibration"].startswith("calibrated on validation (platt")
     assert result["calibrated"]["threshold"] == 0.5 and result["calibrated"]["accuracy"] > 0.8
     assert json.loads((tmp_path / "classification.json").read_text()) == result
+
+
+def test_classify_counts_the_verified_negatives_it_could_not_score_on_both_splits(tmp_path):
+    dataset = _planted(tmp_path / "data", negatives=True)
+    with (dataset / "valid_negatives.txt").open("a") as handle:
+        handle.write("unseen\tr0\te1\n")
+    with (dataset / "test_negatives.txt").open("a") as handle:
+        handle.write("e1\tr9\te2\ne1\tr0\tunseen\n")
+    config = make_config(f"data.dataset={dataset}", f"data.cache_dir={tmp_path / 'cache'}", "model.dim=4",
+                         "model.scorer=distmult", "train.epochs=1", "train.batch_size=256")  # fmt: skip
+    train(config, tmp_path / "run")
+    result = classify(load_run(tmp_path / "run"), seed=0, measure="magnitude")
+    assert (result["valid"]["dropped_negatives"], result["test"]["dropped_negatives"]) == (1, 2)
+    assert (result["valid"]["negatives"], result["test"]["negatives"]) == (100, 100)

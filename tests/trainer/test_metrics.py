@@ -276,3 +276,18 @@ def test_prometheus_scrapes_elbo_and_kl_of_a_real_run(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_no_step_series_shows_a_value_before_the_first_step():
+    fresh = MetricsExporter(run="fresh", rank=0, host="127.0.0.1", port=free_port(), discovery_dir=None)
+    try:
+        families = text_string_to_metric_families(_scrape(fresh.address))
+        served = {sample.name for family in families for sample in family.samples}
+        assert "nvkg_restarts_total" in served  # labelled at start, so a panel lists the run from the start
+        assert not served & {"nvkg_negative_elbo", "nvkg_kl_divergence", "nvkg_positives_per_second", "nvkg_step"}
+        for step in range(2):
+            fresh.observe_step(nll=1.0 + step, kl=0.5, kl_weight=1.0, positives=8, seconds=0.1, lr=0.1, step=step)
+        assert _value(fresh.address, "nvkg_negative_elbo") == 2.5
+        assert _value(fresh.address, "nvkg_steps_total") == 2.0
+    finally:
+        fresh.close()
