@@ -543,7 +543,9 @@ def expected_calibration_error(p: np.ndarray, labels: np.ndarray, num_bins: int 
     return float(ece), bins
 
 
-def ece_if_calibrated(p: np.ndarray, num_bins: int = 15, draws: int = 200, seed: int = 0) -> dict[str, float]:
+def ece_if_calibrated(
+    p: np.ndarray, num_bins: int = 15, draws: int = 200, seed: int = 0, block_elements: int = 1 << 22
+) -> dict[str, float]:
     """The ECE that probabilities ``p`` would show if they were exactly calibrated: labels drawn from p
     itself ``draws`` times (consistency resampling, Broecker and Smith 2007), their ECE's mean and 95th
     percentile. On a few hundred facts it is far from 0 (some 0.05 for 400 facts spread over [0, 1]):
@@ -555,7 +557,12 @@ def ece_if_calibrated(p: np.ndarray, num_bins: int = 15, draws: int = 200, seed:
     ece = np.zeros(draws)
     for b in np.unique(index):
         in_bin = p[index == b]
-        true = (rng.random((draws, len(in_bin))) < in_bin).mean(1)
+        # A few draws at a time: [draws, facts] uniforms at once would be 1.6 GB for a bin of a million
+        # facts. Row blocks take the generator's values in the same order, so the numbers do not change.
+        rows = max(1, block_elements // len(in_bin))
+        true = np.concatenate([
+            (rng.random((min(rows, draws - start), len(in_bin))) < in_bin).mean(1) for start in range(0, draws, rows)
+        ])  # fmt: skip
         ece += len(in_bin) / len(p) * np.abs(in_bin.mean() - true)
     return {"mean": float(ece.mean()), "p95": float(np.percentile(ece, 95))}
 

@@ -114,6 +114,10 @@ def test_ece_a_calibrated_model_shows_matches_its_closed_form():
     # The 95th percentile of |N(0, sigma)| is 1.96 sigma.
     assert band["p95"] == pytest.approx(1.96 * math.sqrt(0.25 / 400), rel=0.08)
     assert uncertainty.ece_if_calibrated(np.full(400, 1.0))["p95"] == 0.0  # certain and right: no spread
+    # Drawn a few draws at a time (bounded memory), the same numbers as all at once.
+    p = np.random.default_rng(1).random(3000)
+    whole = uncertainty.ece_if_calibrated(p, draws=50, seed=3, block_elements=50 * 3000)
+    assert uncertainty.ece_if_calibrated(p, draws=50, seed=3, block_elements=700) == whole
 
 
 def test_calibration_round_trips_through_json():

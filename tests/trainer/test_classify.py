@@ -244,3 +244,26 @@ def test_classify_counts_the_verified_negatives_it_could_not_score_on_both_split
     result = classify(load_run(tmp_path / "run"), seed=0, measure="magnitude")
     assert (result["valid"]["dropped_negatives"], result["test"]["dropped_negatives"]) == (1, 2)
     assert (result["valid"]["negatives"], result["test"]["negatives"]) == (100, 100)
+
+
+def test_a_split_larger_than_max_facts_is_judged_on_a_seeded_sample_of_it(planted_runs, monkeypatch):
+    import trainer.classify as classify_module
+
+    data = load_run(planted_runs[True]).dataset
+    small = labelled_facts(data, "valid", 0, max_facts=30)
+    assert small.counts() == {"positives": 30, "negatives": 30, "positives_available": 100,
+                              "negative_source": "verified negatives from valid_negatives.txt"}  # fmt: skip
+    valid, negatives = {tuple(f) for f in data.valid.tolist()}, {tuple(f) for f in data.negatives("valid").tolist()}
+    chosen = [tuple(f) for f in small.facts.tolist()]
+    assert set(chosen[:30]) <= valid and set(chosen[30:]) <= negatives and len(set(chosen)) == 60
+    assert labelled_facts(data, "valid", 0, max_facts=30).facts.equal(small.facts)  # seeded
+    assert not labelled_facts(data, "valid", 1, max_facts=30).facts.equal(small.facts)
+    # Within the limit, every fact, and no count of what was available.
+    assert "positives_available" not in labelled_facts(data, "valid", 0).counts()
+    # Sampled negatives are drawn for the facts kept; classify reports the sample it judged.
+    sampled = load_run(planted_runs[False])
+    assert labelled_facts(sampled.dataset, "test", 0, max_facts=40).counts()["negatives"] == 40
+    monkeypatch.setattr(classify_module, "MAX_FACTS", 40)
+    result = classify(sampled, seed=0, measure="magnitude")
+    assert result["valid"]["positives"] == result["test"]["positives"] == 40
+    assert result["test"]["positives_available"] == 100
