@@ -444,6 +444,11 @@ def measure_logits(scores: uncertainty.FactScores, variational: bool) -> dict[st
     return logits
 
 
+def finite_logits(scores: uncertainty.FactScores, variational: bool, split: str) -> dict[str, np.ndarray]:
+    """``measure_logits``, an error naming the measure where some are not finite (``classify.check_finite``)."""
+    return {name: classify.check_finite(x, name, split) for name, x in measure_logits(scores, variational).items()}
+
+
 def raw_probabilities(scores: uncertainty.FactScores, variational: bool) -> dict[str, np.ndarray]:
     """The uncalibrated probabilities of the measures ``measure_logits`` gives (as ``report`` has them)."""
     probs = scores.probabilities()
@@ -488,9 +493,7 @@ def fit(
         raise ValueError(f"{data.name}: no validation facts to calibrate on")
     valid = judged(run, "valid", seed, negatives)
     scores = uncertainty.fact_scores(model, valid.facts, samples, seed, likelihood=likelihood)
-    logits = {
-        name: classify.check_finite(x, name, "valid") for name, x in measure_logits(scores, model.variational).items()
-    }
+    logits = finite_logits(scores, model.variational, "valid")
     chosen = {name: method for name in logits}
     if method == AUTO:
         chosen = {
@@ -651,8 +654,7 @@ def calibrate(
     calibration = fit(run, method=method, per_relation=per_relation, seed=seed, samples=samples, negatives=negatives)
     test = judged(run, "test", seed)
     scores = scores_for(calibration, run.model, test.facts, samples, seed)
-    for name, x in measure_logits(scores, run.model.variational).items():
-        classify.check_finite(x, name, "test")
+    finite_logits(scores, run.model.variational, "test")
     compared = compare(calibration, scores, test, run.model.variational)
     stored = calibration.to_dict()
     stored["test"] = {

@@ -29,6 +29,7 @@ import torch
 from storage.atomic import atomic_write_json
 from storage.dataset import KGDataset
 from trainer import uncertainty
+from trainer.evaluate import sample_facts
 from trainer.model import KGModel
 from trainer.runs import Run
 
@@ -83,14 +84,6 @@ beyond (and as many of its verified negatives): Freebase86m's 17M validation fac
 draws, would take some 13 GB; 200,000 facts leave an ECE's sampling noise near 0.002."""
 
 
-def _at_most(facts: torch.Tensor, count: int, seed: int, stream: int) -> torch.Tensor:
-    """``facts``, or ``count`` of them drawn without replacement (seeded; in their order) when more."""
-    if len(facts) <= count:
-        return facts
-    chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(facts), count, replace=False))
-    return facts[torch.from_numpy(chosen)]
-
-
 def labelled_facts(data: KGDataset, split: str, seed: int, max_facts: int | None = None) -> LabelledFacts:
     """``split``'s facts and its negatives: the dataset's verified ones (``{split}_negatives.txt``), else
     one corruption per fact (head or tail, uniformly), redrawn until it is not a known fact, from a
@@ -99,10 +92,10 @@ def labelled_facts(data: KGDataset, split: str, seed: int, max_facts: int | None
     as many verified negatives."""
     limit = max_facts or MAX_FACTS
     every = data.valid if split == "valid" else data.test
-    positives = _at_most(every, limit, seed, 0)
+    positives = sample_facts(every, limit, seed)
     negatives = data.negatives(split)
     if negatives is not None:
-        negatives = _at_most(negatives, limit, seed, 1)
+        negatives = sample_facts(negatives, limit, seed)
     source = f"verified negatives from {data.negatives_file(split)}"
     if negatives is None:
         is_known = lambda facts: uncertainty.known_mask(facts, data.known_chunks())  # noqa: E731
