@@ -205,11 +205,19 @@ def export(run: RunLike, out: str | Path, *, fmt: Literal["parquet", "tsv"] | No
 
 
 def report(
-    run: RunLike, out_dir: str | Path | None = None, *, samples: int = 100, seed: int | None = None, fact: int = 0
+    run: RunLike,
+    out_dir: str | Path | None = None,
+    *,
+    samples: int = 100,
+    seed: int | None = None,
+    fact: int = 0,
+    link_samples: int | None = None,
+    link_facts: int = reporting.LINK_MAX_FACTS,
 ) -> dict[str, Any]:
     """``nvkg report``: the uncertainty report (docs/uncertainty.md), PNG figures and report.json in
     ``out_dir`` (default RUN/report): variance against frequency, precision against coverage, the
-    reliability diagram before and after calibration, the confidence study, and test fact ``fact`` drawn.
+    reliability diagram before and after calibration, the confidence study (``link_samples`` draws, default
+    ``samples``, of at most ``link_facts`` test facts), and test fact ``fact`` drawn.
     Returns report.json's summary (``result["figures"]`` names the PNG files).
 
     Example: ``report(run)["precision_coverage_area"]``
@@ -218,4 +226,7 @@ def report(
     assert loaded.directory is not None  # load_run sets it
     target = Path(out_dir) if out_dir is not None else loaded.directory / "report"
     chosen = loaded.config.train.seed if seed is None else seed
-    return reporting.write_report(loaded, target, samples=samples, seed=chosen, fact_index=fact)
+    return reporting.write_report(
+        loaded, target, samples=samples, seed=chosen, fact_index=fact, link_samples=link_samples,
+        link_facts=link_facts,
+    )  # fmt: skip

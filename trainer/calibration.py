@@ -423,6 +423,7 @@ def judged(run: Run, split: str, seed: int, negatives: torch.Tensor | None = Non
         raise ValueError(f"negatives: expected facts [M, 3] with M > 0, got shape {list(negatives.shape)}")
     if not _scorable(negatives, data.num_entities, data.num_relations):
         raise ValueError("negatives: an entity or relation id outside the trained model's")
+    classify.check_not_known(data, negatives, "negatives")
     positives = data.valid if split == "valid" else data.test
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
     return classify.LabelledFacts(torch.cat([positives, negatives.to(positives.dtype)]), labels, "given")

@@ -106,6 +106,22 @@ def labelled_facts(data: KGDataset, split: str, seed: int, max_facts: int | None
     return LabelledFacts(torch.cat([positives, negatives]), labels, source, available)
 
 
+def check_not_known(data: KGDataset, negatives: torch.Tensor, source: str) -> None:
+    """Refuse negatives of which some are known true facts (train, valid or test): labelled both true and
+    false, a fact would pull a calibrator and a threshold both ways. The error names ``source``, how many
+    and the first such fact by its names. (Negatives files are checked when converted, naming the line.)"""
+    known = uncertainty.known_mask(negatives, data.known_chunks())
+    if not bool(known.any()):
+        return
+    h, r, t = negatives[int(known.nonzero()[0, 0])].tolist()
+    entities, relations = data.names("entities")["name"], data.names("relations")["name"]
+    fact = f"{entities[h].as_py()}\t{relations[r].as_py()}\t{entities[t].as_py()}"
+    raise ValueError(
+        f"{source}: {int(known.sum())} of its {len(negatives)} negatives are known true facts (in train, "
+        f"valid or test), the first {fact!r}; a fact cannot be both true and false: remove them"
+    )
+
+
 def mean_scores(model: KGModel, facts: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """score + relation bias of ``facts`` [N, 3] with the posterior means (the ``magnitude`` logit), [N]
     float64, ``chunk_rows`` facts at a time."""

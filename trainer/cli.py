@@ -28,6 +28,7 @@ from trainer import calibration, classify
 from trainer.config import RunConfig, describe, load_config
 from trainer.evaluate import evaluate_run, rank_filters
 from trainer.loop import train
+from trainer.report import LINK_MAX_FACTS
 
 RUNS_DIR = Path("runs")
 ROOT = Path(__file__).parents[1]
@@ -120,6 +121,16 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     )
     report_cmd.add_argument("--samples", type=_count(1), default=100, help="Monte-Carlo draws of the embeddings")
     report_cmd.add_argument("--fact", type=_count(0), default=0, help="index of the test fact drawn in fact.png")
+    report_cmd.add_argument(
+        "--link-samples", type=_count(1), help="draws for the link-prediction confidence study (default: --samples)"
+    )
+    report_cmd.add_argument(
+        "--link-facts",
+        type=_count(1),
+        default=LINK_MAX_FACTS,
+        help="test facts of the link-prediction confidence study, a seeded sample beyond (default: %(default)s); "
+        "its cost is facts x entities x (1 + draws)",
+    )
     calibrate_cmd = add_command(commands, "calibrate", "fit fact probabilities on valid: RUN_DIR/calibration.json")
     calibrate_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")
     calibrate_cmd.add_argument(
@@ -299,7 +310,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     run = load_run(args.run_dir)
     out = _run_dir(args.out) or args.run_dir / "report"
-    summary = write_report(run, out, samples=args.samples, seed=run.config.train.seed, fact_index=args.fact)
+    summary = write_report(
+        run, out, samples=args.samples, seed=run.config.train.seed, fact_index=args.fact,
+        link_samples=args.link_samples, link_facts=args.link_facts,
+    )  # fmt: skip
     print(f"wrote {out}: {', '.join(summary['figures'].values())}, report.json")
     for key in ("precision_coverage_area", "selective_prediction_area"):
         print(f"{key}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary[key].items()))

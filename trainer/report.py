@@ -39,6 +39,10 @@ from trainer.runs import Run
 SCATTER_POINTS = 100_000
 # Bootstrap resamples of the confidence study's intervals.
 RESAMPLES = 1000
+# Test facts of the link-prediction confidence study: each of its 2 queries per fact scores every entity
+# under every draw, so its cost is facts x entities x (1 + draws); beyond this, a seeded sample (every
+# bundled graph's test split is smaller). Freebase86m's 86M entities want far fewer: --link-facts.
+LINK_MAX_FACTS = 10_000
 
 
 # difflib over every name of a large graph takes minutes: a miss is compared with at most this many names.
@@ -272,9 +276,18 @@ def _replacing(out: Path) -> Iterator[Path]:
 
 
 @torch.no_grad()
-def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = None, resamples: int = RESAMPLES) -> dict:
+def analyse(
+    run: Run,
+    *,
+    samples: int,
+    seed: int,
+    link_samples: int | None = None,
+    link_facts: int = LINK_MAX_FACTS,
+    resamples: int = RESAMPLES,
+) -> dict:
     """The numbers behind every figure of the report: ``samples`` draws for the facts, ``link_samples``
-    (default ``samples``) for the link-prediction confidence study, ``resamples`` for its bootstrap."""
+    (default ``samples``) and at most ``link_facts`` test facts for the link-prediction confidence study,
+    ``resamples`` for its bootstrap."""
     model = run.model
     test = calibration.judged(run, "test", seed)
     labels = test.labels
@@ -296,11 +309,12 @@ def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = Non
         if name in calibrated:
             calibration_numbers[name]["calibrated"] = calibration.quality(calibrated[name], labels)
     link_samples = samples if link_samples is None else link_samples
-    answers = link_answers(run, "test", samples=link_samples, seed=seed)
+    answers = link_answers(run, "test", samples=link_samples, seed=seed, max_facts=link_facts)
     study = confidence_study(
         answers, truth, labels, samples=link_samples if model.variational else 0,
         softmax=model.reciprocal, seed=seed, resamples=resamples,
     )  # fmt: skip
+    study["link_prediction"]["facts_available"] = len(run.dataset.test)
     return {
         "facts": {**test.counts(), "samples": samples},
         "variance_vs_frequency": variance_vs_frequency(run),
@@ -319,11 +333,17 @@ def analyse(run: Run, *, samples: int, seed: int, link_samples: int | None = Non
     }
 
 
-def link_answers(run: Run, split: str, *, samples: int, seed: int) -> uncertainty.TopAnswers:
+def link_answers(
+    run: Run, split: str, *, samples: int, seed: int, max_facts: int = LINK_MAX_FACTS
+) -> uncertainty.TopAnswers:
     """``uncertainty.top_answers`` of the tail and head query of every fact of ``split`` ("valid" or
-    "test"), each ranked against every entity but its other known answers (train, valid and test)."""
+    "test"), each ranked against every entity but its other known answers (train, valid and test). A split
+    of more than ``max_facts`` facts gives a sample of that many (``evaluate.sample_facts``, seeded with
+    ``seed``): the same facts for every draw and every run of the same seed."""
+    if max_facts < 1:
+        raise ValueError(f"--link-facts {max_facts}: expected at least 1")
     data = run.dataset
-    facts = data.valid if split == "valid" else data.test
+    facts = evaluate.sample_facts(data.valid if split == "valid" else data.test, max_facts, seed)
     filters = evaluate.build_filters(data.known_chunks(), data.num_relations)
     return uncertainty.top_answers(run.model, facts, filters, samples, seed)
 
@@ -489,6 +509,7 @@ def write_report(
     seed: int,
     fact_index: int = 0,
     link_samples: int | None = None,
+    link_facts: int = LINK_MAX_FACTS,
     resamples: int = RESAMPLES,
 ) -> dict:
     """Figures (PNG) and report.json under ``out_dir``; returns the JSON written (without raw curves).
@@ -504,7 +525,8 @@ def write_report(
     with temp_dir_beside(out_dir) as staging:
         try:
             summary = _write_report_files(run, staging, samples=samples, seed=seed, fact_index=fact_index,
-                                          link_samples=link_samples, resamples=resamples)  # fmt: skip
+                                          link_samples=link_samples, link_facts=link_facts,
+                                          resamples=resamples)  # fmt: skip
             _move_files(staging, out_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -519,7 +541,15 @@ def _move_files(source: Path, target: Path) -> None:
 
 
 def _write_report_files(
-    run: Run, out_dir: Path, *, samples: int, seed: int, fact_index: int, link_samples: int | None, resamples: int
+    run: Run,
+    out_dir: Path,
+    *,
+    samples: int,
+    seed: int,
+    fact_index: int,
+    link_samples: int | None,
+    link_facts: int,
+    resamples: int,
 ) -> dict:
     """``write_report``'s files, written straight into ``out_dir``."""
     import matplotlib
@@ -527,7 +557,8 @@ def _write_report_files(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numbers = analyse(run, samples=samples, seed=seed, link_samples=link_samples, resamples=resamples)
+    numbers = analyse(run, samples=samples, seed=seed, link_samples=link_samples, link_facts=link_facts,
+                      resamples=resamples)  # fmt: skip
     figures = {}
 
     vf = numbers["variance_vs_frequency"]

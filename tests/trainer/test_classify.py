@@ -1,14 +1,16 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from storage.dataset import open_dataset
 from tests.trainer.conftest import make_config
-from trainer import uncertainty
+from trainer import calibration, uncertainty
 from trainer.classify import (
     Thresholds,
     best_threshold,
@@ -244,6 +246,20 @@ def test_classify_counts_the_verified_negatives_it_could_not_score_on_both_split
     result = classify(load_run(tmp_path / "run"), seed=0, measure="magnitude")
     assert (result["valid"]["dropped_negatives"], result["test"]["dropped_negatives"]) == (1, 2)
     assert (result["valid"]["negatives"], result["test"]["negatives"]) == (100, 100)
+
+
+def test_negatives_given_to_calibration_that_are_known_true_facts_are_refused_naming_the_first(planted_runs):
+    run = load_run(planted_runs[False])
+    known = run.dataset.train[:3]
+    entities, relations = run.dataset.names("entities")["name"], run.dataset.names("relations")["name"]
+    h, r, t = known[0].tolist()
+    first = repr(f"{entities[h].as_py()}\t{relations[r].as_py()}\t{entities[t].as_py()}")
+    unknown = labelled_facts(run.dataset, "valid", 0).facts[100:103]  # sampled: never known
+    with pytest.raises(
+        ValueError, match=r"negatives: 3 of its 6 negatives are known true facts .*, the first " + re.escape(first)
+    ):
+        calibration.fit(run, seed=0, samples=2, negatives=torch.cat([unknown, known]), method="platt")
+    calibration.fit(run, seed=0, samples=2, negatives=unknown, method="platt")
 
 
 def test_a_split_larger_than_max_facts_is_judged_on_a_seeded_sample_of_it(planted_runs, monkeypatch):

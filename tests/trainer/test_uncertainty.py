@@ -10,7 +10,7 @@ import torch
 from tests.trainer.conftest import make_config
 from trainer import report as reporting
 from trainer import uncertainty
-from trainer.evaluate import build_filters, evaluate
+from trainer.evaluate import build_filters, evaluate, sample_facts
 from trainer.loop import train
 from trainer.report import _uniform_other, export, predict, variance_vs_frequency, write_report
 from trainer.runs import load_run
@@ -241,6 +241,25 @@ def test_report_json_holds_the_confidence_study(nations_run, tmp_path):
     # A top-1 answer is right when evaluation ranks the answer first: the filtered Hits@1 of the means.
     filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
     assert link["top1_accuracy"] == pytest.approx(evaluate(run.model, run.dataset.test, filters)["filtered"]["hits@1"])
+
+
+def test_the_link_study_of_a_split_beyond_link_facts_is_a_seeded_sample_of_it(nations_run, tmp_path):
+    from trainer.cli import main
+
+    run = load_run(nations_run)
+    main(["report", str(nations_run), "--out", str(tmp_path), "--samples", "3", "--link-samples", "2",
+          "--link-facts", "50"])  # fmt: skip
+    link = json.loads((tmp_path / "report.json").read_text())["confidence"]["link_prediction"]
+    assert link["queries"] == 100 and link["facts_available"] == len(run.dataset.test) == 201
+    assert link["samples"] == 2
+    # The study's facts are evaluate.sample_facts's: its top-1 accuracy is their filtered Hits@1.
+    facts = sample_facts(run.dataset.test, 50, run.config.train.seed)
+    filters = build_filters(run.dataset.all_known(), run.dataset.num_relations)
+    assert link["top1_accuracy"] == pytest.approx(evaluate(run.model, facts, filters)["filtered"]["hits@1"])
+    answers = reporting.link_answers(run, "test", samples=0, seed=0, max_facts=len(run.dataset.test))
+    assert len(answers.correct) == 2 * len(run.dataset.test)  # a split within the cap: every fact
+    with pytest.raises(ValueError, match="--link-facts 0"):
+        reporting.link_answers(run, "test", samples=0, seed=0, max_facts=0)
 
 
 def test_predict_ranks_names_marks_known_facts_and_suggests_close_names(nations_run):
