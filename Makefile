@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 
-.PHONY: install train train-freebase test test-faults lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty bench-scale docker docker-gpu clean
+.PHONY: install train train-freebase test test-faults lint lint-docker format bench bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty bench-step bench-scale docker docker-gpu clean
 
 install: $(STAMP)
 
@@ -70,7 +70,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty
+bench: bench-quality bench-throughput bench-storage bench-sharding bench-uncertainty bench-step
 
 bench-quality: install
 	$(PY) -m bench.quality $(ARGS)
@@ -86,6 +86,9 @@ bench-sharding: install
 
 bench-uncertainty: install
 	$(PY) -m bench.uncertainty $(ARGS)
+
+bench-step: install
+	$(PY) -m bench.step_profile $(ARGS)
 
 # Not part of `make bench`: 2 workers on a 10M-entity, ~100M-fact planted graph (bench/scale.py; about 40 minutes).
 bench-scale: install

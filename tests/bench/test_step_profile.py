@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from bench import step_profile
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    threads = torch.get_num_threads()
+    run = step_profile.set_up("kinships", tmp_path_factory.mktemp("step"))
+    per_threads = step_profile.profile(run, epochs=step_profile.WARM_UP + 2)
+    assert torch.get_num_threads() == threads  # as it was
+    return run, per_threads
+
+
+def test_the_step_is_its_kernels_and_the_rest_and_the_kernels_are_put_back(profiled):
+    run, per_threads = profiled
+    assert [len(per_threads[t]) for t in (1, 2)] == [1, 1]  # the warm-up dropped, then one epoch each
+    for row in (*per_threads[1], *per_threads[2]):
+        kernels = [row[column] for column in step_profile.KERNELS]
+        assert all(ms > 0 for ms in kernels) and row["step_ms"] > sum(kernels)
+        assert row["rest_ms"] == pytest.approx(row["step_ms"] - sum(kernels))
+        assert 0 < row["distinct_rows"] <= run.dataset.num_entities
+    for owner, name in step_profile.KERNELS.values():
+        assert getattr(owner, name).__name__ != "timed"
+
+
+def test_the_bounds_are_the_products_and_the_traffic_at_the_measured_rates(profiled):
+    run, per_threads = profiled
+    bounds = {"gemm_gflops": 100.0, "copy_gbps": 10.0, "row_bytes": step_profile.row_bytes(run)}
+    # mean and log-variance of 128 numbers each, and row-wise Adagrad's two accumulators (one per half)
+    assert bounds["row_bytes"] == (2 * 128 + 2) * 4
+    rows = step_profile.summarise(per_threads, bounds)
+    two = rows[1]
+    assert bounds["products_mflop_per_step"] == 3 * 1024 * 64 * 128 * 2 / 1e6  # 3 B K D multiply-adds
+    assert bounds["products_floor_ms"] == pytest.approx(bounds["products_mflop_per_step"] / 100.0)
+    assert bounds["traffic_mb_per_step"] == pytest.approx(two["distinct_rows"] * bounds["row_bytes"] * 2 / 1e6)
+    assert rows[2]["step_ms"] == pytest.approx(rows[0]["step_ms"] / two["step_ms"])
+    assert "| 1 / 2 |" in step_profile.markdown(rows, bounds, "kinships")
