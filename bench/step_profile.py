@@ -24,14 +24,14 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import sharding.gaussian
 import sharding.kernels.native
-import sharding.table
 from bench.common import machine, markdown_table, write_results
 from bench.throughput import BATCH, COMPLEX_DIM
 from sharding.exchange import LocalExchange
@@ -40,44 +40,58 @@ from trainer.config import load_config
 from trainer.loop import Training
 
 CHUNK, NEGATIVES = 32, 64  # PBG's exact sampling: nvkg's k counts both sides (bench/throughput.py)
-KERNELS = {
-    "bernoulli_ms": (sharding.kernels.native, "bernoulli_forward_backward"),
-    "sample_kl_ms": (sharding.gaussian, "stream_sample_and_kl"),
-    "entity_update_ms": (sharding.table.ShardedTable, "step"),
-}
+KERNELS = ("bernoulli_ms", "sample_kl_ms", "entity_update_ms")
 """What each column times: the Bernoulli NLL and its gradients (bilinear.c), the owners' sample and KL pass
-(noise.c), the entity rows' update (row-wise Adagrad with the sample's backward, noise.c)."""
+(noise.c), the entity table's update (row-wise Adagrad with the sample's backward, noise.c; the relations'
+update, a torch path on the same class, is left in the rest)."""
 WARM_UP = 2
 
 
+def timed_functions(run: Training) -> dict[str, tuple[object, str]]:
+    """Where each of ``KERNELS`` is called: a module's function, or the entity table's own method (set on
+    the instance, so the relation table's ``step`` of the same class is not counted)."""
+    return {
+        "bernoulli_ms": (sharding.kernels.native, "bernoulli_forward_backward"),
+        "sample_kl_ms": (sharding.gaussian, "stream_sample_and_kl"),
+        "entity_update_ms": (run.model.entities, "step"),
+    }
+
+
 class Timers:
-    """Seconds spent in each of ``KERNELS`` since the last ``reset``, and the distinct entity rows the
-    Bernoulli kernel was handed."""
+    """Seconds spent in, and calls of, each of ``KERNELS`` since the last ``reset``, and the distinct
+    entity rows the Bernoulli kernel was handed."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
         self.rows: list[int] = []
-        self._originals: list[tuple[object, str, Callable]] = []
+        self._installed: list[tuple[object, str, bool, Callable]] = []
 
-    def install(self) -> None:
-        for column, (owner, name) in KERNELS.items():
+    def install(self, functions: dict[str, tuple[object, str]]) -> None:
+        for column, (owner, name) in functions.items():
             original = getattr(owner, name)
-            self._originals.append((owner, name, original))
+            own = name in vars(owner)  # a module's function; an instance's method lives on its class
+            self._installed.append((owner, name, own, original))
             setattr(owner, name, self._timed(column, original))
 
     def remove(self) -> None:
-        for owner, name, original in reversed(self._originals):
-            setattr(owner, name, original)
-        self._originals.clear()
+        for owner, name, own, original in reversed(self._installed):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+        self._installed.clear()
 
     def reset(self) -> None:
         self.seconds.clear()
+        self.calls.clear()
         self.rows.clear()
 
     def _timed(self, column: str, function: Callable) -> Callable:
         def timed(*args, **kwargs):
             if column == "bernoulli_ms":
                 self.rows.append(len(args[0].entities))
+            self.calls[column] += 1
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -87,9 +101,23 @@ class Timers:
         return timed
 
 
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gemm_gflops(threads: int = 2, size: int = 1024, repeats: int = 5) -> float:
     """The best of ``repeats`` timings of 20 products of ``size`` x ``size`` matrices, in GFLOP/s."""
-    torch.set_num_threads(threads)
+    with _threads(threads):
+        return _gemm_gflops(size, repeats)
+
+
+def _gemm_gflops(size: int, repeats: int) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     c = torch.empty(size, size)
     torch.mm(a, b, out=c)
@@ -104,7 +132,11 @@ def gemm_gflops(threads: int = 2, size: int = 1024, repeats: int = 5) -> float:
 
 def copy_gbps(threads: int = 2, numbers: int = 1 << 28, repeats: int = 5) -> float:
     """The best of ``repeats`` copies of 1 GiB (read and written), in GB/s."""
-    torch.set_num_threads(threads)
+    with _threads(threads):
+        return _copy_gbps(numbers, repeats)
+
+
+def _copy_gbps(numbers: int, repeats: int) -> float:
     source, target = torch.ones(numbers), torch.zeros(numbers)
     target.copy_(source)
     best = 0.0
@@ -139,6 +171,7 @@ def set_up(dataset: str, out: Path) -> Training:
             "train.epochs=1000",
             "train.eval_every=0",
             "train.progress=false",
+            "train.device=cpu",
         ],
     )
     data = load_data(config.data)
@@ -147,9 +180,14 @@ def set_up(dataset: str, out: Path) -> Training:
 
 def profile(run: Training, epochs: int) -> dict[int, list[dict[str, float]]]:
     """Per thread count (1, 2), each epoch's per-step milliseconds: the step, each kernel, the rest."""
+    if not run.model.writes_gradients:
+        raise RuntimeError(
+            "the step does not run the compiled Bernoulli kernel here (no C compiler, NVKG_NATIVE=0, or not "
+            "on the CPU): there is nothing to profile; see sharding/kernels/native.py"
+        )
     timers, threads_before = Timers(), torch.get_num_threads()
-    timers.install()
     try:
+        timers.install(timed_functions(run))
         per_threads: dict[int, list[dict[str, float]]] = {1: [], 2: []}
         for epoch in range(epochs):
             threads = 1 + epoch % 2
@@ -161,6 +199,7 @@ def profile(run: Training, epochs: int) -> dict[int, list[dict[str, float]]]:
             row |= {column: timers.seconds[column] / steps * 1e3 for column in KERNELS}
             row["rest_ms"] = row["step_ms"] - sum(row[column] for column in KERNELS)
             row["distinct_rows"] = statistics.mean(timers.rows)
+            row["calls_per_step"] = {column: timers.calls[column] / steps for column in KERNELS}
             if epoch >= WARM_UP:
                 per_threads[threads].append(row)
         return per_threads
@@ -173,7 +212,7 @@ def summarise(per_threads: dict[int, list[dict[str, float]]], bounds: dict[str, 
     rows = []
     for threads, epochs in per_threads.items():
         row: dict = {"threads": threads, "epochs": len(epochs)}
-        row |= {k: statistics.median(e[k] for e in epochs) for k in epochs[0]}
+        row |= {k: statistics.median(e[k] for e in epochs) for k, v in epochs[0].items() if not isinstance(v, dict)}
         row["positives_per_s"] = BATCH / row["step_ms"] * 1e3
         rows.append(row)
     one, two = rows

@@ -340,8 +340,7 @@ def link_answers(
     "test"), each ranked against every entity but its other known answers (train, valid and test). A split
     of more than ``max_facts`` facts gives a sample of that many (``evaluate.sample_facts``, seeded with
     ``seed``): the same facts for every draw and every run of the same seed."""
-    if max_facts < 1:
-        raise ValueError(f"--link-facts {max_facts}: expected at least 1")
+    check_link_facts(max_facts)
     data = run.dataset
     facts = evaluate.sample_facts(data.valid if split == "valid" else data.test, max_facts, seed)
     filters = evaluate.build_filters(data.known_chunks(), data.num_relations)
@@ -479,6 +478,11 @@ def fact_visualisation(run: Run, fact_index: int, seed: int, points: int = 1000)
     return out
 
 
+def check_link_facts(link_facts: int) -> None:
+    if link_facts < 1:
+        raise ValueError(f"link_facts (--link-facts) {link_facts}: expected at least 1")
+
+
 def check_fact_index(data: KGDataset, fact_index: int) -> None:
     """``--fact``: the index of a test fact, else a ValueError that gives the valid range."""
     if len(data.test) == 0:
@@ -520,6 +524,7 @@ def write_report(
     """
     if run.model.variational:  # the fact figure is drawn last: a bad --fact fails before the analysis
         check_fact_index(run.dataset, fact_index)
+    check_link_facts(link_facts)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     with temp_dir_beside(out_dir) as staging:

@@ -187,6 +187,14 @@ def test_report_on_a_short_nations_run_writes_every_file(nations_run, tmp_path):
     assert summary["facts"]["positives"] == summary["facts"]["negatives"] > 0
 
 
+def test_a_link_facts_below_one_is_refused_before_any_work(nations_run, tmp_path, monkeypatch):
+    run = load_run(nations_run)
+    monkeypatch.setattr(reporting, "analyse", lambda *args, **kwargs: pytest.fail("analysed before link_facts"))
+    with pytest.raises(ValueError, match=r"link_facts \(--link-facts\) 0: expected at least 1"):
+        write_report(run, tmp_path / "report", samples=2, seed=0, link_facts=0)
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_fact_index_outside_the_test_split_is_refused_before_any_work(nations_run, tmp_path, monkeypatch):
     run = load_run(nations_run)
     monkeypatch.setattr(reporting, "analyse", lambda *args, **kwargs: pytest.fail("analysed before --fact was checked"))
@@ -258,7 +266,7 @@ def test_the_link_study_of_a_split_beyond_link_facts_is_a_seeded_sample_of_it(na
     assert link["top1_accuracy"] == pytest.approx(evaluate(run.model, facts, filters)["filtered"]["hits@1"])
     answers = reporting.link_answers(run, "test", samples=0, seed=0, max_facts=len(run.dataset.test))
     assert len(answers.correct) == 2 * len(run.dataset.test)  # a split within the cap: every fact
-    with pytest.raises(ValueError, match="--link-facts 0"):
+    with pytest.raises(ValueError, match=r"link_facts \(--link-facts\) 0"):
         reporting.link_answers(run, "test", samples=0, seed=0, max_facts=0)
 
 
