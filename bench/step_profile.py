@@ -33,7 +33,7 @@ import torch
 import sharding.gaussian
 import sharding.kernels.native
 from bench.common import machine, markdown_table, write_results
-from bench.throughput import BATCH, COMPLEX_DIM
+from bench.throughput import BATCH, COMPLEX_DIM, task_overrides
 from sharding.exchange import LocalExchange
 from storage.dataset import load_data
 from trainer.config import load_config
@@ -155,25 +155,8 @@ def row_bytes(run: Training) -> int:
 
 
 def set_up(dataset: str, out: Path) -> Training:
-    config = load_config(
-        None,
-        [
-            f"data.dataset={dataset}",
-            "model.scorer=complex",
-            f"model.dim={2 * COMPLEX_DIM}",
-            "model.latent=lim",
-            "optim.optimizer=rowwise_adagrad",
-            "objective.likelihood=bernoulli",
-            f"objective.num_negatives={NEGATIVES}",
-            f"objective.negative_chunk={CHUNK}",
-            "objective.kl_estimator=per_occurrence",
-            f"train.batch_size={BATCH}",
-            "train.epochs=1000",
-            "train.eval_every=0",
-            "train.progress=false",
-            "train.device=cpu",
-        ],
-    )
+    overrides = task_overrides(dataset, "lim", "rowwise_adagrad", CHUNK, NEGATIVES)
+    config = load_config(None, [*overrides, "train.epochs=1000", "train.device=cpu"])
     data = load_data(config.data)
     return Training.set_up(config, out, data, LocalExchange(), None)
 

@@ -96,6 +96,26 @@ def run_pbg(dataset_dir: Path, epochs: int, workers: int, evaluate: bool = False
     return run_peer(PBG_VENV, "pbg_peer.py", args)
 
 
+def task_overrides(
+    dataset: str, latent: str, optimizer: str, chunk: int | None = None, negatives: int = NEGATIVES
+) -> list[str]:
+    """The config overrides of nvkg on this bench's task (bench/step_profile.py profiles the same one)."""
+    return [
+        *([f"objective.negative_chunk={chunk}"] if chunk else []),
+        f"data.dataset={dataset}",
+        "model.scorer=complex",
+        f"model.dim={2 * COMPLEX_DIM}",
+        f"model.latent={latent}",
+        f"optim.optimizer={optimizer}",
+        "objective.likelihood=bernoulli",
+        f"objective.num_negatives={negatives}",
+        "objective.kl_estimator=per_occurrence",
+        f"train.batch_size={BATCH}",
+        "train.eval_every=0",
+        "train.progress=false",
+    ]
+
+
 def run_ours(
     dataset: str,
     latent: str,
@@ -108,21 +128,10 @@ def run_ours(
     config = load_config(
         None,
         [
-            *([f"objective.negative_chunk={chunk}"] if chunk else []),
-            f"data.dataset={dataset}",
-            "model.scorer=complex",
-            f"model.dim={2 * COMPLEX_DIM}",
-            f"model.latent={latent}",
-            f"optim.optimizer={optimizer}",
-            "objective.likelihood=bernoulli",
-            f"objective.num_negatives={negatives}",
-            "objective.kl_estimator=per_occurrence",
-            f"train.batch_size={BATCH}",
+            *task_overrides(dataset, latent, optimizer, chunk, negatives),
             f"train.epochs={epochs}",
-            "train.eval_every=0",
             f"train.checkpoint_every={epochs}",
             f"train.num_threads={threads}",
-            "train.progress=false",
         ],
     )
     data = load_data(config.data)
