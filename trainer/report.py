@@ -134,19 +134,15 @@ def predict(run: Run, *, head: str | None, relation: str, tail: str | None, top_
         for row, p in zip(rows, softmax.tolist(), strict=True):
             row["softmax_probability"] = p
     found, note = calibration.stored(run)
-    draws = calibration.fitted_draws(found, samples) if found is not None and model.variational else samples
     if found is not None:
-        # The calibrators map triple scores (s, r, o), of as many draws as they were fitted on: a reciprocal
-        # model's head answers, or another number of draws, are rescored so.
-        same = (missing == "tail" or not model.reciprocal) and draws == samples
-        triple = fact_scores if same else uncertainty.fact_scores(model, facts, draws, seed)
-        calibrated = found.probabilities(calibration.measure_logits(triple, model.variational), facts[:, 1].numpy())
+        # The calibrators map triple scores (s, r, o): a reciprocal model's head answers are rescored so.
+        rescore = missing == "head" and model.reciprocal
+        calibrated, drawn = _calibrated_probabilities(found, model, facts, fact_scores, samples, seed, rescore)
+        note += drawn
         for k, row in enumerate(rows):
             row["calibrated_probability"] = float(calibrated["magnitude"][k])
             if "mc_mean" in calibrated:
                 row["calibrated_mc_mean"] = float(calibrated["mc_mean"][k])
-    if draws != samples:
-        note += f"; its MC mean from the {draws} draws it was fitted with"
     query = {"head": head, "relation": relation, "tail": tail, "samples": samples if model.variational else 0,
              "calibration": note, "calibrated": found is not None}  # fmt: skip
     return {"query": query, "predictions": rows}
@@ -400,14 +396,31 @@ def _calibrated(
     if found is None:
         found = calibration.fit(run, seed=seed, samples=samples, likelihood=False)  # the report shows none
         note = f"{found.describe()}, fitted for this report and not stored ({note})"
-    draws = calibration.fitted_draws(found, samples)
-    if run.model.variational and draws != samples:  # its MC mean's calibrator maps a mean of `draws` draws
-        scores = uncertainty.fact_scores(run.model, facts, draws, seed)
-        note += f"; its MC mean from the {draws} draws it was fitted with"
-    logits = calibration.measure_logits(scores, run.model.variational)
-    about = {"description": note, "stored": is_stored, "method": found.method,
+    probabilities, drawn = _calibrated_probabilities(found, run.model, facts, scores, samples, seed)
+    about = {"description": note + drawn, "stored": is_stored, "method": found.method,
              "per_relation": found.per_relation, "fitted_on": found.fitted_on}  # fmt: skip
-    return about, found.probabilities(logits, facts[:, 1].numpy())
+    return about, probabilities
+
+
+def _calibrated_probabilities(
+    found: calibration.Calibration,
+    model: KGModel,
+    facts: torch.Tensor,
+    scores: uncertainty.FactScores,
+    samples: int,
+    seed: int,
+    rescore: bool = False,
+) -> tuple[dict[str, np.ndarray], str]:
+    """``found``'s probabilities of ``facts``, which ``samples`` draws scored ``scores`` (``rescore``: scored
+    as other than the triples), and what a note should add. Its MC mean's calibrator maps a mean of as many
+    draws as it was fitted with (``calibration.fitted_draws``): facts are rescored with those where they
+    differ, and the note says so."""
+    draws = calibration.fitted_draws(found, samples) if model.variational else samples
+    if rescore or draws != samples:
+        scores = uncertainty.fact_scores(model, facts, draws, seed)
+    logits = calibration.measure_logits(scores, model.variational)
+    drawn = f"; its MC mean from the {draws} draws it was fitted with" if draws != samples else ""
+    return found.probabilities(logits, facts[:, 1].numpy()), drawn
 
 
 def variance_vs_frequency(run: Run, *, max_points: int = SCATTER_POINTS, seed: int = 0) -> dict:
