@@ -18,7 +18,14 @@ Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier 
 reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
 control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
 nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two all-to-alls, or the
-control block when killed while joining (named ``nvkg-TOKEN-*``). The small all-reduces stay on gloo.
+control block when killed while joining (named ``nvkg-TOKEN-*``).
+
+All-reduces of CPU tensors ride on the next generation: ``all_reduce_async`` queues the tensor, and the
+next all-to-all (or a ``wait`` or ``all_reduce`` before one) puts every queued tensor at the head of each
+rank's outbox, and after its barrier each rank reduces them in rank order, so every rank holds the same
+bits (for two ranks gloo's too: a + b is b + a). A step's two all-reduces, the divergence flags and the
+relations' gradients, so travel with the gradients' all-to-all at no barrier of their own; over gloo they
+went through TCP on gloo's threads, which took the CPU from the step (docs/benchmarks.md).
 An outbox that cannot grow (a full /dev/shm: Docker gives 64 MB unless told otherwise) is published as
 such, and from that all-to-all on every rank moves its tensors over gloo instead.
 """
@@ -35,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sharding.exchange import GroupExchange
+from sharding.exchange import GroupExchange, Pending
 from sharding.kernels import native
 
 DIRECTORY = Path("/dev/shm")
@@ -75,6 +82,8 @@ class SharedMemoryExchange(GroupExchange):
         self.mapped = [[0] * world for _ in range(2)]
         self.unlink_later: list[tuple[int, Path]] = []
         """(generation that published it, file): this rank's grown outboxes, until every rank maps them."""
+        self.queued: list[tuple[torch.Tensor, str]] = []
+        """(tensor, op): all-reduces started and not yet carried by a generation, in the order started."""
         self.shared = True
 
     @classmethod
@@ -125,15 +134,9 @@ class SharedMemoryExchange(GroupExchange):
         row_bytes = source.element_size() * math.prod(source.shape[1:])
         data = source.reshape(-1).view(torch.uint8)
         starts = [start * row_bytes for start in accumulate(send_counts, initial=0)]
-        self.generation += 1
-        which = self.generation % 2
-        self._write(which, data, starts)
-        self._barrier()
-        # This set only: a faster rank may already have published the other set's next outbox, or its failure.
-        if (self.versions[which] == DISABLED).any():
-            self._give_up()
+        which = self._generation(data, starts)
+        if which is None:
             return super().all_to_all_back(tensor, send_counts, recv_counts)
-        self._map_changed(which)
         out = source.new_empty((sum(recv_counts), *source.shape[1:]))
         received = out.reshape(-1).view(torch.uint8)
         offsets = self.offsets[which, :, self.rank].tolist()
@@ -149,19 +152,91 @@ class SharedMemoryExchange(GroupExchange):
             position += size
         return out
 
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        self._start_reduce(tensor, op).wait()
+        return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
+        """Queued for the next generation (see the module's note); ``wait()`` makes one if none came."""
+        return self._start_reduce(tensor, "sum")
+
+    def _start_reduce(self, tensor: torch.Tensor, op: str) -> Pending:
+        usable = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() and op in ("sum", "max")
+        if not self.shared or not usable:
+            self._flush()  # what was started first is reduced first, on every rank alike
+            if op == "sum":
+                return super().all_reduce_async(tensor)
+            super().all_reduce(tensor, op)
+            return Pending(None)
+        self.queued.append((tensor, op))
+        return Pending(_Queued(self))
+
+    def _flush(self) -> None:
+        """A generation of the queued all-reduces alone."""
+        if self.queued:
+            self._generation(torch.empty(0, dtype=torch.uint8), [0] * (self.world_size + 1))
+
+    def _generation(self, data: torch.Tensor, starts: list[int]) -> int | None:
+        """One generation: the queued all-reduces and ``data``'s segments (bytes [starts[p], starts[p + 1])
+        for peer p) written, the barrier passed, the peers' outboxes mapped and the all-reduces done. The
+        outbox set to read the segments from, or None when an outbox could not grow: every rank then goes
+        on over gloo (the queued all-reduces done there already)."""
+        reductions, self.queued = self.queued, []
+        heads = [tensor.detach().reshape(-1).view(torch.uint8) for tensor, _ in reductions]
+        self.generation += 1
+        which = self.generation % 2
+        self._write(which, data, starts, heads)
+        self._barrier()
+        # This set only: a faster rank may already have published the other set's next outbox, or its failure.
+        if (self.versions[which] == DISABLED).any():
+            self._give_up()
+            for tensor, op in reductions:
+                super().all_reduce(tensor, op)
+            return None
+        self._map_changed(which)
+        self._reduce(which, reductions)
+        return which
+
+    def _reduce(self, which: int, reductions: list[tuple[torch.Tensor, str]]) -> None:
+        """Each tensor reduced over the ranks' outbox heads in rank order, into the tensor."""
+        position = 0
+        for tensor, op in reductions:
+            nbytes = tensor.numel() * tensor.element_size()
+            parts = []
+            for peer in range(self.world_size):
+                if peer == self.rank:
+                    parts.append(tensor.detach())
+                    continue
+                box = self.boxes[which][peer]
+                assert box is not None, "a peer took part in an all-reduce without publishing its outbox"
+                parts.append(box[position : position + nbytes].view(tensor.dtype).view(tensor.shape))
+            total = parts[0].clone()  # summed into neither a peer's outbox nor the tensor before the end
+            for part in parts[1:]:
+                if op == "sum":
+                    total.add_(part)
+                else:
+                    torch.maximum(total, part, out=total)
+            tensor.detach().copy_(total)
+            position += nbytes
+
     def close(self) -> None:
         """Unlink the files this rank made that are still linked (the run ended before the next barrier)."""
         for _, path in self.unlink_later:
             path.unlink(missing_ok=True)
         self.unlink_later.clear()
 
-    def _write(self, which: int, data: torch.Tensor, starts: list[int]) -> None:
-        """This rank's segments for its peers, packed into its outbox, and where each starts."""
+    def _write(self, which: int, data: torch.Tensor, starts: list[int], heads: list[torch.Tensor]) -> None:
+        """``heads`` (the all-reduces' bytes, read by every peer) at the start of this rank's outbox, then its
+        segments for its peers packed, and where each segment starts."""
         sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(pairwise(starts))]
-        box = self._outbox(which, sum(sizes))
+        box = self._outbox(which, sum(head.numel() for head in heads) + sum(sizes))
         if box is None:
             return
-        offsets, position = [], 0
+        position = 0
+        for head in heads:
+            box[position : position + head.numel()].copy_(head)
+            position += head.numel()
+        offsets = []
         for peer, size in enumerate(sizes):
             offsets.append(position)
             if size:
@@ -233,3 +308,13 @@ def join_exchange(shared_memory: bool, timeout_minutes: float) -> GroupExchange:
     if shared_memory and dist.get_backend() == "gloo":
         return SharedMemoryExchange.join(60.0 * timeout_minutes)
     return GroupExchange()
+
+
+class _Queued:
+    """The wait of a queued all-reduce: a generation of its own unless one has carried it."""
+
+    def __init__(self, exchange: SharedMemoryExchange) -> None:
+        self.exchange = exchange
+
+    def wait(self) -> None:
+        self.exchange._flush()

@@ -1,5 +1,6 @@
-"""The shared-memory all-to-all on real gloo ranks: the tensors gloo would deliver, files cleaned up, and
-gloo again where the ranks do not share the directory, an outbox cannot grow or a rank does not come."""
+"""The shared-memory all-to-all and all-reduce on real gloo ranks: the tensors gloo would deliver, files
+cleaned up, and gloo again where the ranks do not share the directory, an outbox cannot grow or a rank does
+not come."""
 
 import errno
 import json
@@ -53,8 +54,28 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
             recv = [counts[peer][rank] for peer in range(world)]
             tensor = (torch.arange(sum(send) * max(1, int(torch.tensor(shape).prod()))) + 1000 * rank + i).to(dtype)
             tensor = tensor.reshape(sum(send), *shape)
+            # All-reduces started before the all-to-all ride on it; whole numbers, so any order sums alike.
+            reduced = [torch.arange(size, dtype=torch.float32) * (rank + 1) + i for size in (2, 70_000 * (i % 2))]
+            pending = [exchange.all_reduce_async(t) for t in reduced]
             got = exchange.all_to_all_back(tensor, send, recv)
             assert torch.equal(got, gloo.all_to_all_back(tensor, send, recv)), f"call {i}"
+            for t, p in zip(reduced, pending, strict=True):
+                p.wait()
+                expected = torch.arange(len(t), dtype=torch.float32) * sum(range(1, world + 1)) + world * i
+                assert torch.equal(t, expected), f"all-reduce of call {i}"
+        # Alone (a generation of its own), by max, of integers, and of arbitrary floats: every rank the same bits.
+        alone = torch.full((3,), float(rank))
+        exchange.all_reduce_async(alone).wait()
+        assert torch.equal(alone, torch.full((3,), float(sum(range(world)))))
+        top = exchange.all_reduce(torch.tensor([rank, -rank, 7], dtype=torch.int64), "max")
+        assert top.tolist() == [world - 1, 0, 7]
+        noisy = exchange.all_reduce(torch.randn(1000, generator=torch.Generator().manual_seed(rank)))
+        everyone = [torch.empty_like(noisy) for _ in range(world)]
+        dist.all_gather(everyone, noisy)
+        assert all(torch.equal(other, noisy) for other in everyone)
+        assert torch.allclose(
+            noisy, sum(torch.randn(1000, generator=torch.Generator().manual_seed(r)) for r in range(world))
+        )
         header = torch.arange(world * 3).reshape(world, 3) + 10 * rank
         assert torch.equal(exchange.all_to_all_rows(header), gloo.all_to_all_rows(header))
         exchange.close()
@@ -68,8 +89,9 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
 
 @pytest.mark.parametrize("fail_growth_on", [None, 1])
 def test_shared_memory_delivers_what_gloo_does_and_leaves_no_file(tmp_path, fail_growth_on):
-    """Three ranks, uneven and empty segments, outboxes grown past their first megabyte; with one rank's
-    outbox unable to grow, every rank goes on over gloo from that call with the same results."""
+    """Three ranks, uneven and empty segments, outboxes grown past their first megabyte, all-reduces carried
+    by the all-to-alls or alone; with one rank's outbox unable to grow, every rank goes on over gloo from
+    that call with the same results."""
     (tmp_path / "shm").mkdir()
     mp.spawn(_exchange_all, args=(tmp_path, 3, fail_growth_on), nprocs=3, join=True)
     for rank in range(3):
