@@ -1,5 +1,5 @@
-"""All-to-all through shared memory, for workers that share a host (torchrun's processes on one machine,
-a Ray node running several CPU workers).
+"""All-to-all and all-reduce through shared memory, for workers that share a host (torchrun's processes on one
+machine, a Ray node running several CPU workers).
 
 gloo moves tensors over TCP even between the processes of one host: every byte goes through the
 kernel's socket buffers, at ~1 GB/s here, and system calls took about a sixth of a 2-worker step's CPU
@@ -67,7 +67,8 @@ def _map(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class SharedMemoryExchange(GroupExchange):
-    """``GroupExchange`` whose all-to-alls go through shared memory; build it with ``join``."""
+    """``GroupExchange`` whose all-to-alls and all-reduces of CPU tensors go through shared memory; build it
+    with ``join``."""
 
     def __init__(self, control: torch.Tensor, token: str, directory: Path, timeout_s: float):
         super().__init__()

@@ -181,8 +181,9 @@ class ShardingConfig:
     """How long a collective waits for the slowest rank before the run fails (torch's 10-minute default is
     shorter than a rank converting a dataset or writing a Freebase shard while the others wait)."""
     shared_memory: bool = True
-    """CPU (gloo) runs whose workers share a host: move the all-to-alls of entity rows through /dev/shm
-    instead of gloo's TCP loopback (checked at start-up; any other run uses gloo or NCCL as they are)."""
+    """CPU (gloo) runs whose workers share a host: move the all-to-alls of entity rows and the all-reduces
+    through /dev/shm instead of gloo's TCP loopback (checked at start-up; any other run uses gloo or NCCL
+    as they are)."""
     pin_cpus: bool = True
     """When several workers share a host, pin each to an equal, disjoint slice of its CPUs (and, unless
     train.num_threads says otherwise, run that many torch threads). Turn off when other jobs share the host."""
