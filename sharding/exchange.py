@@ -15,7 +15,8 @@ from sharding.kernels import native
 
 
 class Pending:
-    """A collective in flight (None: already done)."""
+    """A collective in flight (None: already done). ``wait`` is itself collective where the exchange defers
+    the work to it (the shared-memory all-reduce): every rank waits at the same point."""
 
     def __init__(self, work) -> None:
         self.work = work
@@ -42,7 +43,8 @@ class LocalExchange:
         return tensor
 
     def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
-        """Start a sum all-reduce in place; ``wait()`` on the result before reading ``tensor``."""
+        """Start a sum all-reduce in place; leave ``tensor`` alone until ``wait()`` on the result, on every rank
+        alike (the shared-memory exchange reduces it at its next collective or at that wait)."""
         return Pending(None)
 
     def all_gather(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

@@ -7,7 +7,8 @@ time (docs/benchmarks.md). Here a rank copies what it sends to each peer once in
 in /dev/shm that every rank has mapped, and each peer copies its part out once; a rank's own part is
 copied straight across.
 
-One all-to-all is a generation g, in the same sequence on every rank (as for any collective):
+One all-to-all (or, without one, a wait on queued all-reduces: see below) is a generation g, in the same
+sequence on every rank (as for any collective):
 
 1. rank r writes each peer's segment into its outbox of set g % 2 (growing it into a new, larger file
    when too small), and each segment's byte offset and the outbox's version into the control block;
@@ -17,15 +18,20 @@ One all-to-all is a generation g, in the same sequence on every rank (as for any
 Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier of g + 1, which no rank
 reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
 control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
-nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two all-to-alls, or the
+nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two generations, or the
 control block when killed while joining (named ``nvkg-TOKEN-*``).
 
 All-reduces of CPU tensors ride on the next generation: ``all_reduce_async`` queues the tensor, and the
-next all-to-all (or a ``wait`` or ``all_reduce`` before one) puts every queued tensor at the head of each
-rank's outbox, and after its barrier each rank reduces them in rank order, so every rank holds the same
-bits (for two ranks gloo's too: a + b is b + a). A step's two all-reduces, the divergence flags and the
+next all-to-all (or a ``wait`` or ``all_reduce`` before one, a generation of the queued all-reduces alone)
+puts every queued tensor at the head of each rank's outbox, and after its barrier each rank reduces them in
+rank order, so every rank holds the same bits (for two ranks gloo's sums too: a + b is b + a; a max takes a
+NaN from either side, where gloo's may not). A step's two all-reduces, the divergence flags and the
 relations' gradients, so travel with the gradients' all-to-all at no barrier of their own; over gloo they
-went through TCP on gloo's threads, which took the CPU from the step (docs/benchmarks.md).
+went through TCP on gloo's threads, which took the CPU from the step (docs/benchmarks.md). A synchronous
+``all_reduce`` is a generation of its own, as it was a collective of its own over gloo. What is reduced is
+the tensor as it is at the generation, and ``wait`` is a collective (every rank waits at the same point,
+as for any collective): the callers start a reduce, touch nothing of the tensor, and wait on every rank
+alike; a tensor is queued once (two queued views of the same memory would reduce a reduced copy).
 An outbox that cannot grow (a full /dev/shm: Docker gives 64 MB unless told otherwise) is published as
 such, and from that all-to-all on every rank moves its tensors over gloo instead.
 """
@@ -48,6 +54,9 @@ from sharding.kernels import native
 DIRECTORY = Path("/dev/shm")
 MIN_CAPACITY = 1 << 20
 """Bytes of a rank's first outbox; it grows to the next power of two that holds a step's segments."""
+HEAD_ALIGN = 16
+"""Each all-reduce's bytes start at a multiple of this in the outbox: a tensor views its bytes only at an
+offset its element size divides."""
 DISABLED = -1
 """The version a rank publishes when its outbox cannot grow: every rank then goes back to gloo."""
 
@@ -60,6 +69,15 @@ def _create(path: Path, nbytes: int) -> None:
         os.posix_fallocate(fd, 0, nbytes)
     finally:
         os.close(fd)
+
+
+def _head_starts(sizes: list[int]) -> list[int]:
+    """Where each of the all-reduces' ``sizes`` bytes start at the head of an outbox, and (last) where the
+    head ends."""
+    starts = [0]
+    for size in sizes:
+        starts.append(-(-(starts[-1] + size) // HEAD_ALIGN) * HEAD_ALIGN)
+    return starts
 
 
 def _map(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,8 +218,8 @@ class SharedMemoryExchange(GroupExchange):
 
     def _reduce(self, which: int, reductions: list[tuple[torch.Tensor, str]]) -> None:
         """Each tensor reduced over the ranks' outbox heads in rank order, into the tensor."""
-        position = 0
-        for tensor, op in reductions:
+        starts = _head_starts([tensor.numel() * tensor.element_size() for tensor, _ in reductions])
+        for (tensor, op), position in zip(reductions, starts, strict=False):
             nbytes = tensor.numel() * tensor.element_size()
             parts = []
             for peer in range(self.world_size):
@@ -218,7 +236,6 @@ class SharedMemoryExchange(GroupExchange):
                 else:
                     torch.maximum(total, part, out=total)
             tensor.detach().copy_(total)
-            position += nbytes
 
     def close(self) -> None:
         """Unlink the files this rank made that are still linked (the run ended before the next barrier)."""
@@ -230,14 +247,13 @@ class SharedMemoryExchange(GroupExchange):
         """``heads`` (the all-reduces' bytes, read by every peer) at the start of this rank's outbox, then its
         segments for its peers packed, and where each segment starts."""
         sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(pairwise(starts))]
-        box = self._outbox(which, sum(head.numel() for head in heads) + sum(sizes))
+        head_starts = _head_starts([head.numel() for head in heads])
+        box = self._outbox(which, head_starts[-1] + sum(sizes))
         if box is None:
             return
-        position = 0
-        for head in heads:
-            box[position : position + head.numel()].copy_(head)
-            position += head.numel()
-        offsets = []
+        for head, start in zip(heads, head_starts, strict=False):
+            box[start : start + head.numel()].copy_(head)
+        position, offsets = head_starts[-1], []
         for peer, size in enumerate(sizes):
             offsets.append(position)
             if size:
@@ -261,7 +277,7 @@ class SharedMemoryExchange(GroupExchange):
             path.unlink(missing_ok=True)
             warnings.warn(
                 f"rank {self.rank}: cannot grow its shared-memory outbox to {capacity:,} bytes in {self.directory} "
-                f"({err}); the all-to-alls go over gloo from here (give the workers a larger /dev/shm)",
+                f"({err}); the all-to-alls and all-reduces go over gloo from here (give the workers a larger /dev/shm)",
                 stacklevel=3,
             )
             self.versions[which, self.rank] = DISABLED
@@ -278,7 +294,7 @@ class SharedMemoryExchange(GroupExchange):
         if lib.shm_barrier(ptr, world, self.rank, self.generation, self.timeout_s):
             behind = [r for r, reached in enumerate(self.counters.tolist()) if reached < self.generation]
             raise RuntimeError(
-                f"rank {self.rank}: waited {self.timeout_s:.0f} s in shared-memory all-to-all {self.generation} "
+                f"rank {self.rank}: waited {self.timeout_s:.0f} s in shared-memory collective {self.generation} "
                 f"for rank(s) {behind} (sharding.timeout_minutes)"
             )
         # Every rank has passed the barrier after the one that published these files: all have mapped them.
@@ -304,8 +320,9 @@ class SharedMemoryExchange(GroupExchange):
 
 
 def join_exchange(shared_memory: bool, timeout_minutes: float) -> GroupExchange:
-    """The exchange of a process in an initialised group: all-to-alls through shared memory where asked
-    for, the group is gloo's (NCCL moves CUDA tensors itself) and every rank shares this host's /dev/shm."""
+    """The exchange of a process in an initialised group: all-to-alls and all-reduces through shared memory
+    where asked for, the group is gloo's (NCCL moves CUDA tensors itself) and every rank shares this host's
+    /dev/shm."""
     if shared_memory and dist.get_backend() == "gloo":
         return SharedMemoryExchange.join(60.0 * timeout_minutes)
     return GroupExchange()

@@ -377,7 +377,8 @@ class ReplicatedTable:
 
     def collect(self, leaf: torch.Tensor) -> tuple[torch.Tensor, Pending]:
         """Start summing the replicas' gradients; the sum is ``grad`` once ``wait()`` has returned, so the
-        entity update can run while it travels."""
+        entity update can run while it travels over gloo (through shared memory it rides on the entity
+        gradients' all-to-all)."""
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(self.table.weight)
         return grad, self.exchange.all_reduce_async(grad)
 

@@ -292,7 +292,8 @@ class KGModel:
         return Gradients(entity_ids, entity_grad, relation_grad, pending, bias)
 
     def update(self, grads: Gradients) -> None:
-        """The row optimisers' step; the entity update runs while the relation gradients travel."""
+        """The row optimisers' step; over gloo the entity update runs while the relation gradients travel
+        (through shared memory they arrived with the entity gradients)."""
         updated = self.entities.step(grads.entity_ids, grads.entities)
         if self.clip_sigma_norm is not None:
             self.entities.clip_sigma_norm(updated, self.clip_sigma_norm)

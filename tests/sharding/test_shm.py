@@ -54,18 +54,22 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
             recv = [counts[peer][rank] for peer in range(world)]
             tensor = (torch.arange(sum(send) * max(1, int(torch.tensor(shape).prod()))) + 1000 * rank + i).to(dtype)
             tensor = tensor.reshape(sum(send), *shape)
-            # All-reduces started before the all-to-all ride on it; whole numbers, so any order sums alike.
-            reduced = [torch.arange(size, dtype=torch.float32) * (rank + 1) + i for size in (2, 70_000 * (i % 2))]
+            # All-reduces started before the all-to-all ride on it, of element sizes 4, 8 and 8 after an odd
+            # count of 4-byte ones; whole numbers, so any order sums alike.
+            kinds = [(3 + 70_000 * (i % 2), torch.float32), (5, torch.int64), (2, torch.float64)]
+            reduced = [torch.arange(size, dtype=kind) * (rank + 1) + i for size, kind in kinds]
             pending = [exchange.all_reduce_async(t) for t in reduced]
             got = exchange.all_to_all_back(tensor, send, recv)
             assert torch.equal(got, gloo.all_to_all_back(tensor, send, recv)), f"call {i}"
             for t, p in zip(reduced, pending, strict=True):
                 p.wait()
-                expected = torch.arange(len(t), dtype=torch.float32) * sum(range(1, world + 1)) + world * i
+                expected = torch.arange(len(t), dtype=t.dtype) * sum(range(1, world + 1)) + world * i
                 assert torch.equal(t, expected), f"all-reduce of call {i}"
-        # Alone (a generation of its own), by max, of integers, and of arbitrary floats: every rank the same bits.
-        alone = torch.full((3,), float(rank))
-        exchange.all_reduce_async(alone).wait()
+        # Alone (a generation of its own), queued before an empty one (which goes over gloo, after it), by
+        # max, of integers, and of arbitrary floats: every rank the same bits.
+        alone, empty = torch.full((3,), float(rank)), torch.empty(0)
+        for p in [exchange.all_reduce_async(alone), exchange.all_reduce_async(empty)]:
+            p.wait()
         assert torch.equal(alone, torch.full((3,), float(sum(range(world)))))
         top = exchange.all_reduce(torch.tensor([rank, -rank, 7], dtype=torch.int64), "max")
         assert top.tolist() == [world - 1, 0, 7]
