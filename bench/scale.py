@@ -109,7 +109,7 @@ def main() -> None:
     overrides = settings(args)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=args.data))  # checkpoints: GBs, beside the graph
     try:
-        result = run(args.data / "graph", scratch / "run", args.workers, overrides)
+        result = run(args.data / "graph", scratch / "run", args.workers, overrides, keep=True)
         epochs = [json.loads(line) for line in (scratch / "run" / "log.jsonl").read_text().splitlines()]
         metrics = json.loads((scratch / "run" / "metrics.json").read_text())
     finally:

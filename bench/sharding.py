@@ -71,7 +71,9 @@ def make_dataset(root: Path, num_entities: int, num_triples: int) -> None:
     )
 
 
-def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool = False) -> dict:
+def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool = False, keep: bool = False) -> dict:
+    """Train on ``dataset`` into ``out`` with ``workers`` ranks; what ``measured`` reads. ``out`` is deleted
+    after unless ``keep`` (its checkpoint holds the whole table)."""
     args = [*train_args(dataset, settings), "--out", str(out)]
     if workers == 1:
         command = [sys.executable, "-c", _WORKER, *args]
@@ -86,7 +88,8 @@ def run(dataset: Path, out: Path, workers: int, settings: list[str], pin: bool =
     if result.returncode:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
     rate, peak, cores = measured(dataset, out, workers)
-    shutil.rmtree(out)  # its checkpoint holds the whole table: 3 GB a run at the default size
+    if not keep:
+        shutil.rmtree(out)  # 3 GB a run at the default size
     return {"positives_per_s": rate, "peak_rss_mib": peak, "cores_per_worker": cores}
 
 
