@@ -77,9 +77,8 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
         everyone = [torch.empty_like(noisy) for _ in range(world)]
         dist.all_gather(everyone, noisy)
         assert all(torch.equal(other, noisy) for other in everyone)
-        assert torch.allclose(
-            noisy, sum(torch.randn(1000, generator=torch.Generator().manual_seed(r)) for r in range(world))
-        )
+        expected = torch.stack([torch.randn(1000, generator=torch.Generator().manual_seed(r)) for r in range(world)])
+        assert torch.allclose(noisy, expected.sum(0))
         header = torch.arange(world * 3).reshape(world, 3) + 10 * rank
         assert torch.equal(exchange.all_to_all_rows(header), gloo.all_to_all_rows(header))
         exchange.close()
