@@ -202,9 +202,10 @@ class SharedMemoryExchange(GroupExchange):
         on over gloo (the queued all-reduces done there already)."""
         reductions, self.queued = self.queued, []
         heads = [tensor.detach().reshape(-1).view(torch.uint8) for tensor, _ in reductions]
+        head_starts = _head_starts([head.numel() for head in heads])
         self.generation += 1
         which = self.generation % 2
-        self._write(which, data, starts, heads)
+        self._write(which, data, starts, heads, head_starts)
         self._barrier()
         # This set only: a faster rank may already have published the other set's next outbox, or its failure.
         if (self.versions[which] == DISABLED).any():
@@ -213,13 +214,12 @@ class SharedMemoryExchange(GroupExchange):
                 super().all_reduce(tensor, op)
             return None
         self._map_changed(which)
-        self._reduce(which, reductions)
+        self._reduce(which, reductions, head_starts)
         return which
 
-    def _reduce(self, which: int, reductions: list[tuple[torch.Tensor, str]]) -> None:
-        """Each tensor reduced over the ranks' outbox heads in rank order, into the tensor."""
-        starts = _head_starts([tensor.numel() * tensor.element_size() for tensor, _ in reductions])
-        for (tensor, op), position in zip(reductions, starts, strict=False):
+    def _reduce(self, which: int, reductions: list[tuple[torch.Tensor, str]], head_starts: list[int]) -> None:
+        """Each tensor reduced over the ranks' outbox heads (at ``head_starts``) in rank order, into the tensor."""
+        for (tensor, op), position in zip(reductions, head_starts, strict=False):
             nbytes = tensor.numel() * tensor.element_size()
             parts = []
             for peer in range(self.world_size):
@@ -243,11 +243,12 @@ class SharedMemoryExchange(GroupExchange):
             path.unlink(missing_ok=True)
         self.unlink_later.clear()
 
-    def _write(self, which: int, data: torch.Tensor, starts: list[int], heads: list[torch.Tensor]) -> None:
-        """``heads`` (the all-reduces' bytes, read by every peer) at the start of this rank's outbox, then its
-        segments for its peers packed, and where each segment starts."""
+    def _write(
+        self, which: int, data: torch.Tensor, starts: list[int], heads: list[torch.Tensor], head_starts: list[int]
+    ) -> None:
+        """``heads`` (the all-reduces' bytes, read by every peer) at ``head_starts`` at the start of this rank's
+        outbox, then its segments for its peers packed, and where each segment starts."""
         sizes = [stop - start if peer != self.rank else 0 for peer, (start, stop) in enumerate(pairwise(starts))]
-        head_starts = _head_starts([head.numel() for head in heads])
         box = self._outbox(which, head_starts[-1] + sum(sizes))
         if box is None:
             return
