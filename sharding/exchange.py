@@ -39,6 +39,14 @@ class LocalExchange:
         """Send ``send_counts[r]`` consecutive rows to rank r; receive ``recv_counts[r]`` from rank r."""
         return tensor
 
+    def all_to_all_parts(
+        self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> list[torch.Tensor]:
+        """``all_to_all_back``'s rows as they came, one tensor per source rank, for a reader that needs them
+        in no one block. They may be views of memory the exchange reuses (``SharedMemoryExchange``): read
+        them before this rank's next collective, and do not write to them."""
+        return [tensor]
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
 
@@ -71,6 +79,11 @@ class GroupExchange:
         out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
         dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts)
         return out
+
+    def all_to_all_parts(
+        self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> list[torch.Tensor]:
+        return list(self.all_to_all_back(tensor, send_counts, recv_counts).split(recv_counts))
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dist.all_reduce(tensor, op=_OPS[op])

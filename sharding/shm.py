@@ -4,8 +4,8 @@ machine, a Ray node running several CPU workers).
 gloo moves tensors over TCP even between the processes of one host: every byte goes through the
 kernel's socket buffers, at ~1 GB/s here, and system calls took about a sixth of a 2-worker step's CPU
 time (docs/benchmarks.md). Here a rank copies what it sends to each peer once into its own outbox, a file
-in /dev/shm that every rank has mapped, and each peer copies its part out once; a rank's own part is
-copied straight across.
+in /dev/shm that every rank has mapped, and each peer copies its part out once (or reads it where it is:
+``all_to_all_parts``); a rank's own part is copied straight across (or read where it is).
 
 One all-to-all (or, without one, a wait on queued all-reduces: see below) is a generation g, in the same
 sequence on every rank (as for any collective):
@@ -13,10 +13,12 @@ sequence on every rank (as for any collective):
 1. rank r writes each peer's segment into its outbox of set g % 2 (growing it into a new, larger file
    when too small), and each segment's byte offset and the outbox's version into the control block;
 2. the barrier (``kernels/barrier.c``): r publishes g and waits until every rank has;
-3. each rank maps the outboxes whose version changed and copies its segment out of every peer's.
+3. each rank maps the outboxes whose version changed and copies its segment out of every peer's
+   (``all_to_all_back``), or reads it in place (``all_to_all_parts``).
 
 Two sets of outboxes: a rank writes set g % 2 again at g + 2, after the barrier of g + 1, which no rank
-reaches before it has finished reading g. Files are unlinked as soon as every rank has mapped them (the
+reaches before it has finished reading g: what ``all_to_all_parts`` returns is valid until this rank's
+next collective, and not after. Files are unlinked as soon as every rank has mapped them (the
 control block after the set-up, a grown outbox after the next barrier), so a run that ends leaves
 nothing in /dev/shm, and a killed one at most the outboxes it grew in its last two generations, or the
 control block when killed while joining (named ``nvkg-TOKEN-*``).
@@ -149,27 +151,54 @@ class SharedMemoryExchange(GroupExchange):
     def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         if not self.shared:
             return super().all_to_all_back(tensor, send_counts, recv_counts)
+        parts = self._parts(tensor, send_counts, recv_counts)
+        if parts is None:
+            return super().all_to_all_back(tensor, send_counts, recv_counts)
+        out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+        position = 0
+        for part in parts:
+            if len(part):
+                out[position : position + len(part)].copy_(part)
+            position += len(part)
+        return out
+
+    def all_to_all_parts(
+        self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> list[torch.Tensor]:
+        """Without copying what arrived: each peer's rows are a view of its outbox (rewritten no sooner than
+        two generations on, after a barrier this rank has not reached: hence read before the next
+        collective), this rank's own a view of ``tensor``."""
+        parts = self._parts(tensor, send_counts, recv_counts) if self.shared else None
+        if parts is None:
+            return super().all_to_all_parts(tensor, send_counts, recv_counts)
+        return parts
+
+    def _parts(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> list[torch.Tensor] | None:
+        """One generation carrying ``tensor``'s segments: the rows from each rank, as views (None: an outbox
+        could not grow, and nothing was sent)."""
         source = tensor.detach().contiguous()
-        row_bytes = source.element_size() * math.prod(source.shape[1:])
+        row_shape = source.shape[1:]
+        row_bytes = source.element_size() * math.prod(row_shape)
         data = source.reshape(-1).view(torch.uint8)
         starts = [start * row_bytes for start in accumulate(send_counts, initial=0)]
         which = self._generation(data, starts)
         if which is None:
-            return super().all_to_all_back(tensor, send_counts, recv_counts)
-        out = source.new_empty((sum(recv_counts), *source.shape[1:]))
-        received = out.reshape(-1).view(torch.uint8)
+            return None
         offsets = self.offsets[which, :, self.rank].tolist()
-        position = 0
+        parts = []
         for peer, count in enumerate(recv_counts):
+            if peer == self.rank:  # what this rank sent itself: counted alike both ways
+                first = sum(send_counts[:peer])
+                parts.append(source[first : first + count])
+                continue
             size = count * row_bytes
-            if size and peer == self.rank:
-                received[position : position + size].copy_(data[starts[peer] : starts[peer] + size])
-            elif size:
-                box = self.boxes[which][peer]
-                assert box is not None, "a peer sent to this rank without publishing its outbox"
-                received[position : position + size].copy_(box[offsets[peer] : offsets[peer] + size])
-            position += size
-        return out
+            if not size:
+                parts.append(source.new_empty((count, *row_shape)))
+                continue
+            box = self.boxes[which][peer]
+            assert box is not None, "a peer sent to this rank without publishing its outbox"
+            parts.append(box[offsets[peer] : offsets[peer] + size].view(source.dtype).view(count, *row_shape))
+        return parts
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         self._start_reduce(tensor, op).wait()

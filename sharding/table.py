@@ -123,37 +123,54 @@ def summed_rows(
 @dataclass
 class SampledGradient:
     """The gradient of rows the sample kernel drew (``stream_sample_and_kl``), left unformed: the gradient each
-    owner's output got back (``grads``, one per request served) and how the rows were drawn. The row
-    optimiser forms it row by row as it updates them: one pass where forming it (the kernel's backward),
-    summing the requests' rows and updating take three, two of them over gradient tables written out and
-    read back.
-    ``formed`` forms it as ``collect`` would have."""
+    owner's output got back (``parts``: per request served, the rows from each requester, as
+    ``Exchange.all_to_all_parts`` gave them, so read before the next collective) and how the rows were drawn.
+    The row optimiser forms it row by row as it updates them: one pass where forming it (the kernel's
+    backward), summing the requests' rows and updating take three, two of them over gradient tables
+    written out and read back. ``formed`` forms it as ``collect`` would have."""
 
     encoded: list[Encoded]
-    grads: list[torch.Tensor]
+    parts: list[list[torch.Tensor]]
     samples: list[StreamSample]
+    exchange: Exchange
+    generation: int
+    """The exchange's collectives so far (``SharedMemoryExchange.generation``) when the parts arrived."""
 
-    @classmethod
-    def of(cls, encoded: list[Encoded], grads: list[torch.Tensor]) -> SampledGradient | None:
-        """None unless the sample kernel drew every request's rows, and sent them as it drew them."""
+    @staticmethod
+    def drawn(encoded: list[Encoded]) -> list[StreamSample] | None:
+        """How the sample kernel drew every request's rows, or None unless it drew them all and sent them as
+        it drew them."""
         samples = [stream_sample_of(item.output) for item in encoded]
         if not encoded or any(sample is None for sample in samples):
             return None
-        return cls(encoded, grads, [sample for sample in samples if sample is not None])
+        return [sample for sample in samples if sample is not None]
 
     def runs(self) -> list[tuple[StreamSample, torch.Tensor]]:
         """The rows by requester: (how they were drawn, the gradient of their [sample | KL]); each run's rows
         distinct, and ascending (a requester sends its sorted distinct ids). One request at world size 1 is one
         run over all its rows (views, not copies)."""
+        self._check()
         return [
-            (StreamSample(sample.table, sample.local[lo : lo + n], sample.eps[lo : lo + n]), grad[lo : lo + n])
-            for item, sample, grad in zip(self.encoded, self.samples, self.grads, strict=True)
-            for lo, n in _segments(item)
+            (StreamSample(sample.table, sample.local[lo : lo + n], sample.eps[lo : lo + n]), part)
+            for item, sample, parts in zip(self.encoded, self.samples, self.parts, strict=True)
+            for lo, n, part in zip(accumulate(item.recv_counts, initial=0), item.recv_counts, parts, strict=False)
+            if n
         ]
 
     def formed(self, world_size: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the distinct local ids, their summed gradient rows), through the encoders' backward."""
-        return summed_rows(self.encoded, self.grads, world_size, weight)
+        self._check()
+        grads = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in self.parts]
+        return summed_rows(self.encoded, grads, world_size, weight)
+
+    def _check(self) -> None:
+        if _generation(self.exchange) != self.generation:
+            raise RuntimeError("a sampled gradient was read after a later collective had reused its memory")
+
+
+def _generation(exchange: Exchange) -> int:
+    """How many shared-memory collectives ``exchange`` has made (0 where it makes none)."""
+    return getattr(exchange, "generation", 0)
 
 
 class ShardedTable:
@@ -241,12 +258,23 @@ class ShardedTable:
         return (local row ids or None for all, the summed gradient of those rows). With ``unformed``, the
         gradient of rows the sample kernel drew comes back unformed (ids None), for ``step`` to form as it
         updates them."""
+        sent = [item.values.grad if item.values.grad is not None else torch.zeros_like(item.values) for item in encoded]
+        samples = SampledGradient.drawn(encoded) if unformed and local_leaf is None else None
+        if samples is not None:
+            # The kernel reads each requester's rows where they are, not copied into one block first; but
+            # each request's all-to-all is a collective, after which a peer may write over an earlier one's
+            # rows: all but the last request's are copied.
+            parts = []
+            for i, (item, grad) in enumerate(zip(encoded, sent, strict=True)):
+                if i + 1 == len(encoded):
+                    parts.append(self.exchange.all_to_all_parts(grad, item.send_counts, item.recv_counts))
+                else:
+                    copied = self.exchange.all_to_all_back(grad, item.send_counts, item.recv_counts)
+                    parts.append(list(copied.split(item.recv_counts)))
+            return None, SampledGradient(encoded, parts, samples, self.exchange, _generation(self.exchange))
         grads = [
-            self.exchange.all_to_all_back(
-                item.values.grad if item.values.grad is not None else torch.zeros_like(item.values),
-                item.send_counts, item.recv_counts,
-            )
-            for item in encoded
+            self.exchange.all_to_all_back(grad, item.send_counts, item.recv_counts)
+            for item, grad in zip(encoded, sent, strict=True)
         ]  # fmt: skip
         if local_leaf is not None:
             for item, grad in zip(encoded, grads, strict=True):
@@ -256,9 +284,6 @@ class ShardedTable:
                 if item.served.grad is not None:
                     total.index_add_(0, item.recv_local, item.served.grad)
             return None, total
-        sampled = SampledGradient.of(encoded, grads) if unformed else None
-        if sampled is not None:
-            return None, sampled
         return summed_rows(encoded, grads, self.exchange.world_size, self.weight)
 
     def step(self, ids: torch.Tensor | None, grad: torch.Tensor | SampledGradient) -> torch.Tensor | None:

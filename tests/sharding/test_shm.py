@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 
 from sharding import shm
 from sharding.exchange import GroupExchange
+from sharding.gaussian import training_encoder
 from sharding.kernels import native
+from sharding.table import SampledGradient, ShardedTable
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler for the barrier")
 
@@ -59,8 +61,15 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
             kinds = [(3 + 70_000 * (i % 2), torch.float32), (5, torch.int64), (2, torch.float64)]
             reduced = [torch.arange(size, dtype=kind) * (rank + 1) + i for size, kind in kinds]
             pending = [exchange.all_reduce_async(t) for t in reduced]
-            got = exchange.all_to_all_back(tensor, send, recv)
-            assert torch.equal(got, gloo.all_to_all_back(tensor, send, recv)), f"call {i}"
+            expected_rows = gloo.all_to_all_back(tensor, send, recv)
+            # Each dtype through both all-to-alls: whole, or as parts read where they arrived.
+            if i % 2 == 0:
+                assert torch.equal(exchange.all_to_all_back(tensor, send, recv), expected_rows), f"call {i}"
+            else:
+                parts = exchange.all_to_all_parts(tensor, send, recv)
+                assert [len(part) for part in parts] == recv, f"call {i}"
+                expected_parts = expected_rows.split(recv)
+                assert all(torch.equal(a, b) for a, b in zip(parts, expected_parts, strict=True)), f"call {i}"
             for t, p in zip(reduced, pending, strict=True):
                 p.wait()
                 expected = torch.arange(len(t), dtype=t.dtype) * sum(range(1, world + 1)) + world * i
@@ -92,9 +101,9 @@ def _exchange_all(rank: int, root: Path, world: int, fail_growth_on: int | None)
 
 @pytest.mark.parametrize("fail_growth_on", [None, 1])
 def test_shared_memory_delivers_what_gloo_does_and_leaves_no_file(tmp_path, fail_growth_on):
-    """Three ranks, uneven and empty segments, outboxes grown past their first megabyte, all-reduces carried
-    by the all-to-alls or alone; with one rank's outbox unable to grow, every rank goes on over gloo from
-    that call with the same results."""
+    """Three ranks, uneven and empty segments, outboxes grown past their first megabyte, both all-to-alls
+    (whole, in parts), all-reduces carried by them or alone; with one rank's outbox unable to grow, every
+    rank goes on over gloo from that call with the same results."""
     (tmp_path / "shm").mkdir()
     mp.spawn(_exchange_all, args=(tmp_path, 3, fail_growth_on), nprocs=3, join=True)
     for rank in range(3):
@@ -153,3 +162,75 @@ def test_sharding_shared_memory_false_keeps_gloo(tmp_path):
     for rank in (0, 1):
         chosen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert chosen == ["GroupExchange", "SharedMemoryExchange"]
+
+
+def _update_after_collective(rank: int, root: Path, world: int) -> None:
+    _init(root, rank, world)
+    try:
+        exchange = shm.SharedMemoryExchange.join(60.0, root)
+        assert isinstance(exchange, shm.SharedMemoryExchange)
+        table = ShardedTable(
+            40, 4, exchange, variational=True, optimizer="rowwise_adagrad", lr=0.1, seed=0, block_rows=8
+        )
+        results = []
+        for late_collective in (False, True):
+            ids = torch.arange(rank, 40, 3)  # rows of both owners
+            encoded = table.encode(ids, training_encoder(4, (0, 0, int(late_collective)), None, False), tag=rank)
+            encoded.values.grad = torch.ones_like(encoded.values)
+            _, grad = table.collect([encoded], None, unformed=True)
+            assert isinstance(grad, SampledGradient)  # each peer's rows left in its outbox
+            if late_collective:
+                exchange.all_reduce(torch.ones(1))  # the outboxes may be rewritten from here
+            try:
+                table.step(None, grad)
+                results.append("updated")
+            except RuntimeError as err:
+                results.append(str(err))
+        (root / f"rank{rank}.json").write_text(json.dumps(results))
+        exchange.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sampled_gradient_is_not_read_after_a_later_collective(tmp_path):
+    """The owner's update reads each peer's gradient rows in the peer's outbox: after a later collective
+    (which may have rewritten it) it refuses rather than read what may be another step's rows."""
+    mp.spawn(_update_after_collective, args=(tmp_path, 2), nprocs=2, join=True)
+    for rank in (0, 1):
+        updated, late = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert updated == "updated" and "after a later collective" in late
+
+
+def _update_from_streams(rank: int, root: Path, world: int) -> None:
+    _init(root, rank, world)
+    try:
+        exchange = shm.SharedMemoryExchange.join(60.0, root)
+        assert isinstance(exchange, shm.SharedMemoryExchange)
+        tables = {}
+        for name, through in (("shm", exchange), ("gloo", GroupExchange())):
+            table = ShardedTable(
+                400, 8, through, variational=True, optimizer="rowwise_adagrad", lr=0.1, seed=0, block_rows=64
+            )
+            g = torch.Generator().manual_seed(rank)
+            encoded = []
+            for stream in range(3):  # three requests in one step: three all-to-alls before the update
+                ids = torch.randperm(400, generator=g)[: 150 + 20 * stream].sort().values
+                item = table.encode(ids, training_encoder(8, (0, 0, 0), None, False), tag=2 * stream + rank)
+                item.values.grad = torch.randn(item.values.shape, generator=g)
+                encoded.append(item)
+            _, grad = table.collect(encoded, None, unformed=True)
+            assert isinstance(grad, SampledGradient)
+            table.step(None, grad)
+            tables[name] = table.weight
+        (root / f"rank{rank}.json").write_text(json.dumps(torch.equal(tables["shm"], tables["gloo"])))
+        exchange.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_update_from_several_streams_reads_what_gloo_delivers(tmp_path):
+    """Several requests in one step are several all-to-alls before the update: a peer may write its outbox
+    again meanwhile, so only the last request's rows may be read where they arrived; the update equals the
+    one from gloo's copies, bit for bit."""
+    mp.spawn(_update_from_streams, args=(tmp_path, 2), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [True, True]
