@@ -1,4 +1,4 @@
-"""A 2-worker sharded run (torchrun, gloo) against a 1-worker run reading the same two data streams."""
+"""A 2-worker sharded run (torchrun, gloo) against a 1-worker run reading the same data streams."""
 
 import json
 
@@ -29,6 +29,11 @@ CASES = {
         "model.separate_roles=true",
     ],
     "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
+    # Three streams a worker: three gradient all-to-alls a step before the owner's update reads them.
+    "bernoulli_three_streams": [
+        "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "sharding.streams=6",
+        "train.batch_size=510",
+    ],
     # The compiled kernels off: the torch ops CUDA runs (counter noise, sample and KL, row updates).
     "sampled_softmax_torch_ops": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
 }
