@@ -149,18 +149,8 @@ class SharedMemoryExchange(GroupExchange):
         return self.all_to_all_back(rows_WK, ones, ones)
 
     def all_to_all_back(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        if not self.shared:
-            return super().all_to_all_back(tensor, send_counts, recv_counts)
         parts = self._parts(tensor, send_counts, recv_counts)
-        if parts is None:
-            return super().all_to_all_back(tensor, send_counts, recv_counts)
-        out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
-        position = 0
-        for part in parts:
-            if len(part):
-                out[position : position + len(part)].copy_(part)
-            position += len(part)
-        return out
+        return super().all_to_all_back(tensor, send_counts, recv_counts) if parts is None else torch.cat(parts)
 
     def all_to_all_parts(
         self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]
@@ -168,14 +158,14 @@ class SharedMemoryExchange(GroupExchange):
         """Without copying what arrived: each peer's rows are a view of its outbox (rewritten no sooner than
         two generations on, after a barrier this rank has not reached: hence read before the next
         collective), this rank's own a view of ``tensor``."""
-        parts = self._parts(tensor, send_counts, recv_counts) if self.shared else None
-        if parts is None:
-            return super().all_to_all_parts(tensor, send_counts, recv_counts)
-        return parts
+        parts = self._parts(tensor, send_counts, recv_counts)
+        return super().all_to_all_parts(tensor, send_counts, recv_counts) if parts is None else parts
 
     def _parts(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> list[torch.Tensor] | None:
-        """One generation carrying ``tensor``'s segments: the rows from each rank, as views (None: an outbox
-        could not grow, and nothing was sent)."""
+        """One generation carrying ``tensor``'s segments: the rows from each rank, as views (None: the ranks
+        have gone back to gloo, or an outbox could not grow, and nothing was sent)."""
+        if not self.shared:
+            return None
         source = tensor.detach().contiguous()
         row_shape = source.shape[1:]
         row_bytes = source.element_size() * math.prod(row_shape)

@@ -31,7 +31,9 @@ CASES = {
     "sampled_softmax": ["objective.likelihood=sampled_softmax", "objective.kl_estimator=per_occurrence"],
     # Three streams a worker: three gradient all-to-alls a step before the owner's update reads them.
     "bernoulli_three_streams": [
-        "objective.likelihood=bernoulli", "objective.kl_estimator=per_occurrence", "sharding.streams=6",
+        "objective.likelihood=bernoulli",
+        "objective.kl_estimator=per_occurrence",
+        "sharding.streams=6",
         "train.batch_size=510",
     ],
     # The compiled kernels off: the torch ops CUDA runs (counter noise, sample and KL, row updates).
