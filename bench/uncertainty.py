@@ -44,6 +44,7 @@ Results go to bench/results/uncertainty.{json,md}, or uncertainty-<datasets>.{js
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import time
@@ -56,7 +57,7 @@ import numpy as np
 from bench.common import RESULTS, machine, markdown_table, write_results
 from storage.dataset import BUNDLED_DIR, load_data
 from trainer import calibration, classify, uncertainty
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config, to_dict
 from trainer.loop import train
 from trainer.report import link_answers
 from trainer.runs import Run, load_run
@@ -214,6 +215,16 @@ def results_name(args: argparse.Namespace) -> str:
     return name + (_length(args) if set(WORDNET) & set(args.datasets) else "")
 
 
+def trained_metrics(config: RunConfig, out: Path) -> dict[str, Any] | None:
+    """The metrics of the finished run in ``out`` when it was trained with exactly ``config`` (training is
+    deterministic: the same config gives the same checkpoint), else None."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("config") == to_dict(config) else None
+
+
 def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data, typed = None, None
     if args.negatives == "typed":
@@ -222,9 +233,12 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     path, overrides = config_for(dataset, model, seed, args.wn18rr_epochs, data)
     config = load_config(path, overrides)
     out = RESULTS / "runs" / run_name(dataset, model, seed, args)
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
     start = time.perf_counter()
-    metrics = train(config, out, load_data(config.data))
+    metrics = trained_metrics(config, out) if args.rejudge else None
+    rejudged = metrics is not None
+    if metrics is None:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
+        metrics = train(config, out, load_data(config.data))
     trained = time.perf_counter()
     run = load_run(out)
     calibrated, default = calibration_numbers(run, args.samples)
@@ -248,6 +262,7 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
         **({"typed_negatives": typed} if typed else {}),
         "inputs": inputs,
         "seconds": {"train": trained - start, "after": time.perf_counter() - trained},
+        "rejudged": rejudged,
     }
 
 
@@ -380,6 +395,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     wordnet = [d for d in datasets if d in WORDNET]
     trained = f"{' and '.join(wordnet)} trained {args.wn18rr_epochs} epochs. " if wordnet else ""
+    rejudged = sum(all(s.get("rejudged") for s in row["seconds"]) for row in rows)
+    if rejudged:  # deterministic training: the same config trains the same checkpoint
+        trained += (f"{rejudged} of {len(rows)} rows judged again (--rejudge) from runs an earlier benchmark "
+                    "trained with the same config. ")  # fmt: skip
     lines = [
         "# Confidence a user can act on: calibration, triple classification, sampling against magnitude\n",
         f"Seeds {args.seeds}, {args.samples} draws of the embeddings, {args.resamples} bootstrap resamples; "
@@ -393,8 +412,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "of labels drawn from the default's own probabilities (magnitude), the ECE a perfectly calibrated "
         'model would show on as many test facts; "within": in how many (seed, measure) pairs the default\'s '
         "ECE is below that band's 95th percentile. Accuracy: per-relation thresholds chosen on validation "
-        "by magnitude (sigmoid(score)), and by the measure auto chooses on validation (magnitude or the 1-vs-all "
-        "model's likelihood of the fact's two answers); the calibrated probability of either judged at 0.5.\n",
+        "by magnitude (sigmoid(score)), and by the measure auto chooses by the accuracy of thresholds on "
+        "validation facts they were not chosen on (magnitude; a 1-vs-all model's likelihood of the fact's two "
+        "answers; combined, Platt scaling per relation of both and the reciprocal fact's magnitude); the "
+        "calibrated probability of either judged at 0.5 (the combined measure's own).\n",
         markdown_table(calibration_rows, list(calibration_rows[0])),
         *_typed_lines(rows),
         "## Area under precision against coverage: magnitude, and the sampling measure chosen on validation\n",
@@ -432,6 +453,11 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     about = "; ".join(f"{k}: {v}" for k, v in NEGATIVES.items())
     parser.add_argument("--negatives", choices=tuple(NEGATIVES), default="sampled", help=f"judged against: {about}")
+    parser.add_argument(
+        "--rejudge", action="store_true",
+        help="judge the runs an earlier benchmark left under bench/results/runs without training them again, "
+        "where their saved config is the one this run would train with (else train)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = []
     for dataset in args.datasets:

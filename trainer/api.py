@@ -179,7 +179,9 @@ def classify(
     and F1 on test (``result["test"]["accuracy"]``), and at 0.5 of the calibrated probability when the
     run is calibrated (``result["calibrated"]``). Written to ``out`` (default RUN/classification.json).
     ``measure``: ``magnitude`` (sigmoid(score)), ``likelihood`` (a 1-vs-all model's own probabilities of the
-    fact's two answers) or ``auto``, the one more accurate on validation (``result["measure"]``).
+    fact's two answers), ``combined`` (Platt scaling per relation of both and the reciprocal fact's
+    magnitude, fitted on validation) or ``auto``, the one more accurate on validation facts its thresholds
+    were not chosen on (``result["measure"]``).
 
     Example: ``classify(run)["test"]["f1"]``
     """

@@ -150,21 +150,11 @@ class Platt:
         the global fit's Fisher information per fact (see PSEUDO_FACTS).
         """
         x = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-        positives = float(labels.sum())
-        negatives = len(labels) - positives
-        y = torch.from_numpy(np.asarray(labels, dtype=np.float64))
-        targets = y * (positives + 1) / (positives + 2) + (1 - y) / (negatives + 2)
         features = torch.stack([x, torch.ones_like(x)], 1)
-        one_group = torch.zeros(len(x), dtype=torch.long)
-        no_prior = torch.zeros(2, 2, dtype=torch.float64)
-        theta = _newton(features, targets, one_group, torch.zeros(1, 2, dtype=torch.float64), no_prior)
-        a, b = (float(v) for v in theta[0])
-        if relations is None:
+        theta, per_relation = _shrunk_fit(features, labels, relations, num_relations, pseudo_facts)
+        a, b = (float(v) for v in theta)
+        if per_relation is None or relations is None:
             return cls(a, b, pseudo_facts=pseudo_facts)
-        fisher = _hessian(features, targets, one_group, theta, 1)[0] / len(x)
-        groups = torch.from_numpy(np.asarray(relations, dtype=np.int64))
-        prior_mean = theta.expand(num_relations, 2)
-        per_relation = _newton(features, targets, groups, prior_mean, pseudo_facts * fisher)
         facts = np.bincount(relations, minlength=num_relations)
         return cls(a, b, per_relation[:, 0].numpy(), per_relation[:, 1].numpy(), facts, pseudo_facts)
 
@@ -198,12 +188,85 @@ class Platt:
         return cls(a, b, relation_a, relation_b, facts, float(d["pseudo_facts"]))
 
 
+def _shrunk_fit(
+    features: torch.Tensor, labels: np.ndarray, relations: np.ndarray | None, num_relations: int, pseudo_facts: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logistic fit of ``labels`` on ``features`` [N, k] (float64, a column of ones among them) against
+    Platt's targets: the global coefficients [k] and, with ``relations``, each relation's [R, k], the MAP
+    under a Gaussian prior centred on the global fit with ``pseudo_facts`` times its Fisher information per
+    fact as precision (see PSEUDO_FACTS)."""
+    positives = float(labels.sum())
+    negatives = len(labels) - positives
+    y = torch.from_numpy(np.asarray(labels, dtype=np.float64))
+    targets = y * (positives + 1) / (positives + 2) + (1 - y) / (negatives + 2)
+    k = features.shape[1]
+    one_group = torch.zeros(len(features), dtype=torch.long)
+    no_prior = torch.zeros(k, k, dtype=torch.float64)
+    theta = _newton(features, targets, one_group, torch.zeros(1, k, dtype=torch.float64), no_prior)
+    if relations is None:
+        return theta[0], None
+    fisher = _hessian(features, targets, one_group, theta, 1)[0] / len(features)
+    groups = torch.from_numpy(np.asarray(relations, dtype=np.int64))
+    prior_mean = theta.expand(num_relations, k)
+    return theta[0], _newton(features, targets, groups, prior_mean, pseudo_facts * fisher)
+
+
+@dataclass
+class StackedPlatt:
+    """Platt scaling of several scores of a fact at once: p = sigmoid(w_r . z + c_r), z the scores
+    standardised by their validation mean and spread, one weight per score and an offset per relation r,
+    each relation's shrunk toward the global fit as ``Platt``'s (a_r, b_r) are (PSEUDO_FACTS).
+
+    ``classify``'s ``combined`` measure: the magnitude of a fact both ways and a 1-vs-all model's likelihood
+    of its answers order facts differently, and which one a relation's false facts give away differs."""
+
+    center: np.ndarray
+    """[k] each score's mean on the facts fitted."""
+    spread: np.ndarray
+    """[k] each score's standard deviation there (1 where it was constant)."""
+    coefficients: np.ndarray
+    """[k + 1] the global fit's weights, then its offset."""
+    relation_coefficients: np.ndarray
+    """[R, k + 1] each relation's (the global fit's for a relation without facts)."""
+    pseudo_facts: float = PSEUDO_FACTS
+
+    @classmethod
+    def fit(
+        cls,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        relations: np.ndarray,
+        num_relations: int,
+        pseudo_facts: float = PSEUDO_FACTS,
+    ) -> StackedPlatt:
+        """Fit on ``scores`` [N, k] of facts labelled ``labels`` [N] of ``relations`` [N]."""
+        x = np.asarray(scores, dtype=np.float64)
+        if x.ndim != 2 or len(x) != len(labels) or len(x) == 0:
+            raise ValueError(f"scores: expected [N, k] with N = {len(labels)} > 0 facts, got {list(x.shape)}")
+        center, spread = x.mean(0), x.std(0)
+        spread = np.where(spread > 0, spread, 1.0)
+        stacked = cls(center, spread, np.zeros(x.shape[1] + 1), np.zeros((0, x.shape[1] + 1)), pseudo_facts)
+        theta, per_relation = _shrunk_fit(stacked._features(x), labels, relations, num_relations, pseudo_facts)
+        assert per_relation is not None  # relations given
+        stacked.coefficients, stacked.relation_coefficients = theta.numpy(), per_relation.numpy()
+        return stacked
+
+    def _features(self, scores: np.ndarray) -> torch.Tensor:
+        z = torch.from_numpy((np.asarray(scores, dtype=np.float64) - self.center) / self.spread)
+        return torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64)], 1)
+
+    def probability(self, scores: np.ndarray, relations: np.ndarray) -> np.ndarray:
+        """p [N] of facts with ``scores`` [N, k] (the columns fitted, in order) of ``relations`` [N]."""
+        theta = torch.from_numpy(self.relation_coefficients)[torch.from_numpy(np.asarray(relations, np.int64))]
+        return torch.sigmoid((self._features(scores) * theta).sum(1)).numpy()
+
+
 CROSS_FIT_FOLDS = 5
 """Folds of the cross-fitting of ``PlattIsotonic``'s Platt stage."""
 
 
 def out_of_fold(
-    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], Calibrator],
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], Calibrator | StackedPlatt],
     logits: np.ndarray,
     labels: np.ndarray,
     relations: np.ndarray,
@@ -211,7 +274,7 @@ def out_of_fold(
     folds: int = CROSS_FIT_FOLDS,
 ) -> np.ndarray:
     """Each fact's probability from ``fit(logits, labels, relations)`` on the other folds (a seeded
-    random split into ``folds``)."""
+    random split into ``folds``); ``logits`` [N] or, for a ``StackedPlatt``, [N, k]."""
     fold = np.random.default_rng(seed).permutation(len(logits)) % folds
     held_out = np.empty(len(logits), dtype=np.float64)
     for k in range(folds):
@@ -283,9 +346,10 @@ def _objective(features, targets, groups, theta, prior_mean, precision) -> torch
 
 
 def _hessian(features, targets, groups, theta, num_groups: int) -> torch.Tensor:
+    k = features.shape[1]
     p = torch.sigmoid((features * theta[groups]).sum(1))
     outer = (p * (1 - p))[:, None, None] * features[:, :, None] * features[:, None, :]
-    return torch.zeros(num_groups, 2, 2, dtype=torch.float64).index_add_(0, groups, outer)
+    return torch.zeros(num_groups, k, k, dtype=torch.float64).index_add_(0, groups, outer)
 
 
 def _newton(
@@ -296,17 +360,18 @@ def _newton(
     precision: torch.Tensor,
     max_steps: int = 100,
 ) -> torch.Tensor:
-    """(a_g, b_g) [G, 2] minimising each group's ``_objective``: Newton steps, halved per group until the
-    objective does not increase (the groups are independent, so they are solved side by side)."""
-    num_groups = len(prior_mean)
+    """The coefficients [G, k] of ``features`` [N, k] minimising each group's ``_objective`` (Platt's: (a_g,
+    b_g) of [logit, 1]): Newton steps, halved per group until the objective does not increase (the groups
+    are independent, so they are solved side by side)."""
+    num_groups, k = prior_mean.shape
     theta = prior_mean.clone()
     current = _objective(features, targets, groups, theta, prior_mean, precision)
     # A tiny ridge keeps the solve defined when a group's logits are all equal (a is then unidentified).
-    ridge = 1e-9 * (1 + torch.bincount(groups, minlength=num_groups)).to(torch.float64)[:, None, None] * torch.eye(2)
+    ridge = 1e-9 * (1 + torch.bincount(groups, minlength=num_groups)).to(torch.float64)[:, None, None] * torch.eye(k)
     for _ in range(max_steps):
         p = torch.sigmoid((features * theta[groups]).sum(1))
         residual = (p - targets)[:, None] * features
-        gradient = torch.zeros(num_groups, 2, dtype=torch.float64).index_add_(0, groups, residual)
+        gradient = torch.zeros(num_groups, k, dtype=torch.float64).index_add_(0, groups, residual)
         gradient += (theta - prior_mean) @ precision
         hessian = _hessian(features, targets, groups, theta, num_groups) + precision + ridge
         step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)

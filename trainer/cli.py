@@ -158,7 +158,8 @@ def _parser(prog: str = "python -m trainer") -> argparse.ArgumentParser:
     classify_cmd.add_argument(
         "--measure", choices=(classify.AUTO, *classify.MEASURES), default=classify.AUTO,
         help="what a fact's probability is: sigmoid(score) (magnitude), the 1-vs-all model's own probabilities of "
-        "its two answers (likelihood), or the one more accurate on validation (auto)",
+        "its two answers (likelihood), Platt scaling per relation of both and the reciprocal fact's magnitude "
+        "(combined), or the one more accurate on validation facts its thresholds were not chosen on (auto)",
     )  # fmt: skip
     export_cmd = add_command(commands, "export", "means and variances with names, to Parquet or TSV")
     export_cmd.add_argument("run_dir", type=Path, help="a run directory written by train")

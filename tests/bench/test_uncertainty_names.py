@@ -1,6 +1,9 @@
 import argparse
+import json
 
-from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, WORDNET, results_name, run_name
+from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, WORDNET, results_name, run_name, trained_metrics
+from trainer.config import load_config
+from trainer.loop import train
 
 
 def args(**changes) -> argparse.Namespace:
@@ -25,3 +28,16 @@ def test_a_partial_or_longer_run_is_written_beside_the_default_s_not_over_it():
     assert run_name("wn18", "V-ComplEx (LIM)", 2, args(wn18rr_epochs=20)) == "uncertainty-wn18-v-complex-20epochs-seed2"
     assert results_name(args(datasets=["wn18"])) == "uncertainty-wn18"
     assert results_name(args(datasets=["wn18", "nations"], wn18rr_epochs=8)) == "uncertainty-wn18-nations-8epochs"
+
+
+def test_rejudge_reuses_a_run_only_when_it_was_trained_with_the_same_config(tmp_path):
+    config = load_config(None, ["data.dataset=nations", "model.dim=4", "train.epochs=1", "train.progress=false",
+                                f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert trained_metrics(config, tmp_path / "run") is None  # nothing trained there
+    metrics = train(config, tmp_path / "run")
+    assert trained_metrics(config, tmp_path / "run") == json.loads(json.dumps(metrics))
+    other = load_config(None, ["data.dataset=nations", "model.dim=4", "train.epochs=1", "train.progress=false",
+                               f"data.cache_dir={tmp_path / 'cache'}", "train.seed=1"])  # fmt: skip
+    assert trained_metrics(other, tmp_path / "run") is None
+    (tmp_path / "run" / "metrics.json").write_text("{not json")
+    assert trained_metrics(config, tmp_path / "run") is None

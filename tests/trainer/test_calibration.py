@@ -10,7 +10,7 @@ import torch
 
 from tests.trainer.conftest import make_config
 from trainer import calibration, classify, uncertainty
-from trainer.calibration import Calibration, Isotonic, Platt, PlattIsotonic, pava
+from trainer.calibration import Calibration, Isotonic, Platt, PlattIsotonic, StackedPlatt, pava
 from trainer.cli import main
 from trainer.loop import train
 from trainer.report import format_predictions, predict, write_report
@@ -59,6 +59,48 @@ def test_shrinkage_pulls_a_rare_relation_to_the_global_fit_and_leaves_a_common_o
     assert distance(theta[1], alone[1]) < 0.05 * distance(alone[1], glob)  # 2,000 facts: near its own
     np.testing.assert_allclose(theta[3], glob)  # no facts: the global fit
     assert shrunk.relation_facts is not None and shrunk.relation_facts.tolist() == [20_000, 2000, 3, 0]
+
+
+def test_stacked_platt_learns_from_two_scores_what_neither_gives_alone():
+    rng = np.random.default_rng(2)
+    n = 40_000
+    x = np.stack([rng.normal(0, 1.0, n), rng.normal(5.0, 3.0, n)], 1)  # another scale: standardised
+    r = rng.integers(0, 2, n)
+    offset = np.where(r == 0, 1.0, -1.0)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(2.0 * x[:, 0] - 1.0 * x[:, 1] + 5.0 + offset)))).astype(np.float64)
+    stacked = StackedPlatt.fit(x, y, r, 3)
+    # Weights of the standardised scores, and each relation's offset on top of them.
+    weights = stacked.relation_coefficients[:, :2] / stacked.spread
+    np.testing.assert_allclose(weights[:2], [[2.0, -1.0], [2.0, -1.0]], atol=0.12)
+    offsets = stacked.relation_coefficients[:, 2] - (stacked.relation_coefficients[:, :2] * stacked.center
+                                                     / stacked.spread).sum(1)  # fmt: skip
+    np.testing.assert_allclose(offsets[:2], [6.0, 4.0], atol=0.25)
+    np.testing.assert_allclose(stacked.relation_coefficients[2], stacked.coefficients)  # no facts: the global fit
+    # Both scores together lose less than Platt per relation on either one alone.
+    test = np.stack([rng.normal(0, 1.0, n), rng.normal(5.0, 3.0, n)], 1)
+    r_test = rng.integers(0, 2, n)
+    logit = 2.0 * test[:, 0] - test[:, 1] + 5.0 + np.where(r_test == 0, 1.0, -1.0)
+    y_test = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    both = uncertainty.log_loss(stacked.probability(test, r_test), y_test)
+    for k in (0, 1):
+        alone = Platt.fit(x[:, k], y, r, 3).probability(test[:, k], r_test)
+        assert both < uncertainty.log_loss(alone, y_test) - 0.05
+
+
+def test_stacked_platt_of_one_score_is_platt_per_relation():
+    """The same shrinkage: the prior's precision follows the Fisher information, so standardising the score
+    moves no fitted probability."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 4.0, 3000)
+    r = np.concatenate([rng.integers(0, 3, 2990), np.full(10, 4)])  # relation 4: 10 facts, shrunk hard
+    y = _bernoulli(rng, x, 0.7, np.asarray([-1.0, 0.0, 1.0, 0.0, 2.0])[r])
+    for pseudo_facts in (0.0, 50.0):
+        platt = Platt.fit(x, y, r, 5, pseudo_facts)
+        stacked = StackedPlatt.fit(x[:, None], y, r, 5, pseudo_facts)
+        grid = np.linspace(-10, 10, 41)
+        for relation in range(5):
+            at = np.full(len(grid), relation)
+            np.testing.assert_allclose(stacked.probability(grid[:, None], at), platt.probability(grid, at), atol=1e-7)
 
 
 def test_pava_and_isotonic_on_hand_cases():

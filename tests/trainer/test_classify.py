@@ -11,12 +11,16 @@ import torch
 from storage.dataset import open_dataset
 from tests.trainer.conftest import make_config
 from trainer import calibration, uncertainty
+from trainer import classify as classification
 from trainer.classify import (
+    FOLDS,
+    LabelledFacts,
     Thresholds,
     best_threshold,
     binary_metrics,
     choose_thresholds,
     classify,
+    held_out_accuracy,
     labelled_facts,
     measure_scores,
     write_classification,
@@ -133,7 +137,8 @@ def test_classify_samples_negatives_without_files_and_writes_json_from_the_cli(p
     assert done.returncode == 0, done.stderr
     result = json.loads((run_dir / "classification.json").read_text())
     assert result["seed"] == 3 and "sampled" in done.stdout
-    assert f"measure: {result['measure']}, " in done.stdout and set(result["measures"]) == {"magnitude", "likelihood"}
+    assert f"measure: {result['measure']}, " in done.stdout
+    assert set(result["measures"]) == {"magnitude", "likelihood", "combined"}
     assert result["valid"]["negative_source"] == result["test"]["negative_source"] == "sampled"
     assert result["test"]["positives"] == result["test"]["negatives"] == 100
     # Every same-group fact is in train, valid or test: sampled corruptions are cross-group facts too.
@@ -184,7 +189,7 @@ def test_calibrated_probabilities_are_judged_at_one_half(planted_runs, monkeypat
     np.testing.assert_array_equal(seen["scores"], scores)
 
 
-def test_auto_judges_by_the_measure_more_accurate_on_validation(planted_runs):
+def test_auto_judges_by_the_measure_more_accurate_on_held_out_validation_facts(planted_runs, monkeypatch):
     run = load_run(planted_runs[True])
     each = {measure: classify(run, seed=0, measure=measure) for measure in ("magnitude", "likelihood")}
     assert each["magnitude"]["probability"].startswith("sigmoid(score")
@@ -196,13 +201,76 @@ def test_auto_judges_by_the_measure_more_accurate_on_validation(planted_runs):
     judged = choose_thresholds(valid_p, valid.labels, valid.relations).judge(likelihood, test.relations)
     expected = binary_metrics(judged, test.labels)
     assert {k: each["likelihood"]["test"][k] for k in expected} == expected
+    each["combined"] = classify(run, seed=0, measure="combined")
     auto = classify(run, seed=0)
-    best = max(each, key=lambda m: each[m]["valid"]["accuracy"])  # magnitude first: it wins a tie
+    held_out = {m: r["measures"][m]["valid_accuracy_held_out"] for m, r in each.items()}
+    best = max(held_out, key=held_out.__getitem__)  # magnitude, likelihood, combined: the earlier wins a tie
     assert auto["measure"] == best and auto["test"] == each[best]["test"]
-    assert auto["measures"] == {m: {"valid_accuracy": r["valid"]["accuracy"], "test_accuracy": r["test"]["accuracy"],
-                                    "test_f1": r["test"]["f1"]} for m, r in each.items()}  # fmt: skip
+    assert auto["measures"] == {m: {"valid_accuracy": r["valid"]["accuracy"], "valid_accuracy_held_out": held_out[m],
+                                    "test_accuracy": r["test"]["accuracy"], "test_f1": r["test"]["f1"]}
+                                for m, r in each.items()}  # fmt: skip
+    # The likelihood's held-out accuracy: each fold judged by the thresholds chosen on the other four.
+    fold = np.random.default_rng(0).permutation(len(valid.labels)) % FOLDS
+    right = 0
+    for k in range(FOLDS):
+        inside = fold != k
+        chosen = choose_thresholds(valid_p[inside], valid.labels[inside], valid.relations[inside])
+        right += int((chosen.judge(valid_p[~inside], valid.relations[~inside]) == (valid.labels[~inside] == 1)).sum())
+    assert held_out["likelihood"] == right / len(valid.labels)
+    # Chosen by the held-out accuracy, whatever the accuracy on the facts the thresholds were chosen on.
+    for preset, expected in (((0.9, 0.5, 0.5), "magnitude"), ((0.5, 0.9, 0.5), "likelihood"),
+                             ((0.5, 0.5, 0.9), "combined")):  # fmt: skip
+        values = iter(preset)  # asked in the order of the measures
+        monkeypatch.setattr(classification, "held_out_accuracy", lambda *_, values=values, **__: next(values))
+        assert classify(run, seed=0)["measure"] == expected
     with pytest.raises(ValueError, match="--measure 'entropy'"):
         classify(run, seed=0, measure="entropy")
+
+
+def test_thresholds_fitted_to_noise_look_accurate_on_their_own_facts_and_not_on_held_out_ones():
+    rng = np.random.default_rng(4)
+    n = 2000
+    relations = rng.integers(0, 200, n)  # 10 facts a relation: thresholds that fit them fit noise
+    labels = rng.integers(0, 2, n).astype(np.float64)
+    p = rng.random(n)  # says nothing about the labels
+    valid = LabelledFacts(torch.zeros(n, 3, dtype=torch.long), labels, "sampled")
+    valid.facts[:, 1] = torch.from_numpy(relations)
+    in_sample = choose_thresholds(p, labels, relations).judge(p, relations)
+    assert binary_metrics(in_sample, labels)["accuracy"] > 0.65
+    assert abs(held_out_accuracy(lambda inside: (p[inside], p[~inside]), valid, seed=0) - 0.5) < 0.05
+    # A probability that tells the labels apart keeps its accuracy on held-out facts.
+    informative = np.where(labels == 1, 0.5 + 0.5 * p, 0.5 * p)
+    assert held_out_accuracy(lambda inside: (informative[inside], informative[~inside]), valid, seed=0) > 0.9
+
+
+def test_the_combined_measure_stacks_magnitude_both_ways_and_the_likelihood_fitted_on_validation(planted_runs):
+    run = load_run(planted_runs[True])
+    result = classify(run, seed=0, measure="combined")
+    valid, test = labelled_facts(run.dataset, "valid", 0), labelled_facts(run.dataset, "test", 0)
+
+    def stacked(facts: torch.Tensor) -> np.ndarray:
+        scores = uncertainty.fact_scores(run.model, facts, 0, 0, likelihood=True)
+        reverse = uncertainty.fact_scores(run.model, facts, 0, 0, missing="head").magnitude
+        assert scores.likelihood is not None
+        return np.stack([scores.magnitude, reverse, scores.likelihood], 1).astype(np.float64)
+
+    valid_x, test_x = stacked(valid.facts), stacked(test.facts)
+    assert not np.allclose(valid_x[:, 0], valid_x[:, 1])  # DistMult is symmetric, but not (o, r^-1, s)
+
+    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> calibration.StackedPlatt:
+        return calibration.StackedPlatt.fit(x, y, r, run.dataset.num_relations)
+
+    # Thresholds on out-of-fold validation probabilities, judged on the fit on every validation fact.
+    valid_p = calibration.out_of_fold(fit, valid_x, valid.labels, valid.relations, 0)
+    test_p = fit(valid_x, valid.labels, valid.relations).probability(test_x, test.relations)
+    thresholds = choose_thresholds(valid_p, valid.labels, valid.relations)
+    expected = binary_metrics(thresholds.judge(test_p, test.relations), test.labels)
+    assert {k: result["test"][k] for k in expected} == expected
+    assert result["thresholds"]["global"] == thresholds.fallback
+    # Its probability is fitted on validation: judged at 0.5 as it is, with no calibration.json.
+    assert result["calibrated"] == {"measure": "combined", "threshold": 0.5,
+                                    **binary_metrics(test_p > 0.5, test.labels)}  # fmt: skip
+    assert result["test"]["accuracy"] > 0.8
 
 
 def test_a_model_without_reciprocal_relations_is_judged_by_magnitude(tmp_path):
