@@ -33,7 +33,12 @@ never a known fact (``typed_negatives``), and every run reads them through the c
 ``calibrate`` as a user's files would be read. Uniform corruptions (the default, ``sampled``) are mostly of
 the wrong kind and easy to reject; these are what the model has to tell apart by more than type.
 
+``--rejudge`` judges again, without training, a run left under bench/results/runs whose metrics.json holds
+the very config this run would train it with (training is deterministic: the same config and code give the
+same checkpoint), for a change to what judges a run, not to what trains it; the header names those runs.
+
     make bench-uncertainty                                                    # the full run (see --help)
+    python -m bench.uncertainty --datasets wn18rr --rejudge                   # judge the runs left here again
     python -m bench.uncertainty --datasets nations --seeds 0 --samples 10     # a short look
     python -m bench.uncertainty --datasets nations umls kinships --negatives typed
 
@@ -324,7 +329,18 @@ def summarise(dataset: str, model: str, runs: list[dict[str, Any]], resamples: i
     row["link"] = compare_measures(runs, "link", resamples)
     row["triples"] = compare_measures(runs, "triples", resamples)
     row["seconds"] = [r["seconds"] for r in runs]
+    row["rejudged"] = [r["rejudged"] for r in runs]
     return row
+
+
+def rejudged_note(rows: list[dict[str, Any]]) -> str:
+    """What the header says of runs judged again (``--rejudge``) rather than trained."""
+    runs = [(row, judged) for row in rows for judged in row.get("rejudged", [])]
+    if not any(judged for _, judged in runs):
+        return ""
+    names = sorted({f"{row['dataset']} {row['model']}" for row, judged in runs if judged})
+    return (f"{sum(judged for _, judged in runs)} of {len(runs)} runs ({', '.join(names)}) judged again "
+            "(--rejudge) from checkpoints an earlier benchmark trained with the same config. ")  # fmt: skip
 
 
 def _ece_met(row: dict[str, Any]) -> bool:
@@ -395,10 +411,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     wordnet = [d for d in datasets if d in WORDNET]
     trained = f"{' and '.join(wordnet)} trained {args.wn18rr_epochs} epochs. " if wordnet else ""
-    rejudged = sum(all(s.get("rejudged") for s in row["seconds"]) for row in rows)
-    if rejudged:  # deterministic training: the same config trains the same checkpoint
-        trained += (f"{rejudged} of {len(rows)} rows judged again (--rejudge) from runs an earlier benchmark "
-                    "trained with the same config. ")  # fmt: skip
+    trained += rejudged_note(rows)
     lines = [
         "# Confidence a user can act on: calibration, triple classification, sampling against magnitude\n",
         f"Seeds {args.seeds}, {args.samples} draws of the embeddings, {args.resamples} bootstrap resamples; "

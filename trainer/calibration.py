@@ -243,8 +243,11 @@ class StackedPlatt:
         x = np.asarray(scores, dtype=np.float64)
         if x.ndim != 2 or len(x) != len(labels) or len(x) == 0:
             raise ValueError(f"scores: expected [N, k] with N = {len(labels)} > 0 facts, got {list(x.shape)}")
+        if not _finite(x):
+            raise ValueError("scores: some are NaN or infinite; a fit on them would be meaningless")
         center, spread = x.mean(0), x.std(0)
-        spread = np.where(spread > 0, spread, 1.0)
+        # A score constant up to rounding says nothing: standardised, its rounding noise would be huge.
+        spread = np.where(spread > 1e-9 * np.maximum(1.0, np.abs(center)), spread, 1.0)
         stacked = cls(center, spread, np.zeros(x.shape[1] + 1), np.zeros((0, x.shape[1] + 1)), pseudo_facts)
         theta, per_relation = _shrunk_fit(stacked._features(x), labels, relations, num_relations, pseudo_facts)
         assert per_relation is not None  # relations given

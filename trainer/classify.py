@@ -18,7 +18,9 @@ Accuracy and F1 are then measured on the test facts against ``test_negatives.txt
 
 A calibration step plugs in through ``calibrated`` (measure -> (the facts' scores under it, their relations)
 -> calibrated probabilities): the chosen measure's calibrated probability (else magnitude's) is judged at 0.5
-beside the thresholds; a measure's test scores are computed once, for its thresholds and its calibrator.
+beside the thresholds; a measure's test scores are computed once, for its thresholds and its calibrator. The
+combined measure's probability is fitted on validation, a calibration of its own: it is judged at 0.5 as it
+is, and ``calibrated`` is not used then.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ MEASURES = {
     "fitted on validation (reciprocal models)",
 }
 """What a fact's probability is under each measure ``classify`` can judge by."""
+
+FOLDS = 5
+"""Folds of the validation facts that ``auto`` chooses a measure by (``held_out_accuracy``)."""
 
 CalibratedProbability = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """Calibrated probabilities [N] of facts from their scores under a measure (``measure_scores``) [N] and their
@@ -164,21 +169,32 @@ def measure_probabilities(scores: np.ndarray, measure: str) -> np.ndarray:
     return torch.sigmoid(torch.from_numpy(scores)).numpy() if measure == "magnitude" else np.exp(scores)
 
 
-def available_measures(model: KGModel, num_facts: int) -> tuple[str, ...]:
-    """The measures ``auto`` chooses among for ``num_facts`` facts: likelihood for a 1-vs-all model while
-    scoring them against every entity stays affordable (``uncertainty.likelihood_affordable``); combined
-    for a model with reciprocal relations (it stacks at least magnitude both ways)."""
+COMBINED_MIN_FACTS = 4 * FOLDS
+"""Validation facts the combined measure needs: its held-out accuracy fits it on the facts a fold leaves in,
+out of fold within them, so every fit keeps a few facts."""
+
+
+def available_measures(model: KGModel, num_facts: int, valid_facts: int) -> tuple[str, ...]:
+    """The measures ``auto`` chooses among for ``num_facts`` facts, ``valid_facts`` of them validation's:
+    likelihood for a 1-vs-all model while scoring them against every entity stays affordable
+    (``uncertainty.likelihood_affordable``); combined for a model with reciprocal relations (it stacks at
+    least magnitude both ways) and at least ``COMBINED_MIN_FACTS`` validation facts."""
     likelihood = ("likelihood",) if uncertainty.likelihood_affordable(model, num_facts) else ()
-    return ("magnitude", *likelihood, *((COMBINED,) if model.reciprocal else ()))
+    combined = (COMBINED,) if model.reciprocal and valid_facts >= COMBINED_MIN_FACTS else ()
+    return ("magnitude", *likelihood, *combined)
+
+
+REVERSED = "magnitude of the reciprocal fact"
 
 
 def combined_scores(model: KGModel, facts: torch.Tensor, scored: dict[str, np.ndarray], split: str) -> np.ndarray:
     """[N, k] what the combined measure stacks for ``facts``: magnitude, the magnitude of the reciprocal
     facts (o, r^-1, s), and the likelihood when ``scored`` (the measures' scores already computed for these
-    facts) has it."""
-    reverse = check_finite(mean_scores(model, facts, missing="head"), "magnitude of the reciprocal fact", split)
+    facts) has it; the reciprocal's is kept in ``scored`` too."""
+    if REVERSED not in scored:
+        scored[REVERSED] = check_finite(mean_scores(model, facts, missing="head"), REVERSED, split)
     likelihood = [scored["likelihood"]] if "likelihood" in scored else []
-    return np.stack([scored["magnitude"], reverse, *likelihood], 1)
+    return np.stack([scored["magnitude"], scored[REVERSED], *likelihood], 1)
 
 
 def combined_probabilities(
@@ -285,9 +301,6 @@ def binary_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float
     }
 
 
-FOLDS = 5
-"""Folds of the validation facts that ``auto`` chooses a measure by (``held_out_accuracy``)."""
-
 FoldProbabilities = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """(mask [N] of the validation facts a fold leaves in) -> the probabilities of those facts to choose
 thresholds on, and of the facts left out to judge."""
@@ -341,15 +354,20 @@ def classify(
     run: Run, *, seed: int, calibrated: Mapping[str, CalibratedProbability] | None = None, measure: str = AUTO
 ) -> dict:
     """Thresholds chosen on validation, accuracy and F1 on test, by ``measure`` (``auto``: of
-    ``available_measures``, the one more accurate on validation); with ``calibrated``, also accuracy and
-    F1 of the chosen measure's calibrated probabilities (else magnitude's) on test at 0.5."""
+    ``available_measures``, the one more accurate on validation facts its thresholds were not chosen on);
+    with ``calibrated``, also accuracy and F1 of the chosen measure's calibrated probabilities (else
+    magnitude's) on test at 0.5; the combined measure's own probability is judged at 0.5 whatever
+    ``calibrated`` holds."""
     data, model = run.dataset, run.model
     valid, test = labelled_facts(data, "valid", seed), labelled_facts(data, "test", seed)
-    available = available_measures(model, len(valid.facts) + len(test.facts))
+    available = available_measures(model, len(valid.facts) + len(test.facts), len(valid.facts))
     if measure != AUTO and measure not in available:
-        why = " (likelihood: a 1-vs-all model's, within uncertainty.LIKELIHOOD_MAX_PAIRS fact-entity pairs)"
+        why = {"likelihood": " (likelihood: a 1-vs-all model's, within uncertainty.LIKELIHOOD_MAX_PAIRS "
+                             "fact-entity pairs)",
+               COMBINED: f" (combined: a model with reciprocal relations, {COMBINED_MIN_FACTS} validation facts "
+                         "or more)"}  # fmt: skip
         raise ValueError(f"--measure {measure!r}: this run offers {', '.join((AUTO, *available))}"
-                         f"{why if measure in MEASURES else ''}")  # fmt: skip
+                         f"{why.get(measure, '')}")  # fmt: skip
     judging = available if measure == AUTO else (measure,)
     # The single measures' scores, each computed once: the combined measure stacks them.
     scored: dict[str, dict[str, np.ndarray]] = {"valid": {}, "test": {}}
@@ -421,7 +439,10 @@ def write_classification(run: Run, out: Path, *, seed: int, measure: str = AUTO)
     """``classify`` the run, with its stored calibration when there is one, and write the result to
     ``out`` (atomically); returns it."""
     calibrated, description = stored_calibration(run)
-    result = {**classify(run, seed=seed, calibrated=calibrated, measure=measure), "calibration": description}
+    result = classify(run, seed=seed, calibrated=calibrated, measure=measure)
+    if result["measure"] == COMBINED:
+        description = "combined: its own Platt scaling per relation, fitted on validation (calibration.json unused)"
+    result["calibration"] = description
     atomic_write_json(out, result)
     return result
 

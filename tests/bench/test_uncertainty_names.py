@@ -1,7 +1,16 @@
 import argparse
 import json
 
-from bench.uncertainty import DATASETS, MODELS, WN18RR_EPOCHS, WORDNET, results_name, run_name, trained_metrics
+from bench.uncertainty import (
+    DATASETS,
+    MODELS,
+    WN18RR_EPOCHS,
+    WORDNET,
+    rejudged_note,
+    results_name,
+    run_name,
+    trained_metrics,
+)
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -41,3 +50,11 @@ def test_rejudge_reuses_a_run_only_when_it_was_trained_with_the_same_config(tmp_
     assert trained_metrics(other, tmp_path / "run") is None
     (tmp_path / "run" / "metrics.json").write_text("{not json")
     assert trained_metrics(config, tmp_path / "run") is None
+
+
+def test_the_header_names_the_runs_judged_again_rather_than_trained():
+    rows = [{"dataset": "wn18rr", "model": "V-ComplEx (LIM)", "rejudged": [True, True]},
+            {"dataset": "nations", "model": "V-DistMult (LIM)", "rejudged": [False, False]}]  # fmt: skip
+    assert rejudged_note(rows) == ("2 of 4 runs (wn18rr V-ComplEx (LIM)) judged again (--rejudge) from checkpoints "
+                                   "an earlier benchmark trained with the same config. ")  # fmt: skip
+    assert rejudged_note(rows[1:]) == "" and rejudged_note([{"dataset": "umls", "model": "m"}]) == ""

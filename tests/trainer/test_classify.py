@@ -273,6 +273,68 @@ def test_the_combined_measure_stacks_magnitude_both_ways_and_the_likelihood_fitt
     assert result["test"]["accuracy"] > 0.8
 
 
+def test_the_combined_measure_s_held_out_accuracy_is_on_facts_its_fit_did_not_see(planted_runs, monkeypatch):
+    run = load_run(planted_runs[True])
+    valid = labelled_facts(run.dataset, "valid", 0)
+    rng = np.random.default_rng(5)
+    # Scores that say nothing about the labels: a fit that saw the fold it is judged on would look right.
+    noise = {"magnitude": rng.normal(size=len(valid.labels)), "likelihood": rng.normal(size=len(valid.labels)),
+             classification.REVERSED: rng.normal(size=len(valid.labels))}  # fmt: skip
+    # Every probability comes from a fit that did not see the fact (the noise tells the facts apart).
+    fit, judged_by = calibration.StackedPlatt.fit, []
+
+    def spy(x, *args, **kwargs):
+        fitted = fit(x, *args, **kwargs)
+        seen, probability = set(x[:, 0].tolist()), fitted.probability
+
+        def judge(scores, relations):
+            judged_by.append(seen & set(scores[:, 0].tolist()))
+            return probability(scores, relations)
+
+        fitted.probability = judge
+        return fitted
+
+    monkeypatch.setattr(calibration.StackedPlatt, "fit", spy)
+    folds = classification.combined_folds(run.model, valid, noise, seed=0)
+    assert abs(held_out_accuracy(folds, valid, seed=0) - 0.5) < 0.1
+    assert len(judged_by) == 5 * 6 and not any(judged_by)  # per fold 5 fits within it, and the fold's own
+    # Given its labels as a score, it is right.
+    told = {**noise, "likelihood": valid.labels * 4.0 - 2.0}
+    assert held_out_accuracy(classification.combined_folds(run.model, valid, told, seed=0), valid, seed=0) == 1.0
+
+
+def test_without_the_likelihood_the_combined_measure_stacks_magnitude_both_ways(planted_runs, monkeypatch):
+    run = load_run(planted_runs[True])
+    monkeypatch.setattr(uncertainty, "LIKELIHOOD_MAX_PAIRS", 10)  # a graph too large to score every entity
+    result = classify(run, seed=0)
+    assert list(result["measures"]) == ["magnitude", "combined"]
+    combined = classify(run, seed=0, measure="combined")
+    valid, test = labelled_facts(run.dataset, "valid", 0), labelled_facts(run.dataset, "test", 0)
+
+    def both_ways(facts: torch.Tensor) -> np.ndarray:
+        return np.stack([measure_scores(run.model, facts, "magnitude"),
+                         uncertainty.fact_scores(run.model, facts, 0, 0, missing="head").magnitude], 1)  # fmt: skip
+
+    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> calibration.StackedPlatt:
+        return calibration.StackedPlatt.fit(x, y, r, run.dataset.num_relations)
+
+    valid_p = calibration.out_of_fold(fit, both_ways(valid.facts), valid.labels, valid.relations, 0)
+    test_p = fit(both_ways(valid.facts), valid.labels, valid.relations).probability(both_ways(test.facts),
+                                                                                     test.relations)  # fmt: skip
+    judged = choose_thresholds(valid_p, valid.labels, valid.relations).judge(test_p, test.relations)
+    assert combined["test"]["accuracy"] == binary_metrics(judged, test.labels)["accuracy"]
+
+
+def test_a_validation_split_too_small_to_fold_is_not_judged_by_the_combined_measure(planted_runs, monkeypatch):
+    run = load_run(planted_runs[True])
+    facts = labelled_facts
+    monkeypatch.setattr(classification, "labelled_facts", lambda data, split, seed: facts(data, split, seed, 9))
+    result = classify(run, seed=0)  # 9 validation facts and 9 negatives, fewer than 4 x 5
+    assert list(result["measures"]) == ["magnitude", "likelihood"]
+    with pytest.raises(ValueError, match=r"combined: a model with reciprocal relations, 20 validation facts"):
+        classify(run, seed=0, measure="combined")
+
+
 def test_a_model_without_reciprocal_relations_is_judged_by_magnitude(tmp_path):
     dataset = _planted(tmp_path / "data", negatives=True)
     config = make_config(f"data.dataset={dataset}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2",
