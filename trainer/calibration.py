@@ -278,7 +278,7 @@ def out_of_fold(
 ) -> np.ndarray:
     """Each fact's probability from ``fit(logits, labels, relations)`` on the other folds (a seeded
     random split into ``folds``); ``logits`` [N] or, for a ``StackedPlatt``, [N, k]."""
-    fold = np.random.default_rng(seed).permutation(len(logits)) % folds
+    fold = classify.fold_assignment(len(logits), seed, folds)
     held_out = np.empty(len(logits), dtype=np.float64)
     for k in range(folds):
         train, test = fold != k, fold == k

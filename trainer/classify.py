@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from trainer import uncertainty
 from trainer.evaluate import sample_facts
 from trainer.model import KGModel
 from trainer.runs import Run
+
+if TYPE_CHECKING:
+    from trainer.calibration import StackedPlatt
 
 SAMPLED = "sampled"
 """``negative_source`` of negatives drawn as corruptions of the positives."""
@@ -197,6 +201,18 @@ def combined_scores(model: KGModel, facts: torch.Tensor, scored: dict[str, np.nd
     return np.stack([scored["magnitude"], scored[REVERSED], *likelihood], 1)
 
 
+def stack_fitter(num_relations: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], StackedPlatt]:
+    """(scores [N, k], labels, relations) -> the combined measure's ``calibration.StackedPlatt`` fitted on them."""
+    from trainer import calibration
+
+    return lambda x, y, r: calibration.StackedPlatt.fit(x, y, r, num_relations)
+
+
+def fold_assignment(n: int, seed: int, folds: int) -> np.ndarray:
+    """Each of ``n`` facts' fold, of ``folds``: a seeded random split into (nearly) equal parts."""
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
 def combined_probabilities(
     model: KGModel, valid: LabelledFacts, test: LabelledFacts, scored: dict[str, dict[str, np.ndarray]], seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -205,11 +221,7 @@ def combined_probabilities(
     measures' scores did not see theirs), and of the test facts, from the fit on every valid fact."""
     from trainer import calibration  # imported here: calibration builds on this module's labelled facts
 
-    num_relations = model.num_relations
-
-    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> calibration.StackedPlatt:
-        return calibration.StackedPlatt.fit(x, y, r, num_relations)
-
+    fit = stack_fitter(model.num_relations)
     valid_x = combined_scores(model, valid.facts, scored["valid"], "valid")
     test_x = combined_scores(model, test.facts, scored["test"], "test")
     valid_p = calibration.out_of_fold(fit, valid_x, valid.labels, valid.relations, seed)
@@ -312,7 +324,7 @@ def held_out_accuracy(probabilities: FoldProbabilities, valid: LabelledFacts, se
     chooses by: on a small graph a relation has a handful of validation facts, and thresholds judged on the
     facts they were chosen on look right far more often than they are on test (nations: 0.85-0.91 on
     validation for 0.74-0.82 on test), the more so the more freely a measure separates them."""
-    fold = np.random.default_rng(seed).permutation(len(valid.labels)) % folds
+    fold = fold_assignment(len(valid.labels), seed, folds)
     right = 0
     for k in range(folds):
         inside = fold != k
@@ -335,10 +347,7 @@ def combined_folds(model: KGModel, valid: LabelledFacts, scored: dict[str, np.nd
     in, whose own probabilities (to choose thresholds on) are out of fold within them."""
     from trainer import calibration
 
-    x, num_relations = combined_scores(model, valid.facts, scored, "valid"), model.num_relations
-
-    def fit(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> calibration.StackedPlatt:
-        return calibration.StackedPlatt.fit(x, y, r, num_relations)
+    x, fit = combined_scores(model, valid.facts, scored, "valid"), stack_fitter(model.num_relations)
 
     def probabilities(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x_in, y_in, r_in = x[inside], valid.labels[inside], valid.relations[inside]
