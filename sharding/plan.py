@@ -37,10 +37,12 @@ class RowPlan:
         bounds = self.bounds
         return bounds[rank], bounds[rank + 1]
 
-    def counts_by_owner(self, sorted_ids: torch.Tensor) -> torch.Tensor:
-        """How many of the ascending ``sorted_ids`` each rank owns, [world_size]."""
+    def counts_by_owner(self, sorted_ids: torch.Tensor) -> list[int]:
+        """How many of the ascending row ids ``sorted_ids`` (each in [0, num_rows)) each rank owns."""
+        if self.world_size == 1:  # every step asks; one owner needs no search
+            return [len(sorted_ids)]
         edges = torch.tensor(self.bounds, dtype=sorted_ids.dtype, device=sorted_ids.device)
-        return torch.diff(torch.searchsorted(sorted_ids, edges))
+        return torch.diff(torch.searchsorted(sorted_ids, edges)).tolist()
 
 
 OPTIMIZER_STATE = {"adam": 2.0, "rowwise_adagrad": 0.0}

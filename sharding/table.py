@@ -234,12 +234,14 @@ class ShardedTable:
         the encoding, not the rows: for Gaussian rows [mean | logvar] a sample and a KL are half the bytes
         both ways, and the gradient comes back in the same shape.
         """
-        send_counts = self.plan.counts_by_owner(ids)
-        offsets = torch.cumsum(send_counts, 0) - send_counts
-        header = torch.stack([send_counts, offsets, torch.full_like(send_counts, tag)], dim=1)
-        received = self.exchange.all_to_all_rows(header.to(self.device)).tolist()
+        send = self.plan.counts_by_owner(ids)
+        # The header of each owner's segment, built on the host: a few numbers, where tensor operations on
+        # them were five dispatches a step.
+        offsets = accumulate(send[:-1], initial=0)
+        header = [[count, offset, tag] for count, offset in zip(send, offsets, strict=True)]
+        received = self.exchange.all_to_all_rows(torch.tensor(header, device=self.device)).tolist()
         segments = [Segment(*row) for row in received]
-        send, recv = send_counts.tolist(), [segment.count for segment in segments]
+        recv = [segment.count for segment in segments]
         recv_local = self.exchange.all_to_all_back(ids, send, recv) - self.lo
         served, output = encoder(self.weight, recv_local, segments)
         values = self.exchange.all_to_all_back(output.detach(), recv, send)

@@ -126,12 +126,13 @@ class Likelihood:
         return False
 
     def nll_and_gradients(
-        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None
+        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None, check: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """``nll`` of a likelihood that needs no candidates, with its gradients written out: (the NLL, the
         gradient of ``facts.entities`` [U, D] (into the first D columns of ``grad_out`` [U, >= D] when given),
         of ``facts.relations``, of ``facts.bias`` or None); None where it has no written gradients (then
-        ``nll`` is traced)."""
+        ``nll`` is traced). ``check`` (one float32 element) receives 0 when every entity and relation
+        gradient written is finite, else NaN."""
         return None
 
 
@@ -190,10 +191,10 @@ class Bernoulli(SampledNegatives):
         return self.uniform and kernel_scores(scorer) and device.type == "cpu"
 
     def nll_and_gradients(
-        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None
+        self, scorer: Scorer, facts: FactRows, grad_out: torch.Tensor | None = None, check: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         rows = self._kernel_rows(scorer, facts)
-        return None if rows is None else positioned_bernoulli_gradients(rows, self.weight, grad_out)
+        return None if rows is None else positioned_bernoulli_gradients(rows, self.weight, grad_out, check)
 
     def _kernel_rows(self, scorer: Scorer, facts: FactRows) -> BernoulliRows | None:
         """The batch as the compiled kernel takes it, or None where it does not (weighted negatives, another

@@ -209,13 +209,15 @@ def positioned_bernoulli_nll(rows: native.BernoulliRows, weight: float) -> torch
 
 
 def positioned_bernoulli_gradients(
-    rows: native.BernoulliRows, weight: float, grad_out: torch.Tensor | None = None
+    rows: native.BernoulliRows, weight: float, grad_out: torch.Tensor | None = None, check: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``positioned_bernoulli_nll`` and its gradients, written out without autograd: (the NLL, the gradient of
     the entity rows [U, D] (in the first D columns of ``grad_out`` when given), of the relation rows [R, D], of
     the bias [B] or None). What ``_PositionedBernoulli`` computes each way, for a step that writes its
-    gradients (``KGModel.forward_backward``)."""
-    chunk_nll, grad_entities, grad_relations, grad_bias = native.bernoulli_forward_backward(rows, weight, grad_out)
+    gradients (``KGModel.forward_backward``). ``check``: see ``native.bernoulli_forward_backward``."""
+    chunk_nll, grad_entities, grad_relations, grad_bias = native.bernoulli_forward_backward(
+        rows, weight, grad_out, check
+    )
     return chunk_nll.sum().to(rows.entities.dtype), grad_entities, grad_relations, grad_bias
 
 

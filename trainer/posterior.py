@@ -110,7 +110,8 @@ class LatentInformation(GaussianPosterior):
             raise ValueError("objective.kl_estimator=per_occurrence needs the entities' training frequencies")
         # An entity seen f times per epoch carries 1/f of its KL each time, so an epoch sums to the full KL
         # of the training entities (clamped: an entity never in training occurs in no batch, only as a negative).
-        self.divisor = entity_frequency.clamp_min(1) if entity_frequency is not None else None
+        # Integers in float64 (exact below 2^53), which the compiled weights read as they are.
+        self.divisor = entity_frequency.clamp_min(1).to(torch.float64) if entity_frequency is not None else None
         self.dense_kl = kl_estimator == "full"
 
     def fact_kl(self, ent_kl: torch.Tensor, rel_kl: torch.Tensor, rows: Gathered, r: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,12 @@ class LatentInformation(GaussianPosterior):
         """c / f for an entity that occurs c times in the batch and f times in an epoch."""
         if self.divisor is None:
             return None
-        occurrences = torch.bincount(rows.flat[: 2 * len(rows.s)], minlength=len(rows.ids))  # heads, then tails
+        counted = 2 * len(rows.s)  # heads, then tails
+        if dtype == torch.float32:
+            weights = native.occurrence_weights(rows.flat, counted, rows.ids, self.divisor)
+            if weights is not None:
+                return weights
+        occurrences = torch.bincount(rows.flat[:counted], minlength=len(rows.ids))
         return occurrences.to(dtype) / self.divisor.index_select(0, rows.ids).to(dtype)
 
     def table_kl(self, dense_kl: torch.Tensor | None, rel_kl: torch.Tensor, share: float, rank: int) -> torch.Tensor:

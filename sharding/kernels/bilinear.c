@@ -324,10 +324,13 @@ static int chunks(const Rows *x, const float *bias, int64_t chunk, int64_t K, in
 /* out[u] = the sum of src[p] over the positions p with index[p] = u, for u < rows (out [rows, >= D], row
  * stride ld; src [n, D]), added in the order of p: each thread owns a range of out's rows and reads every
  * index, so no two threads write one row and the sums do not depend on the thread count. Columns past D of
- * a wider out are left as they are. */
-static void scatter_rows(const float *src, const int64_t *index, int64_t n, int64_t D, float *out, int64_t ld,
-                         int64_t rows) {
-#pragma omp parallel if (n * D > PARALLEL_MIN)
+ * a wider out are left as they are. Returns 0 when every number written is finite, else NaN: each partial
+ * sum x adds x - x to the check as it is written (an inf or a NaN stays one until the row is done), which
+ * costs nothing beside the adds where a pass over the rows afterwards would read them all again. */
+static float scatter_rows(const float *src, const int64_t *index, int64_t n, int64_t D, float *out, int64_t ld,
+                          int64_t rows) {
+    float check = 0.0f;
+#pragma omp parallel if (n * D > PARALLEL_MIN) reduction(+ : check)
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
@@ -340,10 +343,14 @@ static void scatter_rows(const float *src, const int64_t *index, int64_t n, int6
             if (u < lo || u >= hi) continue;
             float *restrict to = out + u * ld;
             const float *restrict from = src + p * D;
-#pragma omp simd
-            for (int64_t k = 0; k < D; k++) to[k] += from[k];
+#pragma omp simd reduction(+ : check)
+            for (int64_t k = 0; k < D; k++) {
+                to[k] += from[k];
+                check += to[k] - to[k];
+            }
         }
     }
+    return check;
 }
 
 /* The NLL of B facts in chunks of `chunk` sharing K negatives, from entity rows ent [U, >= D] (row stride
@@ -365,19 +372,22 @@ int bernoulli_forward(const float *ent, int64_t U, int64_t ld, const int64_t *in
  * they are) and g_rel [R, D] (each position's gradient summed into its row), by way of each position's:
  * work [2B + C K, D] (s, o, then the negatives, as index lists them) and r_work [B, D] are work space.
  * With chunk_nll not NULL, each chunk's forward first (bernoulli_forward's NLL and probs, written), then
- * its backward: the same numbers as the two calls, in one pass over the chunks. */
+ * its backward: the same numbers as the two calls, in one pass over the chunks. check, unless NULL, receives
+ * 0 when every number written into g_ent and g_rel is finite and NaN otherwise (scatter_rows), so a caller
+ * that checks the gradients need not read them again. */
 int bernoulli_backward(const float *ent, int64_t U, int64_t ld, const int64_t *index, const float *rel, int64_t R,
                        int64_t r_ld, const int64_t *r_index, const float *bias, double *chunk_nll, float *probs,
                        int64_t B, int64_t chunk, int64_t K, int64_t D, int64_t complex_valued, float weight,
                        float grad, float *work, float *r_work, float *gbias, float *g_ent, int64_t g_ld,
-                       float *g_rel) {
+                       float *g_rel, float *check) {
     const int64_t C = (B + chunk - 1) / chunk, n = 2 * B + C * K;
     if (!ids_in_range(index, n, U) || !ids_in_range(r_index, B, R)) return 1;
     const Rows x = {ent, rel, index, r_index, ld, r_ld, B};
     const int status = chunks(&x, bias, chunk, K, D, (int)complex_valued, weight, grad, probs, chunk_nll, work,
                               r_work, work + B * D, work + 2 * B * D, gbias);
     if (status) return status;
-    scatter_rows(work, index, n, D, g_ent, g_ld, U);
-    scatter_rows(r_work, r_index, B, D, g_rel, D, R);
+    const float entities = scatter_rows(work, index, n, D, g_ent, g_ld, U);
+    const float relations = scatter_rows(r_work, r_index, B, D, g_rel, D, R);
+    if (check) *check = entities + relations;
     return 0;
 }

@@ -59,7 +59,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "softmax_scale": ([_P, _P, _P, _P, _I, _I], None),
     "bernoulli_forward": ([_P, _I, _I, _P, _P, _I, _I, _P, _P, *[_I] * 5, _F, _P, _P], ctypes.c_int),
     "bernoulli_backward": (
-        [_P, _I, _I, _P, _P, _I, _I, _P, *[_P] * 3, *[_I] * 5, _F, _F, *[_P] * 4, _I, _P],
+        [_P, _I, _I, _P, _P, _I, _I, _P, *[_P] * 3, *[_I] * 5, _F, _F, *[_P] * 4, _I, _P, _P],
         ctypes.c_int,
     ),
     "normal_range": ([_P, ctypes.c_uint64, _I, _I], None),
@@ -70,6 +70,7 @@ _SIGNATURES = {  # name: (argument types, return type)
     "hash_strings": ([_P, _P, _I, ctypes.c_uint64, _P], None),
     "merge_rows": ([_P, _I, _I, _P, _P], ctypes.c_int64),
     "unique_ids": ([_P, _I, _P, _P], ctypes.c_int64),
+    "occurrence_weights": ([_P, _I, _P, _I, _P, _I, _P], ctypes.c_int),
     "shm_barrier": ([_P, _I, _I, _I, ctypes.c_double], ctypes.c_int),
     "nt_scan": ([_P, _I, ctypes.c_uint8, *[_P] * 11], ctypes.c_int),
     "probe_hashes": ([_P, _P, _P, _I, _P, _I, _P], ctypes.c_int64),
@@ -312,6 +313,27 @@ def unique_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if distinct < 0 else (out[:distinct], inverse)
 
 
+def occurrence_weights(
+    inverse: torch.Tensor, counted: int, ids: torch.Tensor, divisor: torch.Tensor
+) -> torch.Tensor | None:
+    """rows.c's ``occurrence_weights``: [len(ids)] float32, the count of each id's position among the first
+    ``counted`` of ``inverse`` over ``divisor[ids]`` (float64 integers); None where the kernel cannot take them."""
+    lib = library()
+    if lib is None or not (applicable(inverse) and applicable(ids)) or divisor.dim() != 1:
+        return None
+    if divisor.device.type != "cpu" or divisor.dtype != torch.float64 or not divisor.is_contiguous():
+        return None
+    if not 0 <= counted <= len(inverse):
+        raise ValueError(f"occurrence_weights: {counted} counted positions of {len(inverse)}")
+    weights = torch.empty(len(ids))
+    status = lib.occurrence_weights(
+        inverse.data_ptr(), counted, ids.data_ptr(), len(ids), divisor.data_ptr(), len(divisor), weights.data_ptr()
+    )
+    if status == 1:
+        raise IndexError("occurrence_weights: a position or an id is outside its range")
+    return weights if status == 0 else None
+
+
 def row_sum_exp(logits: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """sum_c exp(logits[..., c] - shift[...]) over the last dimension."""
     lib = library()
@@ -423,13 +445,16 @@ def bernoulli_backward(
 
 
 def bernoulli_forward_backward(
-    rows: BernoulliRows, weight: float, out: torch.Tensor | None = None
+    rows: BernoulliRows, weight: float, out: torch.Tensor | None = None, check: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``bernoulli_forward`` and then ``bernoulli_backward`` with ``grad`` 1 in one call, each chunk's backward
     right after its forward (its rows still in the caches): (each chunk's NLL [C] in float64, the gradients as
-    ``bernoulli_backward`` returns them). The same numbers as the two calls, bit for bit."""
+    ``bernoulli_backward`` returns them). The same numbers as the two calls, bit for bit. ``check``, a float32
+    element on the CPU, receives 0 when every gradient written (entity and relation rows) is finite, else NaN."""
+    if check is not None and not (floats_applicable(check) and check.numel() == 1):
+        raise ValueError(f"bernoulli_forward_backward: check must be one float32 element, not {tuple(check.shape)}")
     chunk_nll, probs = _forward_outputs(rows, "bernoulli_forward_backward")
-    return chunk_nll, *_backward(rows, probs, weight, 1.0, out, chunk_nll)
+    return chunk_nll, *_backward(rows, probs, weight, 1.0, out, chunk_nll, check)
 
 
 def _forward_outputs(rows: BernoulliRows, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +473,7 @@ def _backward(
     grad: float,
     out: torch.Tensor | None,
     chunk_nll: torch.Tensor | None,
+    check: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The kernel's backward, after its forward when ``chunk_nll`` is given (it then writes it and ``probs``)."""
     dim, num_pos, entities = rows.dim, rows.num_pos, rows.entities
@@ -462,7 +488,7 @@ def _backward(
         *rows._pointers(), bias, None if chunk_nll is None else chunk_nll.data_ptr(), probs.data_ptr(), num_pos,
         rows.chunk, rows.num_neg, dim, int(rows.complex_valued), weight, grad, work.data_ptr(), r_work.data_ptr(),
         None if gbias is None else gbias.data_ptr(), g_entities.data_ptr(), g_entities.stride(0),
-        g_relations.data_ptr(),
+        g_relations.data_ptr(), None if check is None else check.data_ptr(),
     )  # fmt: skip
     _bernoulli_status(status, "bernoulli_backward")
     return g_entities, g_relations, gbias

@@ -17,7 +17,8 @@ def test_ranges_cover_every_row_once_on_block_boundaries(rows, world):
 
 def test_counts_by_owner():
     plan = RowPlan(100, 2, block_rows=10)  # ranks own [0, 50) and [50, 100)
-    assert plan.counts_by_owner(torch.tensor([0, 3, 49, 50, 99])).tolist() == [3, 2]
+    assert plan.counts_by_owner(torch.tensor([0, 3, 49, 50, 99])) == [3, 2]
+    assert RowPlan(100, 1, block_rows=10).counts_by_owner(torch.tensor([0, 3, 49, 50, 99])) == [5]
 
 
 def test_block_noise_does_not_depend_on_the_range_it_is_drawn_in():

@@ -101,6 +101,31 @@ def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
     assert total == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_the_compiled_occurrence_weights_are_torch_s_bit_for_bit(monkeypatch):
+    """c / f of each distinct entity from the kernel (rows.c) and from bincount, gather and division alike,
+    frequencies past float32's exact integers included; an id or a position outside its range is an error."""
+    from sharding.kernels import native
+    from trainer.posterior import Gathered, LatentInformation
+
+    assert native.library() is not None, "the C kernels did not build (is cc installed?)"
+    g = torch.Generator().manual_seed(0)
+    frequency = torch.randint(0, 50, (1000,), generator=g)
+    frequency[::7] = torch.randint(2**24, 2**40, (len(frequency[::7]),), generator=g)
+    positives = torch.randint(0, 1000, (300, 3), generator=g)
+    rows = Gathered.of(positives, torch.randint(0, 1000, (10, 32), generator=g))
+    posterior = LatentInformation("per_occurrence", frequency)
+    compiled = posterior.fact_kl_weights(rows, torch.float32)
+    monkeypatch.setattr(native, "occurrence_weights", lambda *args: None)
+    assert torch.equal(compiled, posterior.fact_kl_weights(rows, torch.float32))
+    occurrences = torch.bincount(rows.flat[:600], minlength=len(rows.ids))
+    assert torch.equal(compiled, occurrences.float() / frequency.clamp_min(1)[rows.ids].float())
+    monkeypatch.undo()
+    with pytest.raises(IndexError, match="outside its range"):
+        native.occurrence_weights(rows.flat, 600, rows.ids, posterior.divisor[:10])
+    with pytest.raises(ValueError, match="counted positions"):
+        native.occurrence_weights(rows.flat, len(rows.flat) + 1, rows.ids, posterior.divisor)
+
+
 def test_point_model_has_no_kl_and_no_variances(tiny_dataset):
     config = make_config("model.latent=point")
     model, step = _step(config, tiny_dataset)

@@ -555,6 +555,49 @@ def test_bernoulli_forward_backward_is_the_two_calls_bit_for_bit(bias, threads):
         )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bernoulli_check_says_whether_every_gradient_written_is_finite(threads):
+    """``check`` is 0 for finite gradients, and NaN where one is not: a gradient that overflows while every
+    score (and so the loss) stays finite, an entity row or a relation row that holds a NaN; the gradients
+    are the same with the check as without it."""
+    table, index, relations, facts, _ = (
+        t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(200, 16, 8, False, 16)
+    )
+
+    def run(entities: torch.Tensor, rels: torch.Tensor) -> tuple[float, torch.Tensor]:
+        rows = native.BernoulliRows(entities, index, rels, facts[:, 1].contiguous(), None, 16, 8, True)
+        check = torch.full((1,), 5.0)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            chunk_nll, g_entities, g_relations, _ = native.bernoulli_forward_backward(rows, 2.0, None, check)
+            _, *plain = native.bernoulli_forward_backward(rows, 2.0)
+        finally:
+            torch.set_num_threads(before)
+        for got, want in ((g_entities, plain[0]), (g_relations, plain[1])):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        return check.item(), chunk_nll
+
+    entities = table[:, :16].contiguous()
+    assert run(entities, relations)[0] == 0.0
+    # Every relation zero in the first complex number, every entity 3e38 there: each score adds 0 * 3e38,
+    # while the queries' gradients sum the negatives' 3e38 times their sigmoids and the weight 2 past the
+    # float range.
+    huge_entities, zeroed = entities.clone(), relations.clone()
+    huge_entities[:, 0], zeroed[:, :2] = 3e38, 0.0
+    check, chunk_nll = run(huge_entities, zeroed)
+    assert math.isnan(check) and torch.isfinite(chunk_nll).all()
+    for rows, rels in ((entities.clone(), relations), (entities, relations.clone())):
+        target = rows if rels is relations else rels
+        target[3, 5] = float("nan")
+        assert math.isnan(run(rows, rels)[0])
+    with pytest.raises(ValueError, match="one float32 element"):
+        native.bernoulli_forward_backward(
+            native.BernoulliRows(entities, index, relations, facts[:, 1].contiguous(), None, 16, 8, True),
+            2.0, None, torch.zeros(2),
+        )  # fmt: skip
+
+
 def test_positioned_bernoulli_takes_only_what_fits_and_checks_its_positions():
     table, index, relations, facts, bias = (
         t.float() if t is not None and t.is_floating_point() else t for t in _positioned_case(10, 4, 6, True, 16)
