@@ -46,8 +46,9 @@ class Forward:
     encoded: list[Encoded]
     bias_leaf: torch.Tensor | None = None
     encoded_check: torch.Tensor | None = None
-    """Where the step wrote the encoded rows' gradients (``KGModel._written_step``): 0 when every one of them
-    is finite, else NaN; ``gradient_sum`` reads it in place of the rows."""
+    """Where the step wrote the encoded rows' gradients (``KGModel._written_step``): finite exactly when every
+    one of them is (the kernel's check of each batch's rows, 0 or NaN, and the KL column's multiplier);
+    ``gradient_sum`` reads it in place of the rows."""
 
 
 @dataclass
@@ -224,9 +225,9 @@ class KGModel:
         relation_grads: list[torch.Tensor] = []
         bias_grads: list[torch.Tensor] = []
         nll = kl = relations.new_zeros(())
-        # The kernel's check of each batch's gradient rows, and of their KL column: kl_multiplier times the
-        # weights c / f (f >= 1), finite exactly when kl_multiplier is (0 * inf is NaN).
-        checks = torch.tensor([0.0] * len(batches) + [kl_multiplier * 0.0], device=relation_rows.device)
+        # The kernel's check of each batch's gradient rows, then their KL column's: kl_multiplier times the
+        # weights c / f (f >= 1), finite exactly when kl_multiplier is in float32.
+        checks = torch.tensor([0.0] * len(batches) + [kl_multiplier], dtype=torch.float32, device=relation_rows.device)
         for i, (stream, positives) in enumerate(batches):
             batch = self._encode_batch(stream, positives, key, encoder)
             encoded.append(batch.item)
@@ -280,8 +281,9 @@ class KGModel:
         it asked for): finite exactly when every element is (an inf or a NaN anywhere carries into the sum;
         only gradients past 1e38 could overflow it, which a run should stop on anyway). One read of each
         gradient and no host sync, where an elementwise isfinite() is four passes and a sync per tensor. Where
-        the step wrote the encoded rows' gradients, their check stands in for them (``Forward.encoded_check``):
-        summing a few thousand rows right after the kernel that wrote them took ~3% of a step."""
+        the step wrote the encoded rows' gradients, their check stands in for them (``Forward.encoded_check``),
+        which says whether each number is finite, not whether their float sum is: finite rows whose sum
+        passes 3.4e38 stop a traced step and not a written one (the next step's loss shows such a model)."""
         encoded = [] if forward.encoded_check is not None else [item.values for item in forward.encoded]
         leaves = [forward.relation_leaf, forward.entity_leaf, forward.bias_leaf, *encoded]
         sums = [t.grad.sum() for t in leaves if t is not None and t.grad is not None]

@@ -325,7 +325,7 @@ def occurrence_weights(
         return None
     if not 0 <= counted <= len(inverse):
         raise ValueError(f"occurrence_weights: {counted} counted positions of {len(inverse)}")
-    weights = torch.empty(len(ids))
+    weights = torch.empty(len(ids), dtype=torch.float32)
     status = lib.occurrence_weights(
         inverse.data_ptr(), counted, ids.data_ptr(), len(ids), divisor.data_ptr(), len(divisor), weights.data_ptr()
     )

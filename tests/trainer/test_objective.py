@@ -591,6 +591,21 @@ def test_bernoulli_check_says_whether_every_gradient_written_is_finite(threads):
         target = rows if rels is relations else rels
         target[3, 5] = float("nan")
         assert math.isnan(run(rows, rels)[0])
+    # One negative row's gradient alone: a chunk of 64 facts (s, r, o) whose tail queries s * r are 1e38
+    # in their first number, against one tiny negative (1e-30 there): its gradient sums 64 queries past the
+    # float range while every score (1e8 at most), the loss and the relations' gradient stay finite.
+    ents = torch.zeros(3, 4)
+    ents[0, 0], ents[1, 0], ents[2, 0] = 1e19, 1e-30, 1e-30  # s, o, the negative
+    rels = torch.zeros(1, 4)
+    rels[0, 0] = 1e19
+    lone = native.BernoulliRows(
+        ents, torch.tensor([0] * 64 + [1] * 64 + [2, 2]), rels, torch.zeros(64, dtype=torch.int64), None, 64, 2, True
+    )
+    check = torch.zeros(1)
+    chunk_nll, g_entities, g_relations, _ = native.bernoulli_forward_backward(lone, 1.0, None, check)
+    assert torch.isfinite(chunk_nll).all() and torch.isfinite(g_relations).all()
+    assert not torch.isfinite(g_entities[2]).all() and torch.isfinite(g_entities[:2]).all()
+    assert math.isnan(check.item())
     with pytest.raises(ValueError, match="one float32 element"):
         native.bernoulli_forward_backward(
             native.BernoulliRows(entities, index, relations, facts[:, 1].contiguous(), None, 16, 8, True),

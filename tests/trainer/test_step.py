@@ -49,7 +49,8 @@ def test_the_written_step_s_check_stands_in_for_the_rows_it_wrote(tiny_dataset):
     model = build_model(config, tiny_dataset.num_entities, tiny_dataset.num_relations,
                         entity_frequency=tiny_dataset.entity_frequency)  # fmt: skip
     forward, _ = model.forward_backward([(0, TINY_TRAIN[:4]), (1, TINY_TRAIN[4:])], 1.0, (0, 0, 0), 1.0)
-    assert forward.encoded_check is not None and torch.equal(forward.encoded_check, torch.zeros(3))
+    # Two batches' kernel checks, then the KL column's multiplier.
+    assert forward.encoded_check is not None and torch.equal(forward.encoded_check, torch.tensor([0.0, 0.0, 1.0]))
     summed = forward.relation_leaf.grad.sum() + sum(item.values.grad.sum() for item in forward.encoded)
     assert torch.isfinite(model.gradient_sum(forward)) and torch.isfinite(summed)
     forward.encoded[0].values.grad[0, 0] = float("nan")  # not read: the check stands in for it
@@ -76,8 +77,14 @@ def test_an_epoch_collects_only_its_own_objects_and_unfreezes_the_rest_even_when
         old = Node()
         old.self = old
         old_ref = weakref.ref(old)
+        gc.collect()  # survives into the oldest generation, then becomes garbage there
         del old
+        recent = Node()
+        recent.self = recent
+        recent_ref = weakref.ref(recent)
+        del recent
         with pytest.raises(RuntimeError), young_objects_collected():
+            assert recent_ref() is None  # young garbage from before is collected on the way in
             assert gc.get_freeze_count() > 0
             young = Node()
             young.self = young
@@ -85,7 +92,7 @@ def test_an_epoch_collects_only_its_own_objects_and_unfreezes_the_rest_even_when
             del young
             gc.collect()
             assert young_ref() is None  # a cycle made inside is collected inside
-            assert old_ref() is not None  # one from before is frozen, not walked
+            assert old_ref() is not None  # an old one is frozen, not walked
             raise RuntimeError("a step failed")
         assert gc.get_freeze_count() == 0
         gc.collect()
