@@ -66,8 +66,8 @@ def train(
 def young_objects_collected() -> Iterator[None]:
     """Inside, the cyclic garbage collector passes over the objects made inside only: each step makes a few
     hundred (tensors, tuples, closures), so collections run every few steps, and a full one walked every
-    object of the process (~200k after set-up: modules, configs, the data's tables) for ~3% of the steps'
-    time on WN18RR. The young generations are collected first, so the garbage made since the last steps
+    object of the process (~200k after set-up: modules, configs, the data's tables) for 1-3% of a step at
+    PBG's sampling on WN18RR. The young generations are collected first, so the garbage made since the last steps
     (evaluation, checkpoints) is not carried through them; the rest is frozen (``gc.freeze``, which like
     ``gc.unfreeze`` moves a list whole) and left to the collector as usual once the block is left (with any
     objects a caller froze)."""

@@ -147,8 +147,9 @@ int64_t unique_ids(const int64_t *ids, int64_t n, int64_t *out_ids, int64_t *inv
  * c_u the number of positions p < counted with inverse[p] = u (a batch's heads and tails) and divisor the
  * entities' training frequencies (integers in double), in float32: what torch's bincount, gather, conversions
  * and division give, bit for bit (a count is exact in float32, a frequency is rounded to float32 once, and the
- * division is rounded alike), in one call where those are five operations after the step's largest kernel. Returns 0, 1 when a position or an id is
- * outside its range (nothing is written then), or -1 when no work buffer can be had. */
+ * division is rounded alike), in one call where those are five operations after the step's largest kernel.
+ * Returns 0, 1 when a position or an id is outside its range (nothing is written then), or -1 when no work
+ * buffer can be had. */
 int occurrence_weights(const int64_t *inverse, int64_t counted, const int64_t *ids, int64_t m, const double *divisor,
                        int64_t divisor_rows, float *weights) {
     if (!ids_in_range(inverse, counted, m) || !ids_in_range(ids, m, divisor_rows)) return 1;

@@ -2,11 +2,13 @@ import pytest
 import torch
 
 from sharding import gaussian
+from sharding.kernels import native
 from sharding.rng import step_generator
 from sharding.row_optim import RowAdagrad, RowAdam
 from tests.trainer.conftest import TINY_TRAIN, make_config, unit_kl
 from trainer.model import build_model
 from trainer.objective import chunk_negatives, n3_penalty
+from trainer.posterior import Gathered, LatentInformation
 from trainer.step import Step
 
 KEY = (0, 0, 0)  # (seed, epoch, step)
@@ -104,9 +106,6 @@ def test_per_occurrence_kl_sums_to_the_full_kl_over_an_epoch(tiny_dataset):
 def test_the_compiled_occurrence_weights_are_torch_s_bit_for_bit(monkeypatch):
     """c / f of each distinct entity from the kernel (rows.c) and from bincount, gather and division alike,
     frequencies past float32's exact integers included; an id or a position outside its range is an error."""
-    from sharding.kernels import native
-    from trainer.posterior import Gathered, LatentInformation
-
     assert native.library() is not None, "the C kernels did not build (is cc installed?)"
     g = torch.Generator().manual_seed(0)
     frequency = torch.randint(0, 50, (1000,), generator=g)

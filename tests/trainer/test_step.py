@@ -1,10 +1,14 @@
 """The step's check of its loss and gradients, on the written path (the compiled Bernoulli kernel) and the
 traced one, and how an epoch's steps meet the garbage collector."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from tests.trainer.conftest import TINY_TRAIN, make_config
+from trainer.loop import young_objects_collected
 from trainer.model import build_model
 from trainer.step import Divergence, Step
 
@@ -63,11 +67,6 @@ def test_the_written_step_s_check_stands_in_for_the_rows_it_wrote(tiny_dataset):
 
 
 def test_an_epoch_collects_only_its_own_objects_and_unfreezes_the_rest_even_when_it_raises():
-    import gc
-    import weakref
-
-    from trainer.loop import young_objects_collected
-
     class Node:
         pass
 
