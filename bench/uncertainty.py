@@ -34,8 +34,10 @@ never a known fact (``typed_negatives``), and every run reads them through the c
 the wrong kind and easy to reject; these are what the model has to tell apart by more than type.
 
 ``--rejudge`` judges again, without training, a run left under bench/results/runs whose metrics.json holds
-the very config this run would train it with (training is deterministic: the same config and code give the
-same checkpoint), for a change to what judges a run, not to what trains it; the header names those runs.
+the very config this run would train it with and the record of today's training code, libraries, device
+and data (trainer/provenance.py: training is deterministic, the same config and record give the same
+checkpoint), for a change to what judges a run, not to what trains it; any other run is trained again, and
+the header names those judged again.
 
     make bench-uncertainty                                                    # the full run (see --help)
     python -m bench.uncertainty --datasets wn18rr --rejudge                   # judge the runs left here again
@@ -60,10 +62,12 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, machine, markdown_table, write_results
-from storage.dataset import BUNDLED_DIR, load_data
+from sharding.launch import choose_device
+from storage.dataset import BUNDLED_DIR, KGDataset, load_data
 from trainer import calibration, classify, uncertainty
 from trainer.config import RunConfig, load_config, to_dict
 from trainer.loop import train
+from trainer.provenance import same_training, training_record
 from trainer.report import link_answers
 from trainer.runs import Run, load_run
 
@@ -220,14 +224,22 @@ def results_name(args: argparse.Namespace) -> str:
     return name + (_length(args) if set(WORDNET) & set(args.datasets) else "")
 
 
-def trained_metrics(config: RunConfig, out: Path) -> dict[str, Any] | None:
-    """The metrics of the finished run in ``out`` when it was trained with exactly ``config`` (training is
-    deterministic: the same config gives the same checkpoint), else None."""
+def trained_metrics(config: RunConfig, out: Path, dataset: KGDataset) -> dict[str, Any] | None:
+    """The metrics of the finished run in ``out`` when it is the run ``train(config, out, dataset)`` would
+    train here, bit for bit (the same config, and the same code, libraries, device and data:
+    trainer/provenance.py), else None, saying why the run is trained again."""
     try:
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return metrics if metrics.get("config") == to_dict(config) else None
+    if metrics.get("config") != to_dict(config):
+        print(f"{out}: trained with another config; training it again", flush=True)
+        return None
+    expected = training_record(choose_device(config.train.device), dataset, config.sharding.streams or 1)
+    if not same_training(metrics.get("code"), expected):
+        print(f"{out}: trained by other code, libraries, device or data than today's; training it again", flush=True)
+        return None
+    return metrics
 
 
 def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -239,11 +251,12 @@ def one_run(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     config = load_config(path, overrides)
     out = RESULTS / "runs" / run_name(dataset, model, seed, args)
     start = time.perf_counter()
-    metrics = trained_metrics(config, out) if args.rejudge else None
+    graph = load_data(config.data)
+    metrics = trained_metrics(config, out, graph) if args.rejudge else None
     rejudged = metrics is not None
     if metrics is None:
         shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
-        metrics = train(config, out, load_data(config.data))
+        metrics = train(config, out, graph)
     trained = time.perf_counter()
     run = load_run(out)
     calibrated, default = calibration_numbers(run, args.samples)
@@ -340,7 +353,8 @@ def rejudged_note(rows: list[dict[str, Any]]) -> str:
         return ""
     names = sorted({f"{row['dataset']} {row['model']}" for row, judged in runs if judged})
     return (f"{sum(judged for _, judged in runs)} of {len(runs)} runs ({', '.join(names)}) judged again "
-            "(--rejudge) from checkpoints an earlier benchmark trained with the same config. ")  # fmt: skip
+            "(--rejudge) from checkpoints an earlier benchmark trained with the same config and training "
+            "code. ")  # fmt: skip
 
 
 def _ece_met(row: dict[str, Any]) -> bool:

@@ -55,6 +55,9 @@ class RunState:
     """Evaluations since the last better validation MRR (early stopping)."""
     restarts: int = 0
     """Times this run was resumed from a checkpoint (nvkg_restarts_total)."""
+    code: dict | None = None
+    """What trained the run (trainer/provenance.py): one record, or ``{"mixed": [...]}`` where processes with
+    different code trained it (None: a checkpoint written before this was kept)."""
 
 
 RESTARTS = "restarts.json"

@@ -26,7 +26,7 @@ from sharding.launch import choose_device, pin_local_cpus
 from storage.atomic import atomic_write_json
 from storage.dataset import KGDataset, load_data
 from storage.faults import fault_point
-from trainer import checkpoint
+from trainer import checkpoint, provenance
 from trainer.config import OptimConfig, RunConfig, save_config, to_dict
 from trainer.evaluate import FilterIndex, evaluate_run, evaluate_split, rank_filters
 from trainer.logger import RunLogger
@@ -186,6 +186,8 @@ class Training:
             dataset, exchange, streams=config.sharding.streams, batch_size=config.train.batch_size,
             seed=config.train.seed, prefetch=config.data.prefetch,
         )  # fmt: skip
+        record = provenance.training_record(device, dataset, schedule.num_streams)
+        state.code = provenance.merged(state.code, record, resumed=latest is not None)
         logger = RunLogger(
             out_dir,
             total_steps=config.train.epochs * schedule.num_steps,
@@ -333,6 +335,7 @@ class Training:
             state.best_mrr, state.best_epoch = self.state.best_mrr, self.state.best_epoch
             state.evals_since_best = self.state.evals_since_best  # early stopping counts from that best
         state.lr, state.train_seconds, state.restarts = lr, self.state.train_seconds, self.state.restarts
+        state.code = self.state.code  # the checkpoint may predate this process joining the run
         self.state = state
         self.model.set_lr(lr)
         self.step = Step(self.model, self.config.optim.grad_clip)
@@ -374,6 +377,7 @@ class Training:
             stopped_early=self.patience_spent and self.state.epoch < self.config.train.epochs,
             world_size=self.exchange.world_size,
             config=to_dict(self.config),
+            code=self.state.code,
         )
         if self.lead:
             atomic_write_json(self.out_dir / "metrics.json", metrics)

@@ -11,6 +11,7 @@ from bench.uncertainty import (
     run_name,
     trained_metrics,
 )
+from storage.dataset import load_data
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -39,22 +40,31 @@ def test_a_partial_or_longer_run_is_written_beside_the_default_s_not_over_it():
     assert results_name(args(datasets=["wn18", "nations"], wn18rr_epochs=8)) == "uncertainty-wn18-nations-8epochs"
 
 
-def test_rejudge_reuses_a_run_only_when_it_was_trained_with_the_same_config(tmp_path):
+def test_rejudge_reuses_a_run_only_when_it_was_trained_with_the_same_config_and_training_code(tmp_path):
     config = load_config(None, ["data.dataset=nations", "model.dim=4", "train.epochs=1", "train.progress=false",
                                 f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
-    assert trained_metrics(config, tmp_path / "run") is None  # nothing trained there
+    dataset = load_data(config.data)
+    assert trained_metrics(config, tmp_path / "run", dataset) is None  # nothing trained there
     metrics = train(config, tmp_path / "run")
-    assert trained_metrics(config, tmp_path / "run") == json.loads(json.dumps(metrics))
+    assert trained_metrics(config, tmp_path / "run", dataset) == json.loads(json.dumps(metrics))
     other = load_config(None, ["data.dataset=nations", "model.dim=4", "train.epochs=1", "train.progress=false",
                                f"data.cache_dir={tmp_path / 'cache'}", "train.seed=1"])  # fmt: skip
-    assert trained_metrics(other, tmp_path / "run") is None
+    assert trained_metrics(other, tmp_path / "run", dataset) is None
+    # The same config trained by other training code, by another torch, or before the code was recorded.
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ours = written["code"]
+    for code in ({**ours, "training_code": "0" * 64}, {**ours, "torch": "2.0.0"}, {"mixed": [ours, ours]}, None):
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps({**written, "code": code}))
+        assert trained_metrics(config, tmp_path / "run", dataset) is None
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(written))
+    assert trained_metrics(config, tmp_path / "run", dataset) == written
     (tmp_path / "run" / "metrics.json").write_text("{not json")
-    assert trained_metrics(config, tmp_path / "run") is None
+    assert trained_metrics(config, tmp_path / "run", dataset) is None
 
 
 def test_the_header_names_the_runs_judged_again_rather_than_trained():
     rows = [{"dataset": "wn18rr", "model": "V-ComplEx (LIM)", "rejudged": [True, True]},
             {"dataset": "nations", "model": "V-DistMult (LIM)", "rejudged": [False, False]}]  # fmt: skip
     assert rejudged_note(rows) == ("2 of 4 runs (wn18rr V-ComplEx (LIM)) judged again (--rejudge) from checkpoints "
-                                   "an earlier benchmark trained with the same config. ")  # fmt: skip
+                                   "an earlier benchmark trained with the same config and training code. ")  # fmt: skip
     assert rejudged_note(rows[1:]) == "" and rejudged_note([{"dataset": "umls", "model": "m"}]) == ""

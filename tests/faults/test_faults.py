@@ -375,9 +375,10 @@ def test_rollback_keeps_the_best_validation_and_the_training_time(tmp_path):
     run = Training.set_up(config, tmp_path / "run", None, LocalExchange(), None)
     for epoch in range(2):
         run.end_epoch(run.train_epoch(epoch))
-    best, seconds, lr = run.state.best_mrr, run.state.train_seconds, run.lr
+    best, seconds, lr, code = run.state.best_mrr, run.state.train_seconds, run.lr, run.state.code
     assert best > 0 and not (tmp_path / "run" / checkpoint.LATEST).exists()
     run.roll_back(Divergence(3, 0, "loss"))  # no checkpoint: back to the initial values
     assert run.state.epoch == 0 and run.lr == lr / 2
     assert run.state.best_mrr == best and run.state.train_seconds == seconds
+    assert run.state.code == code and code["training_code"]  # what trained the run, not what a checkpoint says
     run.logger.close()
