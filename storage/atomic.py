@@ -46,23 +46,36 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write: Any, mode: str) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path`` for the block to write (by name, e.g. for a library's own
+    writer), flushed to disk and renamed over ``path`` when the block ends; removed if it fails. Its name is
+    unique (``mkstemp``), so two writers of one ``path`` never write into the same temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode) as handle:
-            # mkstemp makes the file 0600, and the rename keeps that: give it a new file's usual mode. Best
-            # effort: a filesystem without Unix modes (vfat, some FUSE mounts) refuses, and the write goes on.
-            with contextlib.suppress(OSError):
-                os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        # mkstemp makes the file 0600, and the rename keeps that: give it a new file's usual mode. Best
+        # effort: a filesystem without Unix modes (vfat, some FUSE mounts) refuses, and the write goes on.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _atomic(path: Path, write: Any, mode: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        write(handle)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,7 +19,6 @@ import difflib
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sharding.gaussian import Gaussian
-from storage.atomic import atomic_write_json, remove_stale_temps, temp_dir_beside
+from storage.atomic import atomic_path, atomic_write_json, remove_stale_temps, temp_dir_beside
 from storage.dataset import KGDataset
 from trainer import calibration, evaluate, uncertainty
 from trainer.model import KGModel
@@ -181,25 +180,28 @@ EXPORT_SCHEMA = pa.schema(
         ("frequency", pa.int64()),
         ("mean", pa.list_(pa.float64())),
         ("variance", pa.list_(pa.float64())),
+        ("bias", pa.float64()),
     ]
 )
+"""One row per entity (or per role of one) and per relation (and reciprocal). ``bias``: a relation's score
+bias (``objective.relation_bias``; 0 without one), added to every score of its facts; null for entities."""
 
 
 def export(run: Run, out: Path, fmt: str = "parquet", *, chunk_rows: int = EXPORT_ROWS) -> Path:
-    """Names, kinds, train frequencies, means and variances of every entity and relation, written
-    ``chunk_rows`` rows at a time (the file is the same for any ``chunk_rows``)."""
+    """Names, kinds, train frequencies, means, variances and relation biases of every entity and relation
+    (``EXPORT_SCHEMA``), written ``chunk_rows`` rows at a time (the file is the same for any ``chunk_rows``)."""
     if fmt not in ("parquet", "tsv"):
         raise ValueError(f"--format {fmt!r}: expected parquet or tsv")
     out = Path(out)
     chunks = _export_chunks(run, chunk_rows)
-    with _replacing(out) as tmp:
+    with atomic_path(out) as tmp:
         if fmt == "parquet":
             with pq.ParquetWriter(tmp, EXPORT_SCHEMA) as writer:
                 for chunk in chunks:
                     writer.write_table(chunk)
         else:
             with open(tmp, "w") as handle:
-                handle.write("kind\tid\tname\tfrequency\tmean\tvariance\n")
+                handle.write("\t".join(EXPORT_SCHEMA.names) + "\n")
                 for chunk in chunks:
                     handle.writelines(_tsv_lines(chunk))
     return out
@@ -225,12 +227,19 @@ def _export_chunks(run: Run, chunk_rows: int) -> Iterator[pa.Table]:
     parts.append(("relation", rels, relations, 0))
     if model.reciprocal:
         parts.append(("reciprocal_relation", rels, relations, model.num_relations))
+    # A reciprocal model has no bias (only the Bernoulli likelihood learns one, and it has no reciprocals).
+    bias = model.bias.table.weight[:, 0] if model.bias is not None else torch.zeros(len(rels.mean))
     for kind, table, names, offset in parts:
         for lo in range(0, len(names), chunk_rows):
             hi = min(len(names), lo + chunk_rows)
             mean = table.mean[offset + lo : offset + hi]
             variance = (
                 table.logvar[offset + lo : offset + hi].exp() if table.logvar is not None else torch.zeros_like(mean)
+            )
+            biases = (
+                pa.array(bias[offset + lo : offset + hi].double().numpy())
+                if kind.endswith("relation")
+                else pa.nulls(hi - lo, pa.float64())
             )
             yield pa.table(
                 {
@@ -240,6 +249,7 @@ def _export_chunks(run: Run, chunk_rows: int) -> Iterator[pa.Table]:
                     "frequency": names["frequency"].slice(lo, hi - lo).cast(pa.int64()),
                     "mean": _vectors(mean),
                     "variance": _vectors(variance),
+                    "bias": biases,
                 },
                 schema=EXPORT_SCHEMA,
             )
@@ -256,19 +266,8 @@ def _tsv_lines(chunk: pa.Table) -> Iterator[str]:
         return ",".join(f"{x:.6g}" for x in v)
 
     columns = [chunk[name].to_pylist() for name in EXPORT_SCHEMA.names]
-    for k, i, n, f, m, v in zip(*columns, strict=True):
-        yield f"{k}\t{i}\t{n}\t{f}\t{vector(m)}\t{vector(v)}\n"
-
-
-@contextmanager
-def _replacing(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out`` that replaces it once written: a reader never sees half a file."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        yield tmp
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for k, i, n, f, m, v, b in zip(*columns, strict=True):
+        yield f"{k}\t{i}\t{n}\t{f}\t{vector(m)}\t{vector(v)}\t{'' if b is None else f'{b:.6g}'}\n"
 
 
 @torch.no_grad()

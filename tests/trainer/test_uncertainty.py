@@ -321,8 +321,30 @@ def test_export_parquet_and_tsv(nations_run, tmp_path):
     torch.testing.assert_close(
         torch.tensor(table["mean"][inverse], dtype=torch.float64), run.model.relations.full().mean[7 + 55].double()
     )
+    # No bias for entities; none learnt by this model, so 0 for every relation and reciprocal.
+    assert all((b is None) == (k == "entity") for k, b in zip(table["kind"], table["bias"], strict=True))
+    assert {b for b in table["bias"] if b is not None} == {0.0}
     lines = export(run, tmp_path / "emb.tsv", "tsv").read_text().splitlines()
-    assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance" and len(lines) == 1 + 14 + 2 * 55
+    assert lines[0] == "kind\tid\tname\tfrequency\tmean\tvariance\tbias" and len(lines) == 1 + 14 + 2 * 55
+    assert lines[1].endswith("\t") and lines[-1].endswith("\t0")  # an entity's empty bias, a relation's 0
+
+
+def test_exported_rows_with_their_relation_bias_reproduce_the_scores_predict_shows(tmp_path):
+    out = tmp_path / "run"
+    config = make_config("data.dataset=nations", "model.dim=8", "train.epochs=3", "train.batch_size=256",
+                         "objective.likelihood=bernoulli", "objective.relation_bias=true")  # fmt: skip
+    train(config, out)
+    run = load_run(out)
+    table = pq.read_table(export(run, tmp_path / "emb.parquet")).to_pydict()
+    rows = {(k, n): (torch.tensor(m, dtype=torch.float64), b)
+            for k, n, m, b in zip(table["kind"], table["name"], table["mean"], table["bias"], strict=True)}  # fmt: skip
+    biases = [b for (kind, _), (_, b) in rows.items() if kind == "relation"]
+    assert len(biases) == 55 and any(b != 0.0 for b in biases)  # learnt
+    answers = predict(run, head="usa", relation="embassy", tail=None, top_k=5, samples=2)["predictions"]
+    relation, bias = rows["relation", "embassy"]
+    for answer in answers:
+        score = run.model.scorer.score(rows["entity", "usa"][0], relation, rows["entity", answer["tail"]][0])
+        assert torch.sigmoid(score + bias).item() == pytest.approx(answer["probability"], rel=1e-6)
 
 
 def test_known_mask_is_exact_streamed_and_survives_hash_collisions(monkeypatch):
