@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_training_through_the_cli_runs_no_function_of_a_module_the_fingerprint_l
     function called (in any thread) while ``python -m trainer train`` trains and evaluates is traced."""
     called: set[str] = set()
 
-    def profile(frame, event, arg):
+    def profile(frame: FrameType, event: str, arg: object) -> None:
         if event == "call":
             called.add(frame.f_code.co_filename)
 
