@@ -153,7 +153,16 @@ def _discard(path: Path) -> None:
         return
     trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.time_ns()}")
     os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a plain file or link (what ``--overwrite`` may replace), which rmtree
+    refuses and would leave behind."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -162,6 +171,9 @@ def temp_dir_beside(target: Path) -> Iterator[Path]:
     flock-ed while the block runs, so that ``remove_stale_temps`` can tell when its writer is gone."""
     prefix = f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
     path = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    # mkdtemp makes it 0700, and the swap keeps that: give it a new directory's usual mode, as files get.
+    with contextlib.suppress(OSError):
+        path.chmod(0o777 & ~_umask())
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -185,6 +197,6 @@ def remove_stale_temps(target: Path) -> list[Path]:
             continue  # a live writer
         finally:
             os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
         removed.append(path)
     return removed

@@ -133,8 +133,13 @@ def _read_relations(path: Path | None) -> set[str] | None:
     if path is None:
         return None
     if not path.is_file():
-        raise ValueError(f"--relations {path}: no such file")
-    return {line.strip().strip("<>") for line in path.read_text().splitlines() if line.strip()}
+        raise ValueError(f"--relations {path}: {'a directory' if path.is_dir() else 'no such file'}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM would stick to the first IRI, which then never matches
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"--relations {path}, line {line}: not UTF-8 ({err.reason})") from None
+    return {line.strip().strip("<>") for line in text.splitlines() if line.strip()}
 
 
 def _summary(manifest: Manifest, seconds: float | None = None) -> str:
@@ -156,6 +161,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.format == "tsv":
         source = TsvSource(args.input, skip_bad_lines=args.skip_bad_lines)
     elif args.format == "dglke":
+        if args.skip_bad_lines:
+            raise ValueError("--skip-bad-lines: not for --format dglke, whose lines are ids of its own maps")
         source = DglKeSource(args.input)
     else:
         source = NTriplesSource(

@@ -68,8 +68,12 @@ class ConvertOptions:
     """Seeds the partition hash and the shuffle inside partitions."""
 
     def validate(self) -> None:
-        if self.partition_rows <= 0 or self.row_group_rows <= 0:
-            raise ValueError("partition_rows and row_group_rows must be positive")
+        """Raise naming the option (the command line's --partition-rows, --row-group-rows, --seed)."""
+        for option, value in (("partition_rows", self.partition_rows), ("row_group_rows", self.row_group_rows)):
+            if value <= 0:
+                raise ValueError(f"{option}={value}: must be positive")
+        if not 0 <= self.seed < 2**64:  # it seeds a 64-bit hash
+            raise ValueError(f"seed={self.seed}: must be an integer in [0, 2**64)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -480,6 +484,8 @@ def _true_negative_message(source: Source, vocab: Vocabulary, split: str, clashe
         with open_text(path) as handle:
             for number, raw in enumerate(handle, start=1):
                 line = raw.rstrip(b"\n").rstrip(b"\r")
+                if number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM, which the readers drop too
                 if (found := true_split(line)) is not None:
                     text = line[:120].decode("utf-8", errors="replace")
                     return f"{path}:{number}: {text!r} is a fact of {found}, but {rule}"
@@ -509,7 +515,8 @@ def convert(
     ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``;
     counts other than ``expect`` are refused before anything is written. ``progress``: a progress bar of
     the triples read, on a terminal."""
-    _check_out(Path(out), overwrite)
+    _check_out(Path(out), overwrite, _inputs(source))
+    (options or ConvertOptions()).validate()  # before the vocabulary pass reads every input
     name = name or Path(out).name
     # disable=None: tqdm shows the bar only when stderr is a terminal.
     bar = tqdm(desc=f"{name}: vocabulary", unit="triples", unit_scale=True, leave=False,
@@ -525,10 +532,30 @@ def convert(
         )
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _inputs(source: Source) -> list[Path]:
+    """The files a conversion reads, and the directory they were found in where there is one."""
+    directory = getattr(source, "directory", None)
+    return [*source.files.values(), *([Path(directory)] if directory is not None else [])]
+
+
+def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an ``out`` that would replace what the conversion reads (the output is swapped in whole, so
+    an ``out`` that is an input or holds one would delete it), or anything but a dataset: ``--overwrite``
+    replaces an earlier conversion, never a directory or file of other contents."""
     recover_swap(out)
-    if out.exists() and not overwrite:
+    resolved = out.resolve()
+    for path in inputs:
+        if resolved == path.resolve() or resolved in path.resolve().parents:
+            raise ValueError(f"{out}: the output would replace the input {path}; write the dataset elsewhere")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
         raise ValueError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not (out / MANIFEST).is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(
+            f"{out}: is not an nvkg dataset ({MANIFEST} missing) and not empty; --overwrite replaces only a "
+            "dataset, so remove it yourself or choose another output"
+        )
 
 
 def _write_dataset(
@@ -645,7 +672,8 @@ def write_id_source(
         num_train_relations=len(relation_names),
         named=False,
     )
-    _check_out(Path(out), overwrite)
+    _check_out(Path(out), overwrite, _inputs(source))
+    (options or ConvertOptions()).validate()  # before the vocabulary pass reads every input
     name = name or Path(out).name
     return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
 

@@ -139,8 +139,9 @@ def _source_dir(name_or_dir: str | Path) -> Path:
 def _cache_key(source: TsvSource) -> str:
     digest = hashlib.sha256(f"nvkg-format-{FORMAT_VERSION}".encode())
     for split, path in sorted(source.files.items()):
-        digest.update(split.encode())
-        digest.update(path.read_bytes())
+        for part in (split.encode(), path.read_bytes()):  # length-prefixed: bytes moved between files differ
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
     return digest.hexdigest()[:16]
 
 
@@ -194,7 +195,9 @@ def open_dataset(
         evaluation[split] = scorable(facts, manifest.num_train_entities, manifest.num_train_relations)
         dropped[split] = len(facts) - len(evaluation[split])
         if len(evaluation[split]) == 0:
-            raise ValueError(f"{store.root}: the {split} split has no fact whose symbols all occur in train")
+            where = source_file(manifest, split)
+            what = "has no facts" if not len(facts) else "has no fact whose symbols all occur in train"
+            raise ValueError(f"{store.root} ({where}): the {split} split {what}; training evaluates on valid and test")
     negatives, dropped_negatives = {}, {}
     for split in store.negative_splits():
         facts = torch.from_numpy(store.read_split(split))
