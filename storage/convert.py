@@ -161,10 +161,22 @@ class Vocabulary:
 
 def _out_of_range(bounds: np.ndarray):
     def is_bad(line: bytes) -> bool:
-        head, tail, relation = (int(f) for f in line.split(b"\t"))  # DGL-KE order
+        if not line.strip():
+            return False  # the reader skips empty lines
+        head, tail, relation = (_int64_as_read(f) for f in line.split(b"\t"))  # DGL-KE order
         return not all(0 <= v < b for v, b in zip((head, relation, tail), bounds, strict=True))
 
     return is_bad
+
+
+def _int64_as_read(field: bytes) -> int:
+    """The integer pyarrow's CSV reader makes of an id field: spaces trimmed, decimal with any leading zeros,
+    or hexadecimal (``0x10``), which it reads as 64 bits wrapping to a negative int64 past 2^63."""
+    digits = field.strip(b" ")
+    if digits[:2].lower() == b"0x":
+        value = int(digits[2:], 16)
+        return value - 2**64 if value >= 2**63 else value
+    return int(digits)
 
 
 CONCAT_BYTES = 1 << 31

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import gzip
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,8 +35,16 @@ from sharding.kernels import native
 from storage.layout import ALL_SPLITS, SPLITS, SplitCounts
 
 BLOCK_BYTES = 1 << 24
+CSV_BLOCK_BYTES = 1 << 22
+"""The block pyarrow's CSV reader parses at a time (in parallel): a line longer than about twice this
+"straddles" blocks and is refused, so a block holding one is parsed again as a single piece."""
+LARGEST_CSV_BLOCK = (1 << 31) - 1
+"""pyarrow's block size is a 32-bit integer."""
 BOM = b"\xef\xbb\xbf"
 """UTF-8's byte-order mark: dropped where it opens a file (pyarrow's CSV reader drops it too)."""
+SKIP_HINT = "(convert it with `python -m storage convert ... --skip-bad-lines` to skip such lines)"
+"""How to get past bad lines: said in the same words to the converter's and the trainer's users (the trainer
+converts through this code, but only ``python -m storage convert`` has the option)."""
 T = TypeVar("T")
 
 
@@ -43,16 +53,57 @@ def open_text(path: Path):
     return gzip.open(path, "rb") if Path(path).suffix == ".gz" else open(path, "rb")
 
 
-def first_bad_line(path: Path, is_bad: Callable[[bytes], bool]) -> tuple[int, str]:
-    """Line number (1-based) and text of the first line ``is_bad`` rejects."""
-    with open_text(path) as handle:
+@contextmanager
+def gzip_errors_named(path: Path) -> Iterator[None]:
+    """Turn a damaged gzip stream's errors into a ValueError naming the file: gzip's own (EOFError for a
+    truncated file, "Not a gzipped file (b'..')" for another format) name none."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: not a complete gzip file ({err})") from err
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Each line's number (1-based) and bytes without its line break; a BOM opening the file dropped."""
+    with gzip_errors_named(path), open_text(path) as handle:
         for number, raw in enumerate(handle, start=1):
             line = raw.rstrip(b"\n").rstrip(b"\r")
-            if number == 1:
-                line = line.removeprefix(BOM)
-            if is_bad(line):
-                return number, line[:120].decode("utf-8", errors="replace")
-    raise ValueError(f"{path}: the CSV parser rejected a block, but no line of it is malformed")
+            yield number, (line.removeprefix(BOM) if number == 1 else line)
+
+
+def first_problem(path: Path, problem: Callable[[int, bytes], str | None]) -> tuple[int, bytes, str] | None:
+    """The number, bytes and problem of the first line for which ``problem(number, line)`` names one."""
+    for number, line in numbered_lines(path):
+        if (found := problem(number, line)) is not None:
+            return number, line, found
+    return None
+
+
+def shown(line: bytes) -> str:
+    """A line as an error message quotes it: its start, undecodable bytes replaced."""
+    return line[:120].decode("utf-8", errors="replace")
+
+
+def unexplained(path: Path, parser_error: str | None) -> ValueError:
+    """The last resort when no line checker recognises what the CSV parser refused: its own words."""
+    reason = f" (pyarrow: {parser_error})" if parser_error else ""
+    return ValueError(f"{path}: the CSV parser rejected a block, but no line of it is malformed{reason}")
+
+
+def first_bad_line(path: Path, is_bad: Callable[[bytes], bool], parser_error: str | None = None) -> tuple[int, str]:
+    """Line number (1-based) and text of the first line ``is_bad`` rejects; ``parser_error`` (the parser's
+    message, when a parser's refusal led here) goes into the error raised when there is none."""
+    found = first_problem(path, lambda _number, line: "bad" if is_bad(line) else None)
+    if found is None:
+        raise unexplained(path, parser_error)
+    number, line, _ = found
+    return number, shown(line)
+
+
+def holds_lines(path: Path, after: int = 0) -> bool:
+    """Whether the file has a non-empty line past its first ``after`` lines. pyarrow's CSV reader refuses a
+    file without one ("Empty CSV file", "Could not skip initial 1 rows") where it should read no rows."""
+    return any(number > after and line for number, line in numbered_lines(path))
 
 
 def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
@@ -61,7 +112,7 @@ def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
     Reading ourselves bounds memory to about two blocks: pyarrow's streaming CSV reader reads ahead
     without bound, whatever the consumer does.
     """
-    with open_text(path) as handle:
+    with gzip_errors_named(path), open_text(path) as handle:
         first = True
         while block := handle.read(block_bytes):
             if not block.endswith(b"\n"):
@@ -87,11 +138,27 @@ def prefetched(parse: Callable[[bytes], T], blocks: Iterator[bytes]) -> Iterator
             yield done
 
 
+def require_file(path: Path) -> None:
+    """Refuse a path that is not a regular file, saying what it is instead."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a file")
+    if not path.exists():
+        raise ValueError(f"missing file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+
+
 def _find_split_file(directory: Path, split: str, suffixes: tuple[str, ...]) -> Path | None:
-    for suffix in suffixes:
-        if (directory / f"{split}{suffix}").is_file():
-            return directory / f"{split}{suffix}"
-    return None
+    """The one file of ``split``; two candidates (train.txt and train.tsv) are refused, since picking either
+    would silently drop the other's facts."""
+    found = [directory / f"{split}{suffix}" for suffix in suffixes if (directory / f"{split}{suffix}").exists()]
+    if len(found) > 1:
+        listed = ", ".join(map(str, found))
+        raise ValueError(f"{directory}: more than one file holds the {split} split ({listed}): keep only one")
+    if not found:
+        return None
+    require_file(found[0])
+    return found[0]
 
 
 def find_split_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -131,18 +198,17 @@ class TsvSource:
             return "expected 3 non-empty tab-separated fields (head, relation, tail)"
         return None
 
-    @classmethod
-    def _is_bad(cls, line: bytes) -> bool:
-        return cls._problem(line) is not None
+    def _failure(self, path: Path, parser_error: str | None = None) -> ValueError:
+        """The error naming the file's first bad line (found by scanning it again: only on the way out)."""
+        found = first_problem(path, lambda _number, line: self._problem(line))
+        if found is None:
+            return unexplained(path, parser_error)
+        number, line, _ = found
+        return self._bad_line(path, number, line)
 
-    def _fail(self, path: Path) -> None:
-        number, text = first_bad_line(path, self._is_bad)
-        self._refuse(path, number, text.encode(errors="replace"))
-
-    def _refuse(self, path: Path, number: int, line: bytes) -> None:
-        text = line[:120].decode("utf-8", errors="replace")
+    def _bad_line(self, path: Path, number: int, line: bytes) -> ValueError:
         problem = self._problem(line) or "malformed line"
-        raise ValueError(f"{path}:{number}: {problem}: {text!r} (use --skip-bad-lines to skip such lines)")
+        return ValueError(f"{path}:{number}: {problem}: {shown(line)!r} {SKIP_HINT}")
 
     def _screen(self, path: Path, block: bytes, lines_before: int, skipped: list[int]) -> bytes:
         """``block`` without its bad lines (refused unless skip_bad_lines): lines that are not UTF-8 or hold a
@@ -162,48 +228,71 @@ class TsvSource:
             elif self.skip_bad_lines:
                 skipped[0] += 1
             else:
-                self._refuse(path, number, line)
+                raise self._bad_line(path, number, line)
         return b"\n".join(kept)
+
+    _COLUMNS = ("head", "relation", "tail")
+
+    def _read_csv(self, block: bytes, block_size: int) -> tuple[pa.Table, int]:
+        """The block's rows, and how many rows of the wrong width it skipped (counted per call, so that a
+        block parsed twice counts its bad lines once)."""
+        invalid = 0
+
+        def on_invalid(row: pcsv.InvalidRow) -> str:
+            nonlocal invalid
+            if not self.skip_bad_lines:
+                return "error"
+            invalid += 1
+            return "skip"
+
+        columns = list(self._COLUMNS)
+        table = pcsv.read_csv(
+            pa.BufferReader(block),
+            read_options=pcsv.ReadOptions(column_names=columns, block_size=block_size),
+            parse_options=pcsv.ParseOptions(
+                delimiter="\t", quote_char=False, escape_char=False, invalid_row_handler=on_invalid
+            ),
+            # Empty fields parse as nulls: the parser counts them, so a clean chunk costs no extra pass.
+            convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=True, null_values=[""]
+            ),
+        )
+        return table, invalid
+
+    def _parse_block(self, path: Path, block: bytes) -> tuple[pa.Table, int]:
+        """``_read_csv`` in pyarrow's parallel blocks of ``CSV_BLOCK_BYTES``. A refused block longer than one
+        of them may only hold a line longer than it ("straddling object"): it is parsed again as one piece.
+        A refusal that remains names the first bad line."""
+        try:
+            return self._read_csv(block, CSV_BLOCK_BYTES)
+        except pa.ArrowInvalid as err:
+            error = err
+        if CSV_BLOCK_BYTES < len(block) < LARGEST_CSV_BLOCK:
+            try:
+                return self._read_csv(block, len(block) + 1)
+            except pa.ArrowInvalid as err:
+                error = err
+        raise self._failure(path, str(error))
 
     def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
         """Tables with string columns head, relation, tail. ``counts`` (when given) gets lines and bad lines."""
         path = self.files[split]
         skipped = [0]
-
-        def on_invalid(row: pcsv.InvalidRow) -> str:
-            if not self.skip_bad_lines:
-                return "error"
-            skipped[0] += 1
-            return "skip"
-
-        columns = ["head", "relation", "tail"]
-        parse = pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, invalid_row_handler=on_invalid)
-        # Empty fields parse as nulls: the parser counts them, so a clean chunk costs no extra pass.
-        convert = pcsv.ConvertOptions(
-            column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=True, null_values=[""]
-        )
         lines_before = 0
-        try:
-            for raw_block in line_blocks(path, self.block_bytes):
-                block = self._screen(path, raw_block, lines_before, skipped)
-                lines_before += raw_block.count(b"\n")
-                table = pcsv.read_csv(
-                    pa.BufferReader(block),
-                    read_options=pcsv.ReadOptions(column_names=columns, block_size=1 << 22),
-                    parse_options=parse,
-                    convert_options=convert,
-                )
-                if any(table[name].null_count for name in columns):
-                    if not self.skip_bad_lines:
-                        self._fail(path)
-                    complete = table.drop_null()
-                    skipped[0] += table.num_rows - complete.num_rows
-                    table = complete
-                if counts is not None:
-                    counts.lines += table.num_rows
-                yield table
-        except pa.ArrowInvalid:
-            self._fail(path)
+        for raw_block in line_blocks(path, self.block_bytes):
+            block = self._screen(path, raw_block, lines_before, skipped)
+            lines_before += raw_block.count(b"\n")
+            table, invalid = self._parse_block(path, block)
+            skipped[0] += invalid
+            if any(table[name].null_count for name in self._COLUMNS):
+                if not self.skip_bad_lines:
+                    raise self._failure(path)
+                complete = table.drop_null()
+                skipped[0] += table.num_rows - complete.num_rows
+                table = complete
+            if counts is not None:
+                counts.lines += table.num_rows
+            yield table
         if counts is not None:
             counts.lines += skipped[0]
             counts.bad_lines += skipped[0]
@@ -239,8 +328,7 @@ class NTriplesSource:
         if "train" not in self.files:
             raise ValueError("N-Triples conversion needs a train file")
         for path in self.files.values():
-            if not path.is_file():
-                raise ValueError(f"missing file: {path}")
+            require_file(path)
         self.relations = None if relations is None else pa.array(sorted(relations), pa.string())
         self.skip_bad_lines, self.block_bytes = skip_bad_lines, block_bytes
 
@@ -363,8 +451,7 @@ class NTriplesSource:
         if num_bad and not self.skip_bad_lines:
             number, text = first_bad_line(path, _nt_bad)
             raise ValueError(
-                f"{path}:{number}: not an N-Triples statement (<s> <p> <o> . ; check escapes): {text!r} "
-                "(use --skip-bad-lines to skip such lines)"
+                f"{path}:{number}: not an N-Triples statement (<s> <p> <o> . ; check escapes): {text!r} {SKIP_HINT}"
             )
         triples = pc.filter(parsed, is_triple)
         table = pa.table({name: _unbracket(triples.field(name)) for name in ("head", "relation", "tail")})
@@ -441,10 +528,9 @@ class IdVocabulary:
 
     @classmethod
     def read(cls, path: Path) -> IdVocabulary:
-        if not path.is_file():
-            raise ValueError(f"missing file: {path}")
+        require_file(path)
         with open(path, "rb") as handle:
-            header = handle.readline().strip()
+            header = handle.readline().removeprefix(BOM).strip()  # a BOM, as the other files may open with
         if not header.isdigit():
             raise ValueError(f"{path}:1: expected the number of entries, got {header[:80]!r}")
         table = _read_tsv_columns(path, ["name", "id"], [pa.string(), pa.int64()], skip_rows=1)
@@ -455,36 +541,133 @@ class IdVocabulary:
         if not np.array_equal(np.sort(ids), np.arange(count)):
             raise ValueError(f"{path}: ids are not exactly 0..{count - 1}")
         order = np.argsort(ids)
-        return cls(names=pc.take(table["name"], pa.array(order)).combine_chunks())
+        names = pc.take(table["name"], pa.array(order)).combine_chunks()
+        _refuse_empty_names(path, names)
+        _refuse_repeated_names(path, names)
+        return cls(names=names)
+
+
+def _entry_name(number: int, line: bytes) -> bytes | None:
+    """The name field of an entry line of a ``*2id.txt`` file (None: the count line, an empty line)."""
+    return line.split(b"\t")[0] if number > 1 and line else None
+
+
+def _refuse_empty_names(path: Path, names: pa.Array) -> None:
+    """An empty name would be stored as a real entity or relation that no one can name."""
+    if not pc.any(pc.equal(pc.binary_length(names), 0)).as_py():
+        return
+    found = first_problem(path, lambda number, line: "empty name" if _entry_name(number, line) == b"" else None)
+    if found is None:  # unreachable: the table's empty name is a line of the file
+        raise ValueError(f"{path}: a name is empty")
+    number, line, _ = found
+    raise ValueError(f"{path}:{number}: empty name: {shown(line)!r}")
+
+
+def _refuse_repeated_names(path: Path, names: pa.Array) -> None:
+    """A name with two ids makes the map from names to ids ambiguous (either id could be the entity)."""
+    distinct = native.distinct_strings(names)  # the compiled hash table, else pyarrow's
+    if len(distinct if distinct is not None else pc.unique(names)) == len(names):
+        return
+    counts = pc.value_counts(names)  # on the way to the error only: find which names repeat
+    repeated = set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+    first_line: dict[str, int] = {}
+
+    def seen_before(number: int, line: bytes) -> str | None:
+        field = _entry_name(number, line)
+        name = None if field is None else field.decode("utf-8", errors="replace")
+        if name is None or name not in repeated:
+            return None
+        if name in first_line:
+            return f"name {name!r} has an id on line {first_line[name]} already"
+        first_line[name] = number
+        return None
+
+    found = first_problem(path, seen_before)
+    if found is None:  # unreachable: the table's names are the file's
+        raise ValueError(f"{path}: names occur more than once: {sorted(repeated)[:5]}")
+    number, line, problem = found
+    raise ValueError(f"{path}:{number}: {problem}: {shown(line)!r}")
 
 
 def _read_tsv_columns(path: Path, names: list[str], types: list[pa.DataType], skip_rows: int = 0) -> pa.Table:
+    if not holds_lines(path, after=skip_rows):  # pyarrow refuses such a file instead of reading no rows
+        return pa.table({name: pa.array([], kind) for name, kind in zip(names, types, strict=True)})
     try:
         return pcsv.read_csv(
             str(path),
             read_options=pcsv.ReadOptions(column_names=names, skip_rows=skip_rows),
             parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False),
-            convert_options=pcsv.ConvertOptions(column_types=dict(zip(names, types, strict=True))),
+            convert_options=_no_nulls(names, types),
         )
-    except pa.ArrowInvalid:
-        number, text = first_bad_line(path, _column_checker(len(names), types, skip_rows))
-        raise ValueError(f"{path}:{number}: expected {len(names)} tab-separated fields {names}: {text!r}") from None
+    except pa.ArrowInvalid as err:
+        raise _columns_error(path, names, types, skip_rows, f"{len(names)} tab-separated fields {names}", err) from None
 
 
-def _column_checker(width: int, types: list[pa.DataType], skip_rows: int) -> Callable[[bytes], bool]:
-    seen = 0
+def _no_nulls(names: list[str], types: list[pa.DataType]) -> pcsv.ConvertOptions:
+    """Columns of ``types`` in which no value reads as null: by default pyarrow reads an empty field, ``NULL``,
+    ``NA``, ``NaN`` and the like as null, which an int64 id column turns into a garbage number."""
+    return pcsv.ConvertOptions(
+        column_types=dict(zip(names, types, strict=True)), null_values=[], strings_can_be_null=False
+    )
 
-    def is_bad(line: bytes) -> bool:
-        nonlocal seen
-        seen += 1
-        if seen <= skip_rows or not line:
-            return False
-        fields = line.split(b"\t")
-        if len(fields) != width:
-            return True
-        return any(t == pa.int64() and not f.strip().lstrip(b"-").isdigit() for f, t in zip(fields, types, strict=True))
 
-    return is_bad
+def _columns_error(
+    path: Path, names: list[str], types: list[pa.DataType], skip_rows: int, expected: str, err: pa.ArrowInvalid
+) -> ValueError:
+    """The error naming the first line pyarrow's CSV reader (as ``_no_nulls`` sets it) refuses, and why."""
+
+    def problem(number: int, line: bytes) -> str | None:
+        return None if number <= skip_rows else _fields_problem(line, names, types)
+
+    found = first_problem(path, problem)
+    if found is None:
+        return unexplained(path, str(err))
+    number, line, reason = found
+    return ValueError(f"{path}:{number}: expected {expected}; {reason}: {shown(line)!r}")
+
+
+INT64_DIGITS = 19
+"""Digits of the largest 64-bit integer, 9223372036854775807."""
+_DECIMAL = re.compile(rb"-?[0-9]+")
+_HEX = re.compile(rb"0[xX][0-9A-Fa-f]{1,16}")
+"""pyarrow's int64 conversion also reads hexadecimal: accepted here alike, so the checker never blames a line
+the reader took."""
+
+
+def _fields_problem(line: bytes, names: list[str], types: list[pa.DataType]) -> str | None:
+    """What pyarrow's CSV reader (tab-separated, ``_no_nulls``) refuses in one line, or None: the checker
+    that names the line after the reader refused a block."""
+    line = line.rstrip(b"\r")  # the reader takes a carriage return for a line break
+    if not line:
+        return None  # the reader skips empty lines
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte {err.start + 1})"
+    if b"\r" in line:
+        return "a carriage return inside the line"
+    fields = line.split(b"\t")
+    if len(fields) != len(names):
+        return f"found {len(fields)} field(s)"
+    for name, field, kind in zip(names, fields, types, strict=True):
+        if kind == pa.int64() and (problem := _int64_problem(field)) is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def _int64_problem(field: bytes) -> str | None:
+    """Why pyarrow's int64 conversion refuses ``field`` (with null values off), or None."""
+    digits = field.strip(b" ")  # the reader trims spaces around numbers
+    if not digits:
+        return "is empty"
+    if _HEX.fullmatch(digits):
+        return None
+    if not _DECIMAL.fullmatch(digits):
+        return "is not an integer"
+    significant = digits.lstrip(b"-").lstrip(b"0")
+    if len(significant) > INT64_DIGITS or not -(2**63) <= int(digits) < 2**63:  # int() of a few digits only
+        return "is outside the 64-bit integer range"
+    return None
 
 
 class DglKeSource:
@@ -507,20 +690,20 @@ class DglKeSource:
     def chunks(self, split: str, counts: SplitCounts | None = None) -> Iterator[pa.Table]:
         """Tables with int64 columns head, relation, tail (reordered from the file's head, tail, relation)."""
         path = self.files[split]
-        names = ["head", "tail", "relation"]
+        names, types = ["head", "tail", "relation"], [pa.int64()] * 3
+        if not holds_lines(path):  # no rows: the converter then says the split is empty
+            return
         try:
             reader = pcsv.open_csv(
                 str(path),
                 read_options=pcsv.ReadOptions(column_names=names, block_size=self.block_bytes),
                 parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False),
-                convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.int64())),
+                convert_options=_no_nulls(names, types),
             )
             for batch in reader:
                 if counts is not None:
                     counts.lines += batch.num_rows
                 yield pa.Table.from_batches([batch]).select(["head", "relation", "tail"])
-        except pa.ArrowInvalid:
-            number, text = first_bad_line(path, _column_checker(3, [pa.int64()] * 3, 0))
-            raise ValueError(
-                f"{path}:{number}: expected 3 tab-separated integers (head, tail, relation): {text!r}"
-            ) from None
+        except pa.ArrowInvalid as err:
+            expected = "3 tab-separated integers (head, tail, relation)"
+            raise _columns_error(path, names, types, 0, expected, err) from None

@@ -1,6 +1,7 @@
 """What a conversion refuses before it writes or deletes anything, and what it leaves behind."""
 
 import os
+import re
 import stat
 
 import pytest
@@ -10,7 +11,7 @@ from storage.atomic import remove_stale_temps, swap_dir
 from storage.convert import ConvertOptions, convert
 from storage.dataset import _cache_key, open_dataset
 from storage.layout import MANIFEST
-from storage.sources import TsvSource
+from storage.sources import DglKeSource, TsvSource
 
 TRAIN = "a\tr\tb\nb\tr\tc\nc\ts\ta\n"
 
@@ -138,3 +139,17 @@ def test_a_valid_split_with_nothing_to_evaluate_is_named_by_its_file(tmp_path):
     directory = tsv_dir(tmp_path / "graph", valid="zz\tr\tyy\n")  # entities train never has
     with pytest.raises(ValueError, match=r"valid\.txt\): the valid split has no fact whose symbols all occur in"):
         open_dataset(directory, cache_dir=tmp_path / "cache")
+
+
+def test_a_dglke_id_out_of_range_is_named_by_its_line_however_the_reader_spelt_it(tmp_path):
+    directory = tmp_path / "dglke"
+    directory.mkdir()
+    (directory / "entity2id.txt").write_text("3\na\t0\nb\t1\nc\t2\n")
+    (directory / "relation2id.txt").write_text("1\nr\t0\n")
+    for split in ("valid", "test"):
+        (directory / f"{split}.txt").write_text("0\t1\t0\n")
+    for line in ("0x10\t1\t0", "0xFFFFFFFFFFFFFFFF\t1\t0", " 007 \t1\t0"):  # 16, -1 and 7: none an entity
+        (directory / "train.txt").write_text(f"0\t1\t0\n\n0x1\t02\t0\n{line}\n")
+        expected = f"train.txt:4: id out of range (3 entities, 1 relations): {line!r}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            convert(DglKeSource(directory), tmp_path / "ds")

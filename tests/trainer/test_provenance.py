@@ -27,7 +27,7 @@ from trainer.provenance import (
 TINY = ["data.dataset=nations", "model.dim=4", "train.progress=false"]
 
 
-def test_training_through_the_cli_runs_no_function_of_a_module_the_fingerprint_leaves_out(tmp_path):
+def test_training_through_the_cli_runs_no_function_of_a_module_the_fingerprint_leaves_out(tmp_path: Path) -> None:
     """Left out of the fingerprint, code that training ran could change a run and not its record. Every
     function called (in any thread) while ``python -m trainer train`` trains and evaluates is traced."""
     called: set[str] = set()
