@@ -235,7 +235,7 @@ def trained_metrics(config: RunConfig, out: Path, dataset: KGDataset) -> dict[st
     if metrics.get("config") != to_dict(config):
         print(f"{out}: trained with another config; training it again", flush=True)
         return None
-    expected = training_record(choose_device(config.train.device), dataset, config.sharding.streams or 1)
+    expected = training_record(config, choose_device(config.train.device), dataset, config.sharding.streams or 1)
     if not same_training(metrics.get("code"), expected):
         print(f"{out}: trained by other code, libraries, device or data than today's; training it again", flush=True)
         return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ RELATIONS = "relations.pt"
 RELATION_BIAS = "relation_bias.pt"
 _SHARD = re.compile(r"entities-(\d+)-(\d+)\.pt")
 # Settings that must match for a checkpoint to be continued; train.epochs, data.prefetch etc. may change.
-FROZEN_KEYS = ("data.dataset", "model", "objective")
+FROZEN_KEYS = ("data.dataset", "model", "objective", "optim.optimizer")
 FORMAT = 2
 """Version of what the rows mean; 2: ComplEx vectors hold (real, imaginary) pairs (1: two halves)."""
 
@@ -55,6 +56,9 @@ class RunState:
     """Evaluations since the last better validation MRR (early stopping)."""
     restarts: int = 0
     """Times this run was resumed from a checkpoint (nvkg_restarts_total)."""
+    warmup_epochs: int | None = None
+    """Epochs of KL warm-up, fixed when the run starts (``objective.kl_warmup`` of its ``train.epochs``): a
+    resume that raises ``train.epochs`` does not start the warm-up again (None: a checkpoint from before)."""
     code: dict | None = None
     """What trained the run (trainer/provenance.py): one record, or ``{"mixed": [...]}`` where processes with
     different code trained it (None: a checkpoint written before this was kept)."""
@@ -118,6 +122,13 @@ class Reporter:
         return (self.path(name) / INDEX).is_file()
 
     def latest(self) -> Path | None:
+        """The latest checkpoint, None when there is none; one without its index (a checkpoint is swapped in
+        whole, so that is damage, not an interrupted write) is refused rather than trained over."""
+        if not self.has(LATEST) and self.path(LATEST).is_dir() and any(self.path(LATEST).iterdir()):
+            raise ValueError(
+                f"{self.path(LATEST)}: a checkpoint without its {INDEX} (damaged?); restore it, or remove the "
+                "directory to train from the start"
+            )
         return self.path(LATEST) if self.has(LATEST) else None
 
     def evaluated(self, record: dict) -> None:
@@ -147,6 +158,25 @@ def _load(path: Path) -> dict:
 
 
 INDEX_KEYS = {"format", "state", "config", "entity_rows", "world_size"}
+STATE_REQUIRED = ("epoch", "best_mrr", "best_epoch", "train_seconds")
+"""What every checkpoint's state has held (later fields have defaults for the checkpoints before them)."""
+
+
+def _state_problem(key: str, value: object) -> str | None:
+    """Why ``value`` cannot be the run state's ``key`` (a hand-edited or damaged index), or None."""
+    if value is None and key in ("lr", "warmup_epochs", "code"):
+        return None
+    if key in ("epoch", "best_epoch", "stale_evals", "evals_since_best", "restarts", "warmup_epochs"):
+        valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return None if valid else "expected an integer >= 0"
+    if key in ("best_mrr", "train_seconds", "lr"):
+        finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not finite:
+            return "expected a finite number"
+        return "expected a positive number" if key == "lr" and isinstance(value, int | float) and value <= 0 else None
+    if key == "code":
+        return None if isinstance(value, dict) else "expected an object"
+    return None
 
 
 def read_index(directory: Path) -> dict:
@@ -165,6 +195,14 @@ def read_index(directory: Path) -> dict:
         problems.append("'state' is not an object")
     else:
         problems += [f"unexpected key 'state.{k}'" for k in sorted(set(state) - state_keys)]
+        problems += [f"missing key 'state.{k}'" for k in STATE_REQUIRED if k not in state]
+        problems += [f"state.{k}={v!r}: {why}" for k, v in state.items() if (why := _state_problem(k, v))]
+    for key in ("format", "entity_rows", "world_size"):
+        value = index.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key}={value!r}: expected a positive integer")
+    if not isinstance(index.get("config", {}), dict):
+        problems.append("'config' is not an object")
     if problems:
         raise ValueError(f"{path}: not an nvkg checkpoint index ({'; '.join(problems)})")
     return index
@@ -188,12 +226,25 @@ def load_into(directory: Path, model: KGModel) -> RunState:
         if match is None:
             raise ValueError(f"{path}: not an entity shard name (entities-LO-HI.pt)")
         lo, hi = (int(v) for v in match.groups())
+        if hi > index["entity_rows"]:
+            raise ValueError(f"{path}: rows [{lo}, {hi}) past the checkpoint's {index['entity_rows']} (another run's?)")
         if lo < ents.hi and hi > ents.lo:
-            parts.append(_load(path))
-    ents.load_ranges(parts)
-    model.relations.load_ranges([_load(directory / RELATIONS)])
-    if model.bias is not None:
-        model.bias.load_ranges([_load(directory / RELATION_BIAS)])
+            part = _load(path)
+            if list(part.get("rows", ())) != [lo, hi] or len(part["weight"]) != hi - lo:
+                raise ValueError(
+                    f"{path}: holds rows {part.get('rows')}, not the [{lo}, {hi}) of its name (another run's?)"
+                )
+            parts.append(part)
+    try:
+        ents.load_ranges(parts)
+    except ValueError as err:
+        raise ValueError(f"{directory} (entity shards): {err}") from None
+    try:
+        model.relations.load_ranges([_load(directory / RELATIONS)])
+        if model.bias is not None:
+            model.bias.load_ranges([_load(directory / RELATION_BIAS)])
+    except ValueError as err:
+        raise ValueError(f"{directory} ({RELATIONS}): {err}") from None
     return RunState(**index["state"])
 
 
@@ -206,12 +257,25 @@ def resume(directory: Path | None, config: RunConfig, model: KGModel) -> RunStat
         was = _lookup(saved, key)
         if isinstance(was, dict):  # a setting added since the checkpoint was written had its default then
             was = {**_lookup(defaults, key), **was}
-        if was != _lookup(current, key):
+        now = _lookup(current, key)
+        if was != now:
+            changed = _differences(was, now, key)
             raise ValueError(
-                f"{directory}: checkpoint was trained with a different '{key}' "
-                f"({was} vs {_lookup(current, key)}); use another --out directory"
+                f"{directory}: checkpoint was trained with other settings, which a run cannot change: "
+                f"{'; '.join(changed)}; use another --out directory"
             )
     return load_into(directory, model)
+
+
+def _differences(was: object, now: object, key: str) -> list[str]:
+    """Each dotted field under ``key`` whose value differs, as ``key: was -> now``."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [
+            d
+            for name in sorted(set(was) | set(now))
+            for d in _differences(was.get(name), now.get(name), f"{key}.{name}")
+        ]
+    return [] if was == now else [f"{key}: {was!r} -> {now!r}"]
 
 
 def _lookup(tree: dict, dotted: str):

@@ -209,8 +209,9 @@ def _summary(metrics: dict) -> str:
 
 def _load(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
-    if args.dataset:
-        overrides.append(f"data.dataset={args.dataset}")
+    if args.dataset is not None:
+        # A name or path as written: quoted, so YAML reads neither "#" as a comment nor "2024" as a number.
+        overrides.append(f"data.dataset={json.dumps(args.dataset)}")
     return load_config(args.config, overrides)
 
 

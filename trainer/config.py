@@ -291,7 +291,7 @@ RANGES: dict[str, Interval] = {
     "optim.clip_sigma_norm": POSITIVE,
     "train.epochs": POSITIVE,
     "train.batch_size": POSITIVE,
-    "train.seed": NON_NEGATIVE,
+    "train.seed": Interval(0, 2**64, hi_open=True),  # it seeds 64-bit generators
     "train.eval_every": NON_NEGATIVE,
     "train.checkpoint_every": POSITIVE,
     "train.time_budget_s": NON_NEGATIVE,
@@ -394,6 +394,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if annotation in (int, float) and isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**64:
+        raise ValueError(f"{key}={value}: too large a number")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -444,28 +446,72 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} on line {line} is given on line {seen[key]} already", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's contents (``what`` names it in errors: "config file", "search space"); errors name the
+    file, and the line where YAML gives one."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory, not a {what}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 (byte {err.start})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from None
+
+
+def _override(item: str) -> tuple[str, Any]:
+    """A ``--set key=value`` pair, its value parsed as a YAML scalar."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {item!r}: not a YAML value ({err})") from None
+
+
 def load_config(path: Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """YAML file (optional) plus ``key=value`` overrides, values parsed as YAML scalars."""
+    """YAML file (optional) plus ``key=value`` overrides, values parsed as YAML scalars. An error names the
+    file when the file alone has it, ``--set`` when an override brought it."""
     tree: dict[str, Any] = {}
+    source = "config" if path is None else str(path)
     if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML: {err}") from None
+        tree = read_yaml(path, "config file") or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        try:
+            _build(RunConfig, tree, "")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        _set_path(tree, *_override(item))
+    if overrides:
+        source = f"{source} with --set"
     try:
         config = _build(RunConfig, tree, "")
+        config.validate()
     except ValueError as err:
-        raise ValueError(f"{path or 'config'}: {err}") from None
-    config.validate()
+        raise ValueError(f"{source}: {err}") from None
     return config
 
 

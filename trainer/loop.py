@@ -166,7 +166,6 @@ class Training:
         dataset = dataset or load_data(config.data, lead=lead, barrier=exchange.barrier)
         if lead:
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, out_dir / "config.yaml")
         device = device or choose_device(config.train.device)
         model = build_model(
             config, dataset.num_entities, dataset.num_relations, exchange, device, dataset.entity_frequency
@@ -175,18 +174,17 @@ class Training:
         latest = reporter.latest()
         state = checkpoint.resume(latest, config, model)
         if latest is not None:
-            # Counted on disk at once: a process that dies before its next checkpoint still counts.
             state.restarts = max(state.restarts, checkpoint.read_restarts(out_dir)) + 1
-            if lead:
-                checkpoint.write_restarts(out_dir, state.restarts)
-                print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
+            exchange.barrier()  # every rank has read the count before rank 0 writes the new one
         state.lr = state.lr or config.optim.lr
+        if state.warmup_epochs is None:
+            state.warmup_epochs = round(config.objective.kl_warmup * config.train.epochs)
         model.set_lr(state.lr)
         schedule = Schedule(
             dataset, exchange, streams=config.sharding.streams, batch_size=config.train.batch_size,
             seed=config.train.seed, prefetch=config.data.prefetch,
         )  # fmt: skip
-        record = provenance.training_record(device, dataset, schedule.num_streams)
+        record = provenance.training_record(config, device, dataset, schedule.num_streams)
         state.code = provenance.merged(state.code, record, resumed=latest is not None)
         logger = RunLogger(
             out_dir,
@@ -199,6 +197,13 @@ class Training:
             lr=state.lr,
             tensorboard=config.metrics.tensorboard,
         )
+        # Written once nothing more can refuse the run: a refused resume leaves the run's config as it was.
+        if lead:
+            save_config(config, out_dir / "config.yaml")
+            if latest is not None:
+                # Counted on disk at once: a process that dies before its next checkpoint still counts.
+                checkpoint.write_restarts(out_dir, state.restarts)
+                print(f"resumed from {latest} at epoch {state.epoch}", flush=True)
         logger.start(state.epoch * schedule.num_steps, state.epoch)
         filters = rank_filters(dataset, (model.entities.lo, model.entities.hi))
         step = Step(model, config.optim.grad_clip)
@@ -207,8 +212,7 @@ class Training:
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training facts; the epoch's record (ELBO terms summed over ranks)."""
         obj = self.config.objective
-        warmup_epochs = round(obj.kl_warmup * self.config.train.epochs)
-        kl_multiplier = obj.kl_weight if epoch >= warmup_epochs else 0.0
+        kl_multiplier = obj.kl_weight if epoch >= (self.state.warmup_epochs or 0) else 0.0
         started = time.perf_counter()
         with young_objects_collected():
             nll_sum, kl_sum = self._steps(epoch, kl_multiplier)
@@ -336,6 +340,7 @@ class Training:
             state.evals_since_best = self.state.evals_since_best  # early stopping counts from that best
         state.lr, state.train_seconds, state.restarts = lr, self.state.train_seconds, self.state.restarts
         state.code = self.state.code  # the checkpoint may predate this process joining the run
+        state.warmup_epochs = self.state.warmup_epochs
         self.state = state
         self.model.set_lr(lr)
         self.step = Step(self.model, self.config.optim.grad_clip)

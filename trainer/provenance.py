@@ -25,6 +25,7 @@ import torch
 
 from sharding.kernels import native
 from storage.dataset import KGDataset
+from trainer.config import RunConfig, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("trainer", "sharding", "storage")
@@ -112,9 +113,16 @@ def data_fingerprint(dataset: KGDataset) -> str | None:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def training_record(device: torch.device, dataset: KGDataset, streams: int) -> dict[str, Any]:
-    """What decides a run's numbers besides its config, and (``commit``) where its code came from."""
+def config_fingerprint(config: RunConfig) -> str:
+    """SHA-256 of every setting: a run resumed with other settings (a seed, a longer run) is not the run
+    its last config would train from the start."""
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()
+
+
+def training_record(config: RunConfig, device: torch.device, dataset: KGDataset, streams: int) -> dict[str, Any]:
+    """What decides a run's numbers (its config among them), and (``commit``) where its code came from."""
     return {
+        "config": config_fingerprint(config),
         "training_code": training_code(),
         "torch": torch.__version__,
         "numpy": np.__version__,

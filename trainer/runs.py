@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ def load_run(
     name = checkpoint.BEST if reporter.has(checkpoint.BEST) else checkpoint.LATEST
     if not reporter.has(name):
         raise ValueError(f"{run_dir}: no checkpoint ({checkpoint.BEST}/ or {checkpoint.LATEST}/)")
+    if name == checkpoint.LATEST:
+        state = checkpoint.read_index(reporter.path(name))["state"]
+        if state.get("best_epoch"):  # the run chose a best checkpoint, which is gone
+            warnings.warn(
+                f"{run_dir}: {checkpoint.BEST}/ (epoch {state['best_epoch']}) is missing; using {checkpoint.LATEST}/ "
+                f"(epoch {state.get('epoch')}) instead",
+                stacklevel=2,
+            )
     dataset = load_data(config.data, lead=exchange.rank == 0, barrier=exchange.barrier)
     model = build_model(config, dataset.num_entities, dataset.num_relations, exchange, device, dataset.entity_frequency)
     checkpoint.load_into(reporter.path(name), model)

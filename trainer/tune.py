@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sharding.exchange import LocalExchange
 from storage.atomic import atomic_write_json
 from storage.dataset import resolve_store
 from trainer import checkpoint
-from trainer.config import RunConfig, config_from_dict, save_config, to_dict
+from trainer.config import RunConfig, config_from_dict, read_yaml, save_config, to_dict
 
 # name: (number of arguments, whether they must be integers); choice and grid take a list of values.
 RANGES = {
@@ -120,12 +118,7 @@ def _with(tree: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 def load_space(path: Path, base: RunConfig) -> dict[str, Dimension]:
     """Read and check a search space: every key a config field, every value it can draw valid in ``base``."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"search space not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML: {err}") from None
+    raw = read_yaml(path, "search space")
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: expected a mapping of section.key to a distribution or a value")
     tree, space = to_dict(base), {}

@@ -135,3 +135,38 @@ def test_exponents_without_a_dot_are_floats(tmp_path):
     path.write_text("optim:\n  lr: 1e-2\n")
     assert load_config(path, ["optim.grad_clip=5e0"]).optim.lr == 0.01
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001
+
+
+def test_errors_say_whether_the_file_or_an_override_brought_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 16\n")
+    with pytest.raises(ValueError) as caught:
+        load_config(path, ["model.dimm=4"])
+    assert str(caught.value) == f"{path} with --set: unknown config key(s) model.dimm"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: optim\.lr=inf: must be a finite number"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^--set 'model\.dim=\[1': not a YAML value"):
+        load_config(None, ["model.dim=[1"])
+
+
+def test_a_key_given_twice_non_utf8_and_huge_numbers_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 4\n  scorer: distmult\nmodel:\n  dim: 8\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: invalid YAML: .*key 'model' on line 4 is given on line 1"):
+        load_config(path)
+    path.write_text("model:\n  dim: 4\n  dim: 8\n")
+    with pytest.raises(ValueError, match=r"key 'dim' on line 3 is given on line 2 already"):
+        load_config(path)
+    path.write_bytes(b"\xff\xfemodel: {}\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: not UTF-8 \(byte 0\)"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"optim\.lr=1000000000000000000000000000000: too large a number"):
+        load_config(None, ["optim.lr=1" + "0" * 30])
+    with pytest.raises(ValueError, match=r"train\.epochs=1000000000000000000000000000000: too large"):
+        load_config(None, ["train.epochs=1" + "0" * 30])
+    with pytest.raises(ValueError, match=r"train\.seed=18446744073709551616: too large a number"):
+        load_config(None, [f"train.seed={2**64}"])
+    with pytest.raises(ValueError, match=r"train\.seed=-1: must be in \[0, 1\.84467e\+19\)"):
+        load_config(None, ["train.seed=-1"])
+    assert load_config(None, [f"train.seed={2**64 - 1}"]).train.seed == 2**64 - 1

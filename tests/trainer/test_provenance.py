@@ -131,19 +131,25 @@ def test_the_commit_is_the_checkout_s_and_dirty_only_when_training_sources_chang
 
 @pytest.fixture(scope="module")
 def nations(tmp_path_factory):
-    return load_data(load_config(None, [*TINY, f"data.cache_dir={tmp_path_factory.mktemp('cache')}"]).data)
+    """(config, dataset)."""
+    config = load_config(None, [*TINY, f"data.cache_dir={tmp_path_factory.mktemp('cache')}"])
+    return config, load_data(config.data)
 
 
 def test_a_run_is_the_same_training_only_when_everything_that_decides_its_numbers_is(nations):
-    record = training_record(torch.device("cpu"), nations, 1)
-    assert record == training_record(torch.device("cpu"), nations, 1)
+    config, data = nations
+    record = training_record(config, torch.device("cpu"), data, 1)
+    assert record == training_record(config, torch.device("cpu"), data, 1)
     assert same_training(json.loads(json.dumps(record)), record)
     assert same_training({**record, "commit": "another"}, record)  # where it came from does not decide
-    for key, other in [("training_code", "0" * 64), ("torch", "2.0.0"), ("numpy", "1.0"), ("kernels", None),
-                       ("device", "cuda (H100)"), ("data", "0" * 64), ("streams", 2)]:  # fmt: skip
+    others = [("training_code", "0" * 64), ("torch", "2.0.0"), ("numpy", "1.0"), ("kernels", None),
+              ("device", "cuda (H100)"), ("data", "0" * 64), ("streams", 2), ("config", "0" * 64)]  # fmt: skip
+    for key, other in others:
         assert not same_training({**record, key: other}, record), key
     assert not same_training({k: v for k, v in record.items() if k != "kernels"}, record)  # absent is not None
-    assert not same_training(record, training_record(torch.device("cpu"), nations, 2))
+    assert not same_training(record, training_record(config, torch.device("cpu"), data, 2))
+    reseeded = load_config(None, [*TINY, f"data.cache_dir={config.data.cache_dir}", "train.seed=7"])
+    assert not same_training(record, training_record(reseeded, torch.device("cpu"), data, 1))
     for unknown in ({**record, "training_code": None}, {**record, "data": None}):  # unknown is never the same
         assert not same_training(unknown, unknown)
     assert same_training({**record, "kernels": None}, {**record, "kernels": None})  # torch ops: known
@@ -152,7 +158,8 @@ def test_a_run_is_the_same_training_only_when_everything_that_decides_its_number
 
 
 def test_a_resume_by_other_code_records_each(nations):
-    a = training_record(torch.device("cpu"), nations, 1)
+    config, data = nations
+    a = training_record(config, torch.device("cpu"), data, 1)
     b = {**a, "training_code": "1" * 64}
     assert merged(None, a, resumed=False) == a and merged(b, a, resumed=False) == a
     assert merged({**a, "commit": "old"}, a, resumed=True) == {**a, "commit": "old"}  # the same training
@@ -166,7 +173,7 @@ def test_metrics_json_and_checkpoints_record_what_trained_the_run(tmp_path):
     out = tmp_path / "run"
     train(config, out)
     recorded = json.loads((out / "metrics.json").read_text())["code"]
-    assert recorded == training_record(torch.device("cpu"), load_data(config.data), 1)
+    assert recorded == training_record(config, torch.device("cpu"), load_data(config.data), 1)
     assert recorded["training_code"] == training_code() and len(recorded["data"]) == 64
     index = out / "checkpoint" / "index.json"
     saved = json.loads(index.read_text())
@@ -176,3 +183,9 @@ def test_metrics_json_and_checkpoints_record_what_trained_the_run(tmp_path):
     index.write_text(json.dumps({**saved, "state": {**saved["state"], "code": other}}))
     train(config, out)
     assert json.loads((out / "metrics.json").read_text())["code"] == {"mixed": [other, recorded]}
+    # Resumed with another setting that a run may change (a seed): not the run that config trains afresh.
+    index.write_text(json.dumps(saved))
+    reseeded = load_config(None, [*TINY, "train.epochs=2", "train.seed=7", f"data.cache_dir={tmp_path / 'cache'}"])
+    train(reseeded, out)
+    mixed = json.loads((out / "metrics.json").read_text())["code"]["mixed"]
+    assert mixed[0] == recorded and mixed[1]["config"] != recorded["config"]
