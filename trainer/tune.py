@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ RANGES = {
 }
 LISTS = ("choice", "grid")
 METRIC = "valid_mrr"
+CHECK_ALL = 1_000
+"""Values of one integer range, and combinations of all the keys' values, that ``load_space`` tries each of."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,24 @@ class Dimension:
     args: tuple[Any, ...]
 
     def edges(self) -> list[Any]:
-        """Values that span what the dimension can draw: every listed value, or both ends of a range."""
+        """Values that span what the dimension can draw: every listed value, or both ends of a range (as
+        floats for the distributions that draw floats, e.g. 2.0 from uniform over [1, 3])."""
         if self.kind in LISTS or self.kind == "fixed":
             return list(self.args)
         lo, hi = self.args[:2]
+        if not RANGES[self.kind][1]:
+            return [float(lo), float(hi)]
         return [lo, hi - 1 if self.kind in ("randint", "lograndint") else hi]  # randint excludes hi
+
+    def checked(self) -> list[Any]:
+        """What ``load_space`` tries: every value an integer range can draw when there are at most
+        ``CHECK_ALL`` (an odd model.dim inside [4, 9) is refused for ComplEx), else ``edges``."""
+        if self.kind not in ("randint", "qrandint", "lograndint"):
+            return self.edges()
+        lo, hi = self.args[:2]
+        step = self.args[2] if self.kind == "qrandint" else 1
+        values = range(lo, hi + (1 if self.kind == "qrandint" else 0), step)
+        return list(values) if len(values) <= CHECK_ALL else self.edges()
 
     def domain(self) -> Any:
         """Ray Tune's object for it."""
@@ -104,6 +120,8 @@ def _dimension(spec: Any) -> Dimension:
         raise ValueError(f"{kind}: the lower bound {numbers[0]} is not below the upper bound {numbers[1]}")
     if kind.startswith("log") and numbers[0] <= 0:
         raise ValueError(f"{kind}: the lower bound must be positive, got {numbers[0]}")
+    if count == 3 and numbers[2] <= 0:
+        raise ValueError(f"{kind}: the step q must be positive, got {numbers[2]}")
     return Dimension(kind, numbers)
 
 
@@ -128,10 +146,24 @@ def load_space(path: Path, base: RunConfig) -> dict[str, Dimension]:
             raise ValueError(f"{path}: {key}: not a config key (expected section.key, e.g. optim.lr)")
         try:
             space[key] = _dimension(spec)
-            for value in space[key].edges():
+            for value in space[key].checked():
                 config_from_dict(_with(tree, {key: value}))
         except ValueError as err:
             raise ValueError(f"{path}: {key}: {err}") from None
+    # Keys that are valid alone may not be together (model.scorer=complex with an odd model.dim).
+    keys = list(space)
+    combinations = math.prod(len(space[k].checked()) for k in keys)
+    if len(keys) > 1 and combinations <= CHECK_ALL:
+        for values in itertools.product(*(space[k].checked() for k in keys)):
+            try:
+                config_from_dict(_with(tree, dict(zip(keys, values, strict=True))))
+            except ValueError as err:
+                drawn = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values, strict=True))
+                raise ValueError(f"{path}: a trial of {drawn}: {err}") from None
+    try:
+        most_evaluations(base, space)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return space
 
 

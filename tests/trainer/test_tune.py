@@ -69,6 +69,12 @@ def test_asha_rungs_reach_the_longest_trial_the_space_can_draw(tmp_path):
         ("optim.lr: {uniform: [-1, 1]}", "optim.lr=-1.0: must be >= 0"),
         ("model.latent: {choice: []}", "model.latent: choice: expected a non-empty list"),
         ("- 1", "expected a mapping"),
+        ("train.epochs: {uniform: [1, 3]}", "train.epochs: train.epochs: expected int, got 1.0"),  # draws 2.0
+        ("train.epochs: {quniform: [1, 3, 1]}", "train.epochs: train.epochs: expected int, got 1.0"),
+        ("optim.lr: {quniform: [0.1, 0.2, 0]}", "optim.lr: quniform: the step q must be positive, got 0"),
+        ("train.epochs: {qrandint: [1, 9, -2]}", "train.epochs: qrandint: the step q must be positive, got -2"),
+        ("model.dim: {randint: [4, 9]}", "model.dim: model.dim=5: ComplEx needs an even dim"),  # inside the range
+        ("train.eval_every: 0", "tune: train.eval_every=0 evaluates only at the end"),  # before Ray starts
     ],
 )
 def test_a_bad_space_is_refused_naming_the_file_and_key(tmp_path, text, message):
@@ -151,3 +157,11 @@ def test_a_four_trial_asha_search_on_nations(tmp_path):
     assert max(r.get("valid_mrr", 0) for r in read_jsonl(best_dir / "log.jsonl")) == best["valid_mrr"]
     assert (best_dir / "best" / checkpoint.INDEX).is_file()
     assert f"best run directory: {best['run_dir']}" in result.stdout
+
+
+def test_keys_valid_alone_are_refused_where_a_trial_draws_them_together(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("model.scorer: {grid: [distmult, complex]}\nmodel.dim: {grid: [5, 8]}\n")
+    base = load_config(None, ["model.scorer=distmult"])  # dim 5 alone is valid with it
+    with pytest.raises(ValueError, match=r"a trial of model.scorer='complex', model.dim=5: model.dim=5: ComplEx"):
+        load_space(path, base)
