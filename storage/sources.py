@@ -138,6 +138,16 @@ def prefetched(parse: Callable[[bytes], T], blocks: Iterator[bytes]) -> Iterator
             yield done
 
 
+def _text_problem(line: bytes) -> str | None:
+    """What makes a line (without its line break) no text line: bytes that are not UTF-8, or a carriage
+    return inside it."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte {err.start + 1})"
+    return "a carriage return inside the line" if b"\r" in line else None
+
+
 def require_file(path: Path) -> None:
     """Refuse a path that is not a regular file, saying what it is instead."""
     if path.is_dir():
@@ -187,12 +197,8 @@ class TsvSource:
     @staticmethod
     def _problem(line: bytes) -> str | None:
         """What is wrong with one line (without its line break), or None."""
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return f"not valid UTF-8 (byte {err.start + 1})"
-        if b"\r" in line:
-            return "a carriage return inside the line"
+        if (problem := _text_problem(line)) is not None:
+            return problem
         fields = line.split(b"\t")
         if line and (len(fields) != 3 or not all(fields)):
             return "expected 3 non-empty tab-separated fields (head, relation, tail)"
@@ -640,12 +646,8 @@ def _fields_problem(line: bytes, names: list[str], types: list[pa.DataType]) -> 
     line = line.rstrip(b"\r")  # the reader takes a carriage return for a line break
     if not line:
         return None  # the reader skips empty lines
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return f"not valid UTF-8 (byte {err.start + 1})"
-    if b"\r" in line:
-        return "a carriage return inside the line"
+    if (problem := _text_problem(line)) is not None:
+        return problem
     fields = line.split(b"\t")
     if len(fields) != len(names):
         return f"found {len(fields)} field(s)"
