@@ -51,14 +51,18 @@ def train(
     (default: ``choose_device(config.train.device)``).
     """
     run = Training.set_up(config, Path(out_dir), dataset, exchange or LocalExchange(), reporter, device)
-    while run.state.epoch < config.train.epochs and not run.patience_spent:
-        try:
-            record = run.train_epoch(run.state.epoch)
-        except Divergence as err:
-            run.roll_back(err)
-            continue
-        if run.end_epoch(record):
-            break
+    try:
+        while run.state.epoch < config.train.epochs and not run.patience_spent:
+            try:
+                record = run.train_epoch(run.state.epoch)
+            except Divergence as err:
+                run.roll_back(err)
+                continue
+            if run.end_epoch(record):
+                break
+    except BaseException:
+        run.logger.close()  # the endpoint and its discovery file go with the run that failed
+        raise
     return run.close()
 
 

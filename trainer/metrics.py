@@ -119,7 +119,9 @@ class MetricsExporter:
         self.address = f"{_reachable(host)}:{port + rank}"
         self.discovery_file = None
         if discovery_dir:
-            self.discovery_file = Path(discovery_dir) / f"nvkg-{run}-worker{rank}.json"
+            # The port in the name: two live runs on a host never share a port, while their directories'
+            # names (the run label) may be alike, and one's close would delete the other's file.
+            self.discovery_file = Path(discovery_dir) / f"nvkg-{run}-worker{rank}-port{port + rank}.json"
             # No target labels: the series carry run and worker themselves, and the same names as target
             # labels would turn them into exported_run and exported_worker under a default scrape config.
             atomic_write_text(self.discovery_file, json.dumps([{"targets": [self.address]}]) + "\n")

@@ -69,8 +69,34 @@ def test_exporter_serves_labelled_series_on_loopback(exporter, tmp_path):
     assert re.search(r'^python_gc_collections_total\{generation="0",run="run-a",worker="1"\} ', text, re.M)
     assert "job=" not in text
     # No target labels in the discovery file: the series carry run and worker (no exported_* collisions).
-    (target,) = json.loads((tmp_path / "nvkg-run-a-worker1.json").read_text())
+    port = exporter.address.rsplit(":", 1)[1]
+    (target,) = json.loads((tmp_path / f"nvkg-run-a-worker1-port{port}.json").read_text())
     assert target == {"targets": [exporter.address]}
+
+
+def test_two_runs_of_one_name_keep_their_own_discovery_files(tmp_path):
+    """Run directories of one name (the run label) in two places: one run's end must not unlist the other."""
+    first = MetricsExporter(run="r", rank=0, host="127.0.0.1", port=free_port(), discovery_dir=str(tmp_path))
+    second = MetricsExporter(run="r", rank=0, host="127.0.0.1", port=free_port(), discovery_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("nvkg-r-worker0-port*.json"))) == 2
+    second.close()
+    (left,) = tmp_path.glob("nvkg-r-worker0-port*.json")
+    assert json.loads(left.read_text()) == [{"targets": [first.address]}]
+    first.close()
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_run_that_fails_takes_its_endpoint_and_discovery_file_with_it(tmp_path):
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    overrides = ["data.dataset=nations", "model.dim=4", "train.epochs=3", "train.progress=false", "optim.lr=1e30",
+                 "train.on_divergence=stop", f"metrics.port={free_port()}", f"metrics.discovery_dir={tmp_path / 'sd'}",
+                 f"data.cache_dir={tmp_path / 'c'}"]  # fmt: skip
+    config = load_config(None, overrides)
+    with pytest.raises(ValueError, match="diverged"):
+        train(config, tmp_path / "run")
+    assert not list((tmp_path / "sd").glob("*.json"))
 
 
 def _expressions(node) -> list[str]:
