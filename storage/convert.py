@@ -46,7 +46,7 @@ from storage.layout import (
     describe_file,
     partition_name,
 )
-from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line, open_text
+from storage.sources import BLOCK_BYTES, DglKeSource, first_bad_line, numbered_lines, shown
 
 # pyarrow rebuilds the lookup table of ``index_in`` for every chunk; chunks at least this many bytes
 # per vocabulary entry keep that rebuild a small share of the work on large vocabularies.
@@ -493,14 +493,9 @@ def _true_negative_message(source: Source, vocab: Vocabulary, split: str, clashe
 
     rule = f"{split} must hold only facts known to be false ({len(clashes):,} known true fact(s) in it; remove them)"
     if Path(path).is_file():
-        with open_text(path) as handle:
-            for number, raw in enumerate(handle, start=1):
-                line = raw.rstrip(b"\n").rstrip(b"\r")
-                if number == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM, which the readers drop too
-                if (found := true_split(line)) is not None:
-                    text = line[:120].decode("utf-8", errors="replace")
-                    return f"{path}:{number}: {text!r} is a fact of {found}, but {rule}"
+        for number, line in numbered_lines(path):  # as the readers see them: line breaks and a BOM dropped
+            if (found := true_split(line)) is not None:
+                return f"{path}:{number}: {shown(line)!r} is a fact of {found}, but {rule}"
     (h, r, t), found = next(iter(clashes.items()))
     return f"{path}: the fact of ids ({h}, {r}, {t}) is a fact of {found}, but {rule}"
 
@@ -527,8 +522,7 @@ def convert(
     ``provenance`` (e.g. the archive's URL and sha256) is recorded under the manifest's ``source``;
     counts other than ``expect`` are refused before anything is written. ``progress``: a progress bar of
     the triples read, on a terminal."""
-    _check_out(Path(out), overwrite, _inputs(source))
-    (options or ConvertOptions()).validate()  # before the vocabulary pass reads every input
+    options = _checked(Path(out), overwrite, source, options)
     name = name or Path(out).name
     # disable=None: tqdm shows the bar only when stderr is a terminal.
     bar = tqdm(desc=f"{name}: vocabulary", unit="triples", unit_scale=True, leave=False,
@@ -539,9 +533,15 @@ def convert(
             expect.check(name, vocab, rows)
         bar.reset(total=sum(rows.values()))
         bar.set_description(f"{name}: writing")
-        return _write_dataset(
-            source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {}, bar.update
-        )
+        return _write_dataset(source, vocab, rows, Path(out), name, options, provenance or {}, bar.update)
+
+
+def _checked(out: Path, overwrite: bool, source: Source, options: ConvertOptions | None) -> ConvertOptions:
+    """The options to write ``out`` with, once ``out`` and they are checked: before any input is read."""
+    _check_out(out, overwrite, _inputs(source))
+    options = options or ConvertOptions()
+    options.validate()
+    return options
 
 
 def _inputs(source: Source) -> list[Path]:
@@ -580,7 +580,7 @@ def _write_dataset(
     provenance: dict,
     advance: Callable[[int], None] = _ignore,
 ) -> Manifest:
-    options.validate()
+    """``options`` as ``_checked`` gave them."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     with temp_dir_beside(out) as tmp:
@@ -684,10 +684,9 @@ def write_id_source(
         num_train_relations=len(relation_names),
         named=False,
     )
-    _check_out(Path(out), overwrite, _inputs(source))
-    (options or ConvertOptions()).validate()  # before the vocabulary pass reads every input
+    options = _checked(Path(out), overwrite, source, options)
     name = name or Path(out).name
-    return _write_dataset(source, vocab, rows, Path(out), name, options or ConvertOptions(), provenance or {})
+    return _write_dataset(source, vocab, rows, Path(out), name, options, provenance or {})
 
 
 class _ArraySource:

@@ -19,7 +19,7 @@ import torch
 
 from storage.atomic import recover_swap
 from storage.convert import convert
-from storage.layout import FORMAT_VERSION, MANIFEST, Manifest
+from storage.layout import FORMAT_VERSION, MANIFEST, Manifest, update_framed
 from storage.reader import Engine, TripleStore
 from storage.sources import TsvSource
 
@@ -139,9 +139,7 @@ def _source_dir(name_or_dir: str | Path) -> Path:
 def _cache_key(source: TsvSource) -> str:
     digest = hashlib.sha256(f"nvkg-format-{FORMAT_VERSION}".encode())
     for split, path in sorted(source.files.items()):
-        for part in (split.encode(), path.read_bytes()):  # length-prefixed: bytes moved between files differ
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
+        update_framed(digest, split.encode(), path.read_bytes())
     return digest.hexdigest()[:16]
 
 

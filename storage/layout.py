@@ -111,6 +111,14 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def update_framed(digest: hashlib._Hash, *parts: bytes) -> None:
+    """Feed ``parts`` to ``digest`` each behind its length, so that no two different sequences of parts (bytes
+    moved from one to the next) feed it the same bytes."""
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+
+
 def describe_file(root: Path, relative: str) -> dict:
     path = Path(root) / relative
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}

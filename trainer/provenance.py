@@ -25,6 +25,7 @@ import torch
 
 from sharding.kernels import native
 from storage.dataset import KGDataset
+from storage.layout import update_framed
 from trainer.config import RunConfig, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +59,7 @@ def training_code(root: Path = ROOT) -> str | None:
     digest = hashlib.sha256()
     try:
         for path in training_sources(root):
-            for part in (path.relative_to(root).as_posix().encode(), path.read_bytes()):
-                digest.update(len(part).to_bytes(8, "little"))
-                digest.update(part)
+            update_framed(digest, path.relative_to(root).as_posix().encode(), path.read_bytes())
     except OSError:
         return None
     return digest.hexdigest()
